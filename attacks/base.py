@@ -1,0 +1,170 @@
+"""What every attack takes and returns.
+
+An observer (the parameter server, a curious client, a server under secure aggregation) sees
+the weights the client started from and an update. It may also know some facts about the
+batch. Every attack in this package takes those as:
+
+- ``model``: a plain ``nn.Module`` holding the weights the client started from;
+- ``update``: an :class:`Update` (or a bare list of gradient tensors, one per parameter in
+  ``model.parameters()`` order);
+- ``input_shape``: the shape of one image, ``(C, H, W)``;
+- ``threat``: a :class:`ThreatModel` saying what the attacker is granted;
+
+and returns an :class:`AttackResult`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+__all__ = [
+    "Update",
+    "ThreatModel",
+    "AttackResult",
+    "as_update",
+    "check_gradients",
+    "loss_kind",
+    "training_loss",
+    "num_outputs",
+    "check_input_shape",
+]
+
+
+@dataclass(frozen=True)
+class Update:
+    """An observed client update.
+
+    ``kind="gradient"``: ``tensors`` are the loss gradient of one batch (FedSGD).
+    ``kind="weight_delta"``: ``tensors`` are ``new_weights - sent_weights`` after
+    ``local_steps`` SGD steps of learning rate ``lr`` (FedAvg).
+    """
+
+    tensors: tuple[Tensor, ...]
+    kind: Literal["gradient", "weight_delta"] = "gradient"
+    lr: float | None = None
+    local_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("gradient", "weight_delta"):
+            raise ValueError(f"unknown update kind {self.kind!r}: use 'gradient' or 'weight_delta'")
+        if self.kind == "weight_delta" and (self.lr is None or not self.lr > 0):
+            raise ValueError("a weight_delta update needs the local learning rate lr > 0")
+        if self.local_steps < 1:
+            raise ValueError(f"local_steps must be >= 1, got {self.local_steps}")
+
+    def as_gradients(self) -> list[Tensor]:
+        """The gradient this update stands for. For a weight delta of S steps this is the mean
+        gradient over the steps, ``-delta / (lr * S)``: exact for one step, an approximation
+        for more (attacks that can, replay the steps instead)."""
+        if self.kind == "gradient":
+            return [t for t in self.tensors]
+        scale = -1.0 / (float(self.lr) * self.local_steps)
+        return [t * scale for t in self.tensors]
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    """What the attacker is granted beyond the model and the update.
+
+    ``labels``: the batch's labels if known (R-GAP's setting), else ``None``.
+    ``batch_size``: the number of images in the batch if known, else ``None`` (attacks that
+    need it then assume 1).
+    """
+
+    labels: Tensor | None = None
+    batch_size: int | None = None
+
+    def resolved_batch_size(self) -> int:
+        if self.labels is not None:
+            return int(torch.as_tensor(self.labels).numel())
+        return int(self.batch_size or 1)
+
+
+@dataclass
+class AttackResult:
+    """The outcome of one attack on one update.
+
+    ``images``: reconstructions, ``(B, C, H, W)`` float32 on the CPU, clamped to [0, 1].
+    ``labels``: recovered (or granted) labels, ``(B,)`` int64, or ``None``.
+    ``history``: the objective per optimisation step (empty for analytic attacks).
+    ``status``: ``"ok"``, or a short word for what went wrong (``"diverged"``, ...).
+    ``diagnostics``: attack-specific facts, e.g. R-GAP's rank analysis, DLG's restarts.
+    """
+
+    attack: str
+    images: Tensor
+    labels: Tensor | None = None
+    history: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    steps: int = 0
+    status: str = "ok"
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+
+def as_update(update: Update | Sequence[Tensor]) -> Update:
+    """Accept a bare gradient list where an :class:`Update` is expected."""
+    if isinstance(update, Update):
+        return update
+    if isinstance(update, Tensor) or not isinstance(update, Sequence):
+        raise ValueError("update must be an Update or a list of gradient tensors, one per parameter")
+    return Update(tensors=tuple(update))
+
+
+def check_gradients(model: nn.Module, tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Check an observed update against ``model``: one finite tensor per parameter, in
+    ``model.parameters()`` order, of the parameter's shape. Raises ``ValueError`` naming the
+    parameter at fault; returns the tensors detached."""
+    names = [name for name, _ in model.named_parameters()]
+    params = list(model.parameters())
+    if len(tensors) != len(params):
+        raise ValueError(
+            f"update has {len(tensors)} tensors but the model has {len(params)} parameters ({', '.join(names)})"
+        )
+    out = []
+    for name, p, t in zip(names, params, tensors):
+        t = torch.as_tensor(t)
+        if tuple(t.shape) != tuple(p.shape):
+            raise ValueError(f"update for parameter {name!r} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"update for parameter {name!r} contains NaN or Inf")
+        out.append(t.detach())
+    return out
+
+
+def check_input_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"input_shape must be (C, H, W) with positive sizes, got {tuple(input_shape)}")
+    return shape  # type: ignore[return-value]
+
+
+def num_outputs(model: nn.Module) -> int:
+    """The output width of the model's last linear layer (its class count, or 1 for a logit)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError("the model has no linear layer: cannot tell its number of outputs")
+    return linears[-1].out_features
+
+
+def loss_kind(model: nn.Module) -> Literal["cross_entropy", "logistic"]:
+    """The training loss the testbed uses with this model: a single output means R-GAP's
+    logistic loss on a binary label; more outputs mean softmax cross-entropy."""
+    return "logistic" if num_outputs(model) == 1 else "cross_entropy"
+
+
+def training_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """The loss a client minimises, summed-then-averaged over the batch as PyTorch does.
+
+    ``target`` is an int64 class index per sample, or (cross-entropy only) a row of
+    probabilities per sample (a soft label, as DLG optimises). For one output the target is
+    a binary label in {0, 1} and the loss is the logistic loss ``log(1 + exp(-y' z))`` with
+    ``y' = 2y - 1``.
+    """
+    if logits.shape[-1] == 1:
+        return F.binary_cross_entropy_with_logits(logits.squeeze(-1), target.to(logits.dtype))
+    return F.cross_entropy(logits, target)
