@@ -4,6 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
+# Tests never reach for the network (torchvision downloads stay off).
+os.environ["FL_SIM_OFFLINE"] = "1"
 # Fast and repeatable on a 2-core machine.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

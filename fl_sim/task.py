@@ -1,0 +1,97 @@
+"""What a client does with its data: the loss, one batch's gradient, local SGD, evaluation."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .config import RunConfig
+from .data import Dataset, batch_indices, load_dataset, partition, to_float
+
+__all__ = ["loss_fn", "batch_gradient", "local_sgd", "evaluate", "client_indices", "client_batch"]
+
+
+def loss_fn(logits: Tensor, labels: Tensor) -> Tensor:
+    """The clients' training loss: softmax cross-entropy averaged over the batch."""
+    return F.cross_entropy(logits, labels)
+
+
+def batch_gradient(model: nn.Module, images: Tensor, labels: Tensor) -> tuple[list[Tensor], float]:
+    """FedSGD: the loss gradient on one batch, one tensor per parameter in ``parameters()``
+    order, and the loss. ``images`` are float in [0, 1]."""
+    model.eval()  # the attacked models have no dropout or batch norm; eval keeps it that way
+    loss = loss_fn(model(images), labels)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    return [g.detach() for g in grads], float(loss)
+
+
+def local_sgd(
+    model: nn.Module,
+    data: Dataset,
+    indices: np.ndarray,
+    *,
+    lr: float,
+    batch_size: int,
+    epochs: int = 1,
+    steps: int = 0,
+    generator: torch.Generator,
+) -> tuple[float, int]:
+    """FedAvg: plain SGD on the client's partition, ``epochs`` passes or, when ``steps`` > 0,
+    exactly ``steps`` mini-batches. Returns the mean training loss and the number of steps."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    model.train()
+    idx = torch.as_tensor(indices)
+    total, done = 0.0, 0
+    target = steps if steps > 0 else epochs * -(-len(idx) // batch_size)
+    while done < target:
+        for chunk in idx[torch.randperm(len(idx), generator=generator)].split(batch_size):
+            opt.zero_grad()
+            loss = loss_fn(model(to_float(data.train_x[chunk])), data.train_y[chunk])
+            loss.backward()
+            opt.step()
+            total += loss.item()
+            done += 1
+            if done == target:
+                break
+    return total / max(done, 1), done
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 1000) -> tuple[float, float]:
+    """Mean loss and accuracy on uint8 ``images``."""
+    model.eval()
+    loss, correct = 0.0, 0
+    for xb, yb in zip(images.split(batch_size), labels.split(batch_size)):
+        logits = model(to_float(xb))
+        loss += float(F.cross_entropy(logits, yb, reduction="sum"))
+        correct += int((logits.argmax(1) == yb).sum())
+    n = max(len(labels), 1)
+    return loss / n, correct / n
+
+
+@functools.lru_cache(maxsize=8)
+def _partitions(dataset: str, data_root: str, num_partitions: int, scheme: str, alpha: float, k: int, seed: int):
+    data = load_dataset(dataset, data_root)
+    return partition(data.train_y, num_partitions, scheme, alpha=alpha, classes_per_client=k, seed=seed)
+
+
+def client_indices(cfg: RunConfig, partition_id: int, num_partitions: int) -> np.ndarray:
+    """The training-sample indices of client ``partition_id`` under ``cfg``."""
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
+    parts = _partitions(cfg.dataset, cfg.data_root, num_partitions, cfg.partition, cfg.alpha, cfg.classes_per_client, cfg.seed)
+    return parts[partition_id]
+
+
+def client_batch(cfg: RunConfig, partition_id: int, num_partitions: int, server_round: int) -> tuple[Tensor, Tensor]:
+    """The batch client ``partition_id`` uses for FedSGD in ``server_round``: images as float
+    in [0, 1] and labels. A pure function of its arguments: the attack harness calls it to
+    score a reconstruction, so no ground truth travels in a client's message."""
+    data = load_dataset(cfg.dataset, cfg.data_root)
+    idx = batch_indices(client_indices(cfg, partition_id, num_partitions), server_round, cfg.seed, cfg.batch_size, partition_id)
+    t = torch.as_tensor(idx)
+    return to_float(data.train_x[t]), data.train_y[t]

@@ -1,0 +1,89 @@
+import numpy as np
+import pytest
+import torch
+
+from fl_sim.config import RunConfig
+from fl_sim.data import DatasetError, batch_indices, load_dataset, partition
+from fl_sim.task import client_batch
+
+
+def _labels(n_per_class=100, classes=10):
+    return np.repeat(np.arange(classes), n_per_class)
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "pathological"])
+def test_partitions_are_disjoint_and_cover(scheme):
+    y = _labels()
+    parts = partition(y, 10, scheme, alpha=0.5, classes_per_client=2, seed=3)
+    joined = np.concatenate(parts)
+    assert len(joined) == len(np.unique(joined)) == len(y)
+    assert all(len(p) > 0 for p in parts)
+    again = partition(y, 10, scheme, alpha=0.5, classes_per_client=2, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+
+
+def _mean_label_skew(parts, y, classes=10):
+    """Mean total-variation distance between a client's label mix and the global one."""
+    glob = np.bincount(y, minlength=classes) / len(y)
+    return float(np.mean([0.5 * np.abs(np.bincount(y[p], minlength=classes) / len(p) - glob).sum() for p in parts]))
+
+
+def test_dirichlet_skew_grows_as_alpha_falls():
+    y = _labels(200)
+    skews = [_mean_label_skew(partition(y, 10, "dirichlet", alpha=a, seed=0), y) for a in (100.0, 1.0, 0.1)]
+    assert skews[0] < 0.1 < skews[1] < skews[2], skews
+    assert _mean_label_skew(partition(y, 10, "iid", seed=0), y) < 0.1
+
+
+def test_pathological_gives_k_classes_per_client():
+    y = _labels()
+    for p in partition(y, 10, "pathological", classes_per_client=2, seed=0):
+        assert len(np.unique(y[p])) == 2
+
+
+def test_bad_partition_arguments():
+    with pytest.raises(ValueError, match="unknown partition scheme"):
+        partition(_labels(), 3, "zipf")
+    with pytest.raises(ValueError, match="cannot cover"):
+        partition(_labels(), 2, "pathological", classes_per_client=2)
+
+
+def test_batch_choice_is_a_pure_function():
+    idx = np.arange(100, 200)
+    a = batch_indices(idx, server_round=3, seed=1, batch_size=8, partition_id=2)
+    assert np.array_equal(a, batch_indices(idx, 3, 1, 8, 2))
+    assert not np.array_equal(a, batch_indices(idx, 4, 1, 8, 2))
+    assert set(a) <= set(idx) and len(set(a)) == 8
+
+
+def test_offline_default_is_real_mnist():
+    data = load_dataset("mnist5k")
+    assert data.input_shape == (1, 28, 28) and data.num_classes == 10
+    assert len(data.train_y) == 4000 and len(data.test_y) == 1000
+    assert torch.equal(data.test_y.bincount(), torch.full((10,), 100))
+    # Real digits: mostly black background, bright strokes.
+    x = data.train_x.float() / 255
+    assert 0.05 < x.mean() < 0.25 and x.max() == 1.0
+
+
+def test_client_batch_is_from_the_clients_partition():
+    cfg = RunConfig(batch_size=4)
+    x, y = client_batch(cfg, partition_id=1, num_partitions=5, server_round=2)
+    assert x.shape == (4, 1, 28, 28) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    x2, y2 = client_batch(cfg, 1, 5, 2)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+def test_missing_datasets_fail_with_one_line(tmp_path):
+    with pytest.raises(DatasetError, match="npz dataset not found"):
+        load_dataset(f"npz:{tmp_path}/nothing.npz")
+    with pytest.raises(DatasetError, match="offline choices: mnist5k"):
+        load_dataset("cifar10", str(tmp_path / "empty"))
+    with pytest.raises(DatasetError, match="unknown dataset"):
+        load_dataset("imagenet")
+
+
+def test_npz_dataset(tmp_path, shared_data):
+    data = load_dataset(f"npz:{shared_data / 'cifar10_test150.npz'}")
+    assert data.input_shape == (3, 32, 32) and data.num_classes == 10
+    assert len(data.train_y) + len(data.test_y) == 150
