@@ -26,7 +26,7 @@ def batch_gradient(model: nn.Module, images: Tensor, labels: Tensor) -> tuple[li
     model.eval()  # the attacked models have no dropout or batch norm; eval keeps it that way
     loss = loss_fn(model(images), labels)
     grads = torch.autograd.grad(loss, list(model.parameters()))
-    return [g.detach() for g in grads], float(loss)
+    return [g.detach() for g in grads], loss.item()
 
 
 def local_sgd(
