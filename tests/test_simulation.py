@@ -65,7 +65,7 @@ def test_fedsgd_two_rounds_three_clients(tmp_path):
 
 def test_cli_fedavg_learns(tmp_path, capsys):
     out = tmp_path / "run"
-    code = run_main(["--clients", "3", "--rounds", "2", "--out", str(out), "--seed", "1"])
+    code = run_main(["--attack", "none", "--clients", "3", "--rounds", "2", "--out", str(out), "--seed", "1"])
     assert code == 0
     rows = list(csv.DictReader(open(out / "rounds.csv")))
     acc = [float(r["test_accuracy"]) for r in rows]
