@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 import threading
 import time
 import traceback
@@ -158,8 +159,13 @@ class AttackRunner:
         self._futures: list[Future] = []
         self._per_round: dict[tuple[int, str], int] = {}
         self._own: dict[int, tuple[torch.Tensor, ...]] = {}  # the curious client's own updates
-        self._pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn")) if workers > 0 else None
-        self.submitted = 0
+        # Workers run at the lowest CPU priority so that training keeps the cores it needs.
+        self._pool = (
+            ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=os.nice, initargs=(19,))
+            if workers > 0 else None
+        )
+        self.submitted = 0  # jobs
+        self.completed = 0
         self.on_row = None  # optional callback for progress display
 
     # ---- hooks for the strategies --------------------------------------------------------
@@ -256,6 +262,7 @@ class AttackRunner:
                 for row in rows:
                     w.writerow(row)
             self.rows += rows
+            self.completed += 1
             if images:
                 self.images.append((job, images))
         if self.on_row:

@@ -63,7 +63,7 @@ def save_grids(images: Sequence[tuple[Any, dict[str, torch.Tensor]]], results: p
                 ax.axis("off")
                 match = [im for job, im in jobs if (job.observer, job.attack) == (observer, attack) and pid in im["owners"].tolist()]
                 if not match:
-                    ax.set_title(f"{observer}/{attack}\n(not attacked)", fontsize=7)
+                    ax.set_title(f"{observer}/{attack}\n" + ("(its own data)" if observer == "client" else "(not attacked)"), fontsize=7)
                     continue
                 mine = match[0]["owners"] == pid
                 truth = match[0]["truth"][mine]

@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 
 ATTACK_CHOICES = ("dlg", "idlg", "rgap", "ig", "all", "none")
-OBSERVER_CHOICES = ("server", "client", "secagg", "all")
+OBSERVERS = ("server", "client", "secagg")
 # With an attack, flags left unset take these values: the papers' FedSGD setting, one image
 # per client update, and a run short enough to finish in a few minutes on two cores.
 ATTACK_PRESET = {"mode": "fedsgd", "batch_size": 1, "num_clients": 4, "num_server_rounds": 2}
@@ -68,9 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument_group("attacks")
     a.add_argument("--attack", default="rgap", choices=ATTACK_CHOICES,
                    help="gradient-inversion attack(s) run on what each observer sees; none: plain training")
-    a.add_argument("--observer", default="all", choices=OBSERVER_CHOICES,
-                   help="server: sees each client's update; client: a curious client that sees only global models; "
-                        "secagg: the server under SecAgg+ (a second, legacy-path Flower run); all: the three")
+    a.add_argument("--observer", default=["server", "client", "secagg"], type=_observers,
+                   help="comma-separated: server (sees each client's update), client (a curious client that sees "
+                        "only global models), secagg (the server under SecAgg+: a second, legacy-path Flower run); "
+                        "or all")
     a.add_argument("--attack-rounds", type=_int_list, default=[1], help="rounds to attack, e.g. 1,2 (or 'all')")
     a.add_argument("--attack-clients", type=_int_list, default=None, help="partition ids to attack, e.g. 0,2 (default: all)")
     a.add_argument("--max-attacks-per-round", type=int, default=None, help="cap on attacked updates per round and observer")
@@ -80,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run folder (default: runs/<date>-<time>)")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     return p
+
+
+def _observers(text: str) -> list[str]:
+    names = list(OBSERVERS) if text == "all" else [v.strip() for v in text.split(",") if v.strip()]
+    bad = [n for n in names if n not in OBSERVERS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown observer {bad[0] if bad else text!r}: choose from {', '.join(OBSERVERS)} or all")
+    return names
 
 
 def _int_list(text: str) -> list[int] | None:
@@ -158,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = args.out or str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     attacks = [] if args.attack == "none" else (["rgap", "dlg", "idlg", "ig"] if args.attack == "all" else [args.attack])
-    observers = ["server", "client", "secagg"] if args.observer == "all" else [args.observer]
+    observers = args.observer
     try:
         cfg = RunConfig(**_resolve(args, RunConfig), out_dir=out).validated()
         data = load_dataset(cfg.dataset, cfg.data_root)  # fail fast, before Ray starts
@@ -210,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                 attack_task = progress.add_task("attacks", total=None, status="")
 
                 def on_row(row: dict) -> None:
-                    progress.update(attack_task, total=runner.submitted, completed=len(runner.rows),
+                    progress.update(attack_task, total=runner.submitted, completed=runner.completed,
                                     status=f"last: {row['observer']}/{row['attack']} client {row['client']} "
                                            f"{float(row['psnr']):.1f} dB {row['status']}")
 
@@ -221,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                 progress.update(task, completed=row["round"],
                                 status=f"{label}test acc {row['test_accuracy']:.3f}  loss {row['test_loss']:.3f}")
                 if runner:
-                    progress.update(attack_task, total=runner.submitted, completed=len(runner.rows))
+                    progress.update(attack_task, total=runner.submitted, completed=runner.completed)
 
             if not runner or {"server", "client"} & set(observers):
                 wrap = None
@@ -247,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             if runner:
                 progress.update(task, status="waiting for the attacks in flight ...")
                 runner.close(wait=True)
-                progress.update(attack_task, total=runner.submitted, completed=len(runner.rows))
+                progress.update(attack_task, total=runner.submitted, completed=runner.completed)
     except KeyboardInterrupt:
         if runner:
             runner.close(wait=False)

@@ -1,0 +1,60 @@
+"""Benchmark what spying costs the federation: seconds per round of the honest strategy
+versus the intercepting strategy with attacks in worker processes, in one invocation.
+
+    python -m experiments.bench_interception [--clients 10] [--rounds 8] [--attack rgap] [--workers 1]
+
+Both runs use the same FedSGD setting (the attacks' setting) and seed. The attack workers run
+at the lowest CPU priority, so the rounds keep the cores; the attacks finish after training
+if they must. Round 1 (Ray starting its actors) is left out of the per-round figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _per_round(out: Path) -> list[float]:
+    return [float(r["seconds"]) for r in csv.DictReader(open(out / "rounds.csv")) if int(r["round"]) >= 2]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from experiments.run import main as run_main
+
+    p = argparse.ArgumentParser(prog="python -m experiments.bench_interception", description=__doc__.split("\n\n")[0])
+    p.add_argument("--clients", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--attack", default="rgap")
+    p.add_argument("--workers", type=int, default=1)
+    args = p.parse_args(argv)
+    common = ["--mode", "fedsgd", "--batch-size", "1", "--clients", str(args.clients), "--rounds", str(args.rounds)]
+    figures = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, extra in (
+            ("honest", ["--attack", "none"]),
+            ("intercepting", ["--attack", args.attack, "--observer", "server", "--attack-rounds", "all",
+                              "--attack-workers", str(args.workers)]),
+        ):
+            out = Path(tmp) / name
+            start = time.perf_counter()
+            if run_main(common + extra + ["--out", str(out)]) != 0:
+                print(f"{name} run failed", file=sys.stderr)
+                return 1
+            secs = _per_round(out)
+            attacked = sum(1 for _ in csv.DictReader(open(out / "results.csv"))) if (out / "results.csv").exists() else 0
+            figures[name] = (statistics.median(secs), statistics.mean(secs), time.perf_counter() - start, attacked)
+    (h_med, h_mean, h_wall, _), (i_med, i_mean, i_wall, n) = figures["honest"], figures["intercepting"]
+    print(f"honest FedSGD       : median {h_med:.3f} s/round, mean {h_mean:.3f} s/round (rounds 2..{args.rounds}), wall {h_wall:.0f} s")
+    print(f"intercepting + {args.attack:5s}: median {i_med:.3f} s/round, mean {i_mean:.3f} s/round, wall {i_wall:.0f} s "
+          f"({n} attacks in {args.workers} worker(s), finished after training)")
+    print(f"slowdown of the rounds: median {100 * (i_med / h_med - 1):+.1f}%, mean {100 * (i_mean / h_mean - 1):+.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,469 @@
+"""FedSGD under secure aggregation (Flower's SecAgg+): the server sees only the aggregate.
+
+What the server sees
+    With SecAgg+ every client masks its (quantised) gradient with pairwise masks, agreed with
+    its neighbours by Diffie-Hellman, plus a private mask; the masks cancel only in the sum
+    over clients, and the server learns the masks of a client that drops out only from
+    ``reconstruction_threshold`` of its neighbours' Shamir shares. So the server (and any
+    strategy it runs) never holds an individual gradient: ``aggregate_fit`` receives one
+    ``(ClientProxy, FitRes)`` per contributing client, but every ``FitRes.parameters`` is the
+    *same* aggregate, already the example-weighted mean of the clients' vectors (SecAgg+
+    uploads ``[n_i / max_weight, n_i / max_weight * vector_i]`` and divides the sums). What
+    stays in the clear per client: its node id, its ``num_examples`` and its metrics. The
+    clients here put only their ``partition-id`` in the metrics (the server knows whom it
+    sampled anyway, and cannot tie a gradient to any of them); the training loss travels
+    inside the masked vector, as one extra trailing array, so the server gets the mean loss
+    only. A gradient-inversion attacker at the server is left with the round's aggregate:
+    ``RoundAggregate(before, after)`` with ``(before - after) / server_lr`` = the mean gradient.
+
+Why the legacy path
+    In flwr 1.42 SecAgg+ exists only on the legacy path: ``DefaultWorkflow(fit_workflow=
+    SecAggPlusWorkflow(...))`` driven by a ``LegacyContext`` that holds a legacy
+    ``flwr.server.strategy.FedAvg``, with ``secaggplus_mod`` on a ``NumPyClient``-based
+    ``ClientApp``. There is no SecAgg+ for the Message-API strategies (``aggregate_train``)
+    that ``fl_sim.server_app`` / ``fl_sim.client_app`` use, so this module mirrors those apps
+    (same data, batches, model, FedSGD step and run folder) on the legacy API.
+
+Quantisation and clipping caveat
+    SecAgg+ works on integers modulo ``modulus_range`` (2**32): each client multiplies its
+    vector by ``n_i / max_weight``, clips every entry to ``[-clipping_range, clipping_range]``
+    and stochastically rounds it onto ``quantization_range`` levels. So (a) gradient entries
+    beyond the clipping range are silently clipped, which changes the FedSGD step; (b) the
+    aggregate carries rounding noise of up to ``2 * clipping_range / quantization_range`` per
+    entry (divided by the total weight); (c) ``max_weight`` must bound ``num_examples``,
+    otherwise values overflow. Flower's defaults (``max_weight=1000``, clip 8, 2**22 levels)
+    are poor for FedSGD: a batch of 2 is scaled by 0.002 before quantising, which costs a
+    factor 500 in precision. :func:`secagg_settings` therefore sets ``max_weight`` to the batch
+    size, a clipping range of 8 (measured: max |gradient entry| on mnist5k at initialisation
+    is 2.0 for cnn6/kaiming at B=1, 0.76 at B=8; lenet 0.96-1.2 at B=1, 0.46-0.71 at B=8;
+    cnn6 with torch/paper init about 0.01), and as many quantisation levels as the modulus
+    allows for the number of clients (2**28 for up to 15 clients, so the step is 6e-8). Clients
+    send float64 arrays: SecAgg+ quantises in the arrays' own dtype, and float32 cannot resolve
+    2**28 levels (it cost 4e-7). Measured (4 clients, batch 2, cnn6): the aggregate handed to
+    ``aggregate_fit`` is within 5e-8 of the true mean gradient; ``(before - after) / server_lr``
+    within 6e-7 (float32 weights).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from flwr.client import NumPyClient
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp import ClientApp
+from flwr.common import (
+    Context,
+    FitIns,
+    FitRes,
+    NDArrays,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAvg
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
+from flwr.serverapp import Grid, ServerApp
+
+from .config import RunConfig
+from .data import load_dataset
+from .intercepting_strategy import RoundAggregate
+from .models import build_model
+from .server_app import RoundLog
+from .task import batch_gradient, client_batch, evaluate
+
+__all__ = [
+    "SecAggSettings",
+    "secagg_settings",
+    "SecAggFedSGDClient",
+    "client_app",
+    "SecAggFedSGD",
+    "make_secagg_server_app",
+    "simulate_secagg",
+    "LOSS_MAX",
+]
+
+log = logging.getLogger(__name__)
+
+MODULUS_RANGE = 2**32  # Flower's default (and maximum) mask modulus
+MAX_QUANT_BITS = 28  # quantised entries pass through int32 on the client; stay well below 2**31
+LOSS_MAX = 64.0  # training losses above this are clipped in the securely aggregated mean loss
+LOSS_SCALE_KEY = "secagg-loss-scale"  # fit-config key: the client sends loss * this
+
+
+# --------------------------------------------------------------------------------------------
+# Settings
+
+
+@dataclass(frozen=True)
+class SecAggSettings:
+    """The SecAgg+ parameters of a run (see :func:`secagg_settings`)."""
+
+    num_shares: int | float
+    reconstruction_threshold: int
+    clipping_range: float
+    quantization_range: int
+    max_weight: float
+    modulus_range: int = MODULUS_RANGE
+
+    @property
+    def loss_scale(self) -> float:
+        """Clients send ``loss * loss_scale``, so losses up to ``LOSS_MAX`` escape clipping."""
+        return self.clipping_range / LOSS_MAX
+
+    def workflow_kwargs(self) -> dict[str, Any]:
+        return dict(
+            num_shares=self.num_shares,
+            reconstruction_threshold=self.reconstruction_threshold,
+            max_weight=self.max_weight,
+            clipping_range=self.clipping_range,
+            quantization_range=self.quantization_range,
+            modulus_range=self.modulus_range,
+        )
+
+
+def _num_sampled(cfg: RunConfig) -> int:
+    """Clients the legacy FedAvg samples per round when all ``cfg.num_clients`` are up."""
+    return max(int(cfg.num_clients * cfg.fraction_train), 2, min(cfg.min_clients, cfg.num_clients))
+
+
+def secagg_settings(cfg: RunConfig, *, clipping_range: float = 8.0) -> SecAggSettings:
+    """SecAgg+ parameters for ``cfg``, from the number ``n`` of clients sampled per round.
+
+    - shares: every sampled client for n <= 3; otherwise an odd number (SecAgg+ wants odd),
+      about 2 log2(n) + 1 and at most n - 1 (n=4: 3, n=10: 9, n=100: 15);
+    - threshold: about 2/3 of the shares, at least 2 (3 shares: 2, so a client's masks survive
+      one neighbour dropping out; 5: 4; 9: 6);
+    - ``max_weight`` = batch size, so SecAgg+'s weight ratio ``num_examples / max_weight`` is 1
+      for a full FedSGD batch and costs no precision;
+    - quantisation: the most levels (a power of 2, at most 2**28) such that n clients' sums
+      cannot wrap around the 2**32 modulus: ``n * levels < 2**32``.
+    """
+    n = _num_sampled(cfg)
+    if n < 2:
+        raise ValueError(f"SecAgg+ needs at least 2 clients per round, got {n}")
+    if n == 2:
+        shares: int | float = 1.0  # Flower: a float is a share of the sampled clients (here: both)
+    elif n == 3:
+        shares = 3
+    else:
+        odd_below_n = n - 1 if (n - 1) % 2 else n - 2
+        shares = min(odd_below_n, max(3, 2 * math.ceil(math.log2(n)) + 1))
+    k = shares if isinstance(shares, int) else n
+    threshold = max(2, math.ceil(2 * k / 3))
+    if isinstance(shares, int) and threshold >= shares:
+        threshold = shares - 1
+    bits = min(MAX_QUANT_BITS, int(math.floor(math.log2(MODULUS_RANGE / (n + 1)))))
+    return SecAggSettings(
+        num_shares=shares,
+        reconstruction_threshold=threshold,
+        clipping_range=float(clipping_range),
+        quantization_range=2**bits,
+        max_weight=float(cfg.batch_size),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Client
+
+
+class SecAggFedSGDClient(NumPyClient):
+    """FedSGD client for the legacy path: replies with one batch's gradient.
+
+    ``fit`` returns the gradient (numpy, in ``model.state_dict()`` order) followed by one
+    array ``[loss * loss_scale]``, ``num_examples`` = batch size, and metrics holding only the
+    partition id. ``secaggplus_mod`` masks everything in the parameters before it leaves.
+    """
+
+    def __init__(self, partition_id: int, num_partitions: int) -> None:
+        self.partition_id = partition_id
+        self.num_partitions = num_partitions
+
+    def _model(self, parameters: NDArrays, config: dict[str, Scalar]):
+        torch.set_num_threads(1)  # simulated clients share the machine's cores
+        cfg = RunConfig.from_mapping(dict(config))
+        data = load_dataset(cfg.dataset, cfg.data_root)
+        model = build_model(cfg.model, data.input_shape, data.num_classes)
+        keys = list(model.state_dict())
+        if len(keys) != len(parameters):
+            raise ValueError(f"server sent {len(parameters)} arrays for a model with {len(keys)} entries")
+        model.load_state_dict(OrderedDict((k, torch.as_tensor(np.asarray(a))) for k, a in zip(keys, parameters)))
+        return cfg, data, model
+
+    def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
+        cfg, _, model = self._model(parameters, config)
+        if cfg.mode != "fedsgd":
+            raise ValueError(f"the SecAgg+ client does FedSGD only, got mode {cfg.mode!r}")
+        server_round = int(config["server-round"])
+        images, labels = client_batch(cfg, self.partition_id, self.num_partitions, server_round)
+        grads, loss = batch_gradient(model, images, labels)
+        by_name = dict(zip((name for name, _ in model.named_parameters()), grads))
+        arrays = [
+            # float64: SecAgg+ quantises in the arrays' dtype, and float32 cannot resolve 2**28 levels
+            (by_name[k] if k in by_name else torch.zeros_like(v)).detach().cpu().double().numpy()
+            for k, v in model.state_dict().items()
+        ]
+        arrays.append(np.array([loss * float(config[LOSS_SCALE_KEY])], dtype=np.float64))
+        return arrays, len(labels), {"partition-id": self.partition_id}
+
+    def evaluate(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
+        """Federated evaluation on the node's share of the test split (as ``fl_sim.client_app``)."""
+        _, data, model = self._model(parameters, config)
+        share = torch.arange(self.partition_id, len(data.test_y), self.num_partitions)
+        loss, acc = evaluate(model, data.test_x[share], data.test_y[share])
+        return float(loss), len(share), {"eval_acc": float(acc)}
+
+
+def _client_fn(context: Context):
+    pid = int(context.node_config["partition-id"])
+    num_partitions = int(context.node_config["num-partitions"])
+    return SecAggFedSGDClient(pid, num_partitions).to_client()
+
+
+client_app = ClientApp(client_fn=_client_fn, mods=[secaggplus_mod])
+
+
+# --------------------------------------------------------------------------------------------
+# Server
+
+
+def _state_dict(names: list[str], arrays: NDArrays) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.array(a, copy=True)) for k, a in zip(names, arrays)}
+
+
+class SecAggFedSGD(FedAvg):
+    """Legacy FedAvg turned FedSGD for SecAgg+: ``aggregate_fit`` gets the aggregate mean
+    gradient (every result carries the same one) and takes the step
+    ``new = old - server_lr * mean_gradient``.
+
+    ``on_aggregate`` gets a :class:`RoundAggregate` per round; ``partition_ids`` are the
+    clients whose masked vectors went into the sum (from their clear-text metrics, sorted: the
+    server cannot attribute any part of the aggregate to one of them) and ``num_examples``
+    their clear-text weights in the same order. A hook that raises is logged and ignored.
+    """
+
+    def __init__(
+        self,
+        *,
+        server_lr: float,
+        param_names: list[str],
+        loss_scale: float,
+        on_aggregate: Callable[[RoundAggregate], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.server_lr = server_lr
+        self.param_names = list(param_names)
+        self.loss_scale = loss_scale
+        self.on_aggregate = on_aggregate
+        self.train_history: dict[int, dict[str, float]] = {}
+        self.current: NDArrays | None = None  # the latest global weights
+        self._before: dict[int, NDArrays] = {}
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        params = super().initialize_parameters(client_manager)
+        if params is not None and self.current is None:
+            self.current = parameters_to_ndarrays(params)
+        return params
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        self._before = {server_round: parameters_to_ndarrays(parameters)}
+        return super().configure_fit(server_round, parameters, client_manager)
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        # SecAgg+ may list one failure twice; log each once, first line only.
+        for reason in dict.fromkeys(str(f).strip().splitlines()[0] if str(f).strip() else repr(f) for f in failures):
+            log.warning("round %s: a client failed or dropped out: %s", server_round, reason[:300])
+        before = self._before.pop(server_round, None)
+        if not results or before is None:
+            log.warning("round %s: nothing to aggregate (%d results); the model stays", server_round, len(results))
+            return None, {}
+        vectors = [parameters_to_ndarrays(res.parameters) for _, res in results]
+        first = vectors[0]
+        if all(len(v) == len(first) and all(np.array_equal(a, b) for a, b in zip(v, first)) for v in vectors[1:]):
+            mean = first  # SecAgg+: each result carries the same, already weighted, mean
+        else:  # not under SecAgg+: individual vectors, so average them here
+            log.warning("round %s: results differ, so they are individual updates: averaging them", server_round)
+            total = sum(res.num_examples for _, res in results)
+            mean = [sum(v[i] * (res.num_examples / total) for v, (_, res) in zip(vectors, results)) for i in range(len(first))]
+        if len(mean) != len(before) + 1:
+            log.error("round %s: aggregate has %d arrays for %d weights; the model stays", server_round, len(mean), len(before))
+            return None, {}
+        grad, loss = mean[:-1], float(np.asarray(mean[-1]).reshape(-1)[0]) / self.loss_scale
+        after = [np.asarray(w - self.server_lr * g).astype(w.dtype, copy=False) for w, g in zip(before, grad)]
+        self.current = after
+        self.train_history[server_round] = {"train_loss": loss}
+        if self.on_aggregate is not None:
+            order = sorted(
+                (int(res.metrics.get("partition-id", -1)), int(res.num_examples)) for _, res in results
+            )
+            aggregate = RoundAggregate(
+                server_round,
+                _state_dict(self.param_names, before),
+                _state_dict(self.param_names, after),
+                tuple(p for p, _ in order),
+                tuple(n for _, n in order),
+            )
+            try:
+                self.on_aggregate(aggregate)
+            except Exception:  # noqa: BLE001 - a broken hook must not break training
+                log.exception("on_aggregate hook failed on round %s; training goes on", server_round)
+        return ndarrays_to_parameters(after), {"train_loss": loss}
+
+
+class _LoggedSecAggPlusWorkflow(SecAggPlusWorkflow):
+    """SecAgg+ that logs, rather than raises, a failed round (the model then stays as it was)."""
+
+    def __call__(self, grid: Grid, context: Context) -> None:  # type: ignore[override]
+        server_round = int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
+        try:
+            super().__call__(grid, context)
+        except Exception:  # noqa: BLE001
+            log.exception("SecAgg+ failed in round %s; the global model stays as it was", server_round)
+        strategy = getattr(context, "strategy", None)
+        if isinstance(strategy, SecAggFedSGD) and server_round not in strategy.train_history:
+            log.warning(
+                "round %s: secure aggregation halted (too many drop-outs for the threshold?); "
+                "the global model stays as it was",
+                server_round,
+            )
+
+
+def _run_secagg_server(
+    grid: Grid,
+    context: Context,
+    cfg: RunConfig,
+    settings: SecAggSettings,
+    on_aggregate: Callable[[RoundAggregate], None] | None,
+    on_round: Callable[[dict[str, Any]], None] | None,
+) -> None:
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_flower(), indent=2) + "\n")
+
+    data = load_dataset(cfg.dataset, cfg.data_root)
+    model = build_model(cfg.model, data.input_shape, data.num_classes, init=cfg.init, seed=cfg.seed)
+    names = list(model.state_dict())
+    initial = [v.detach().cpu().numpy() for v in model.state_dict().values()]
+    rounds = RoundLog(out / "rounds.csv")
+    strategy: SecAggFedSGD | None = None
+
+    def central_evaluate(server_round: int, arrays: NDArrays, config: dict[str, Scalar]):
+        model.load_state_dict(_state_dict(names, arrays))
+        loss, acc = evaluate(model, data.test_x, data.test_y)
+        train_loss = strategy.train_history.get(server_round, {}).get("train_loss", float("nan"))
+        row = rounds.append({"round": server_round, "train_loss": train_loss, "test_loss": loss, "test_accuracy": acc})
+        if on_round:
+            on_round(row)
+        return float(loss), {"test_loss": float(loss), "test_accuracy": float(acc)}
+
+    def fit_config(server_round: int) -> dict[str, Scalar]:
+        return {**cfg.to_flower(), "server-round": server_round, LOSS_SCALE_KEY: settings.loss_scale}
+
+    def evaluate_config(server_round: int) -> dict[str, Scalar]:
+        return {**cfg.to_flower(), "server-round": server_round}
+
+    least = min(cfg.min_clients, cfg.num_clients)
+    strategy = SecAggFedSGD(
+        server_lr=cfg.server_lr,
+        param_names=names,
+        loss_scale=settings.loss_scale,
+        on_aggregate=on_aggregate,
+        fraction_fit=cfg.fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_fit_clients=max(2, least),
+        min_evaluate_clients=least,
+        min_available_clients=max(2, least),
+        evaluate_fn=central_evaluate,
+        on_fit_config_fn=fit_config,
+        on_evaluate_config_fn=evaluate_config,
+        initial_parameters=ndarrays_to_parameters(initial),
+    )
+    legacy = LegacyContext(
+        context=context,
+        config=ServerConfig(num_rounds=cfg.num_server_rounds, round_timeout=cfg.round_timeout),
+        strategy=strategy,
+    )
+    fit_workflow = _LoggedSecAggPlusWorkflow(**settings.workflow_kwargs(), timeout=cfg.round_timeout)
+    DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
+    final = strategy.current if strategy.current is not None else initial
+    torch.save(_state_dict(names, final), out / "final_model.pt")
+
+
+def make_secagg_server_app(
+    cfg: RunConfig,
+    *,
+    on_aggregate: Callable[[RoundAggregate], None] | None = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    settings: SecAggSettings | None = None,
+) -> ServerApp:
+    """A ServerApp running ``cfg`` (FedSGD only) with SecAgg+ and central evaluation.
+
+    Writes ``config.json``, ``rounds.csv`` (rounds 0..R, as ``fl_sim.server_app``) and
+    ``final_model.pt`` in ``cfg.out_dir``. ``on_aggregate`` gets each round's
+    :class:`RoundAggregate`, ``on_round`` each ``rounds.csv`` row. ``settings`` defaults to
+    :func:`secagg_settings` (cfg).
+    """
+    cfg = cfg.validated()
+    if cfg.mode != "fedsgd":
+        raise ValueError(f"SecAgg+ here supports mode fedsgd only, got {cfg.mode!r}")
+    settings = settings or secagg_settings(cfg)
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        _run_secagg_server(grid, context, cfg, settings, on_aggregate, on_round)
+
+    return server_app
+
+
+def simulate_secagg(
+    cfg: RunConfig,
+    *,
+    on_aggregate: Callable[[RoundAggregate], None] | None = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    verbose: bool = False,
+    settings: SecAggSettings | None = None,
+) -> None:
+    """Run ``cfg`` with SecAgg+ on Flower's simulation engine (Ray), one SuperNode per client,
+    with the same backend settings as ``experiments.run.simulate``."""
+    from flwr.simulation import run_simulation
+
+    server_app = make_secagg_server_app(cfg, on_aggregate=on_aggregate, on_round=on_round, settings=settings)
+    cpus = os.cpu_count() or 1
+    backend = {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {
+            "num_cpus": cpus,
+            "include_dashboard": False,
+            "log_to_driver": verbose,
+            "logging_level": logging.INFO if verbose else logging.ERROR,
+        },
+    }
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=cfg.num_clients,
+        backend_config=backend,
+        verbose_logging=verbose,
+    )
