@@ -16,6 +16,12 @@ from flwr.serverapp.strategy import FedAvg
 __all__ = ["HonestFedAvg", "FedSGD"]
 
 
+def _reply_order(msg: Message) -> tuple[int, int]:
+    if msg.has_error():
+        return (1, 0)
+    return (0, int(msg.content["metrics"].get("partition-id", 0)))
+
+
 class HonestFedAvg(FedAvg):
     """Flower's FedAvg (weighted by ``num-examples``), recording aggregated train metrics."""
 
@@ -26,7 +32,9 @@ class HonestFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        arrays, metrics = super().aggregate_train(server_round, replies)
+        # Replies arrive in whatever order the clients finish; summing them in a fixed order
+        # (by partition) makes a seeded run repeat bit for bit.
+        arrays, metrics = super().aggregate_train(server_round, sorted(replies, key=_reply_order))
         if metrics is not None:
             self.train_history[server_round] = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         return arrays, metrics

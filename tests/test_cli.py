@@ -17,7 +17,7 @@ from experiments.run import main
         (["--lr", "-1"], "lr must be > 0"),
         (["--dataset", "npz:/no/such/file.npz"], "npz dataset not found"),
         (["--attack", "magic"], "invalid choice: 'magic'"),
-        (["--observer", "god"], "invalid choice: 'god'"),
+        (["--observer", "god"], "unknown observer 'god'"),
         (["--attack", "rgap", "--mode", "fedavg"], "attacks run on FedSGD updates"),
         (["--attack", "rgap", "--clients", "2"], "needs >= 3 clients"),
         (["--rounds", "three"], "invalid int value"),
