@@ -16,7 +16,7 @@ from torchvision.utils import make_grid  # noqa: E402
 
 from attacks import SUCCESS_PSNR  # noqa: E402
 
-__all__ = ["summarise", "save_grids", "plot_per_round", "write_summary"]
+__all__ = ["summarise", "save_grids", "plot_per_round", "write_summary", "finish"]
 
 
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
@@ -129,3 +129,15 @@ def write_summary(results: pd.DataFrame, summary: pd.DataFrame, cfg: Any, out_di
     path = Path(out_dir) / "summary.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def finish(runner: Any, cfg: Any, out_dir: Path) -> tuple[pd.DataFrame, list[Path]]:
+    """After a run: read results.csv, draw the figures, write summary.md. Returns the summary
+    table and the figure paths."""
+    results = pd.read_csv(runner.csv_path)
+    summary = summarise(results)
+    figures = save_grids(runner.images, results, out_dir)
+    per_round = plot_per_round(results, out_dir)
+    figures += [per_round] if per_round else []
+    write_summary(results, summary, cfg, out_dir, figures)
+    return summary, figures

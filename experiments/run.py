@@ -278,16 +278,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report(runner, cfg, out: Path, console) -> None:
-    import pandas as pd
     from rich.table import Table
 
-    from experiments.report import plot_per_round, save_grids, summarise, write_summary
+    from experiments.report import finish
 
-    results = pd.read_csv(runner.csv_path)
-    summary = summarise(results)
-    figures = save_grids(runner.images, results, out)
-    per_round = plot_per_round(results, out)
-    write_summary(results, summary, cfg, out, figures + ([per_round] if per_round else []))
+    summary, figures = finish(runner, cfg, out)
     table = Table(title="What each observer reconstructs (median over attacked updates)")
     for col in ("observer", "attack", "rows", "median PSNR", "median SSIM", "label acc", "success >= 30 dB", "errors"):
         table.add_column(col, justify="right")

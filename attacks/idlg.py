@@ -1,0 +1,116 @@
+"""Label recovery from the last layer's gradient (iDLG and its batch extensions).
+
+Threat model: the observer sees the weights a client started from and the client's loss
+gradient (or a one-step weight delta, which is the gradient up to ``-lr``). Nothing about the
+batch is needed besides, for ``batch_size > 1``, the number of images.
+
+Paper's setting (Zhao, Mopuri and Bilen, "iDLG: Improved Deep Leakage from Gradients", 2020):
+one image, softmax cross-entropy, a last linear layer whose inputs are non-negative (the
+sigmoid LeNet of DLG). The gradient of the loss with respect to the logits is ``p - onehot(y)``:
+only the true class has a negative entry. So
+
+- with a bias on the last layer, the bias gradient *is* ``p - onehot(y)``: the true class is its
+  only negative entry;
+- without a bias, the weight gradient's row ``c`` is ``(p_c - [c = y]) * a`` for the layer's
+  input ``a``; with ``a >= 0`` the true class is the only row whose sum is negative. We use the
+  sign-agnostic form: the one row whose sum has the sign the others lack (the same answer when
+  ``a >= 0``, and still right when ``sum(a) < 0``).
+
+Batches (``batch_size > 1``): the heuristic of Yin et al. ("See through gradients", CVPR 2021)
+and Wainakh et al. ("User-level label leakage", PETS 2022): the averaged logit gradient is
+``mean_b(p_b) - counts / B``, so a class that occurs in the batch usually gets a negative entry
+and an absent class a positive one. We rank classes by that signal (bias gradient, else the
+row-minimum of the weight gradient as in Yin et al.) and return the negative ones, most
+negative first; when fewer classes are negative than images, the remaining slots repeat the
+classes with the largest leftover deficit (LLG's count estimate, ``-B * signal``). Limits: a
+class present once can be masked when the model is confidently wrong on other images
+(``mean p_c > 1/B``), label counts beyond distinct classes are estimates, and the order of the
+returned labels carries no information about which image holds which label.
+
+Single logit (logistic loss, R-GAP's head): ``dL/dz = sigmoid(z) - y`` is negative exactly
+when ``y = 1``. With a bias the sign of its gradient gives the label; without one the sign of
+the weight gradient's sum gives it when the layer's inputs are non-negative (otherwise the
+sign is not identifiable from the last layer alone; we still answer with that rule). For a
+batch every image gets the label consistent with the sign of the *mean* gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .base import Update, as_update, check_gradients
+
+__all__ = ["idlg_labels", "last_linear_gradients"]
+
+
+def last_linear_gradients(model: nn.Module, gradients: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
+    """The observed gradients of the model's last ``nn.Linear``: ``(weight_grad, bias_grad or None)``."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError("the model has no linear layer: cannot recover labels")
+    head = linears[-1]
+    index = {id(p): i for i, p in enumerate(model.parameters())}
+    w = gradients[index[id(head.weight)]].detach().double()
+    b = gradients[index[id(head.bias)]].detach().double() if head.bias is not None else None
+    return w, b
+
+
+def _fill_counts(signal: Tensor, batch_size: int) -> list[int]:
+    """Classes for ``batch_size`` images from a per-class signal (negative = present)."""
+    order = torch.argsort(signal).tolist()
+    negative = [c for c in order if signal[c] < 0]
+    if not negative:  # nothing negative (e.g. all images confidently right): most negative first
+        negative = order[:1]
+    labels = negative[:batch_size]
+    if len(labels) < batch_size:
+        # LLG-style count estimate: each present class accounts for about -B * signal images;
+        # hand the remaining slots to the classes with the largest leftover deficit.
+        deficit = {c: float(-signal[c]) * batch_size - 1.0 for c in labels}
+        while len(labels) < batch_size:
+            c = max(deficit, key=deficit.get)
+            labels.append(c)
+            deficit[c] -= 1.0
+    return labels
+
+
+def idlg_labels(
+    model: nn.Module, gradients: Update | Sequence[Tensor], batch_size: int = 1
+) -> Tensor:
+    """Recover the labels of the batch behind ``gradients`` (see the module docstring).
+
+    ``gradients``: one tensor per parameter in ``model.parameters()`` order, or an
+    :class:`Update` (a weight delta is turned into its gradient). Returns ``(batch_size,)``
+    int64 labels (class indices; 0/1 for a single-logit model).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    grads = check_gradients(model, as_update(gradients).as_gradients())
+    w, b = last_linear_gradients(model, grads)
+    classes = w.shape[0]
+
+    if classes == 1:  # logistic loss: dL/dz = sigmoid(z) - y < 0  <=>  y = 1
+        s = float(b.sum()) if b is not None else float(w.sum())
+        label = 1 if s < 0 else 0
+        return torch.full((batch_size,), label, dtype=torch.int64)
+
+    if batch_size == 1:
+        if b is not None:
+            return torch.argmin(b).reshape(1).to(torch.int64)
+        sums = w.sum(dim=1)
+        negative = sums < 0
+        if int(negative.sum()) == 1 or classes == 2:
+            pick = torch.argmin(sums)
+        elif int((~negative).sum()) == 1:  # inputs with a negative sum flip every sign
+            pick = torch.argmax(sums)
+        else:
+            pick = torch.argmin(sums)
+        return pick.reshape(1).to(torch.int64)
+
+    signal = b if b is not None else w.min(dim=1).values
+    if b is None:
+        # row-minimum (Yin et al.); scale so that the count estimate stays meaningful
+        signal = signal / signal.abs().max().clamp_min(1e-30) / batch_size
+    return torch.tensor(_fill_counts(signal, batch_size), dtype=torch.int64)
