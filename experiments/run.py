@@ -111,33 +111,6 @@ def _quiet(verbose: bool) -> None:
     update_console_handler(level=logging.ERROR)
 
 
-def simulate(cfg, *, verbose: bool = False, on_round=None, wrap_strategy=None, client_app=None) -> None:
-    """Run ``cfg`` on Flower's simulation engine (Ray), one SuperNode per client."""
-    from flwr.simulation import run_simulation
-
-    from fl_sim.client_app import app as default_client_app
-    from fl_sim.server_app import make_server_app
-
-    cpus = os.cpu_count() or 1
-    backend = {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {
-            "num_cpus": cpus,
-            "include_dashboard": False,
-            "log_to_driver": verbose,
-            "logging_level": logging.INFO if verbose else logging.ERROR,
-        },
-    }
-    server_app = make_server_app(cfg.to_flower(), on_round=on_round, wrap_strategy=wrap_strategy)
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app or default_client_app,
-        num_supernodes=cfg.num_clients,
-        backend_config=backend,
-        verbose_logging=verbose,
-    )
-
-
 def _print_table(rows: list[dict], console) -> None:
     from rich.table import Table
 
@@ -190,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
 
     _quiet(args.verbose)
     from rich.console import Console
+
+    from fl_sim.simulation import simulate
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True)

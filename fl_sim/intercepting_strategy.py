@@ -5,7 +5,10 @@ aggregates honestly.
 ``configure_train`` it notes the weights it sends; in ``aggregate_train`` it hands each
 individual reply (round, node, partition, the weights that were sent, the update that came
 back) to ``on_update``, passes the same replies untouched to the honest strategy, and hands
-the round's aggregate (global model before and after) to ``on_aggregate``. Training is
+the round's aggregate (global model before and after) to ``on_aggregate``. It also remembers
+which nodes it sent a train message to and which replied: a node that was sent one but whose
+reply did not arrive (it died, or missed the round timeout) or came back as an error is
+reported to ``on_missing`` as a ``MissingReply``, and listed in ``missing``. Training is
 therefore identical with and without it. What the hooks do with the updates (run attacks,
 say) is not this module's business: they are plain callables, and one that raises is logged
 and ignored, so spying never breaks a round.
@@ -22,7 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-__all__ = ["InterceptedUpdate", "RoundAggregate", "InterceptingStrategy"]
+__all__ = ["InterceptedUpdate", "RoundAggregate", "MissingReply", "InterceptingStrategy"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,16 @@ class RoundAggregate:
     num_examples: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class MissingReply:
+    """A node that was sent a train message in a round but whose reply never arrived."""
+
+    server_round: int
+    node_id: int
+    partition_id: int  # -1 when the node never replied in any earlier round
+    reason: str
+
+
 class InterceptingStrategy(Strategy):
     """Wrap ``inner``; report replies to ``on_update`` and aggregates to ``on_aggregate``."""
 
@@ -69,12 +82,17 @@ class InterceptingStrategy(Strategy):
         kind: Literal["gradient", "weights"],
         on_update: Callable[[InterceptedUpdate], None] | None = None,
         on_aggregate: Callable[[RoundAggregate], None] | None = None,
+        on_missing: Callable[[MissingReply], None] | None = None,
     ) -> None:
         self.inner = inner
         self.kind = kind
         self.on_update = on_update
         self.on_aggregate = on_aggregate
+        self.on_missing = on_missing
         self._sent: dict[int, ArrayRecord] = {}
+        self._sent_to: dict[int, list[int]] = {}  # round -> node ids sent a train message
+        self.partition_of: dict[int, int] = {}  # node id -> partition id, learnt from replies
+        self.missing: list[MissingReply] = []
 
     def __getattr__(self, name: str):
         # Anything else (e.g. the honest strategy's train_history) is the inner strategy's.
@@ -87,7 +105,9 @@ class InterceptingStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._sent = {server_round: arrays}
-        return self.inner.configure_train(server_round, arrays, config, grid)
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        self._sent_to = {server_round: [int(m.metadata.dst_node_id) for m in messages]}
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -96,9 +116,13 @@ class InterceptingStrategy(Strategy):
         sent = self._sent.get(server_round)
         sent_state = _state(sent) if sent is not None else {}
         seen_parts, seen_examples = [], []
+        replied: set[int] = set()
+        errors: dict[int, str] = {}
         for msg in replies:
             if msg.has_error():
+                errors[int(msg.metadata.src_node_id)] = f"error reply: {msg.error.reason}"[:200]
                 continue
+            replied.add(int(msg.metadata.src_node_id))
             metrics = {k: float(v) for k, v in msg.content["metrics"].items() if isinstance(v, (int, float))}
             update = InterceptedUpdate(
                 server_round=server_round,
@@ -112,7 +136,14 @@ class InterceptingStrategy(Strategy):
             )
             seen_parts.append(update.partition_id)
             seen_examples.append(update.num_examples)
+            self.partition_of[update.node_id] = update.partition_id
             self._call(self.on_update, update)
+        for node in self._sent_to.get(server_round, []):
+            if node not in replied:
+                gone = MissingReply(server_round, node, self.partition_of.get(node, -1),
+                                    errors.get(node, "no reply before the round timeout"))
+                self.missing.append(gone)
+                self._call(self.on_missing, gone)
         arrays, metrics = self.inner.aggregate_train(server_round, replies)
         if arrays is not None and sent is not None:
             aggregate = RoundAggregate(server_round, sent_state, _state(arrays), tuple(seen_parts), tuple(seen_examples))

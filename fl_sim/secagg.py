@@ -49,7 +49,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +82,7 @@ from .data import load_dataset
 from .intercepting_strategy import RoundAggregate
 from .models import build_model
 from .server_app import RoundLog
+from .simulation import backend_config
 from .task import batch_gradient, client_batch, evaluate
 
 __all__ = [
@@ -446,24 +446,14 @@ def simulate_secagg(
     settings: SecAggSettings | None = None,
 ) -> None:
     """Run ``cfg`` with SecAgg+ on Flower's simulation engine (Ray), one SuperNode per client,
-    with the same backend settings as ``experiments.run.simulate``."""
+    with the same backend settings as :func:`fl_sim.simulation.simulate`."""
     from flwr.simulation import run_simulation
 
     server_app = make_secagg_server_app(cfg, on_aggregate=on_aggregate, on_round=on_round, settings=settings)
-    cpus = os.cpu_count() or 1
-    backend = {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {
-            "num_cpus": cpus,
-            "include_dashboard": False,
-            "log_to_driver": verbose,
-            "logging_level": logging.INFO if verbose else logging.ERROR,
-        },
-    }
     run_simulation(
         server_app=server_app,
         client_app=client_app,
         num_supernodes=cfg.num_clients,
-        backend_config=backend,
+        backend_config=backend_config(verbose),
         verbose_logging=verbose,
     )

@@ -9,7 +9,7 @@ import torch
 import attacks
 from experiments.attack_runner import AttackRunner
 from experiments.run import main as run_main
-from experiments.run import simulate
+from fl_sim.simulation import simulate
 from fl_sim.config import RunConfig
 from fl_sim.data import load_dataset
 from fl_sim.intercepting_strategy import InterceptingStrategy

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from experiments.run import main as run_main
-from experiments.run import simulate
+from fl_sim.simulation import simulate
 from fl_sim.config import RunConfig
 from fl_sim.data import load_dataset
 from fl_sim.models import build_model
