@@ -38,6 +38,8 @@ __all__ = ["OBSERVERS", "RESULT_FIELDS", "AttackJob", "AttackRunner", "run_job"]
 log = logging.getLogger(__name__)
 
 OBSERVERS = ("server", "client", "secagg")
+# R-GAP's weights-only rank analysis costs seconds per model and the rows keep only scores.
+RUN_OPTIONS: dict[str, dict[str, Any]] = {"rgap": {"rank": False}}
 RESULT_FIELDS = ["round", "client", "observer", "attack", "psnr", "ssim", "mse", "label_acc", "seconds", "status", "reason"]
 
 
@@ -94,7 +96,8 @@ def run_job(job: AttackJob, cfg: RunConfig) -> tuple[list[dict[str, Any]], dict[
         model.load_state_dict(job.weights)
         update = Update(tensors=job.update, kind=job.kind, lr=job.lr, local_steps=job.local_steps)
         attack = get_attack(job.attack)
-        res = attack(model, update, data.input_shape, ThreatModel(batch_size=job.batch_size), seed=job.seed)
+        res = attack(model, update, data.input_shape, ThreatModel(batch_size=job.batch_size), seed=job.seed,
+                     **RUN_OPTIONS.get(job.attack, {}))
         recon = torch.nan_to_num(res.images.detach().to(torch.float32), nan=0.5).clamp(0, 1)
         if recon.shape[0] != truth.shape[0]:
             raise ValueError(f"attack returned {recon.shape[0]} images for a batch of {truth.shape[0]}")

@@ -44,7 +44,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+# The Flower app to submit: this repository (pyproject.toml with [tool.flwr.app]); when the
+# package is installed elsewhere (a container's site-packages), the working directory.
 ROOT = Path(__file__).resolve().parents[1]
+if not (ROOT / "pyproject.toml").exists():
+    ROOT = Path.cwd()
 ATTACK_CHOICES = ("rgap", "dlg", "idlg", "ig", "none")
 OBSERVER_CHOICES = ("server", "client")
 CONNECTION = "deploy"  # the connection name in the private FLWR_HOME/config.toml
@@ -464,17 +468,20 @@ def deploy(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Any]:
                     "--node-config", f"partition-id={i} num-partitions={args.clients}",
                 ])
             _say(f"SuperLink on {address}, {args.clients} SuperNodes starting")
-            deadline = time.monotonic() + 90.0
-            while True:
-                topo.check_alive()
-                nodes = flwr.json("supernode", "ls", CONNECTION).get("nodes", [])
-                online = sum(n.get("status") == "online" for n in nodes)
-                if online >= args.clients:
-                    break
-                if time.monotonic() > deadline:
-                    raise DeployError(f"only {online} of {args.clients} SuperNodes came online within 90s")
-                time.sleep(1.0)
-            _say(f"{online} SuperNodes online")
+        # Every SuperNode online before the run starts: with --kill-node, min-clients is
+        # clients-1, and round 1 must not start without the node that is to die.
+        wait_s = 90.0 if not args.superlink else min(args.timeout, 600.0)
+        deadline = time.monotonic() + wait_s
+        while True:
+            topo.check_alive()
+            nodes = flwr.json("supernode", "ls", CONNECTION).get("nodes", [])
+            online = sum(n.get("status") == "online" for n in nodes)
+            if online >= args.clients:
+                break
+            if time.monotonic() > deadline:
+                raise DeployError(f"only {online} of {args.clients} SuperNodes came online within {wait_s:.0f}s")
+            time.sleep(1.0)
+        _say(f"{online} SuperNodes online")
 
         overrides = work / "run_config.toml"
         overrides.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in config.items()))

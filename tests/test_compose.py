@@ -1,0 +1,163 @@
+"""Static checks of docker-compose.yml (there is no Docker engine here).
+
+- it parses as YAML and has a SuperLink, SuperNodes and a submit job;
+- every service's command uses only flags that the installed binaries accept (the Flower CLIs'
+  ``--help``, and experiments.deploy's parser for the submit job), with the default settings
+  and with the TLS settings that scripts/gen_certs.sh writes;
+- partition ids are 0..N-1 exactly once, num-partitions == N == the job's --clients, SuperNodes
+  and the job point at the SuperLink's port;
+- ``docker-compose config -q`` passes (skipped when the binary is absent).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+
+yaml = pytest.importorskip("yaml", reason="pyyaml is needed to parse docker-compose.yml")
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = ROOT / "docker-compose.yml"
+BIN = Path(sys.executable).parent
+TLS_ENV = {
+    "SUPERLINK_SECURITY": "--ssl-ca-certfile /certs/ca.crt --ssl-certfile /certs/server.pem --ssl-keyfile /certs/server.key",
+    "SUPERNODE_SECURITY": "--root-certificates /certs/ca.crt",
+    "SUBMIT_SECURITY": "--tls --certs /certs",
+}
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
+
+pytestmark = pytest.mark.slow  # runs the Flower CLIs' --help (a few seconds)
+
+
+def _interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's ``${VAR:-default}`` substitution."""
+    return _VAR.sub(lambda m: env.get(m.group(1)) or (m.group(2) or ""), text)
+
+
+def _compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def _commands(env: dict[str, str]) -> dict[str, list[str]]:
+    services = _compose()["services"]
+    out = {}
+    for name, svc in services.items():
+        cmd = svc.get("command")
+        out[name] = [_interpolate(c, env) for c in cmd] if isinstance(cmd, list) else shlex.split(_interpolate(cmd, env))
+    return out
+
+
+@lru_cache(maxsize=None)
+def _accepted(binary: str) -> frozenset[str]:
+    """Long options of an installed CLI, read from its --help."""
+    if binary == "python":  # the submit job: python -m experiments.deploy
+        from experiments.deploy import build_parser
+
+        return frozenset(o for a in build_parser()._actions for o in a.option_strings if o.startswith("--"))
+    path = BIN / binary
+    exe = str(path) if path.exists() else shutil.which(binary)
+    assert exe, f"{binary} is not installed"
+    res = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60,
+                         env={"PATH": str(BIN), "FLWR_DISABLE_UPDATE_CHECK": "1", "COLUMNS": "200"})
+    flags = frozenset(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", res.stdout))
+    assert "--help" in flags, res.stdout[:500]
+    return flags
+
+
+def _options(cmd: list[str]) -> dict[str, str | None]:
+    """--flag value pairs (value None for a flag followed by another flag or nothing)."""
+    opts = {}
+    for i, tok in enumerate(cmd):
+        if tok.startswith("--"):
+            nxt = cmd[i + 1] if i + 1 < len(cmd) else None
+            opts[tok.split("=")[0]] = tok.split("=", 1)[1] if "=" in tok else (None if nxt is None or nxt.startswith("--") else nxt)
+    return opts
+
+
+def test_compose_parses_and_has_the_topology():
+    services = _compose()["services"]
+    assert "superlink" in services and "submit" in services
+    assert len([s for s in services if s.startswith("supernode")]) >= 2
+    runs = [v for v in services["superlink"]["volumes"] if str(v).endswith(":/runs")]
+    assert runs, "the ServerApp writes the run folder inside the SuperLink's container: mount ./runs there"
+
+
+@pytest.mark.parametrize("env", [{}, TLS_ENV], ids=["insecure", "tls"])
+def test_every_flag_is_accepted_by_the_installed_cli(env):
+    for name, cmd in _commands(env).items():
+        binary = cmd[0]
+        if binary == "python":
+            assert cmd[1:3] == ["-m", "experiments.deploy"], cmd
+        flags = [t.split("=")[0] for t in cmd if t.startswith("--")]
+        unknown = sorted(set(flags) - _accepted(binary))
+        assert not unknown, f"{name}: {binary} does not accept {unknown}"
+        if env:
+            assert "--insecure" not in flags, f"{name} stays insecure with the TLS settings"
+        else:
+            assert binary == "python" or "--insecure" in flags, name
+
+
+def test_gen_certs_writes_the_tls_env(tmp_path):
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed")
+    subprocess.run(["bash", str(ROOT / "scripts" / "gen_certs.sh"), str(tmp_path)], check=True,
+                   capture_output=True, timeout=120)
+    for name in ("ca.crt", "server.pem", "server.key", "tls.env"):
+        assert (tmp_path / name).is_file(), name
+    env = dict(line.split("=", 1) for line in (tmp_path / "tls.env").read_text().splitlines() if "=" in line)
+    assert env == TLS_ENV
+    sans = subprocess.run(["openssl", "x509", "-in", str(tmp_path / "server.pem"), "-noout", "-text"],
+                          capture_output=True, text=True, check=True).stdout
+    for san in ("DNS:superlink", "DNS:localhost", "IP Address:127.0.0.1"):
+        assert san in sans
+    subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / "ca.crt"), str(tmp_path / "server.pem")],
+                   check=True, capture_output=True)
+
+
+def test_partitions_and_ports_are_consistent():
+    cmds = _commands({})
+    link = _options(cmds["superlink"])
+    port = link["--port"]
+    assert port and port.isdigit()
+    assert link["--isolation"] in ("subprocess", "process")
+    address = f"superlink:{port}"
+    nodes = {n: _options(c) for n, c in cmds.items() if c[0] == "flower-supernode"}
+    n = len(nodes)
+    parts = []
+    for name, opts in nodes.items():
+        assert opts["--superlink"] == address, f"{name} does not point at the SuperLink's port"
+        cfg = dict(kv.split("=", 1) for kv in opts["--node-config"].split())
+        assert int(cfg["num-partitions"]) == n, name
+        parts.append(int(cfg["partition-id"]))
+    assert sorted(parts) == list(range(n)), f"partition ids {parts}: each of 0..{n - 1} exactly once"
+    job = _options(cmds["submit"])
+    assert job["--superlink"] == address, "the submit job must reach the SuperLink's Control API"
+    assert int(job["--clients"]) == n
+    assert job["--out"].startswith("/runs/")
+    deps = _compose()["services"]["submit"]["depends_on"]
+    assert set(nodes) | {"superlink"} <= set(deps)
+
+
+def test_env_settings_reach_the_submit_job():
+    job = _options(_commands({"ROUNDS": "5", "ATTACK": "dlg", "OBSERVERS": "server", "RUN_NAME": "x"})["submit"])
+    assert (job["--rounds"], job["--attack"], job["--observers"], job["--out"]) == ("5", "dlg", "server", "/runs/x")
+    from experiments.deploy import build_parser
+
+    build_parser().parse_args(_commands({})["submit"][3:])  # the defaults parse
+
+
+def test_docker_compose_config():
+    exe = shutil.which("docker-compose")
+    if not exe:
+        pytest.skip("docker-compose is not installed (apt-get install docker-compose)")
+    for env in ({}, TLS_ENV):
+        res = subprocess.run([exe, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, timeout=60,
+                             cwd=ROOT, env={"PATH": "/usr/bin:/bin", **env})
+        assert res.returncode == 0, res.stderr

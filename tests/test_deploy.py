@@ -1,0 +1,138 @@
+"""End to end on Flower's deployment engine, no Docker: ``python -m experiments.deploy`` starts
+a SuperLink and 3 SuperNodes on 127.0.0.1 (free ports), submits the spying app with ``flwr
+run``, waits for the run by polling its status, and stops everything it started.
+
+Both runs: FedSGD, batch size 1, 2 rounds, R-GAP by the server. The second kills one SuperNode
+after round 1; the run must still finish with the other two and mark the missing client.
+About 1.5 + 2 minutes on two cores.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PSNR_OK = 40.0  # R-GAP on CNN6 with one image recovers it to >100 dB here; 40 leaves room
+
+
+def _deploy(*args: str, timeout: float = 360) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("FLWR_HOME", "PYTHONPATH")}
+    return subprocess.run([sys.executable, "-m", "experiments.deploy", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def _leftovers(record: dict) -> list[str]:
+    """Flower processes still alive that belong to this deployment (by its ports)."""
+    import psutil
+
+    marks = []
+    if record.get("superlink"):
+        marks.append(record["superlink"])
+        marks.append(f"--port {record['superlink'].rsplit(':', 1)[1]}")
+    marks += [f"--port {p}" for p in record.get("supernode_ports", [])]
+    marks += [f"127.0.0.1:{p}" for p in record.get("supernode_ports", [])]
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info.get("cmdline") or [])
+        if ("flower-" in cmd or "flwr" in cmd) and any(m in cmd for m in marks):
+            found.append(f"{proc.pid}: {cmd}")
+    return found
+
+
+def _assert_no_leftovers(record: dict) -> None:
+    deadline = time.monotonic() + 10  # the SuperExecs notice their parent is gone within seconds
+    while (left := _leftovers(record)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"processes left behind: {left}"
+
+
+def test_bad_flags_exit_2_with_one_line():
+    for args in (["--clients", "0"], ["--attack", "nope"], ["--kill-node", "1"],
+                 ["--kill-node", "5", "--kill-node-after-round", "1"], ["--run-config", "no-such-key=1"]):
+        res = _deploy(*args, timeout=60)
+        assert res.returncode == 2, (args, res.stderr)
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert "error:" in res.stderr
+
+
+@pytest.mark.slow
+def test_deploy_three_supernodes_rgap(tmp_path):
+    out = tmp_path / "run"
+    res = _deploy("--clients", "3", "--rounds", "2", "--attack", "rgap", "--observers", "server",
+                  "--out", str(out), "--run-config", "attack-workers=0", "--timeout", "300")
+    record = json.loads((out / "deploy.json").read_text())
+    _assert_no_leftovers(record)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert record["status"] == "finished:completed"
+    rounds = _rows(out / "rounds.csv")
+    assert [int(r["round"]) for r in rounds] == [0, 1, 2]
+    rows = [r for r in _rows(out / "results.csv") if r["observer"] == "server" and r["attack"] == "rgap"]
+    assert sorted(int(r["client"]) for r in rows) == [0, 1, 2]
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert float(r["psnr"]) > PSNR_OK, r
+    assert not (out / "missing.csv").exists()
+    assert (out / "summary.md").exists() and (out / "logs" / "superlink.log").exists()
+
+
+@pytest.mark.slow
+def test_deploy_survives_a_killed_supernode(tmp_path):
+    out = tmp_path / "run"
+    start = time.monotonic()
+    res = _deploy("--clients", "3", "--rounds", "2", "--attack", "rgap", "--observers", "server",
+                  "--attack-rounds", "2", "--kill-node", "2", "--kill-node-after-round", "1",
+                  "--round-timeout", "30", "--out", str(out), "--run-config", "attack-workers=0",
+                  "--timeout", "300")
+    record = json.loads((out / "deploy.json").read_text())
+    _assert_no_leftovers(record)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert record["status"] == "finished:completed"
+    assert record["killed"]["partition"] == 2
+    assert [int(r["round"]) for r in _rows(out / "rounds.csv")] == [0, 1, 2]
+    missing = _rows(out / "missing.csv")
+    assert [(int(m["round"]), int(m["client"])) for m in missing] == [(2, 2)]
+    rows = {int(r["client"]): r for r in _rows(out / "results.csv") if int(r["round"]) == 2}
+    assert sorted(rows) == [0, 1, 2]
+    assert rows[2]["status"] == "missing"
+    for pid in (0, 1):
+        assert rows[pid]["status"] == "ok" and float(rows[pid]["psnr"]) > PSNR_OK, rows[pid]
+    assert "Missing replies" in (out / "summary.md").read_text()
+    assert time.monotonic() - start < 300
+
+
+@pytest.mark.slow
+def test_deploy_stops_everything_on_sigterm(tmp_path):
+    """Interrupted after the SuperNodes are up: every process goes, exit code 130."""
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("FLWR_HOME", "PYTHONPATH")}
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.deploy", "--clients", "2", "--rounds", "1",
+                             "--attack", "none", "--out", str(out), "--timeout", "120"],
+                            cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        for line in proc.stderr:
+            if "SuperNodes online" in line or time.monotonic() > deadline:
+                break
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    record = json.loads((out / "deploy.json").read_text())
+    assert record["superlink"]
+    _assert_no_leftovers(record)
