@@ -1,7 +1,7 @@
 """Benchmark what spying costs the federation: seconds per round of the honest strategy
 versus the intercepting strategy with attacks in worker processes, in one invocation.
 
-    python -m experiments.bench_interception [--clients 10] [--rounds 8] [--attack rgap] [--workers 1]
+    python -m experiments.bench_interception [--clients 10] [--rounds 8] [--batch-size 32] [--attack rgap] [--workers 1]
 
 Both runs use the same FedSGD setting (the attacks' setting) and seed. The attack workers run
 at the lowest CPU priority, so the rounds keep the cores; the attacks finish after training
@@ -31,8 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--attack", default="rgap")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=32, help="images per client update (R-GAP blends batches > 1, "
+                   "but does the same work)")
     args = p.parse_args(argv)
-    common = ["--mode", "fedsgd", "--batch-size", "1", "--clients", str(args.clients), "--rounds", str(args.rounds)]
+    common = ["--mode", "fedsgd", "--batch-size", str(args.batch_size), "--model", "lenet", "--init", "paper",
+              "--clients", str(args.clients), "--rounds", str(args.rounds)]
     figures = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, extra in (
