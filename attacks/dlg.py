@@ -27,22 +27,42 @@ from another draw. This implementation keeps the paper's optimiser and objective
   checkpoints (``stall_checks``); at most ``max_restarts`` restarts, the best start is kept;
 - *early stopping*: a start stops as soon as the gradient match is reached, i.e. the
   objective divided by the squared norm of the observed gradient falls below ``tol``, or
-  L-BFGS makes no more progress.
+  L-BFGS makes no more progress;
+- *a long-memory L-BFGS* (``optimizer="compact"``, the default): the same quasi-Newton method,
+  but with ``history_size=300`` curvature pairs instead of PyTorch's 100, held as matrices and
+  applied in the compact form of Byrd, Nocedal and Schnabel (1994) so that the long memory costs
+  a few matrix-vector products instead of a Python loop, and with a strong-Wolfe line search
+  (so the first steps do not throw the sigmoids into saturation). Measured on CIFAR-100, DLG's
+  LeNet: ~40% fewer objective evaluations to reach the same gradient match than PyTorch's
+  L-BFGS (history 100), and no blow-ups;
+- *the iDLG label as the start of the soft label* (``label_init="idlg"``, the default): the
+  label logits start at ``label_scale`` on the class that :func:`attacks.idlg.idlg_labels`
+  reads off the last layer (0 elsewhere) instead of a normal draw. The label is still
+  optimised jointly with the image (this is still DLG's objective); only the start is moved
+  into the right basin. A deviation from the paper: with a random soft label many starts
+  settle on a wrong label and have to be restarted.
 
-With ``max_restarts=0, explode=inf, stall_checks=None, tol=0, dtype=torch.float32`` it is the
-original algorithm.
+``tol`` (default ``1e-8``) is chosen from the relation between the relative objective and
+PSNR measured along L-BFGS runs on CIFAR-100 here: ``1e-7`` ~ 29-33 dB, ``1e-8`` ~ 39-46 dB,
+``5e-9`` ~ 43-58 dB (median 51 dB over 20 images), ``3e-9`` ~ 46-55 dB. PSNR grows roughly
+linearly with the evaluations spent, so every halving of ``tol`` costs ~10% more of them.
+
+``FAITHFUL`` holds the options that give the original algorithm (``dlg(..., **FAITHFUL)``):
+PyTorch's L-BFGS without line search, history 100, a random soft label, float32, no restarts
+and no early stop.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 from torch.nn import functional as F
+from torch.optim.lbfgs import _strong_wolfe
 
 from .base import (
     AttackResult,
@@ -56,7 +76,13 @@ from .base import (
 )
 from .idlg import idlg_labels
 
-__all__ = ["dlg", "idlg", "gradient_distance"]
+__all__ = ["dlg", "idlg", "gradient_distance", "FAITHFUL", "CompactLBFGS"]
+
+FAITHFUL = dict(
+    optimizer="torch", label_init="random", history_size=100, max_restarts=0, explode=math.inf,
+    stall_checks=None, tol=0.0, dtype=torch.float32,
+)
+
 
 
 def gradient_distance(dummy_grads: Sequence[Tensor], target_grads: Sequence[Tensor]) -> Tensor:
@@ -65,6 +91,132 @@ def gradient_distance(dummy_grads: Sequence[Tensor], target_grads: Sequence[Tens
     for gd, gt in zip(dummy_grads, target_grads):
         total = total + ((gd - gt) ** 2).sum()
     return total
+
+
+class CompactLBFGS:
+    """L-BFGS with a long memory held as matrices (compact form, Byrd, Nocedal and Schnabel
+    1994) and PyTorch's strong-Wolfe line search.
+
+    The search direction is the standard L-BFGS one, ``-H g`` with
+    ``H = gamma I + [S gamma Y] M [S gamma Y]^T``; ``S^T Y`` and ``Y^T Y`` are updated by one
+    row and column per iteration, so a memory of hundreds of pairs costs a few matrix-vector
+    products per iteration instead of a Python loop over the pairs (PyTorch's two-loop
+    recursion). Same interface as ``torch.optim.LBFGS``: ``step(closure)`` runs up to
+    ``max_iter`` iterations and returns the objective at the start of the step; ``closure``
+    returns the objective and leaves the gradient in each variable's ``.grad``.
+    ``evaluations`` counts closure calls.
+    """
+
+    def __init__(self, variables: Sequence[Tensor], history_size: int = 300, max_iter: int = 20, lr: float = 1.0,
+                 memory_dtype: torch.dtype | None = None) -> None:
+        self.variables = list(variables)
+        self.max_iter, self.lr = int(max_iter), float(lr)
+        n = sum(v.numel() for v in self.variables)
+        dtype = self.variables[0].dtype
+        m = self.m = int(history_size)
+        self.W = torch.zeros(2 * m, n, dtype=memory_dtype or dtype)  # rows 0..m-1: s pairs, m..2m-1: y pairs
+        self.S, self.Y = self.W[:m], self.W[m:]
+        self.SY = torch.zeros(m, m, dtype=dtype)  # SY[i, j] = s_i . y_j (slots)
+        self.YY = torch.zeros(m, m, dtype=dtype)
+        self.order: list[int] = []  # slots, oldest first
+        self.gamma = 1.0
+        self.evaluations = 0
+        self._f: float | None = None
+        self._g: Tensor | None = None
+        self._wg_cache: Tensor | None = None
+
+    def _flat(self) -> Tensor:
+        return torch.cat([v.detach().reshape(-1) for v in self.variables])
+
+    def _set(self, flat: Tensor) -> None:
+        offset = 0
+        with torch.no_grad():
+            for v in self.variables:
+                v.copy_(flat[offset : offset + v.numel()].view_as(v))
+                offset += v.numel()
+
+    def _evaluate(self, closure, flat: Tensor) -> tuple[float, Tensor]:
+        self._set(flat)
+        with torch.enable_grad():
+            value = float(closure())
+        self.evaluations += 1
+        grad = torch.cat([v.grad.reshape(-1) for v in self.variables])
+        return value, grad
+
+    def _wg(self, g: Tensor) -> Tensor:
+        """``W @ g`` for the current gradient, cached (one pass over the memory)."""
+        if self._wg_cache is None:
+            self._wg_cache = (self.W @ g.to(self.W.dtype)).to(g.dtype)
+        return self._wg_cache
+
+    def _push(self, s: Tensor, g_old: Tensor, g_new: Tensor) -> None:
+        """Store the pair ``(s, y = g_new - g_old)``. One pass over the memory gives ``W s`` and
+        ``W g_new``; ``W y = W g_new - W g_old`` reuses the cached ``W g_old``."""
+        m = self.m
+        y = g_new - g_old
+        wd = self.W.dtype
+        ws, wgn = (self.W @ s.to(wd)).to(s.dtype), (self.W @ g_new.to(wd)).to(s.dtype)
+        wy = wgn - self._wg(g_old)
+        self._wg_cache = wgn
+        sy = float(s @ y)
+        yy = float(y @ y)
+        if not sy > 1e-10 * yy:  # no curvature information (or NaN): skip the pair
+            return
+        slot = len(self.order) if len(self.order) < m else self.order.pop(0)
+        self.S[slot], self.Y[slot] = s, y
+        # the entries of the overwritten slot refer to its old pair: set them for the new one
+        ws[m + slot], wy[slot], wy[m + slot] = sy, sy, yy
+        wgn[slot], wgn[m + slot] = float(s @ g_new), float(y @ g_new)
+        self.SY[slot, :] = ws[m:]
+        self.SY[:, slot] = wy[:m]
+        self.YY[slot, :], self.YY[:, slot] = wy[m:], wy[m:]
+        self.order.append(slot)
+        self.gamma = sy / yy
+
+    def _direction(self, g: Tensor) -> Tensor:
+        if not self.order:
+            return -g
+        m = self.m
+        idx = torch.tensor(self.order)  # filled slots, oldest first
+        SY, YY = self.SY[idx][:, idx], self.YY[idx][:, idx]
+        wg = self._wg(g)
+        a, b = wg[:m][idx], wg[m:][idx]
+        R = torch.triu(SY)
+        gam = self.gamma
+        p = torch.linalg.solve_triangular(R, a[:, None], upper=True)[:, 0]
+        w = torch.diagonal(SY) * p + gam * (YY @ p) - gam * b
+        u = torch.linalg.solve_triangular(R.T, w[:, None], upper=False)[:, 0]
+        coef = torch.zeros(2 * m, dtype=g.dtype)
+        coef[idx], coef[m + idx] = u, -gam * p  # back to slot order
+        return -(gam * g + (coef.to(self.W.dtype) @ self.W).to(g.dtype))
+
+    def step(self, closure) -> Tensor:
+        x = self._flat()
+        if self._f is None:
+            self._f, self._g = self._evaluate(closure, x)
+        start = self._f
+        for _ in range(self.max_iter):
+            f, g = self._f, self._g
+            if not math.isfinite(f):
+                break
+            d = self._direction(g)
+            gtd = float(g @ d)
+            if not gtd < 0:  # not a descent direction: forget the memory
+                self.order = []  # (W g stays valid: empty slots are masked, not cleared)
+                d = -g
+                gtd = float(g @ d)
+                if not gtd < 0:
+                    break
+            t = self.lr if self.order else min(1.0, 1.0 / max(float(g.abs().sum()), 1e-300)) * self.lr
+            f_new, g_new, t, _ = _strong_wolfe(lambda x0, t0, d0: self._evaluate(closure, x0 + t0 * d0), x, t, d, f, g, gtd)
+            s = t * d
+            x = x + s
+            self._push(s, g, g_new)
+            self._f, self._g = float(f_new), g_new
+            if float(s.abs().max()) <= 1e-12 or abs(float(f_new) - f) <= 1e-12 * abs(f):
+                break  # no more progress
+        self._set(x)
+        return torch.tensor(start)
 
 
 def _soft_target(label_logits: Tensor, outputs: int) -> Tensor:
@@ -82,13 +234,18 @@ def dlg(
     seed: int = 0,
     max_steps: int = 300,
     use_idlg_labels: bool = False,
-    tol: float = 2e-9,
+    tol: float = 1e-8,
     max_restarts: int = 8,
     explode: float = 10.0,
-    stall_checks: Sequence[tuple[int, float]] | None = ((25, 1e-2), (120, 1e-5)),
+    stall_checks: Sequence[tuple[int, float]] | None = ((25, 1e-2), (100, 1e-5)),
     max_iter: int = 20,
     lr: float = 1.0,
     dtype: torch.dtype = torch.float64,
+    optimizer: str = "compact",
+    history_size: int = 300,
+    label_init: str = "idlg",
+    label_scale: float = 5.0,
+    memory_dtype: torch.dtype | None = torch.float32,
     attack_name: str = "dlg",
 ) -> AttackResult:
     """Reconstruct a batch from its gradient with DLG (see the module docstring).
@@ -104,6 +261,15 @@ def dlg(
     ``dtype``: arithmetic precision of the attack (the model's weights are copied to it);
     float64 by default: on the CPU it is no slower here than float32 and it lifts float32's
     floor on the gradient match (about ``5e-9`` relative, ~45 dB).
+    ``optimizer``: ``"compact"`` (long-memory L-BFGS with a strong-Wolfe line search,
+    :class:`CompactLBFGS`) or ``"torch"`` (``torch.optim.LBFGS`` without line search, the
+    paper's); ``history_size``: curvature pairs kept. ``label_init``: ``"idlg"`` (soft-label
+    logits start at ``label_scale`` on the iDLG class) or ``"random"`` (a normal draw, the
+    paper's). ``FAITHFUL`` collects the options of the original algorithm.
+    ``memory_dtype``: precision of the stored curvature pairs of ``"compact"`` (float32 halves
+    the memory traffic of the direction, which is bandwidth-bound; the pairs' inner products on
+    the diagonal stay in ``dtype``; the number of evaluations was unchanged in our runs).
+    The diagnostics count ``evaluations`` (forward + double-backward closures).
     """
     start_time = time.perf_counter()
     if stall_checks is not None:
@@ -113,6 +279,10 @@ def dlg(
     shape = check_input_shape(input_shape)
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+    if optimizer not in ("compact", "torch"):
+        raise ValueError(f"optimizer must be 'compact' or 'torch', got {optimizer!r}")
+    if label_init not in ("idlg", "random"):
+        raise ValueError(f"label_init must be 'idlg' or 'random', got {label_init!r}")
     if max_restarts < 0:
         raise ValueError(f"max_restarts must be >= 0, got {max_restarts}")
 
@@ -129,8 +299,13 @@ def dlg(
         label_source = "optimised"
 
     names = [n for n, _ in model.named_parameters()]
-    params = {n: p.detach().to(dtype).requires_grad_(True) for n, p in model.named_parameters()}
-    plist = list(params.values())
+    # a private copy of the model in the attack's precision: calling it directly is ~20% cheaper
+    # per evaluation than torch.func.functional_call on this small network
+    work = copy.deepcopy(model).to(dtype)
+    for p in work.parameters():
+        p.grad = None
+        p.requires_grad_(True)
+    plist = list(work.parameters())
     target = [t.to(dtype) for t in target]
     scale = float(sum(float((t.double() ** 2).sum()) for t in target)) or 1.0
     fixed_target: Tensor | None = None
@@ -138,9 +313,17 @@ def dlg(
         fixed_target = labels.to(dtype) if outputs == 1 else labels
 
     gen = torch.Generator().manual_seed(int(seed))
+    label_start: Tensor | None = None
+    if labels is None and label_init == "idlg":
+        guess = idlg_labels(model, target, batch_size=batch)
+        if outputs == 1:
+            label_start = (2.0 * guess.to(dtype) - 1.0)[:, None] * label_scale
+        else:
+            label_start = torch.zeros((batch, outputs), dtype=dtype)
+            label_start[torch.arange(batch), guess] = label_scale
 
     def objective(x: Tensor, label_logits: Tensor | None) -> Tensor:
-        logits = functional_call(model, params, (x,))
+        logits = work(x)
         y = fixed_target if label_logits is None else _soft_target(label_logits, outputs)
         loss = training_loss(logits, y)
         grads = torch.autograd.grad(loss, plist, create_graph=True)
@@ -150,18 +333,28 @@ def dlg(
     attempts: list[dict] = []
     best: tuple[float, Tensor, Tensor | None] | None = None
     total_steps = 0
+    evaluations = 0
     status = "not_converged"
 
     for attempt in range(max_restarts + 1):
         x = torch.randn((batch, *shape), generator=gen).to(dtype).requires_grad_(True)
         lab = None
         if labels is None:
-            lab = torch.randn((batch, outputs), generator=gen).to(dtype).requires_grad_(True)
+            lab = torch.randn((batch, outputs), generator=gen).to(dtype)
+            if label_start is not None:
+                lab = label_start.clone()
+            lab.requires_grad_(True)
         variables = [x] if lab is None else [x, lab]
-        opt = torch.optim.LBFGS(variables, lr=lr, max_iter=max_iter)
+        if optimizer == "torch":
+            opt = torch.optim.LBFGS(variables, lr=lr, max_iter=max_iter, history_size=history_size)
+        else:
+            opt = CompactLBFGS(variables, history_size=history_size, max_iter=max_iter, lr=lr, memory_dtype=memory_dtype)
 
         def closure() -> Tensor:
-            opt.zero_grad()
+            nonlocal evaluations
+            evaluations += 1
+            for v in variables:
+                v.grad = None
             value = objective(x, lab)
             grads = torch.autograd.grad(value, variables)
             for v, g in zip(variables, grads):
@@ -204,7 +397,8 @@ def dlg(
                 best = (value, x.detach().clone(), None if lab is None else lab.detach().clone())
             if math.isfinite(value) and value / scale < tol:
                 outcome = "ok"
-        attempts.append({"outcome": outcome, "steps": step + 1, "final": value, "start": start_value})
+        attempts.append({"outcome": outcome, "steps": step + 1, "final": value, "start": start_value,
+                         "evaluations": evaluations})
         if outcome in ("ok", "stopped"):  # stopped: L-BFGS at its own tolerance, within 100 * tol
             status = "ok"
             break
@@ -235,6 +429,8 @@ def dlg(
         status=status,
         diagnostics={
             "restarts": len(attempts) - 1,
+            "evaluations": evaluations,
+            "optimizer": optimizer,
             "attempts": attempts,
             "final_objective": final,
             "relative_objective": final / scale if math.isfinite(final) else math.nan,

@@ -18,7 +18,19 @@ weight delta is matched to the observed one. They report 18.0 +- 3.3 dB on the u
 DLG-LeNet for the first 100 CIFAR-10 test images (24,000 iterations).
 
 Here images are in [0, 1] unnormalised (the testbed's convention), so the box is [0, 1] and the
-step size is in pixel units (their 0.1 on normalised CIFAR is about 0.025 in pixels).
+step size is in pixel units.
+
+Measured changes (DLG's LeNet, CIFAR-10, labels from iDLG; see the defaults):
+
+- *step size 0.1 in pixels* (Geiping's number, applied to [0, 1] pixels). With 0.025 the
+  signed-Adam phase moves a pixel at most 0.025 per step and, after the decays, barely moves at
+  all: 3000 steps ended at a median of 15.3 dB on images 0-9.
+- *a refinement phase* (``refine_steps``, a documented deviation): signed Adam only finds the
+  basin (about 10-13 dB after 1000 steps on the sigmoid LeNet, whose gradient landscape is
+  badly conditioned for a sign-based first-order method); it is followed by L-BFGS with a
+  strong-Wolfe line search on *the same objective* (cosine distance + TV), pixels projected
+  back into [0, 1] after every L-BFGS step. It takes the reconstruction from ~12 dB to ~35 dB
+  in a few hundred objective evaluations. ``refine_steps=0`` gives the method as published.
 """
 
 from __future__ import annotations
@@ -84,14 +96,16 @@ def inverting_gradients(
     threat: ThreatModel = ThreatModel(),
     *,
     seed: int = 0,
-    max_steps: int = 3000,
-    lr: float = 0.025,
+    max_steps: int = 1000,
+    lr: float = 0.1,
     tv: float = 1e-4,
     restarts: int = 1,
     signed: bool = True,
     lr_decay: bool = True,
     dtype: torch.dtype = torch.float64,
     replay: bool | None = None,
+    refine_steps: int = 20,
+    refine_iter: int = 20,
 ) -> AttackResult:
     """Reconstruct a batch from its update with Inverting Gradients (module docstring).
 
@@ -101,6 +115,10 @@ def inverting_gradients(
     step size by 10 at 3/8, 5/8 and 7/8 of ``max_steps``; ``replay``: replay the local steps of
     a weight-delta update (default: whenever ``local_steps > 1``; a one-step delta is an
     exact gradient); ``dtype``: arithmetic precision (weights are copied to it).
+    ``refine_steps``: L-BFGS steps (each up to ``refine_iter`` iterations, strong-Wolfe line
+    search) on the same objective after the Adam phase, pixels projected into [0, 1] after each
+    step; 0 = the published method. ``max_steps`` defaults to 1000 here (with the refinement);
+    the paper ran 4,800 to 24,000 Adam steps. Diagnostics count ``evaluations``.
     """
     start_time = time.perf_counter()
     upd = as_update(update)
@@ -130,7 +148,11 @@ def inverting_gradients(
     else:
         target = [t.to(dtype) for t in upd.as_gradients()]
 
+    evaluations = 0
+
     def objective(x: Tensor) -> Tensor:
+        nonlocal evaluations
+        evaluations += 1
         if replay:
             dummy = simulate_local_update(model, params, x, y, float(upd.lr), upd.local_steps)
         else:
@@ -166,6 +188,29 @@ def inverting_gradients(
             sched.step()
             with torch.no_grad():
                 x.clamp_(0.0, 1.0)
+        if refine_steps > 0 and math.isfinite(value):
+            # tolerances far below PyTorch's defaults (1e-7, 1e-9): the objective is ~1e-5 here and
+            # its gradient with respect to a pixel far below 1e-7
+            lbfgs = torch.optim.LBFGS([x], lr=1.0, max_iter=refine_iter, history_size=100, line_search_fn="strong_wolfe",
+                                      tolerance_grad=1e-20, tolerance_change=1e-20)
+
+            def closure() -> Tensor:
+                lbfgs.zero_grad()
+                obj = objective(x)
+                (g,) = torch.autograd.grad(obj, [x])
+                x.grad = g
+                return obj.detach()
+
+            last = math.nan
+            for _step in range(refine_steps):
+                value = float(lbfgs.step(closure))
+                history.append(value)
+                total_steps += 1
+                with torch.no_grad():
+                    x.clamp_(0.0, 1.0)
+                if not math.isfinite(value) or value == last:
+                    break
+                last = value
         with torch.enable_grad():
             value = float(objective(x).detach())
         finals.append(value)
@@ -186,6 +231,7 @@ def inverting_gradients(
         status=status,
         diagnostics={
             "restarts": restarts - 1,
+            "evaluations": evaluations,
             "restart_objectives": finals,
             "final_objective": final,
             "label_source": label_source,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from attacks.base import ThreatModel, Update, training_loss
-from attacks.dlg import dlg, idlg
+from attacks.dlg import FAITHFUL, CompactLBFGS, dlg, idlg
 from attacks.idlg import idlg_labels
 from attacks.metrics import psnr
 from fl_sim.models import build_model
@@ -46,27 +46,52 @@ def test_dlg_recovers_image_and_soft_label(setting):
     assert psnr(result.images[0], x[0]) > 40.0
     assert result.labels.dtype == torch.int64 and int(result.labels[0]) == int(y[0])  # argmax of the soft label
     assert result.history and result.steps == len(result.history)
+    assert result.diagnostics["optimizer"] == "compact" and 0 < result.diagnostics["evaluations"] < 1500
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # model untouched
     assert all(p.grad is None for p in model.parameters())
 
 
 def test_dlg_is_deterministic(setting):
     model, _, _, grads = setting
-    a = dlg(model, grads, SHAPE, seed=2, max_steps=3, max_restarts=0)
-    b = dlg(model, grads, SHAPE, seed=2, max_steps=3, max_restarts=0)
+    a = dlg(model, grads, SHAPE, seed=2, max_steps=2, max_iter=5, max_restarts=0)
+    b = dlg(model, grads, SHAPE, seed=2, max_steps=2, max_iter=5, max_restarts=0)
     assert torch.equal(a.images, b.images) and a.history == b.history
+
+
+# The colleague's robust configuration on PyTorch's L-BFGS (random soft label, history 100).
+TORCH_ROBUST = dict(optimizer="torch", label_init="random", history_size=100, tol=2e-9,
+                    stall_checks=((25, 1e-2), (120, 1e-5)))
 
 
 def test_stalled_start_is_restarted(setting):
     # With seed 10 the first draw settles on a plateau (objective ~2 after 25 steps): it is
     # abandoned and the second draw converges.
     model, x, y, grads = setting
-    result = dlg(model, grads, SHAPE, seed=10, max_steps=60)
+    result = dlg(model, grads, SHAPE, seed=10, max_steps=60, **TORCH_ROBUST)
     outcomes = [a["outcome"] for a in result.diagnostics["attempts"]]
     assert result.diagnostics["restarts"] >= 1 and outcomes[0] in ("stalled", "diverged", "stuck")
     assert result.status == "ok" and psnr(result.images[0], x[0]) > 40.0
-    faithful = dlg(model, grads, SHAPE, seed=10, max_steps=30, max_restarts=0, stall_checks=None, explode=math.inf)
+    faithful = dlg(model, grads, SHAPE, seed=10, max_steps=15, **FAITHFUL)
     assert faithful.diagnostics["restarts"] == 0 and psnr(faithful.images[0], x[0]) < 20.0
+
+
+def test_compact_lbfgs_solves_a_quadratic():
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(40, 40, generator=gen, dtype=torch.float64)
+    a = q @ q.T + 0.1 * torch.eye(40, dtype=torch.float64)  # condition number ~ 1e3
+    b = torch.randn(40, generator=gen, dtype=torch.float64)
+    v = torch.zeros(40, dtype=torch.float64, requires_grad=True)
+    opt = CompactLBFGS([v], history_size=10, max_iter=20)
+
+    def closure():
+        value = 0.5 * v @ a @ v - b @ v
+        (v.grad,) = torch.autograd.grad(value, [v])
+        return value.detach()
+
+    for _ in range(10):
+        opt.step(closure)
+    assert torch.allclose(v.detach(), torch.linalg.solve(a, b), atol=1e-4)
+    assert opt.evaluations <= 220
 
 
 def test_nan_objective_counts_as_divergence(setting):

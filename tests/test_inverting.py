@@ -52,12 +52,16 @@ def test_cosine_distance_is_scale_free():
 def test_inverting_gradients_reconstructs(setting):
     model, x, y, grads = setting
     before = [p.detach().clone() for p in model.parameters()]
-    result = inverting_gradients(model, grads, SHAPE, seed=0, max_steps=250)
+    result = inverting_gradients(model, grads, SHAPE, seed=0, max_steps=150, refine_steps=10)
     assert result.attack == "inverting_gradients" and result.status == "ok"
     assert result.images.shape == (1, *SHAPE) and result.images.dtype == torch.float32
     assert int(result.labels[0]) == int(y[0]) and result.diagnostics["label_source"] == "idlg"
-    assert psnr(result.images[0], x[0]) > 15.0
+    assert psnr(result.images[0], x[0]) > 30.0
     assert result.history[-1] < result.history[0]
+    assert 150 < result.diagnostics["evaluations"] < 150 + 10 * 20 * 25 + 2
+    # the published method (signed Adam alone, no refinement) stays far below on this budget
+    adam_only = inverting_gradients(model, grads, SHAPE, seed=0, max_steps=150, refine_steps=0)
+    assert psnr(adam_only.images[0], x[0]) < psnr(result.images[0], x[0]) - 10
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
@@ -70,10 +74,10 @@ def test_fedavg_two_step_update_is_replayed(setting):
     sim = simulate_local_update(model, params, x.double(), y, lr, 2, create_graph=False)
     assert float(cosine_distance(sim, [d.double() for d in delta]).detach()) < 1e-10
     update = Update(delta, kind="weight_delta", lr=lr, local_steps=2)
-    result = inverting_gradients(model, update, SHAPE, ThreatModel(labels=y), seed=0, max_steps=150)
+    result = inverting_gradients(model, update, SHAPE, ThreatModel(labels=y), seed=0, max_steps=100, refine_steps=5)
     assert result.diagnostics["replayed_local_steps"] == 2
     assert result.diagnostics["label_source"] == "granted"
-    assert psnr(result.images[0], x[0]) > 12.0
+    assert psnr(result.images[0], x[0]) > 35.0  # 46 dB measured (27 dB without the refinement)
 
 
 def test_bad_input_raises(setting):
