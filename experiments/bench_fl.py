@@ -45,7 +45,7 @@ def _rss(proc: psutil.Process) -> int:
 
 
 def run_one(mode: str, clients: int, rounds: int, out: Path, extra: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "experiments.run", "--mode", mode, "--clients", str(clients),
+    cmd = [sys.executable, "-m", "experiments.run", "--attack", "none", "--mode", mode, "--clients", str(clients),
            "--rounds", str(rounds), "--out", str(out), *extra]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
