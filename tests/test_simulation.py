@@ -38,7 +38,7 @@ def _capture(sent: dict, replies: list):
 
 
 def test_fedsgd_two_rounds_three_clients(tmp_path):
-    cfg = RunConfig(mode="fedsgd", num_clients=3, num_server_rounds=2, batch_size=4, out_dir=str(tmp_path),
+    cfg = RunConfig(mode="fedsgd", num_clients=3, num_server_rounds=2, batch_size=16, out_dir=str(tmp_path),
                     server_lr=0.05, fraction_evaluate=1.0)
     sent, replies, evaluated = {}, [], {}
     wrap = _capture(sent, replies)
@@ -68,7 +68,7 @@ def test_fedsgd_two_rounds_three_clients(tmp_path):
         for (name, _), g in zip(model.named_parameters(), expected):
             torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-7)
 
-    # The server stepped along the mean gradient (all batches have 4 images).
+    # The server stepped along the mean gradient (all batches have 16 images).
     for name, w in sent[2].items():
         mean = sum(g[name] for r, _, g in replies if r == 1) / 3
         torch.testing.assert_close(w, sent[1][name] - 0.05 * mean, rtol=1e-5, atol=1e-6)
