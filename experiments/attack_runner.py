@@ -139,6 +139,7 @@ class AttackRunner:
         observers: Sequence[str] = OBSERVERS,
         curious_client: int = 0,
         workers: int = 0,
+        defer: bool = False,
     ) -> None:
         unknown = set(observers) - set(OBSERVERS)
         if unknown:
@@ -167,6 +168,9 @@ class AttackRunner:
             ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=os.nice, initargs=(19,))
             if workers > 0 else None
         )
+        # Deferred: jobs wait in memory until training ends (close), so no attack shares the
+        # cores with a round; what a killed run had not attacked yet is lost.
+        self._deferred: list[AttackJob] | None = [] if defer else None
         self.submitted = 0  # jobs
         self.completed = 0
         self.on_row = None  # optional callback for progress display
@@ -243,12 +247,18 @@ class AttackRunner:
                             {k: v.clone() for k, v in weights.items()}, tuple(t.clone() for t in tensors), kind,
                             self.cfg.lr if kind == "weight_delta" else None, steps, int(batch_size),
                             seed=self.cfg.seed * 1000 + server_round)
-            if self._pool is None:
-                self._record(job, *run_job(job, self.cfg))
+            if self._deferred is not None:
+                self._deferred.append(job)
             else:
-                fut = self._pool.submit(run_job, job, self.cfg)
-                fut.add_done_callback(lambda f, job=job: self._done(job, f))
-                self._futures.append(fut)
+                self._run(job)
+
+    def _run(self, job: AttackJob) -> None:
+        if self._pool is None:
+            self._record(job, *run_job(job, self.cfg))
+        else:
+            fut = self._pool.submit(run_job, job, self.cfg)
+            fut.add_done_callback(lambda f, job=job: self._done(job, f))
+            self._futures.append(fut)
 
     def _done(self, job: AttackJob, fut: Future) -> None:
         try:
@@ -276,7 +286,12 @@ class AttackRunner:
         return sum(not f.done() for f in self._futures)
 
     def close(self, wait: bool = True) -> None:
-        """Wait for the jobs in flight (each one's rows land as it finishes), then stop."""
+        """Run the deferred jobs, wait for the jobs in flight (each one's rows land as it
+        finishes), then stop. ``wait=False`` drops what has not started."""
+        if self._deferred and wait:
+            jobs, self._deferred = self._deferred, []
+            for job in jobs:
+                self._run(job)
         if self._pool is not None:
             self._pool.shutdown(wait=wait, cancel_futures=not wait)
             self._pool = None

@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=256, help="images per client update (R-GAP blends batches > 1, "
                    "but does the same work)")
     p.add_argument("--model", default="cnn6")
+    p.add_argument("--defer", action="store_true", help="hold the attacks until training ends (--defer-attacks)")
     args = p.parse_args(argv)
     common = ["--mode", "fedsgd", "--batch-size", str(args.batch_size), "--model", args.model, "--init", "paper",
               "--clients", str(args.clients), "--rounds", str(args.rounds)]
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, extra in (
             ("honest", ["--attack", "none"]),
             ("intercepting", ["--attack", args.attack, "--observer", "server", "--attack-rounds", "all",
-                              "--attack-workers", str(args.workers)]),
+                              "--attack-workers", str(args.workers)] + (["--defer-attacks"] if args.defer else [])),
         ):
             out = Path(tmp) / name
             start = time.perf_counter()

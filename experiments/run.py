@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--curious-client", type=int, default=0, help="partition id of the curious client")
     a.add_argument("--attack-workers", type=int, default=1,
                    help="worker processes for the attacks (0: run inline, the round waits)")
+    a.add_argument("--defer-attacks", action="store_true",
+                   help="hold the attacks until training ends, so none shares the cores with a round")
     p.add_argument("--out", default=None, help="run folder (default: runs/<date>-<time>)")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     return p
@@ -183,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
 
         runner = AttackRunner(cfg, attacks, Path(out), rounds=args.attack_rounds, clients=args.attack_clients,
                               max_per_round=args.max_attacks_per_round, observers=observers,
-                              curious_client=args.curious_client, workers=args.attack_workers)
+                              curious_client=args.curious_client, workers=args.attack_workers,
+                              defer=args.defer_attacks)
     rows: list[dict] = []
     secagg_rows: list[dict] = []
     try:
