@@ -74,13 +74,19 @@ def match_batch(recon: Tensor, truth: Tensor) -> np.ndarray:
 
 
 def score_batch(
-    recon: Tensor, truth: Tensor, pred_labels: Tensor | None = None, true_labels: Tensor | None = None
+    recon: Tensor,
+    truth: Tensor,
+    pred_labels: Tensor | None = None,
+    true_labels: Tensor | None = None,
+    perm: np.ndarray | None = None,
 ) -> list[dict[str, float]]:
     """Per true image: ``mse``, ``psnr``, ``ssim`` of its matched reconstruction and, when
-    both label sets are given, ``label_correct`` (labels compared after the same matching)."""
+    both label sets are given, ``label_correct`` (labels compared after the same matching).
+    ``perm`` is the matching when the caller already has it (see :func:`match_batch`)."""
     if recon.dim() != 4 or truth.dim() != 4:
         raise ValueError("score_batch takes (B, C, H, W) batches")
-    perm = match_batch(recon, truth)
+    if perm is None:
+        perm = match_batch(recon, truth)
     rows = []
     for i, j in enumerate(perm):
         row = {"mse": mse(recon[j], truth[i]), "psnr": psnr(recon[j], truth[i]), "ssim": ssim(recon[j], truth[i])}

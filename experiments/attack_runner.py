@@ -101,13 +101,16 @@ def run_job(job: AttackJob, cfg: RunConfig) -> tuple[list[dict[str, Any]], dict[
         recon = torch.nan_to_num(res.images.detach().to(torch.float32), nan=0.5).clamp(0, 1)
         if recon.shape[0] != truth.shape[0]:
             raise ValueError(f"attack returned {recon.shape[0]} images for a batch of {truth.shape[0]}")
-        scores = score_batch(recon, truth, res.labels, labels)
         perm = match_batch(recon, truth)
+        scores = score_batch(recon, truth, res.labels, labels, perm=perm)
         seconds = time.perf_counter() - start
         rows = []
         for pid in job.targets:
             mine = [s for s, o in zip(scores, owners) if o == pid]
-            mean = lambda k: float(sum(s[k] for s in mine) / len(mine)) if all(k in s for s in mine) else math.nan  # noqa: E731
+
+            def mean(key: str, mine=mine) -> float:
+                return float(sum(s[key] for s in mine) / len(mine)) if all(key in s for s in mine) else math.nan
+
             psnr = mean("psnr") if all(math.isfinite(s["psnr"]) for s in mine) else max(s["psnr"] for s in mine)
             rows.append(_row(job, pid, psnr=psnr, ssim=mean("ssim"), mse=mean("mse"), label_acc=mean("label_correct"),
                              seconds=round(seconds, 3), status=res.status))
