@@ -31,25 +31,31 @@ from another draw. This implementation keeps the paper's optimiser and objective
 - *a long-memory L-BFGS* (``optimizer="compact"``, the default): the same quasi-Newton method,
   but with ``history_size=300`` curvature pairs instead of PyTorch's 100, held as matrices and
   applied in the compact form of Byrd, Nocedal and Schnabel (1994) so that the long memory costs
-  a few matrix-vector products instead of a Python loop, and with a strong-Wolfe line search
+  two passes over the stored pairs per iteration instead of a Python loop over them (about
+  1 ms against 3 ms for an objective evaluation), and with a strong-Wolfe line search
   (so the first steps do not throw the sigmoids into saturation). Measured on CIFAR-100, DLG's
   LeNet: ~40% fewer objective evaluations to reach the same gradient match than PyTorch's
   L-BFGS (history 100), and no blow-ups;
-- *the iDLG label as the start of the soft label* (``label_init="idlg"``, the default): the
-  label logits start at ``label_scale`` on the class that :func:`attacks.idlg.idlg_labels`
-  reads off the last layer (0 elsewhere) instead of a normal draw. The label is still
-  optimised jointly with the image (this is still DLG's objective); only the start is moved
-  into the right basin. A deviation from the paper: with a random soft label many starts
-  settle on a wrong label and have to be restarted.
+- *a start centred on the pixel range* (``image_mean=0.5, image_std=0.1``): the dummy image
+  is still a normal draw, but N(0.5, 0.1^2) instead of the paper's N(0, 1). Images live in
+  [0, 1]; from a standard-normal start most of the work is spent pulling the dummy into that
+  range. Measured on the 20 CIFAR-100 images of the benchmark (DLG's LeNet, all else equal): about
+  1,000 objective evaluations per image instead of about 2,100, and a higher PSNR at the same
+  ``tol`` (median 46.7 dB instead of 44.5 dB). ``image_mean=0, image_std=1`` gives the paper's
+  draw. The soft label keeps the paper's standard-normal draw (``label_init="random"``);
+  ``label_init="idlg"`` starts its logits at ``label_scale`` on the class that
+  :func:`attacks.idlg.idlg_labels` reads off the last layer instead (still optimised jointly).
+  From the standard-normal image start many random-label starts settled on a wrong label;
+  from the centred start none of the 20 did.
 
 ``tol`` (default ``1e-8``) is chosen from the relation between the relative objective and
-PSNR measured along L-BFGS runs on CIFAR-100 here: ``1e-7`` ~ 29-33 dB, ``1e-8`` ~ 39-46 dB,
-``5e-9`` ~ 43-58 dB (median 51 dB over 20 images), ``3e-9`` ~ 46-55 dB. PSNR grows roughly
-linearly with the evaluations spent, so every halving of ``tol`` costs ~10% more of them.
+PSNR measured along L-BFGS runs on CIFAR-100 here: ``1e-7`` ~ 29-33 dB, ``1e-8`` ~ 39-51 dB,
+``2e-8`` ~ 4-5 dB less than ``1e-8`` for 10% fewer evaluations; every halving of ``tol``
+costs ~10% more evaluations.
 
 ``FAITHFUL`` holds the options that give the original algorithm (``dlg(..., **FAITHFUL)``):
-PyTorch's L-BFGS without line search, history 100, a random soft label, float32, no restarts
-and no early stop.
+PyTorch's L-BFGS without line search, history 100, a standard-normal image and soft label,
+float32, no restarts and no early stop.
 """
 
 from __future__ import annotations
@@ -79,18 +85,37 @@ from .idlg import idlg_labels
 __all__ = ["dlg", "idlg", "gradient_distance", "FAITHFUL", "CompactLBFGS"]
 
 FAITHFUL = dict(
-    optimizer="torch", label_init="random", history_size=100, max_restarts=0, explode=math.inf,
-    stall_checks=None, tol=0.0, dtype=torch.float32,
+    optimizer="torch", label_init="random", image_mean=0.0, image_std=1.0, history_size=100, max_restarts=0,
+    explode=math.inf, stall_checks=None, tol=0.0, dtype=torch.float32,
 )
 
 
 
 def gradient_distance(dummy_grads: Sequence[Tensor], target_grads: Sequence[Tensor]) -> Tensor:
     """DLG's objective: the sum over layers of squared gradient differences."""
-    total = dummy_grads[0].new_zeros(())
-    for gd, gt in zip(dummy_grads, target_grads):
-        total = total + ((gd - gt) ** 2).sum()
-    return total
+    # mse_loss(sum) is one fused kernel each way: ~10% cheaper per evaluation than (d ** 2).sum()
+    return sum(F.mse_loss(gd, gt, reduction="sum") for gd, gt in zip(dummy_grads, target_grads))
+
+
+def _solve_rotated(sy: Tensor, rhs: Tensor, k: int, transpose: bool) -> Tensor:
+    """Solve ``R p = rhs`` (or ``R^T p = rhs``) where ``R`` is the upper triangle of ``sy``
+    (``s_i . y_j``) in chronological order, the slots being chronological from ``k`` round to
+    ``k - 1``; ``rhs`` and the result are in slot order. Only upper triangles are read."""
+    solve = torch.linalg.solve_triangular
+    if k == 0:
+        if transpose:
+            return solve(sy.T, rhs[:, None], upper=False)[:, 0]
+        return solve(sy, rhs[:, None], upper=True)[:, 0]
+    old, new = slice(k, None), slice(None, k)  # slots k.. were stored before slots ..k-1
+    r_oo, r_on, r_nn = sy[old, old], sy[old, new], sy[new, new]
+    out = torch.empty_like(rhs)
+    if transpose:  # [[R_oo^T, 0], [R_on^T, R_nn^T]]
+        out[old] = solve(r_oo.T, rhs[old, None], upper=False)[:, 0]
+        out[new] = solve(r_nn.T, (rhs[new] - r_on.T @ out[old])[:, None], upper=False)[:, 0]
+    else:  # [[R_oo, R_on], [0, R_nn]]
+        out[new] = solve(r_nn, rhs[new, None], upper=True)[:, 0]
+        out[old] = solve(r_oo, (rhs[old] - r_on @ out[new])[:, None], upper=True)[:, 0]
+    return out
 
 
 class CompactLBFGS:
@@ -98,13 +123,14 @@ class CompactLBFGS:
     1994) and PyTorch's strong-Wolfe line search.
 
     The search direction is the standard L-BFGS one, ``-H g`` with
-    ``H = gamma I + [S gamma Y] M [S gamma Y]^T``; ``S^T Y`` and ``Y^T Y`` are updated by one
-    row and column per iteration, so a memory of hundreds of pairs costs a few matrix-vector
-    products per iteration instead of a Python loop over the pairs (PyTorch's two-loop
-    recursion). Same interface as ``torch.optim.LBFGS``: ``step(closure)`` runs up to
-    ``max_iter`` iterations and returns the objective at the start of the step; ``closure``
-    returns the objective and leaves the gradient in each variable's ``.grad``.
-    ``evaluations`` counts closure calls.
+    ``H = gamma I + W^T M W``, ``W`` the stored pairs ``[S; Y]`` as rows. The Gram matrix
+    ``W W^T`` (which holds ``S^T Y`` and ``Y^T Y``) is kept up to date by one row and column
+    per iteration, so an iteration costs two passes over the memory (``W g`` for the new
+    gradient and ``W^T c`` for the direction; ``W s`` comes from the Gram matrix) instead of a
+    Python loop over the pairs (PyTorch's two-loop recursion). Same interface as
+    ``torch.optim.LBFGS``: ``step(closure)`` runs up to ``max_iter`` iterations and returns the
+    objective at the start of the step; ``closure`` returns the objective and leaves the
+    gradient in each variable's ``.grad``. ``evaluations`` counts closure calls.
     """
 
     def __init__(self, variables: Sequence[Tensor], history_size: int = 300, max_iter: int = 20, lr: float = 1.0,
@@ -115,15 +141,13 @@ class CompactLBFGS:
         dtype = self.variables[0].dtype
         m = self.m = int(history_size)
         self.W = torch.zeros(2 * m, n, dtype=memory_dtype or dtype)  # rows 0..m-1: s pairs, m..2m-1: y pairs
-        self.S, self.Y = self.W[:m], self.W[m:]
-        self.SY = torch.zeros(m, m, dtype=dtype)  # SY[i, j] = s_i . y_j (slots)
-        self.YY = torch.zeros(m, m, dtype=dtype)
-        self.order: list[int] = []  # slots, oldest first
+        self.gram = torch.zeros(2 * m, 2 * m, dtype=dtype)  # W W^T, by slot
+        self.order: list[int] = []  # filled slots, oldest first
         self.gamma = 1.0
         self.evaluations = 0
         self._f: float | None = None
         self._g: Tensor | None = None
-        self._wg_cache: Tensor | None = None
+        self._wg: Tensor | None = None  # W g for the current gradient
 
     def _flat(self) -> Tensor:
         return torch.cat([v.detach().reshape(-1) for v in self.variables])
@@ -143,67 +167,66 @@ class CompactLBFGS:
         grad = torch.cat([v.grad.reshape(-1) for v in self.variables])
         return value, grad
 
-    def _wg(self, g: Tensor) -> Tensor:
-        """``W @ g`` for the current gradient, cached (one pass over the memory)."""
-        if self._wg_cache is None:
-            self._wg_cache = (self.W @ g.to(self.W.dtype)).to(g.dtype)
-        return self._wg_cache
+    def _times_w(self, v: Tensor) -> Tensor:
+        return (self.W @ v.to(self.W.dtype)).to(v.dtype)
 
-    def _push(self, s: Tensor, g_old: Tensor, g_new: Tensor) -> None:
-        """Store the pair ``(s, y = g_new - g_old)``. One pass over the memory gives ``W s`` and
-        ``W g_new``; ``W y = W g_new - W g_old`` reuses the cached ``W g_old``."""
+    def _direction(self, g: Tensor, wg: Tensor) -> tuple[Tensor, Tensor]:
+        """The direction ``d = -H g`` and ``W d`` (from the Gram matrix, no pass over W).
+
+        Everything is computed in slot order; only the two triangular solves need the pairs in
+        chronological order, and the slots are always ``0..L-1`` or, once the memory is full,
+        that rotated to start at the oldest slot ``k``: the solves are done by blocks (slots
+        ``k..`` are older than slots ``..k-1``) on views, with no reordering copies."""
+        m, n_pairs = self.m, len(self.order)
+        coef = torch.zeros(2 * m, dtype=g.dtype)
+        if not n_pairs:
+            return -g, -wg
+        gam = self.gamma
+        k = self.order[0]
+        sy = self.gram[:n_pairs, m : m + n_pairs]  # s_i . y_j by slot
+        yy = self.gram[m : m + n_pairs, m : m + n_pairs]
+        a, b = wg[:n_pairs], wg[m : m + n_pairs]
+        p = _solve_rotated(sy, a, k, transpose=False)
+        w = torch.diagonal(sy) * p + gam * (yy @ p) - gam * b
+        u = _solve_rotated(sy, w, k, transpose=True)
+        coef[:n_pairs], coef[m : m + n_pairs] = u, -gam * p
+        d = -(gam * g + (coef.to(self.W.dtype) @ self.W).to(g.dtype))
+        return d, -(gam * wg + self.gram @ coef)
+
+    def _push(self, s: Tensor, ws: Tensor, g_new: Tensor, y: Tensor) -> Tensor:
+        """Store the pair ``(s, y)`` given ``W s``; return ``W g_new`` (one pass over W)."""
         m = self.m
-        y = g_new - g_old
-        wd = self.W.dtype
-        ws, wgn = (self.W @ s.to(wd)).to(s.dtype), (self.W @ g_new.to(wd)).to(s.dtype)
-        wy = wgn - self._wg(g_old)
-        self._wg_cache = wgn
-        sy = float(s @ y)
-        yy = float(y @ y)
+        wgn = self._times_w(g_new)
+        sy, yy = float(s @ y), float(y @ y)
         if not sy > 1e-10 * yy:  # no curvature information (or NaN): skip the pair
-            return
+            return wgn
+        wy = wgn - self._wg
         slot = len(self.order) if len(self.order) < m else self.order.pop(0)
-        self.S[slot], self.Y[slot] = s, y
-        # the entries of the overwritten slot refer to its old pair: set them for the new one
-        ws[m + slot], wy[slot], wy[m + slot] = sy, sy, yy
+        self.W[slot], self.W[m + slot] = s, y
+        # the entries of the overwritten slot referred to its old pair: set them for the new one
+        ws[slot], ws[m + slot], wy[slot], wy[m + slot] = float(s @ s), sy, sy, yy
+        self.gram[slot, :], self.gram[:, slot] = ws, ws
+        self.gram[m + slot, :], self.gram[:, m + slot] = wy, wy
         wgn[slot], wgn[m + slot] = float(s @ g_new), float(y @ g_new)
-        self.SY[slot, :] = ws[m:]
-        self.SY[:, slot] = wy[:m]
-        self.YY[slot, :], self.YY[:, slot] = wy[m:], wy[m:]
         self.order.append(slot)
         self.gamma = sy / yy
-
-    def _direction(self, g: Tensor) -> Tensor:
-        if not self.order:
-            return -g
-        m = self.m
-        idx = torch.tensor(self.order)  # filled slots, oldest first
-        SY, YY = self.SY[idx][:, idx], self.YY[idx][:, idx]
-        wg = self._wg(g)
-        a, b = wg[:m][idx], wg[m:][idx]
-        R = torch.triu(SY)
-        gam = self.gamma
-        p = torch.linalg.solve_triangular(R, a[:, None], upper=True)[:, 0]
-        w = torch.diagonal(SY) * p + gam * (YY @ p) - gam * b
-        u = torch.linalg.solve_triangular(R.T, w[:, None], upper=False)[:, 0]
-        coef = torch.zeros(2 * m, dtype=g.dtype)
-        coef[idx], coef[m + idx] = u, -gam * p  # back to slot order
-        return -(gam * g + (coef.to(self.W.dtype) @ self.W).to(g.dtype))
+        return wgn
 
     def step(self, closure) -> Tensor:
         x = self._flat()
         if self._f is None:
             self._f, self._g = self._evaluate(closure, x)
+            self._wg = self._times_w(self._g)
         start = self._f
         for _ in range(self.max_iter):
             f, g = self._f, self._g
             if not math.isfinite(f):
                 break
-            d = self._direction(g)
+            d, wd = self._direction(g, self._wg)
             gtd = float(g @ d)
             if not gtd < 0:  # not a descent direction: forget the memory
-                self.order = []  # (W g stays valid: empty slots are masked, not cleared)
-                d = -g
+                self.order = []
+                d, wd = self._direction(g, self._wg)
                 gtd = float(g @ d)
                 if not gtd < 0:
                     break
@@ -211,7 +234,7 @@ class CompactLBFGS:
             f_new, g_new, t, _ = _strong_wolfe(lambda x0, t0, d0: self._evaluate(closure, x0 + t0 * d0), x, t, d, f, g, gtd)
             s = t * d
             x = x + s
-            self._push(s, g, g_new)
+            self._wg = self._push(s, t * wd, g_new, g_new - g)
             self._f, self._g = float(f_new), g_new
             if float(s.abs().max()) <= 1e-12 or abs(float(f_new) - f) <= 1e-12 * abs(f):
                 break  # no more progress
@@ -243,8 +266,10 @@ def dlg(
     dtype: torch.dtype = torch.float64,
     optimizer: str = "compact",
     history_size: int = 300,
-    label_init: str = "idlg",
+    label_init: str = "random",
     label_scale: float = 5.0,
+    image_mean: float = 0.5,
+    image_std: float = 0.1,
     memory_dtype: torch.dtype | None = torch.float32,
     attack_name: str = "dlg",
 ) -> AttackResult:
@@ -263,9 +288,10 @@ def dlg(
     floor on the gradient match (about ``5e-9`` relative, ~45 dB).
     ``optimizer``: ``"compact"`` (long-memory L-BFGS with a strong-Wolfe line search,
     :class:`CompactLBFGS`) or ``"torch"`` (``torch.optim.LBFGS`` without line search, the
-    paper's); ``history_size``: curvature pairs kept. ``label_init``: ``"idlg"`` (soft-label
-    logits start at ``label_scale`` on the iDLG class) or ``"random"`` (a normal draw, the
-    paper's). ``FAITHFUL`` collects the options of the original algorithm.
+    paper's); ``history_size``: curvature pairs kept. ``label_init``: ``"random"`` (a
+    standard-normal draw, the paper's) or ``"idlg"`` (soft-label logits start at
+    ``label_scale`` on the iDLG class). ``image_mean``, ``image_std``: the dummy image's normal
+    draw (the paper's is 0, 1). ``FAITHFUL`` collects the options of the original algorithm.
     ``memory_dtype``: precision of the stored curvature pairs of ``"compact"`` (float32 halves
     the memory traffic of the direction, which is bandwidth-bound; the pairs' inner products on
     the diagonal stay in ``dtype``; the number of evaluations was unchanged in our runs).
@@ -337,7 +363,7 @@ def dlg(
     status = "not_converged"
 
     for attempt in range(max_restarts + 1):
-        x = torch.randn((batch, *shape), generator=gen).to(dtype).requires_grad_(True)
+        x = (image_mean + image_std * torch.randn((batch, *shape), generator=gen)).to(dtype).requires_grad_(True)
         lab = None
         if labels is None:
             lab = torch.randn((batch, outputs), generator=gen).to(dtype)

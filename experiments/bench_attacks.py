@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="paper: a logit for the CNN6 family (R-GAP), softmax otherwise")
     p.add_argument("--labels-known", action="store_true", help="grant the attacker the labels (R-GAP always has them)")
     p.add_argument("--max-steps", type=int, default=None, help="cap on the attack's optimisation steps")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the attack function (a Python literal), e.g. image_std=1.0; repeatable")
+    p.add_argument("--faithful", action="store_true",
+                   help="dlg/idlg: the original algorithm (attacks.dlg.FAITHFUL, 300 steps)")
     p.add_argument("--out", default=None, help="CSV with one row per image")
     return p
 
@@ -75,6 +79,40 @@ def _images(name: str, n: int):
     return data.train_x[:n].float() / 255, data.train_y[:n], data.num_classes, np.arange(n)
 
 
+def _options(args: argparse.Namespace) -> dict:
+    """The attack's keyword options from ``--faithful``, ``--max-steps`` and ``--option``."""
+    import ast
+
+    options: dict = {}
+    if args.faithful:
+        if args.attack not in ("dlg", "idlg"):
+            raise ValueError("--faithful applies to dlg and idlg only")
+        from attacks.dlg import FAITHFUL
+
+        options.update(FAITHFUL, max_steps=300)
+    if args.max_steps:
+        options["max_steps"] = args.max_steps
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--option takes KEY=VALUE, got {item!r}")
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"--option {key}: {value!r} is not a Python literal") from None
+    import inspect
+
+    from attacks import get_attack
+    from attacks.dlg import dlg
+
+    fn = dlg if args.attack == "idlg" else get_attack(args.attack)  # idlg passes its options to dlg
+    accepted = {n for n, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY} - {"seed"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(f"{args.attack} has no option {', '.join(unknown)} (options: {', '.join(sorted(accepted))})")
+    return options
+
+
 def main(argv: list[str] | None = None) -> int:
     from attacks import SUCCESS_PSNR, ThreatModel, get_attack, score_batch, training_loss
     from fl_sim.models import build_model
@@ -95,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("lenet has a softmax head only")
     model = build_model(args.model, tuple(x_all.shape[1:]), classes, init="paper", seed=args.seed, **kwargs).eval()
     attack = get_attack(args.attack)
-    options = {"max_steps": args.max_steps} if args.max_steps else {}
+    try:
+        options = _options(args)
+    except ValueError as exc:
+        parser.error(str(exc))
 
     rows: list[dict] = []
     out_file = open(args.out, "w", newline="") if args.out else None
@@ -103,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     if writer:
         writer.writeheader()
     print(f"{args.attack} on {args.model} ({head} head, paper init, seed {args.seed}), {args.data}: "
-          f"{len(x_all)} images in batches of {args.batch}", flush=True)
+          f"{len(x_all)} images in batches of {args.batch}"
+          + (f", options {', '.join(f'{k}={v}' for k, v in options.items())}" if options else ""), flush=True)
     for start in range(0, len(x_all), args.batch):
         x, y = x_all[start:start + args.batch], y_all[start:start + args.batch]
         with torch.no_grad():

@@ -58,8 +58,8 @@ def test_dlg_is_deterministic(setting):
     assert torch.equal(a.images, b.images) and a.history == b.history
 
 
-# The colleague's robust configuration on PyTorch's L-BFGS (random soft label, history 100).
-TORCH_ROBUST = dict(optimizer="torch", label_init="random", history_size=100, tol=2e-9,
+# Restarts on PyTorch's L-BFGS from the paper's start (standard-normal image and soft label).
+TORCH_ROBUST = dict(optimizer="torch", label_init="random", image_mean=0.0, image_std=1.0, history_size=100, tol=2e-9,
                     stall_checks=((25, 1e-2), (120, 1e-5)))
 
 
@@ -92,6 +92,37 @@ def test_compact_lbfgs_solves_a_quadratic():
         opt.step(closure)
     assert torch.allclose(v.detach(), torch.linalg.solve(a, b), atol=1e-4)
     assert opt.evaluations <= 220
+
+
+def test_compact_lbfgs_direction_is_the_two_loop_direction():
+    """After the memory has wrapped round, the compact form gives L-BFGS's two-loop direction."""
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(30, 30, generator=gen, dtype=torch.float64)
+    a = q @ q.T + 0.05 * torch.eye(30, dtype=torch.float64)
+    v = torch.randn(30, generator=gen, dtype=torch.float64).requires_grad_(True)
+    opt = CompactLBFGS([v], history_size=7, max_iter=13)
+
+    def closure():
+        value = 0.5 * v @ a @ v + (v**4).sum()  # not a quadratic: pairs keep changing
+        (v.grad,) = torch.autograd.grad(value, [v])
+        return value.detach()
+
+    opt.step(closure)
+    assert len(opt.order) == 7 and opt.order[0] != 0  # full, and rotated
+    g = opt._g
+    pairs = [(opt.W[i], opt.W[7 + i]) for i in opt.order]  # oldest first
+    q_vec, alphas = g.clone(), []
+    for s, y in reversed(pairs):
+        alpha = (s @ q_vec) / (s @ y)
+        q_vec -= alpha * y
+        alphas.append(alpha)
+    s, y = pairs[-1]
+    r = (s @ y) / (y @ y) * q_vec
+    for (s, y), alpha in zip(pairs, reversed(alphas)):
+        r += s * (alpha - (y @ r) / (s @ y))
+    d, wd = opt._direction(g, opt._wg)
+    assert torch.allclose(d, -r, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(wd, opt.W @ d, rtol=1e-9, atol=1e-9)
 
 
 def test_nan_objective_counts_as_divergence(setting):
