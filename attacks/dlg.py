@@ -68,7 +68,6 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.optim.lbfgs import _strong_wolfe
 
 from .base import (
     AttackResult,
@@ -82,7 +81,7 @@ from .base import (
 )
 from .idlg import idlg_labels
 
-__all__ = ["dlg", "idlg", "gradient_distance", "FAITHFUL", "CompactLBFGS"]
+__all__ = ["dlg", "idlg", "gradient_distance", "FAITHFUL", "CompactLBFGS", "strong_wolfe_search"]
 
 FAITHFUL = dict(
     optimizer="torch", label_init="random", image_mean=0.0, image_std=1.0, history_size=100, max_restarts=0,
@@ -95,6 +94,78 @@ def gradient_distance(dummy_grads: Sequence[Tensor], target_grads: Sequence[Tens
     """DLG's objective: the sum over layers of squared gradient differences."""
     # mse_loss(sum) is one fused kernel each way: ~10% cheaper per evaluation than (d ** 2).sum()
     return sum(F.mse_loss(gd, gt, reduction="sum") for gd, gt in zip(dummy_grads, target_grads))
+
+
+def _cubic_minimiser(t1: float, f1: float, d1: float, t2: float, f2: float, d2: float, lo: float, hi: float) -> float:
+    """Minimiser in ``[lo, hi]`` of the cubic through two points with values ``f`` and slopes
+    ``d`` (Nocedal and Wright, eq. 3.59); the middle of the interval when the cubic has none."""
+    if t1 == t2 or not all(map(math.isfinite, (f1, d1, f2, d2))):
+        return (lo + hi) / 2
+    e1 = d1 + d2 - 3 * (f1 - f2) / (t1 - t2)
+    disc = e1 * e1 - d1 * d2
+    if disc < 0:
+        return (lo + hi) / 2
+    e2 = math.copysign(math.sqrt(disc), t2 - t1)
+    denom = d2 - d1 + 2 * e2
+    if denom == 0:
+        return (lo + hi) / 2
+    t = t2 - (t2 - t1) * (d2 + e2 - e1) / denom
+    return min(max(t, lo), hi) if math.isfinite(t) else (lo + hi) / 2
+
+
+def strong_wolfe_search(evaluate, t: float, f0: float, slope0: float, c1: float = 1e-4, c2: float = 0.9,
+                        max_evals: int = 25, min_width: float = 1e-9):
+    """A step length ``t`` along a descent direction satisfying the strong Wolfe conditions
+    (Nocedal and Wright, "Numerical Optimization", algorithms 3.5 and 3.6, cubic
+    interpolation). ``evaluate(t)`` returns ``(f, g, slope)`` at ``t`` (``slope = g . d``);
+    ``f0``, ``slope0 < 0`` at ``t = 0``. Returns ``(t, f, g)`` of the accepted point, or of the
+    lowest point found if ``max_evals`` run out (``t = 0, g = None`` if none was lower);
+    a NaN or infinite value counts as too high, so the search backs off from it.
+    ``min_width``: stop zooming once the bracket is narrower than this (relative to ``t``).
+    """
+    sufficient = lambda t_, f_: f_ <= f0 + c1 * t_ * slope0  # noqa: E731 - False for NaN
+    curvature = lambda s_: abs(s_) <= -c2 * slope0  # noqa: E731
+    best = (0.0, f0, None)
+    prev = (0.0, f0, None, slope0)  # t, f, g, slope
+    evals = 0
+    bracket = None
+    while evals < max_evals:
+        f, g, s = evaluate(t)
+        evals += 1
+        if sufficient(t, f) and f < best[1]:
+            best = (t, f, g)
+        if not sufficient(t, f) or (evals > 1 and f >= prev[1]):
+            bracket = (prev, (t, f, g, s))  # (low end, high end)
+            break
+        if curvature(s):
+            return t, f, g
+        if s >= 0:
+            bracket = ((t, f, g, s), prev)
+            break
+        # still going down: extrapolate, at least a bit further, at most ten times as far
+        t_next = _cubic_minimiser(prev[0], prev[1], prev[3], t, f, s, t + 0.01 * (t - prev[0]), 10 * t)
+        prev, t = (t, f, g, s), t_next
+    if bracket is None:
+        return best
+    low, high = bracket
+    while evals < max_evals and abs(high[0] - low[0]) > min_width * max(abs(low[0]), abs(high[0]), 1e-300):
+        a, b = sorted((low[0], high[0]))
+        t = _cubic_minimiser(low[0], low[1], low[3], high[0], high[1], high[3], a, b)
+        if min(t - a, b - t) < 0.1 * (b - a):  # too close to an end: stay inside the bracket
+            t = a + 0.5 * (b - a) if not math.isfinite(high[1]) else min(max(t, a + 0.1 * (b - a)), b - 0.1 * (b - a))
+        f, g, s = evaluate(t)
+        evals += 1
+        if sufficient(t, f) and f < best[1]:
+            best = (t, f, g)
+        if not sufficient(t, f) or f >= low[1]:
+            high = (t, f, g, s)
+        else:
+            if curvature(s):
+                return t, f, g
+            if s * (high[0] - low[0]) >= 0:
+                high = low
+            low = (t, f, g, s)
+    return best
 
 
 def _solve_rotated(sy: Tensor, rhs: Tensor, k: int, transpose: bool) -> Tensor:
@@ -120,7 +191,7 @@ def _solve_rotated(sy: Tensor, rhs: Tensor, k: int, transpose: bool) -> Tensor:
 
 class CompactLBFGS:
     """L-BFGS with a long memory held as matrices (compact form, Byrd, Nocedal and Schnabel
-    1994) and PyTorch's strong-Wolfe line search.
+    1994) and a strong-Wolfe line search (:func:`strong_wolfe_search`).
 
     The search direction is the standard L-BFGS one, ``-H g`` with
     ``H = gamma I + W^T M W``, ``W`` the stored pairs ``[S; Y]`` as rows. The Gram matrix
@@ -166,6 +237,10 @@ class CompactLBFGS:
         self.evaluations += 1
         grad = torch.cat([v.grad.reshape(-1) for v in self.variables])
         return value, grad
+
+    def _along(self, closure, x: Tensor, d: Tensor, t: float) -> tuple[float, Tensor, float]:
+        f, g = self._evaluate(closure, x + t * d)
+        return f, g, float(g @ d)
 
     def _times_w(self, v: Tensor) -> Tensor:
         return (self.W @ v.to(self.W.dtype)).to(v.dtype)
@@ -231,7 +306,9 @@ class CompactLBFGS:
                 if not gtd < 0:
                     break
             t = self.lr if self.order else min(1.0, 1.0 / max(float(g.abs().sum()), 1e-300)) * self.lr
-            f_new, g_new, t, _ = _strong_wolfe(lambda x0, t0, d0: self._evaluate(closure, x0 + t0 * d0), x, t, d, f, g, gtd)
+            t, f_new, g_new = strong_wolfe_search(lambda t_: self._along(closure, x, d, t_), t, f, gtd)
+            if g_new is None:  # nothing lower along d
+                break
             s = t * d
             x = x + s
             self._wg = self._push(s, t * wd, g_new, g_new - g)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from attacks.base import ThreatModel, Update, training_loss
-from attacks.dlg import FAITHFUL, CompactLBFGS, dlg, idlg
+from attacks.dlg import FAITHFUL, CompactLBFGS, dlg, idlg, strong_wolfe_search
 from attacks.idlg import idlg_labels
 from attacks.metrics import psnr
 from fl_sim.models import build_model
@@ -123,6 +123,40 @@ def test_compact_lbfgs_direction_is_the_two_loop_direction():
     d, wd = opt._direction(g, opt._wg)
     assert torch.allclose(d, -r, rtol=1e-9, atol=1e-12)
     assert torch.allclose(wd, opt.W @ d, rtol=1e-9, atol=1e-9)
+
+
+def _phi(f):
+    """``evaluate`` for a 1-D function along d = 1: value, gradient (a tensor), slope."""
+    def evaluate(t):
+        t_ = torch.tensor(float(t), dtype=torch.float64, requires_grad=True)
+        value = f(t_)
+        (grad,) = torch.autograd.grad(value, [t_])
+        return float(value.detach()), grad.reshape(1), float(grad)
+    return evaluate
+
+
+@pytest.mark.parametrize("t0", [1e-3, 1.0, 50.0])
+def test_line_search_meets_the_strong_wolfe_conditions(t0):
+    f = lambda t: (t - 3.0) ** 2 + 0.1 * t**4 - 9.0  # noqa: E731
+    f0, _, slope0 = _phi(f)(0.0)
+    t, ft, g = strong_wolfe_search(_phi(f), t0, f0, slope0)
+    assert t > 0 and g is not None
+    assert ft <= f0 + 1e-4 * t * slope0  # sufficient decrease
+    assert abs(float(g)) <= 0.9 * abs(slope0)  # curvature
+
+
+def test_line_search_backs_off_from_nan():
+    f = lambda t: torch.where(t > 0.5, torch.full_like(t, math.nan), (t - 3.0) ** 2)  # noqa: E731
+    f0, _, slope0 = _phi(f)(0.0)
+    t, ft, g = strong_wolfe_search(_phi(f), 10.0, f0, slope0)
+    assert 0 < t <= 0.5 and math.isfinite(ft) and ft < f0 and g is not None
+
+
+def test_line_search_without_a_lower_point_returns_zero():
+    # a wrong slope at 0 (the function rises): nothing lower is found within the budget
+    f = lambda t: t**2  # noqa: E731
+    t, ft, g = strong_wolfe_search(_phi(f), 1.0, 0.0, -1.0, max_evals=10)
+    assert (t, ft, g) == (0.0, 0.0, None)
 
 
 def test_nan_objective_counts_as_divergence(setting):
