@@ -4,8 +4,10 @@ Threat model: the observer sees the weights a client started from and the client
 for one batch: its loss gradient (FedSGD), or a weight delta (a one-step delta is the
 gradient times ``-lr``; a multi-step delta is turned into its mean gradient, an
 approximation). Only the parameter server sees an individual client's update. The batch size
-is taken from ``threat`` (1 if not given). Labels may be granted (``threat.labels``), recovered
-analytically from the last layer (iDLG), or optimised jointly with the image (DLG).
+is taken from ``threat``, or estimated from the last layer's gradient when not granted
+(:func:`attacks.idlg.estimate_batch_size`, a lower bound: the distinct labels present).
+Labels may be granted (``threat.labels``), recovered analytically from the last layer
+(iDLG), or optimised jointly with the image (DLG).
 
 Paper's setting (Zhu, Liu and Han, "Deep Leakage from Gradients", NeurIPS 2019, and its code):
 a LeNet of three 5x5 sigmoid convolutions and one linear layer, every parameter drawn from
@@ -79,7 +81,7 @@ from .base import (
     num_outputs,
     training_loss,
 )
-from .idlg import idlg_labels
+from .idlg import batch_size_for, idlg_labels
 
 __all__ = ["dlg", "idlg", "gradient_distance", "FAITHFUL", "CompactLBFGS", "strong_wolfe_search"]
 
@@ -390,7 +392,7 @@ def dlg(
         raise ValueError(f"max_restarts must be >= 0, got {max_restarts}")
 
     outputs = num_outputs(model)
-    batch = threat.resolved_batch_size()
+    batch, batch_source = batch_size_for(model, target, threat)
     if threat.labels is not None:
         labels: Tensor | None = torch.as_tensor(threat.labels, dtype=torch.int64).reshape(-1)
         label_source = "granted"
@@ -538,6 +540,8 @@ def dlg(
             "final_objective": final,
             "relative_objective": final / scale if math.isfinite(final) else math.nan,
             "label_source": label_source,
+            "batch_size": batch,
+            "batch_size_source": batch_source,
             "update_kind": upd.kind,
             "approximate_update": upd.kind == "weight_delta" and upd.local_steps > 1,
             "parameters": names,

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from .base import Update, as_update, check_gradients
 
-__all__ = ["idlg_labels", "last_linear_gradients"]
+__all__ = ["idlg_labels", "last_linear_gradients", "estimate_batch_size", "batch_size_for"]
 
 
 def last_linear_gradients(model: nn.Module, gradients: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
@@ -114,3 +114,29 @@ def idlg_labels(
         # row-minimum (Yin et al.); scale so that the count estimate stays meaningful
         signal = signal / signal.abs().max().clamp_min(1e-30) / batch_size
     return torch.tensor(_fill_counts(signal, batch_size), dtype=torch.int64)
+
+
+def estimate_batch_size(model: nn.Module, gradients: Update | Sequence[Tensor]) -> int:
+    """A lower bound on the number of images behind a softmax cross-entropy gradient, for a
+    threat model that does not grant the batch size: the number of classes with a negative
+    last-layer signal (the bias gradient, else the row-minimum of the weight gradient), i.e.
+    the distinct labels present, under the module's assumptions (non-negative inputs to the
+    last layer, no class masked by confident mistakes). Images sharing a label are counted
+    once: the true batch size can be larger. 1 for a single-logit head (not identifiable)."""
+    grads = check_gradients(model, as_update(gradients).as_gradients())
+    w, b = last_linear_gradients(model, grads)
+    if w.shape[0] == 1:
+        return 1
+    signal = b if b is not None else w.min(dim=1).values
+    return max(1, int((signal < 0).sum()))
+
+
+def batch_size_for(model: nn.Module, gradients: Update | Sequence[Tensor], threat) -> tuple[int, str]:
+    """The batch size an attack works with and where it came from: ``"labels"`` (as many as
+    the granted labels), ``"granted"`` (``threat.batch_size``) or ``"estimated"``
+    (:func:`estimate_batch_size`)."""
+    if threat.labels is not None:
+        return int(torch.as_tensor(threat.labels).numel()), "labels"
+    if threat.batch_size is not None:
+        return int(threat.batch_size), "granted"
+    return estimate_batch_size(model, gradients), "estimated"

@@ -3,7 +3,7 @@
 Threat model: the observer (the parameter server) sees the weights a client started from and
 the client's update for one batch: its loss gradient (FedSGD), or its weight delta after
 ``local_steps`` local SGD steps of learning rate ``lr`` (FedAvg). The batch size comes from
-``threat``; labels are granted (``threat.labels``) or recovered from the last layer
+``threat`` or, when not granted, from :func:`attacks.idlg.estimate_batch_size`; labels are granted (``threat.labels``) or recovered from the last layer
 (:func:`attacks.idlg.idlg_labels`).
 
 Paper's setting: the objective is one minus the cosine similarity between the dummy's gradient
@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .base import AttackResult, ThreatModel, Update, as_update, check_gradients, check_input_shape, num_outputs, training_loss
-from .idlg import idlg_labels
+from .idlg import batch_size_for, idlg_labels
 
 __all__ = ["inverting_gradients", "cosine_distance", "total_variation", "simulate_local_update"]
 
@@ -131,7 +131,7 @@ def inverting_gradients(
     if replay and upd.kind != "weight_delta":
         raise ValueError("replay needs a weight_delta update (with its lr and local_steps)")
 
-    batch = threat.resolved_batch_size()
+    batch, batch_source = batch_size_for(model, upd, threat)
     if threat.labels is not None:
         labels = torch.as_tensor(threat.labels, dtype=torch.int64).reshape(-1)
         label_source = "granted"
@@ -235,6 +235,8 @@ def inverting_gradients(
             "restart_objectives": finals,
             "final_objective": final,
             "label_source": label_source,
+            "batch_size": batch,
+            "batch_size_source": batch_source,
             "replayed_local_steps": upd.local_steps if replay else 0,
             "update_kind": upd.kind,
         },

@@ -10,7 +10,7 @@ import torch
 
 from attacks.base import ThreatModel, Update, training_loss
 from attacks.dlg import FAITHFUL, CompactLBFGS, dlg, idlg, strong_wolfe_search
-from attacks.idlg import idlg_labels
+from attacks.idlg import estimate_batch_size, idlg_labels
 from attacks.metrics import psnr
 from fl_sim.models import build_model
 
@@ -215,6 +215,21 @@ def test_dlg_batch_of_two_runs(setting):
     grads = _gradient(model, x, torch.tensor([2, 5]))
     result = dlg(model, grads, SHAPE, ThreatModel(batch_size=2), seed=0, max_steps=2, max_restarts=0)
     assert result.images.shape == (2, *SHAPE) and result.labels.shape == (2,)
+
+
+def test_batch_size_estimated_when_not_granted(setting):
+    model, x1, y1, grads1 = setting
+    assert estimate_batch_size(model, grads1) == 1
+    x = torch.rand((2, *SHAPE), generator=torch.Generator().manual_seed(1))
+    grads = _gradient(model, x, torch.tensor([2, 5]))
+    assert estimate_batch_size(model, grads) == 2
+    # a shared label is counted once: the estimate is a lower bound
+    assert estimate_batch_size(model, _gradient(model, x, torch.tensor([5, 5]))) == 1
+    result = dlg(model, grads, SHAPE, ThreatModel(), seed=0, max_steps=1, max_restarts=0)
+    assert result.images.shape == (2, *SHAPE)
+    assert result.diagnostics["batch_size_source"] == "estimated" and result.diagnostics["batch_size"] == 2
+    granted = dlg(model, grads, SHAPE, ThreatModel(batch_size=3), seed=0, max_steps=1, max_restarts=0)
+    assert granted.images.shape == (3, *SHAPE) and granted.diagnostics["batch_size_source"] == "granted"
 
 
 def test_bad_updates_raise(setting):
