@@ -390,6 +390,8 @@ def dlg(
         raise ValueError(f"label_init must be 'idlg' or 'random', got {label_init!r}")
     if max_restarts < 0:
         raise ValueError(f"max_restarts must be >= 0, got {max_restarts}")
+    if not (math.isfinite(image_mean) and math.isfinite(image_std) and image_std > 0):
+        raise ValueError(f"image_mean must be finite and image_std > 0, got {image_mean}, {image_std}")
 
     outputs = num_outputs(model)
     batch, batch_source = batch_size_for(model, target, threat)

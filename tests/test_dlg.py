@@ -234,6 +234,8 @@ def test_batch_size_estimated_when_not_granted(setting):
 
 def test_bad_updates_raise(setting):
     model, _, _, grads = setting
+    with pytest.raises(ValueError, match="image_std > 0"):
+        dlg(model, grads, SHAPE, image_std=0.0)
     with pytest.raises(ValueError, match="tensors"):
         dlg(model, grads[:-1], SHAPE)
     wrong = list(grads)
