@@ -91,7 +91,6 @@ FAITHFUL = dict(
 )
 
 
-
 def gradient_distance(dummy_grads: Sequence[Tensor], target_grads: Sequence[Tensor]) -> Tensor:
     """DLG's objective: the sum over layers of squared gradient differences."""
     # mse_loss(sum) is one fused kernel each way: ~10% cheaper per evaluation than (d ** 2).sum()
@@ -255,9 +254,9 @@ class CompactLBFGS:
         that rotated to start at the oldest slot ``k``: the solves are done by blocks (slots
         ``k..`` are older than slots ``..k-1``) on views, with no reordering copies."""
         m, n_pairs = self.m, len(self.order)
-        coef = torch.zeros(2 * m, dtype=g.dtype)
         if not n_pairs:
             return -g, -wg
+        coef = torch.zeros(2 * m, dtype=g.dtype)
         gam = self.gamma
         k = self.order[0]
         sy = self.gram[:n_pairs, m : m + n_pairs]  # s_i . y_j by slot

@@ -41,7 +41,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import Update, as_update, check_gradients
+from .base import ThreatModel, Update, as_update, check_gradients
 
 __all__ = ["idlg_labels", "last_linear_gradients", "estimate_batch_size", "batch_size_for"]
 
@@ -131,12 +131,10 @@ def estimate_batch_size(model: nn.Module, gradients: Update | Sequence[Tensor]) 
     return max(1, int((signal < 0).sum()))
 
 
-def batch_size_for(model: nn.Module, gradients: Update | Sequence[Tensor], threat) -> tuple[int, str]:
+def batch_size_for(model: nn.Module, gradients: Update | Sequence[Tensor], threat: ThreatModel) -> tuple[int, str]:
     """The batch size an attack works with and where it came from: ``"labels"`` (as many as
     the granted labels), ``"granted"`` (``threat.batch_size``) or ``"estimated"``
     (:func:`estimate_batch_size`)."""
-    if threat.labels is not None:
-        return int(torch.as_tensor(threat.labels).numel()), "labels"
-    if threat.batch_size is not None:
-        return int(threat.batch_size), "granted"
-    return estimate_batch_size(model, gradients), "estimated"
+    if threat.labels is None and threat.batch_size is None:
+        return estimate_batch_size(model, gradients), "estimated"
+    return threat.resolved_batch_size(), "labels" if threat.labels is not None else "granted"

@@ -3,8 +3,8 @@
 Threat model: the observer (the parameter server) sees the weights a client started from and
 the client's update for one batch: its loss gradient (FedSGD), or its weight delta after
 ``local_steps`` local SGD steps of learning rate ``lr`` (FedAvg). The batch size comes from
-``threat`` or, when not granted, from :func:`attacks.idlg.estimate_batch_size`; labels are granted (``threat.labels``) or recovered from the last layer
-(:func:`attacks.idlg.idlg_labels`).
+``threat`` or, when not granted, from :func:`attacks.idlg.estimate_batch_size`; labels are
+granted (``threat.labels``) or recovered from the last layer (:func:`attacks.idlg.idlg_labels`).
 
 Paper's setting: the objective is one minus the cosine similarity between the dummy's gradient
 and the observed one, taken over the whole parameter vector (their code sums the inner products

@@ -15,7 +15,9 @@ image and the peak resident memory of the process.
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
+import inspect
 import math
 import resource
 import statistics
@@ -81,14 +83,13 @@ def _images(name: str, n: int):
 
 def _options(args: argparse.Namespace) -> dict:
     """The attack's keyword options from ``--faithful``, ``--max-steps`` and ``--option``."""
-    import ast
+    from attacks import get_attack
+    from attacks.dlg import FAITHFUL, dlg
 
     options: dict = {}
     if args.faithful:
         if args.attack not in ("dlg", "idlg"):
             raise ValueError("--faithful applies to dlg and idlg only")
-        from attacks.dlg import FAITHFUL
-
         options.update(FAITHFUL, max_steps=300)
     if args.max_steps:
         options["max_steps"] = args.max_steps
@@ -100,11 +101,6 @@ def _options(args: argparse.Namespace) -> dict:
             options[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             raise ValueError(f"--option {key}: {value!r} is not a Python literal") from None
-    import inspect
-
-    from attacks import get_attack
-    from attacks.dlg import dlg
-
     fn = dlg if args.attack == "idlg" else get_attack(args.attack)  # idlg passes its options to dlg
     accepted = {n for n, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY} - {"seed"}
     unknown = sorted(set(options) - accepted)
