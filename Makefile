@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) -m experiments.run $(ARGS)
+	$(PY) -m experiments.run --attack rgap $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q $(ARGS)

@@ -64,11 +64,16 @@ def label_accuracy(pred: Tensor | None, truth: Tensor) -> float:
 
 def match_batch(recon: Tensor, truth: Tensor) -> np.ndarray:
     """``perm`` such that ``recon[perm[i]]`` is the reconstruction matched to ``truth[i]``
-    (Hungarian assignment on pairwise MSE)."""
-    r, t = _pair(recon, truth)
+    (Hungarian assignment on pairwise MSE, one reconstruction per true image). An attack that
+    returned fewer images than the batch holds leaves some true images unmatched:
+    ``perm[i] = -1`` for them."""
+    r = torch.nan_to_num(torch.as_tensor(recon, dtype=torch.float64).detach().cpu(), nan=0.5).clamp(0, 1)
+    t = torch.as_tensor(truth, dtype=torch.float64).detach().cpu()
+    if r.shape[1:] != t.shape[1:]:
+        raise ValueError(f"reconstructions of shape {tuple(r.shape[1:])} cannot be matched to images of shape {tuple(t.shape[1:])}")
     cost = ((r.flatten(1)[None, :, :] - t.flatten(1)[:, None, :]) ** 2).mean(-1).numpy()
     rows, cols = linear_sum_assignment(cost)
-    perm = np.empty(len(rows), dtype=np.int64)
+    perm = np.full(len(t), -1, dtype=np.int64)
     perm[rows] = cols
     return perm
 
@@ -82,15 +87,20 @@ def score_batch(
 ) -> list[dict[str, float]]:
     """Per true image: ``mse``, ``psnr``, ``ssim`` of its matched reconstruction and, when
     both label sets are given, ``label_correct`` (labels compared after the same matching).
-    ``perm`` is the matching when the caller already has it (see :func:`match_batch`)."""
+    ``perm`` is the matching when the caller already has it (see :func:`match_batch`). A true
+    image left without a reconstruction (``perm[i] = -1``) is scored against a mid-grey image
+    (nothing reconstructed: a low score, never a credit) and its label counts as wrong."""
     if recon.dim() != 4 or truth.dim() != 4:
         raise ValueError("score_batch takes (B, C, H, W) batches")
     if perm is None:
         perm = match_batch(recon, truth)
     rows = []
     for i, j in enumerate(perm):
-        row = {"mse": mse(recon[j], truth[i]), "psnr": psnr(recon[j], truth[i]), "ssim": ssim(recon[j], truth[i])}
+        matched = j >= 0
+        image = recon[j] if matched else torch.full_like(torch.as_tensor(truth[i], dtype=torch.float32), 0.5)
+        row = {"mse": mse(image, truth[i]), "psnr": psnr(image, truth[i]), "ssim": ssim(image, truth[i])}
         if pred_labels is not None and true_labels is not None:
-            row["label_correct"] = float(int(torch.as_tensor(pred_labels).reshape(-1)[j]) == int(torch.as_tensor(true_labels).reshape(-1)[i]))
+            correct = matched and int(torch.as_tensor(pred_labels).reshape(-1)[j]) == int(torch.as_tensor(true_labels).reshape(-1)[i])
+            row["label_correct"] = float(correct)
         rows.append(row)
     return rows

@@ -1,25 +1,21 @@
 """The attack runner: between the federation (``fl_sim``) and the attacks (``attacks``).
 
-It turns what an observer saw into attack jobs, runs them (inline, or in worker processes so
-that a slow attack does not stall the rounds), scores each reconstruction against the true
-batch, which it rebuilds from (partition, round, seed) with ``fl_sim.task.client_batch``, so
-no ground truth ever travels in a client's message, and appends one row per (round, client,
-observer, attack) to ``results.csv`` as each job finishes.
-
-Observers:
-- ``server``: the parameter server; sees each client's individual update.
-- ``client``: a curious client (partition ``curious_client``); sees only the global model
-  before and after each round, i.e. the aggregate. It knows its own update, so it subtracts
-  it and attacks the mean update of the others.
-- ``secagg``: the server under SecAgg+; receives only the aggregate of all clients.
+It receives what the server's hooks intercept, turns it into observations with the pure
+functions of :mod:`experiments.observe` (which decide what each observer has and is
+granted), runs one attack job per (observation, attack) inline or in worker processes (so a
+slow attack does not stall the rounds), has the referee (:mod:`experiments.scoring`) score
+each reconstruction, and writes the rows with the one writer of results.csv
+(:mod:`experiments.results`) and the images under ``reconstructions/`` as each job finishes.
+A reply the server dropped becomes a row too (status ``missing`` or ``invalid``), and so does
+a job that an interrupted run never finished (``interrupted``): what finished is on disk,
+what did not says so.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
-import math
 import os
+import signal
 import threading
 import time
 import traceback
@@ -27,229 +23,203 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable
 
 import torch
 
 from fl_sim.config import RunConfig
+from fl_sim.intercepting_strategy import InterceptedUpdate, RoundAggregate
+from fl_sim.replies import DroppedReply
 
-__all__ = ["OBSERVERS", "RESULT_FIELDS", "AttackJob", "AttackRunner", "run_job"]
+from .observe import Observation, observe_curious_client, observe_secagg, observe_server
+from .plan import ExperimentPlan
+from .results import ResultsWriter, blank_row
+
+__all__ = ["AttackJob", "AttackRunner", "run_job", "RECONSTRUCTIONS"]
 
 log = logging.getLogger(__name__)
 
-OBSERVERS = ("server", "client", "secagg")
+RECONSTRUCTIONS = "reconstructions"  # the run folder's subfolder of per-job image files
 # R-GAP's weights-only rank analysis costs seconds per model and the rows keep only scores.
 RUN_OPTIONS: dict[str, dict[str, Any]] = {"rgap": {"rank": False}}
-RESULT_FIELDS = ["round", "client", "observer", "attack", "psnr", "ssim", "mse", "label_acc", "seconds", "status", "reason"]
 
 
 @dataclass(frozen=True)
 class AttackJob:
-    """One attack on one observed update."""
+    """One attack on one observation."""
 
-    server_round: int
-    observer: str
+    observation: Observation
     attack: str
-    targets: tuple[int, ...]  # partition ids whose batches the update mixes
-    weights: dict[str, torch.Tensor]  # the model the update was computed on
-    update: tuple[torch.Tensor, ...]  # in model.parameters() order
-    kind: str  # "gradient" or "weight_delta"
-    lr: float | None
-    local_steps: int
-    batch_size: int  # images in the update, granted to the attacker
     seed: int
 
-
-def _true_batch(cfg: RunConfig, targets: Sequence[int], server_round: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    from fl_sim.task import client_batch
-
-    xs, ys, owners = [], [], []
-    for pid in targets:
-        x, y = client_batch(cfg, pid, cfg.num_clients, server_round)
-        xs.append(x)
-        ys.append(y)
-        owners += [pid] * len(y)
-    return torch.cat(xs), torch.cat(ys), owners
+    @property
+    def name(self) -> str:
+        o = self.observation
+        return f"round{o.server_round:03d}-{o.observer}-{self.attack}-c{'_'.join(map(str, o.key.targets))}"
 
 
-def _row(job: AttackJob, client: int, **values: Any) -> dict[str, Any]:
-    row = {"round": job.server_round, "client": client, "observer": job.observer, "attack": job.attack,
-           "psnr": math.nan, "ssim": math.nan, "mse": math.nan, "label_acc": math.nan, "seconds": 0.0,
-           "status": "ok", "reason": ""}
-    row.update(values)
-    return row
+def _rows(job: AttackJob, **values: Any) -> list[dict[str, Any]]:
+    o = job.observation
+    g = o.grants
+    common = dict(labels_granted=g.labels, batch_size_granted=g.batch_size is not None,
+                  batch_size_source=g.batch_size_source, attribution=o.key.attribution)
+    return [blank_row(o.server_round, pid, o.observer, job.attack, **common, **values) for pid in o.key.targets]
 
 
 def run_job(job: AttackJob, cfg: RunConfig) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
-    """Run one job; never raises. Returns the rows (one per target client) and the images
-    (``truth``, ``recon`` matched to the truth's order, ``owners``) for the figures."""
-    from attacks import ThreatModel, Update, get_attack, match_batch, score_batch
-    from fl_sim.data import load_dataset
-    from fl_sim.models import build_model
+    """Run one job; never raises. Returns one row per target client and the images for the
+    figures (``truth``, ``recon`` in the truth's order, ``owners``, ``psnr`` per image)."""
+    from attacks import ThreatModel, get_attack
+    from fl_sim.task import model_with
+
+    from .scoring import score, true_batch
 
     torch.set_num_threads(1)
+    o = job.observation
     start = time.perf_counter()
     try:
-        truth, labels, owners = _true_batch(cfg, job.targets, job.server_round)
-        data = load_dataset(cfg.dataset, cfg.data_root)
-        model = build_model(cfg.model, data.input_shape, data.num_classes)
-        model.load_state_dict(job.weights)
-        update = Update(tensors=job.update, kind=job.kind, lr=job.lr, local_steps=job.local_steps)
-        attack = get_attack(job.attack)
-        res = attack(model, update, data.input_shape, ThreatModel(batch_size=job.batch_size), seed=job.seed,
-                     **RUN_OPTIONS.get(job.attack, {}))
-        recon = torch.nan_to_num(res.images.detach().to(torch.float32), nan=0.5).clamp(0, 1)
-        if recon.shape[0] != truth.shape[0]:
-            raise ValueError(f"attack returned {recon.shape[0]} images for a batch of {truth.shape[0]}")
-        perm = match_batch(recon, truth)
-        scores = score_batch(recon, truth, res.labels, labels, perm=perm)
-        seconds = time.perf_counter() - start
-        rows = []
-        for pid in job.targets:
-            mine = [s for s, o in zip(scores, owners) if o == pid]
-
-            def mean(key: str, mine=mine) -> float:
-                return float(sum(s[key] for s in mine) / len(mine)) if all(key in s for s in mine) else math.nan
-
-            psnr = mean("psnr") if all(math.isfinite(s["psnr"]) for s in mine) else max(s["psnr"] for s in mine)
-            rows.append(_row(job, pid, psnr=psnr, ssim=mean("ssim"), mse=mean("mse"), label_acc=mean("label_correct"),
-                             seconds=round(seconds, 3), status=res.status))
-        return rows, {"truth": truth, "recon": recon[torch.as_tensor(perm)], "owners": torch.as_tensor(owners)}
-    except Exception as exc:  # noqa: BLE001 - a failed attack is a row, and training goes on
-        reason = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300]
-        log.debug("attack %s failed: %s", job.attack, traceback.format_exc())
+        truth = true_batch(cfg, o.key, o.server_round)
+        data, model = model_with(cfg, o.weights)
+        threat = ThreatModel(labels=truth.labels.clone() if o.grants.labels else None, batch_size=o.grants.batch_size)
+        res = get_attack(job.attack)(model, o.update, data.input_shape, threat, seed=job.seed,
+                                     **RUN_OPTIONS.get(job.attack, {}))
+        clients, per_image, ordered = score(res.images, res.labels, truth)
         seconds = round(time.perf_counter() - start, 3)
-        return [_row(job, pid, status="error", reason=reason, seconds=seconds) for pid in job.targets], {}
+        by_client = {c.client: c for c in clients}
+        rows = []
+        for row in _rows(job, seconds=seconds, status=res.status, batch_size_used=int(res.images.shape[0])):
+            c = by_client[row["client"]]
+            row.update(psnr=c.psnr, ssim=c.ssim, mse=c.mse, label_acc=c.label_acc, images=c.images, recovered=c.recovered)
+            rows.append(row)
+        images = {"truth": truth.images, "recon": ordered, "owners": torch.tensor(truth.owners),
+                  "psnr": torch.tensor([r["psnr"] for r in per_image], dtype=torch.float64)}
+        return rows, images
+    except Exception as exc:  # noqa: BLE001 - a failed attack is a row, and training goes on
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        log.debug("attack %s failed: %s", job.attack, traceback.format_exc())
+        return _rows(job, status="error", reason=reason, seconds=round(time.perf_counter() - start, 3)), {}
+
+
+def _worker_init() -> None:
+    # Lowest CPU priority, so that training keeps the cores it needs; Ctrl-C is the main
+    # process's to handle (it stops the workers itself).
+    os.nice(19)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class AttackRunner:
-    """Collects intercepted updates, runs the attacks, writes ``results.csv`` and keeps the
-    images for the figures.
+    """Observes a run for the plan's observers and attacks what they see.
 
-    ``workers=0`` runs each job inline, in the hook (the round waits); ``workers>=1`` runs
-    them in that many spawned processes, off the round's critical path.
+    Hooks: ``on_update`` (every reply the server aggregated), ``on_aggregate`` (each round's
+    aggregate, for the curious client and the SecAgg+ server), ``on_dropped`` (a reply the
+    server did not aggregate). ``workers=0`` in the plan runs each job inline, in the hook
+    (the round waits); more runs them in that many spawned processes at the lowest priority.
+    ``close()`` runs what was deferred and waits; ``stop()`` abandons what has not finished
+    (rows with status ``interrupted``) and stops the workers.
     """
 
-    def __init__(
-        self,
-        cfg: RunConfig,
-        attacks: Sequence[str],
-        out_dir: Path,
-        *,
-        rounds: Sequence[int] | None = None,
-        clients: Sequence[int] | None = None,
-        max_per_round: int | None = None,
-        observers: Sequence[str] = OBSERVERS,
-        curious_client: int = 0,
-        workers: int = 0,
-        defer: bool = False,
-    ) -> None:
-        unknown = set(observers) - set(OBSERVERS)
-        if unknown:
-            raise ValueError(f"unknown observer {sorted(unknown)[0]!r}: choose from {', '.join(OBSERVERS)}")
-        self.cfg = cfg
-        self.observers = set(observers)
-        self.attacks = list(attacks)
-        self.rounds = set(rounds) if rounds else None
-        self.clients = set(clients) if clients else None
-        self.max_per_round = max_per_round
-        self.curious_client = curious_client
+    def __init__(self, plan: ExperimentPlan, out_dir: str | Path,
+                 on_row: Callable[[dict[str, Any]], None] | None = None) -> None:
+        from fl_sim.data import load_dataset
+        from fl_sim.models import build_model
+        from fl_sim.task import parameter_names
+
+        if plan.attack is None:
+            raise ValueError("an attack runner needs a plan with attacks")
+        self.plan = plan
+        self.cfg = plan.fed
+        self.attack = plan.attack
         self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.csv_path = self.out_dir / "results.csv"
-        if not self.csv_path.exists():
-            with self.csv_path.open("w", newline="") as f:
-                csv.writer(f).writerow(RESULT_FIELDS)
-        self.rows: list[dict[str, Any]] = []
-        self.images: list[tuple[AttackJob, dict[str, torch.Tensor]]] = []
+        self.recon_dir = self.out_dir / RECONSTRUCTIONS
+        self.recon_dir.mkdir(parents=True, exist_ok=True)
+        self.writer = ResultsWriter(self.out_dir / "results.csv")
+        self.on_row = on_row
+        data = load_dataset(self.cfg.dataset, self.cfg.data_root)
+        self.param_names = parameter_names(build_model(self.cfg.model, data.input_shape, data.num_classes))
         self._lock = threading.Lock()
-        self._futures: list[Future] = []
+        self._pending: dict[int, AttackJob] = {}  # id -> job submitted and not finished
         self._per_round: dict[tuple[int, str], int] = {}
-        self._own: dict[int, tuple[torch.Tensor, ...]] = {}  # the curious client's own updates
-        # Workers run at the lowest CPU priority so that training keeps the cores it needs.
+        self._own: dict[int, InterceptedUpdate] = {}  # the curious client's own updates, by round
+        self._stopping = False
         self._pool = (
-            ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=os.nice, initargs=(19,))
-            if workers > 0 else None
+            ProcessPoolExecutor(self.attack.workers, mp_context=get_context("spawn"), initializer=_worker_init)
+            if self.attack.workers > 0 else None
         )
         # Deferred: jobs wait in memory until training ends (close), so no attack shares the
-        # cores with a round; what a killed run had not attacked yet is lost.
-        self._deferred: list[AttackJob] | None = [] if defer else None
+        # cores with a round; if the run stops first they become "interrupted" rows.
+        self._deferred: list[AttackJob] | None = [] if self.attack.defer else None
         self.submitted = 0  # jobs
         self.completed = 0
-        self.on_row = None  # optional callback for progress display
 
-    # ---- hooks for the strategies --------------------------------------------------------
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return self.writer.rows
 
-    def on_update(self, update) -> None:
-        """Server observer: one client's individual update (``InterceptedUpdate``)."""
-        if update.partition_id == self.curious_client:
-            self._own[update.server_round] = self._as_update(update.sent, update.reply, update.kind)[0]
-        if "server" not in self.observers or not self._wanted(update.server_round, update.partition_id, "server"):
+    @property
+    def csv_path(self) -> Path:
+        return self.writer.path
+
+    # ---- hooks ---------------------------------------------------------------------------
+
+    def _grants(self) -> dict[str, Any]:
+        return {"grant_batch_size": self.attack.grant_batch_size, "grant_labels": self.attack.grant_labels}
+
+    def on_update(self, update: InterceptedUpdate) -> None:
+        """The server aggregated this client's reply."""
+        if update.partition_id == self.attack.curious_client:
+            self._own = {update.server_round: update}
+        if "server" in self.attack.observers and self._wanted(update.server_round, update.partition_id, "server"):
+            self._submit(observe_server(update, self.cfg, self.param_names, **self._grants()))
+
+    def on_aggregate(self, agg: RoundAggregate, observer: str) -> None:
+        """A round's aggregate, seen by ``observer`` (``client`` or ``secagg``)."""
+        if observer not in self.attack.observers or not self.attack.attacked(agg.server_round):
             return
-        tensors, kind = self._as_update(update.sent, update.reply, update.kind)
-        self._submit(update.server_round, "server", (update.partition_id,), update.sent, tensors, kind,
-                     batch_size=update.num_examples if kind == "gradient" else self.cfg.batch_size,
-                     steps=int(update.metrics.get("local-steps", 1)))
-
-    def on_aggregate(self, agg, observer: str = "client") -> None:
-        """Observers that see only the global model before and after a round
-        (``RoundAggregate``): the curious client, or the server under SecAgg+."""
-        if observer not in self.observers or (self.rounds is not None and agg.server_round not in self.rounds):
-            return
-        names = list(agg.before)
-        # The aggregate as a mean update: FedSGD's mean gradient, or FedAvg's mean weight delta.
-        if self.cfg.mode == "fedsgd":
-            mean = tuple((agg.before[k] - agg.after[k]) / self.cfg.server_lr for k in names)
-            kind = "gradient"
-        else:
-            mean = tuple(agg.after[k] - agg.before[k] for k in names)
-            kind = "weight_delta"
-        parts = list(agg.partition_ids) or list(range(self.cfg.num_clients))
-        weights = list(agg.num_examples) if agg.num_examples else [1] * len(parts)
-        targets = parts
         if observer == "client":
-            own = self._own.get(agg.server_round)
-            if self.curious_client not in parts or own is None:
-                log.warning("round %s: the curious client took no part; nothing to subtract", agg.server_round)
-            else:
-                i = parts.index(self.curious_client)
-                total, mine = float(sum(weights)), float(weights[i])
-                # mean of the others = (total * mean - mine * own) / (total - mine)
-                mean = tuple((total * m - mine * o) / (total - mine) for m, o in zip(mean, own))
-                targets = [p for p in parts if p != self.curious_client]
-        if self.clients is not None:
-            if not set(targets) & self.clients:
-                return
-        images = len(targets) * self.cfg.batch_size
-        steps = self.cfg.local_steps or 1
-        self._submit(agg.server_round, observer, tuple(targets), agg.before, mean, kind, batch_size=images, steps=steps)
+            obs = observe_curious_client(agg, self._own.get(agg.server_round), self.cfg, self.param_names,
+                                         curious_client=self.attack.curious_client, **self._grants())
+        else:
+            obs = observe_secagg(agg, self.cfg, self.param_names, **self._grants())
+        if isinstance(obs, str):
+            log.warning("round %s: the %s observer has nothing to attack: %s", agg.server_round, observer, obs)
+            others = [p for p in agg.partition_ids if p != self.attack.curious_client] or [-1]
+            self._record([blank_row(agg.server_round, p, observer, a, status="skipped", reason=obs)
+                          for p in others for a in self.attack.attacks])
+            return
+        if self.attack.clients is not None and not set(obs.key.targets) & self.attack.clients:
+            return
+        if self._count(agg.server_round, observer):
+            self._submit(obs)
 
-    # ---- internals ----------------------------------------------------------------------
+    def on_dropped(self, d: DroppedReply) -> None:
+        """A reply the server did not aggregate: in an attacked round, a row per server-side
+        attack saying so (nothing to attack)."""
+        if "server" not in self.attack.observers or not self.attack.attacked(d.server_round, d.partition_id):
+            return
+        status = "missing" if d.status == "missing" else "invalid"
+        self._record([blank_row(d.server_round, d.partition_id, "server", a, status=status,
+                                reason=f"node {d.node_id}: {d.status}: {d.reason}") for a in self.attack.attacks])
 
-    def _as_update(self, sent, reply, kind):
-        names = list(sent)
-        if kind == "gradient":
-            return tuple(reply[k] for k in names), "gradient"
-        return tuple(reply[k] - sent[k] for k in names), "weight_delta"
+    # ---- jobs ----------------------------------------------------------------------------
 
-    def _wanted(self, server_round: int, partition_id: int, observer: str) -> bool:
-        if self.rounds is not None and server_round not in self.rounds:
+    def _count(self, server_round: int, observer: str) -> bool:
+        key = (server_round, observer)
+        if self.attack.max_per_round and self._per_round.get(key, 0) >= self.attack.max_per_round:
             return False
-        if self.clients is not None and partition_id not in self.clients:
-            return False
-        if self.max_per_round is not None and self._per_round.get((server_round, observer), 0) >= self.max_per_round:
-            return False
+        self._per_round[key] = self._per_round.get(key, 0) + 1
         return True
 
-    def _submit(self, server_round, observer, targets, weights, tensors, kind, *, batch_size, steps) -> None:
-        key = (server_round, observer)
-        self._per_round[key] = self._per_round.get(key, 0) + 1
-        self.submitted += len(self.attacks)
-        for attack in self.attacks:
-            job = AttackJob(server_round, observer, attack, tuple(int(t) for t in targets),
-                            {k: v.clone() for k, v in weights.items()}, tuple(t.clone() for t in tensors), kind,
-                            self.cfg.lr if kind == "weight_delta" else None, steps, int(batch_size),
-                            seed=self.cfg.seed * 1000 + server_round)
+    def _wanted(self, server_round: int, partition_id: int, observer: str) -> bool:
+        return self.attack.attacked(server_round, partition_id) and self._count(server_round, observer)
+
+    def _submit(self, obs: Observation) -> None:
+        for attack in self.attack.attacks:
+            job = AttackJob(obs, attack, seed=self.cfg.seed * 1000 + obs.server_round)
+            with self._lock:
+                if self._stopping:
+                    continue
+                self.submitted += 1
+                self._pending[id(job)] = job
             if self._deferred is not None:
                 self._deferred.append(job)
             else:
@@ -257,44 +227,90 @@ class AttackRunner:
 
     def _run(self, job: AttackJob) -> None:
         if self._pool is None:
-            self._record(job, *run_job(job, self.cfg))
-        else:
+            self._finish(job, *run_job(job, self.cfg))
+            return
+        try:
             fut = self._pool.submit(run_job, job, self.cfg)
-            fut.add_done_callback(lambda f, job=job: self._done(job, f))
-            self._futures.append(fut)
+        except RuntimeError:  # the pool was shut down (stopping)
+            self._finish(job, _rows(job, status="interrupted", reason="the run stopped before this attack ran"), {})
+            return
+        fut.add_done_callback(lambda f, job=job: self._done(job, f))
 
     def _done(self, job: AttackJob, fut: Future) -> None:
-        try:
-            rows, images = fut.result()
-        except Exception as exc:  # noqa: BLE001 - the worker died: still a row
-            rows = [_row(job, pid, status="error", reason=f"worker failed: {type(exc).__name__}: {exc}"[:300]) for pid in job.targets]
-            images = {}
-        self._record(job, rows, images)
+        if self._stopping or fut.cancelled():
+            rows, images = _rows(job, status="interrupted", reason="the run stopped before this attack finished"), {}
+        else:
+            try:
+                rows, images = fut.result()
+            except Exception as exc:  # noqa: BLE001 - the worker died: still a row
+                rows, images = _rows(job, status="error", reason=f"worker failed: {type(exc).__name__}: {exc}"[:300]), {}
+        self._finish(job, rows, images)
 
-    def _record(self, job: AttackJob, rows: list[dict[str, Any]], images: dict[str, torch.Tensor]) -> None:
+    def _finish(self, job: AttackJob, rows: list[dict[str, Any]], images: dict[str, torch.Tensor]) -> None:
         with self._lock:
-            with self.csv_path.open("a", newline="") as f:
-                w = csv.DictWriter(f, RESULT_FIELDS)
-                for row in rows:
-                    w.writerow(row)
-            self.rows += rows
+            if self._pending.pop(id(job), None) is None:
+                return  # already recorded (interrupted)
             self.completed += 1
-            if images:
-                self.images.append((job, images))
+        if images:
+            torch.save({k: (v * 255).round().to(torch.uint8) if k in ("truth", "recon") else v for k, v in images.items()}
+                       | {"observer": job.observation.observer, "attack": job.attack, "round": job.observation.server_round},
+                       self.recon_dir / f"{job.name}.pt")
+        self._record(rows)
+
+    def _record(self, rows: list[dict[str, Any]]) -> None:
+        self.writer.write(rows)
         if self.on_row:
             for row in rows:
-                self.on_row(row)
+                try:
+                    self.on_row(row)
+                except Exception:  # noqa: BLE001 - progress display only
+                    log.debug("on_row failed", exc_info=True)
 
     def pending(self) -> int:
-        return sum(not f.done() for f in self._futures)
+        return len(self._pending)
 
-    def close(self, wait: bool = True) -> None:
-        """Run the deferred jobs, wait for the jobs in flight (each one's rows land as it
-        finishes), then stop. ``wait=False`` drops what has not started."""
-        if self._deferred and wait:
+    # ---- the end -------------------------------------------------------------------------
+
+    def close(self, stop: threading.Event | None = None) -> None:
+        """Run the deferred jobs, wait for every job in flight (each one's rows land as it
+        finishes), then stop the workers. If ``stop`` is set meanwhile, :meth:`stop` instead."""
+        stop = stop or threading.Event()
+        if self._deferred:
             jobs, self._deferred = self._deferred, []
-            for job in jobs:
+            for i, job in enumerate(jobs):
+                if stop.is_set():
+                    self._deferred = jobs[i:]
+                    break
                 self._run(job)
-        if self._pool is not None:
-            self._pool.shutdown(wait=wait, cancel_futures=not wait)
+        while self.pending() and not stop.wait(0.2):
+            pass
+        if stop.is_set():
+            self.stop()
+        elif self._pool is not None:
+            self._pool.shutdown(wait=True)
             self._pool = None
+
+    def stop(self) -> None:
+        """Abandon every job that has not finished (an ``interrupted`` row each) and stop the
+        worker processes now."""
+        with self._lock:
+            self._stopping = True
+            abandoned = list(self._pending.values())
+            self._pending.clear()
+        self._deferred = []
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            processes = list(getattr(pool, "_processes", {}).values())  # to stop the busy ones too
+            pool.shutdown(wait=False, cancel_futures=True)
+            for p in processes:
+                if p.is_alive():
+                    p.terminate()
+            for p in processes:
+                p.join(timeout=5)
+                if p.is_alive():
+                    p.kill()
+        rows = []
+        for job in abandoned:
+            rows += _rows(job, status="interrupted", reason="the run stopped before this attack finished")
+        if rows:
+            self._record(rows)

@@ -1,30 +1,35 @@
-"""Run the federation on Flower's deployment engine: a SuperLink and N SuperNodes as real
+"""Run an experiment plan on Flower's deployment engine: a SuperLink and N SuperNodes as real
 processes on 127.0.0.1, the app submitted with ``flwr run``, as docker-compose.yml does with
 containers.
 
-    python -m experiments.deploy                                  # 3 SuperNodes, R-GAP, 2 rounds
+    python -m experiments.deploy --attack rgap                    # 3 SuperNodes, R-GAP, 2 rounds
     python -m experiments.deploy --clients 4 --attack dlg --observers server,client
-    python -m experiments.deploy --kill-node 2 --kill-node-after-round 1   # fault injection
+    python -m experiments.deploy --attack rgap --kill-node 2 --kill-node-after-round 1   # a node dies
+    python -m experiments.deploy --attack rgap --faulty-client 1:nan   # a node sends NaN
     python -m experiments.deploy --tls                            # certificates from scripts/gen_certs.sh
     python -m experiments.deploy --superlink superlink:9093 ...   # submit to a running SuperLink only
 
-What it does: picks free ports (or ``--port``), starts ``flower-superlink`` (subprocess
-isolation: it starts the ServerApp itself) and one ``flower-supernode`` per client with its own
-``partition-id`` / ``num-partitions``, waits until every SuperNode is online, writes a private
-``FLWR_HOME/config.toml`` whose connection points at that SuperLink (the user's own Flower
-config is never touched), submits the app in this repository with ``flwr run``, and polls
-``flwr ls --run-id ID --format json`` until the run's status is ``finished:*`` (``--stream``'s
-exit code is not trusted). The run folder (``--out``) gets what the ServerApp writes
-(rounds.csv, results.csv, missing.csv, figures, summary.md), the processes' logs under
-``logs/`` and ``deploy.json`` (run id, final status, wall time, ports, fault). Every process
-started here is stopped at the end: on success, on error, on timeout and on Ctrl-C (SIGTERM,
+It takes the same plan flags as ``python -m experiments.run`` (one table, the same plan and
+rules: a plan refused there is refused here, before any process starts), plus the
+deployment's own. What it does: claims the run folder, picks free ports (or ``--port``),
+starts ``flower-superlink`` (subprocess isolation: it starts the ServerApp itself) and one
+``flower-supernode`` per client with its own ``partition-id`` / ``num-partitions``, waits
+until every SuperNode is online, writes a private ``FLWR_HOME/config.toml`` whose connection
+points at that SuperLink (the user's own Flower config is never touched), submits the app in
+this repository with ``flwr run`` and the whole plan as its run config, and polls ``flwr ls
+--run-id ID --format json`` until the run's status is ``finished:*`` (``--stream``'s exit
+code is not trusted). The run folder (``--out``) gets what the ServerApp writes (rounds.csv,
+dropped.csv, results.csv, figures, summary.md), the processes' logs under ``logs/`` and
+``deploy.json`` (run id, final status, wall time, ports, fault). Every process started here
+is stopped at the end: on success, on error, on timeout and on Ctrl-C or SIGTERM (SIGTERM,
 then SIGKILL after a bounded wait), including the SuperExec and app processes Flower spawns.
 
 Flower 1.42 serves the Fleet, Control and ServerApp runtime APIs over one HTTP port of the
 SuperLink (``--host`` / ``--port``); SuperNodes and the CLI both use it.
 
 Exit codes: 0 the run finished and completed; 1 it failed, was stopped or timed out, or a
-process died; 2 bad flags (one line on stderr); 130 interrupted.
+process died; 2 bad flags, data or run folder (one line on stderr); 130 / 143 interrupted by
+Ctrl-C / SIGTERM.
 """
 
 from __future__ import annotations
@@ -44,24 +49,29 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from .cli import Parser, add_plan_arguments, plan_from_args, say_error
+
 # The Flower app to submit: this repository (pyproject.toml with [tool.flwr.app]); when the
 # package is installed elsewhere (a container's site-packages), the working directory.
 ROOT = Path(__file__).resolve().parents[1]
 if not (ROOT / "pyproject.toml").exists():
     ROOT = Path.cwd()
-ATTACK_CHOICES = ("rgap", "dlg", "idlg", "ig", "none")
-OBSERVER_CHOICES = ("server", "client")
 CONNECTION = "deploy"  # the connection name in the private FLWR_HOME/config.toml
 QUIET_ENV = {"FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0"}  # no network calls
+DEFAULT_NODES = 3  # SuperNodes started when --clients is not given
+KILL_NODE_ROUND_TIMEOUT = 60.0  # seconds a round waits when a node is to be killed
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM; ``signum`` decides the exit code (128 + signum)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 class DeployError(RuntimeError):
     """A failure reported as one line; exit code 1."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not the usage block
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _positive(kind):
@@ -85,92 +95,50 @@ def _address(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         prog="python -m experiments.deploy",
         description="Start a SuperLink and N SuperNodes on 127.0.0.1, run the spying app with flwr run, "
                     "wait for it, collect the run folder, stop everything.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--clients", type=_positive(int), default=3, help="SuperNodes (one partition each)")
-    p.add_argument("--rounds", type=_positive(int), default=2, help="server rounds")
-    p.add_argument("--attack", default="rgap", help=f"comma list of {', '.join(ATTACK_CHOICES)}")
-    p.add_argument("--observers", default="server,client", help="comma list of server, client")
-    p.add_argument("--attack-rounds", default="1", help="rounds to attack: comma list or 'all'")
-    p.add_argument("--mode", choices=("fedsgd", "fedavg"), default=None,
-                   help="training mode (default: fedsgd with an attack, else the app's default)")
-    p.add_argument("--batch-size", type=_positive(int), default=None,
-                   help="batch size (default: 1 with an attack, else the app's default)")
-    p.add_argument("--min-clients", type=_positive(int), default=None,
-                   help="replies a round needs (default: all clients; clients-1 with --kill-node)")
-    p.add_argument("--round-timeout", type=_positive(float), default=None,
-                   help="seconds a round waits for replies (default: the app's; 60 with --kill-node)")
-    p.add_argument("--out", type=Path, default=None, help="run folder (default: runs/deploy-<date>-<time>)")
-    p.add_argument("--timeout", type=_positive(float), default=900.0,
-                   help="seconds for the whole run; then it is stopped and this exits 1")
-    p.add_argument("--kill-node", type=int, default=None, metavar="I",
+    add_plan_arguments(p, defaults={"num-clients": DEFAULT_NODES})
+    d = p.add_argument_group("the deployment")
+    d.add_argument("--out", type=Path, default=None, help="run folder (default: a new runs/deploy-<date>-<time>)")
+    how = d.add_mutually_exclusive_group()
+    how.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished round")
+    how.add_argument("--overwrite", action="store_true", help="empty the run folder --out first")
+    d.add_argument("--timeout", type=_positive(float), default=900.0,
+                   help="seconds for the whole run; then it is stopped and this exits 1 (default: 900)")
+    d.add_argument("--kill-node", type=int, default=None, metavar="I",
                    help="fault injection: SIGKILL the SuperNode of partition I ...")
-    p.add_argument("--kill-node-after-round", type=int, default=None, metavar="R",
-                   help="... as soon as round R has ended (its row is in rounds.csv)")
-    p.add_argument("--tls", action="store_true", help="TLS between SuperLink, SuperNodes and the CLI")
-    p.add_argument("--certs", type=Path, default=None,
+    d.add_argument("--kill-node-after-round", type=int, default=None, metavar="R",
+                   help=f"... as soon as round R has ended (its row is in rounds.csv); min-clients then defaults to "
+                        f"N-1 and round-timeout to {KILL_NODE_ROUND_TIMEOUT:.0f} s")
+    d.add_argument("--tls", action="store_true", help="TLS between SuperLink, SuperNodes and the CLI")
+    d.add_argument("--certs", type=Path, default=None,
                    help="with --tls: folder with ca.crt, server.pem, server.key (default: made by "
                         "scripts/gen_certs.sh in a temporary folder)")
-    p.add_argument("--port", type=int, default=None, help="SuperLink HTTP port (default: a free one)")
-    p.add_argument("--superlink", type=_address, default=None, metavar="HOST:PORT",
+    d.add_argument("--port", type=int, default=None, help="SuperLink HTTP port (default: a free one)")
+    d.add_argument("--superlink", type=_address, default=None, metavar="HOST:PORT",
                    help="submit to this running SuperLink instead of starting one (the compose submit job)")
-    p.add_argument("--run-config", action="append", default=[], metavar="'K=V ...'",
-                   help="more run-config overrides, Flower syntax, e.g. --run-config 'seed=1 dataset=\"mnist5k\"'")
-    p.add_argument("--poll", type=_positive(float), default=2.0, help="seconds between status polls")
+    d.add_argument("--run-config", action="append", default=[], metavar="'K=V ...'",
+                   help="more run-config settings, Flower syntax, e.g. --run-config 'seed=1 dataset=\"mnist5k\"'")
+    d.add_argument("--poll", type=_positive(float), default=2.0, help="seconds between status polls (default: 2)")
     return p
 
 
-def _app_config_keys() -> dict[str, Any]:
-    import tomllib
-
-    with (ROOT / "pyproject.toml").open("rb") as f:
-        return tomllib.load(f)["tool"]["flwr"]["app"]["config"]
-
-
-def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    """Check the flags (parser.error on a bad one) and return the run-config overrides."""
+def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """Check the flags and build the plan (parser.error or a one-line exit 2 on a bad one);
+    returns the plan and its folder (claimed and locked)."""
     from flwr.common.config import parse_config_args
 
-    attacks = [a.strip() for a in args.attack.split(",") if a.strip()]
-    bad = [a for a in attacks if a not in ATTACK_CHOICES]
-    if bad or not attacks or ("none" in attacks and len(attacks) > 1):
-        parser.error(f"--attack: {bad[0] if bad else args.attack!r} is not one of {', '.join(ATTACK_CHOICES)} (comma list)")
-    observers = [o.strip() for o in args.observers.split(",") if o.strip()]
-    bad = [o for o in observers if o not in OBSERVER_CHOICES]
-    if bad or not observers:
-        parser.error(f"--observers: {bad[0] if bad else args.observers!r} is not one of {', '.join(OBSERVER_CHOICES)}"
-                     " (secagg runs only under python -m experiments.run)")
-    if args.attack_rounds != "all":
-        try:
-            rounds = [int(r) for r in args.attack_rounds.split(",") if r.strip()]
-        except ValueError:
-            parser.error(f"--attack-rounds: expected a comma list of rounds or 'all', got {args.attack_rounds!r}")
-        if not rounds or any(r < 1 or r > args.rounds for r in rounds):
-            parser.error(f"--attack-rounds: rounds must lie in 1..{args.rounds}, got {args.attack_rounds!r}")
-    attacked = attacks != ["none"]
-    mode = args.mode or ("fedsgd" if attacked else None)
-    if attacked and mode != "fedsgd":
-        parser.error("--mode fedavg: attacks run on FedSGD updates; use --mode fedsgd or --attack none")
+    from fl_sim.data import DatasetError
+
+    from .cli import given
+    from .plan import ConfigError
+    from .run_folder import RunFolder, RunFolderError
+
     if (args.kill_node is None) != (args.kill_node_after_round is None):
         parser.error("--kill-node and --kill-node-after-round go together")
-    if args.kill_node is not None:
-        if args.superlink:
-            parser.error("--kill-node needs the SuperNodes started here, not --superlink")
-        if args.clients < 2:
-            parser.error("--kill-node needs --clients >= 2, so that someone is left")
-        if not 0 <= args.kill_node < args.clients:
-            parser.error(f"--kill-node: partition id must lie in 0..{args.clients - 1}, got {args.kill_node}")
-        if not 0 <= args.kill_node_after_round < args.rounds:
-            parser.error(f"--kill-node-after-round: must lie in 0..{args.rounds - 1} (a later round must follow), "
-                         f"got {args.kill_node_after_round}")
-    survivors = args.clients - (1 if args.kill_node is not None else 0)
-    min_clients = args.min_clients or survivors
-    if min_clients > survivors:
-        parser.error(f"--min-clients {min_clients}: only {survivors} SuperNode(s) will be left to reply")
     if args.port is not None and not 0 < args.port < 65536:
         parser.error(f"--port: not a port: {args.port}")
     if args.certs is not None and not args.tls:
@@ -180,48 +148,50 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[s
         missing = [n for n in needed if not (args.certs / n).is_file()]
         if missing:
             parser.error(f"--certs {args.certs}: missing {', '.join(missing)} (make them with scripts/gen_certs.sh)")
-
-    known = _app_config_keys()
-    extra: dict[str, Any] = {}
     try:
         extra = parse_config_args(args.run_config) if args.run_config else {}
     except Exception as exc:  # noqa: BLE001 - Flower's parser raises several kinds
         parser.error(f"--run-config: cannot parse: {exc}".splitlines()[0])
-    unknown = sorted(set(extra) - set(known))
-    if unknown:
-        parser.error(f"--run-config: unknown key {unknown[0]!r}: the keys are those of [tool.flwr.app.config]")
-
-    out = (args.out or ROOT / "runs" / f"deploy-{datetime.now():%Y%m%d-%H%M%S}").expanduser().absolute()
-    config: dict[str, Any] = {
-        "num-clients": args.clients,
-        "num-server-rounds": args.rounds,
-        "min-clients": min_clients,
-        "attack": ",".join(attacks),
-        "observers": ",".join(observers),
-        "attack-rounds": args.attack_rounds,
-        "out-dir": str(out),
-    }
-    if mode:
-        config["mode"] = mode
-    if args.batch_size or attacked:
-        config["batch-size"] = args.batch_size or 1
-    timeout = args.round_timeout or (60.0 if args.kill_node is not None else None)
-    if timeout:
-        config["round-timeout"] = float(timeout)
-    clash = sorted(set(extra) & set(config))
+    clash = sorted(set(extra) & set(given(args)))
     if clash:
-        parser.error(f"--run-config: {clash[0]!r} has its own flag here")
-    config.update(extra)
-    for key, value in config.items():  # the app's own check of types and values, before starting anything
-        if type(value) is not type(known[key]) and not (isinstance(known[key], float) and isinstance(value, int)):
-            parser.error(f"{key}: expected {type(known[key]).__name__}, got {value!r}")
+        parser.error(f"--run-config: {clash[0]!r} is set by a flag too")
+    if "out-dir" in extra or "resume" in extra:
+        parser.error("--run-config: use --out / --resume for the run folder")
+    flags = given(args)
+    clients = int(flags.get("num-clients", DEFAULT_NODES)) if str(flags.get("num-clients", "")).isdigit() else None
+    if args.kill_node is not None:
+        if args.superlink:
+            parser.error("--kill-node needs the SuperNodes started here, not --superlink")
+        if clients is None or clients < 2:
+            parser.error("--kill-node needs --clients >= 2, so that someone is left")
+        if not 0 <= args.kill_node < clients:
+            parser.error(f"--kill-node: partition id must lie in 0..{clients - 1}, got {args.kill_node}")
+        extra.setdefault("min-clients", flags.get("min-clients", clients - 1))
+        extra.setdefault("round-timeout", flags.get("round-timeout", KILL_NODE_ROUND_TIMEOUT))
+    mode = "resume" if args.resume else "overwrite" if args.overwrite else "new"
     try:
-        from fl_sim.config import RunConfig
+        base = _saved_config(args.out) if args.resume else {}
+        plan = plan_from_args(args, engine="deployment", base=base, extra={k: v for k, v in extra.items()
+                                                                          if k not in flags}, resume=args.resume)
+        c = plan.fed
+        if args.kill_node is not None:
+            if not 0 <= args.kill_node_after_round < c.num_server_rounds:
+                parser.error(f"--kill-node-after-round: must lie in 0..{c.num_server_rounds - 1} (a later round "
+                             f"must follow), got {args.kill_node_after_round}")
+            if min(c.min_clients, c.num_clients) > c.num_clients - 1:
+                parser.error(f"--min-clients {c.min_clients}: only {c.num_clients - 1} SuperNode(s) will be left to reply")
+        plan.check_data()
+        folder = RunFolder.claim(args.out, mode, plan.to_mapping(), default_prefix="deploy-")
+    except (ConfigError, DatasetError, RunFolderError) as exc:
+        raise SystemExit(say_error(parser.prog, exc)) from None
+    return plan.replace(out_dir=str(folder.path)), folder
 
-        RunConfig.from_mapping(config)
-    except ValueError as exc:
-        parser.error(str(exc))
-    return config
+
+def _saved_config(out: Path | None) -> dict:
+    try:
+        return json.loads((Path(out).expanduser() / "config.json").read_text()) if out else {}
+    except (OSError, ValueError):
+        return {}
 
 
 # ---- processes ------------------------------------------------------------------------------
@@ -414,10 +384,11 @@ def _rounds_done(out: Path) -> int:
     return done
 
 
-def deploy(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Any]:
+def deploy(args: argparse.Namespace, plan) -> dict[str, Any]:
     """Start (unless --superlink), submit, wait, collect. Returns the deploy record."""
-    out = Path(config["out-dir"])
-    out.mkdir(parents=True, exist_ok=True)
+    config = {**plan.to_mapping(), "resume": plan.resume}
+    out = Path(plan.fed.out_dir)
+    n_nodes = plan.fed.num_clients
     work = Path(tempfile.mkdtemp(prefix="fl-deploy-"))
     home = work / "flwr-home"
     env = {**os.environ, **QUIET_ENV, "FLWR_HOME": str(home),
@@ -425,7 +396,7 @@ def deploy(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Any]:
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("PYTHONPATH", None)
     topo = Topology(work, env)
-    record: dict[str, Any] = {"out": str(out), "clients": args.clients, "rounds": args.rounds, "tls": args.tls,
+    record: dict[str, Any] = {"out": str(out), "clients": n_nodes, "rounds": plan.fed.num_server_rounds, "tls": args.tls,
                               "run_id": None, "status": None, "killed": None, "run_config": config}
     t0 = time.monotonic()
     run_id = None
@@ -458,16 +429,16 @@ def deploy(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Any]:
             wait_port("127.0.0.1", port, 60.0, alive=lambda: topo.check_alive(["superlink"]))
             record["superlink"] = address
             record["supernode_ports"] = []
-            for i in range(args.clients):
+            for i in range(n_nodes):
                 node_port = free_port()
                 record["supernode_ports"].append(node_port)
                 topo.start(f"supernode-{i}", [
                     _cli_bin("flower-supernode"), *security_node, "--superlink",
                     address, "--isolation", "subprocess",
                     "--host", "127.0.0.1", "--port", str(node_port),
-                    "--node-config", f"partition-id={i} num-partitions={args.clients}",
+                    "--node-config", f"partition-id={i} num-partitions={n_nodes}",
                 ])
-            _say(f"SuperLink on {address}, {args.clients} SuperNodes starting")
+            _say(f"SuperLink on {address}, {n_nodes} SuperNodes starting")
         # Every SuperNode online before the run starts: with --kill-node, min-clients is
         # clients-1, and round 1 must not start without the node that is to die.
         wait_s = 90.0 if not args.superlink else min(args.timeout, 600.0)
@@ -476,10 +447,10 @@ def deploy(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Any]:
             topo.check_alive()
             nodes = flwr.json("supernode", "ls", CONNECTION).get("nodes", [])
             online = sum(n.get("status") == "online" for n in nodes)
-            if online >= args.clients:
+            if online >= n_nodes:
                 break
             if time.monotonic() > deadline:
-                raise DeployError(f"only {online} of {args.clients} SuperNodes came online within {wait_s:.0f}s")
+                raise DeployError(f"only {online} of {n_nodes} SuperNodes came online within {wait_s:.0f}s")
             time.sleep(1.0)
         _say(f"{online} SuperNodes online")
 
@@ -494,13 +465,13 @@ def deploy(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Any]:
         status, last_round = "pending", -1
         while True:
             if not args.superlink:
-                topo.check_alive(["superlink"] + [f"supernode-{i}" for i in range(args.clients) if i != args.kill_node
+                topo.check_alive(["superlink"] + [f"supernode-{i}" for i in range(n_nodes) if i != args.kill_node
                                                   or record["killed"] is None])
             done = _rounds_done(out)
             if done > last_round:
                 last_round = done
                 if done >= 1:
-                    _say(f"round {done}/{args.rounds} done")
+                    _say(f"round {done}/{plan.fed.num_server_rounds} done")
             if args.kill_node is not None and record["killed"] is None and done >= args.kill_node_after_round:
                 topo.kill(f"supernode-{args.kill_node}")
                 record["killed"] = {"partition": args.kill_node, "after_round": args.kill_node_after_round,
@@ -517,10 +488,13 @@ def deploy(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Any]:
             time.sleep(args.poll)
         record["status"] = status
         return record
-    except BaseException:
-        if run_id is not None and record.get("status") is None or record.get("status") == "timeout":
-            try:  # don't leave the run pending on a SuperLink that outlives us (--superlink)
-                flwr.json("stop", run_id, CONNECTION, timeout=20.0)
+    except BaseException as exc:
+        if isinstance(exc, Interrupted):
+            record["status"] = f"interrupted ({exc})"
+        if run_id is not None and args.superlink and (record.get("status") in (None, "timeout")
+                                                      or isinstance(exc, Interrupted)):
+            try:  # don't leave the run going on a SuperLink that outlives us
+                flwr.json("stop", run_id, CONNECTION, timeout=5.0)
             except Exception:  # noqa: BLE001
                 pass
         raise
@@ -537,20 +511,25 @@ def deploy(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    config = resolve(args, parser)
+    plan, folder = resolve(args, parser)
 
-    def _term(signum, frame):  # SIGTERM (docker stop, a test's timeout): clean up like Ctrl-C
-        raise KeyboardInterrupt
+    def _stop(signum, frame):  # Ctrl-C, SIGTERM (docker stop, a test's timeout): stop everything, in order
+        raise Interrupted(signum)
 
-    signal.signal(signal.SIGTERM, _term)
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        record = deploy(args, config)
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted; every process started here was stopped", file=sys.stderr)
-        return 130
+        with folder:
+            record = deploy(args, plan)
+    except Interrupted as exc:
+        print(f"{parser.prog}: interrupted ({exc}); every process started here was stopped; what finished is in "
+              f"{plan.fed.out_dir}", file=sys.stderr)
+        return 128 + exc.signum
     except DeployError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if record["status"] != "finished:completed":
         print(f"{parser.prog}: error: run {record['run_id']} ended {record['status']}"
               f" ({record.get('status_details') or 'no details'}); logs in {record['out']}/logs", file=sys.stderr)

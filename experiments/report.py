@@ -1,10 +1,16 @@
-"""Figures and tables of an attacked run: image grids, PSNR per round, summary.md."""
+"""Figures and tables of a run folder: image grids, PSNR per round, summary.md.
+
+Everything is drawn from the files in the folder (rounds.csv, dropped.csv, results.csv and
+the per-job image files under ``reconstructions/``), so a run that stopped early gets its
+report from what finished.
+"""
 
 from __future__ import annotations
 
+import csv
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping
 
 import matplotlib
 
@@ -16,60 +22,93 @@ from torchvision.utils import make_grid  # noqa: E402
 
 from attacks import SUCCESS_PSNR  # noqa: E402
 
+from .results import UNSCORED, read_results  # noqa: E402
+
 __all__ = ["summarise", "save_grids", "plot_per_round", "write_summary", "finish"]
+
+_ORDER = {"server": 0, "client": 1, "secagg": 2}
+_COLUMNS = ["observer", "attack", "n", "median_psnr", "median_ssim", "label_acc", "recovered", "images", "success",
+            "batch_size", "labels", "attribution", "errors", "unscored"]
 
 
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
-    """Per (observer, attack): rows, median PSNR / SSIM / label accuracy, success rate
-    (PSNR >= 30 dB), errors. Medians, not means: a mean hides failures."""
+    """Per (observer, attack): scored rows, median PSNR / SSIM, label accuracy (where labels
+    were not granted), images recovered at >= 30 dB out of all images scored (``success``),
+    what the attacker was granted, and the rows with no score (attack errors; replies that
+    never arrived or were refused, skipped or interrupted attacks). Medians, not means: a
+    mean hides failures."""
     if results.empty:
-        return pd.DataFrame(columns=["observer", "attack", "n", "median_psnr", "median_ssim", "label_acc", "success", "errors"])
+        return pd.DataFrame(columns=_COLUMNS)
     df = results.copy()
     df["psnr"] = pd.to_numeric(df["psnr"], errors="coerce").clip(upper=300.0)
-    g = df.groupby(["observer", "attack"], sort=False)
-    out = g.agg(
-        n=("psnr", "size"),
-        median_psnr=("psnr", "median"),
-        median_ssim=("ssim", "median"),
-        label_acc=("label_acc", "mean"),
-        success=("psnr", lambda p: float((p >= SUCCESS_PSNR).mean())),
-        errors=("status", lambda s: int((s == "error").sum())),
-    ).reset_index()
-    order = {"server": 0, "client": 1, "secagg": 2}
-    return out.sort_values(by=["attack", "observer"], key=lambda c: c.map(order) if c.name == "observer" else c).reset_index(drop=True)
+    out = []
+    for (observer, attack), g in df.groupby(["observer", "attack"], sort=False):
+        scored = g[~g["status"].isin(UNSCORED)]
+        images = int(pd.to_numeric(scored["images"], errors="coerce").fillna(0).sum())
+        recovered = int(pd.to_numeric(scored["recovered"], errors="coerce").fillna(0).sum())
+        free = scored[~scored["labels_granted"].astype(str).isin(["True", "true", "1"])]
+        out.append({
+            "observer": observer, "attack": attack, "n": len(scored),
+            "median_psnr": float(scored["psnr"].median()) if len(scored) else math.nan,
+            "median_ssim": float(pd.to_numeric(scored["ssim"], errors="coerce").median()) if len(scored) else math.nan,
+            "label_acc": float(pd.to_numeric(free["label_acc"], errors="coerce").mean()) if len(free) else math.nan,
+            "recovered": recovered, "images": images, "success": recovered / images if images else math.nan,
+            "batch_size": ", ".join(sorted({str(v) for v in scored["batch_size_source"].dropna()})) or "-",
+            "labels": "granted" if len(scored) and len(free) == 0 else "recovered",
+            "attribution": ", ".join(sorted({str(v) for v in scored["attribution"].dropna()})) or "-",
+            "errors": int((g["status"] == "error").sum()),
+            "unscored": int(g["status"].isin([s for s in UNSCORED if s != "error"]).sum()),
+        })
+    table = pd.DataFrame(out, columns=_COLUMNS)
+    return table.sort_values(by=["attack", "observer"], key=lambda c: c.map(_ORDER) if c.name == "observer" else c,
+                             ignore_index=True)
 
 
-def _tile(images: torch.Tensor) -> torch.Tensor:
+def _tile(images: torch.Tensor) -> Any:
     """(B, C, H, W) in [0, 1] -> one (H', W', 3) array for imshow."""
     grid = make_grid(images.clamp(0, 1), nrow=min(len(images), 8), padding=1, pad_value=1.0)
     return grid.permute(1, 2, 0).numpy()
 
 
-def save_grids(images: Sequence[tuple[Any, dict[str, torch.Tensor]]], results: pd.DataFrame, out_dir: Path) -> list[Path]:
+def _load_jobs(folder: Path) -> list[dict[str, Any]]:
+    jobs = []
+    for path in sorted((folder / "reconstructions").glob("*.pt")):
+        try:
+            job = torch.load(path)
+        except Exception:  # noqa: BLE001 - a file cut short by a kill: skip it
+            continue
+        job["truth"] = job["truth"].float() / 255
+        job["recon"] = job["recon"].float() / 255
+        jobs.append(job)
+    return jobs
+
+
+def save_grids(folder: Path) -> list[Path]:
     """One PNG per attacked round: a row per client, its true batch, then what each
-    (observer, attack) reconstructed of it, titled with the PSNR."""
-    out_dir = Path(out_dir)
+    (observer, attack) reconstructed of it, titled with the median PSNR of its images."""
+    folder = Path(folder)
+    jobs = _load_jobs(folder)
     paths = []
-    rounds = sorted({job.server_round for job, _ in images})
-    for r in rounds:
-        jobs = [(job, im) for job, im in images if job.server_round == r]
-        clients = sorted({int(o) for _, im in jobs for o in im["owners"].tolist()})
-        columns = sorted({(job.observer, job.attack) for job, _ in jobs}, key=lambda c: ({"server": 0, "client": 1, "secagg": 2}.get(c[0], 9), c[1]))
-        fig, axes = plt.subplots(len(clients), 1 + len(columns), figsize=(1.9 * (1 + len(columns)), 2.0 * len(clients)), squeeze=False)
+    for r in sorted({int(j["round"]) for j in jobs}):
+        mine = [j for j in jobs if int(j["round"]) == r]
+        clients = sorted({int(o) for j in mine for o in j["owners"].tolist()})
+        columns = sorted({(j["observer"], j["attack"]) for j in mine}, key=lambda c: (_ORDER.get(c[0], 9), c[1]))
+        fig, axes = plt.subplots(len(clients), 1 + len(columns), figsize=(1.9 * (1 + len(columns)), 2.0 * len(clients)),
+                                 squeeze=False)
         for i, pid in enumerate(clients):
             truth = None
-            for j, (observer, attack) in enumerate(columns):
-                ax = axes[i][j + 1]
+            for k, (observer, attack) in enumerate(columns):
+                ax = axes[i][k + 1]
                 ax.axis("off")
-                match = [im for job, im in jobs if (job.observer, job.attack) == (observer, attack) and pid in im["owners"].tolist()]
+                match = [j for j in mine if (j["observer"], j["attack"]) == (observer, attack) and pid in j["owners"].tolist()]
                 if not match:
-                    ax.set_title(f"{observer}/{attack}\n" + ("(its own data)" if observer == "client" else "(not attacked)"), fontsize=7)
+                    ax.set_title(f"{observer}/{attack}\n" + ("(its own data)" if observer == "client" else "(not attacked)"),
+                                 fontsize=7)
                     continue
-                mine = match[0]["owners"] == pid
-                truth = match[0]["truth"][mine]
-                ax.imshow(_tile(match[0]["recon"][mine]), cmap="gray")
-                sel = results[(results["round"] == r) & (results["client"] == pid) & (results["observer"] == observer) & (results["attack"] == attack)]
-                psnr = float(sel["psnr"].iloc[0]) if len(sel) else math.nan
+                sel = match[0]["owners"] == pid
+                truth = match[0]["truth"][sel]
+                ax.imshow(_tile(match[0]["recon"][sel]), cmap="gray")
+                psnr = match[0]["psnr"][sel].clamp(max=300).median().item()
                 ax.set_title(f"{observer}/{attack}\n{psnr:.1f} dB", fontsize=7)
             ax = axes[i][0]
             ax.axis("off")
@@ -78,7 +117,7 @@ def save_grids(images: Sequence[tuple[Any, dict[str, torch.Tensor]]], results: p
             ax.set_title(f"client {pid}\ntrue batch", fontsize=7)
         fig.suptitle(f"Round {r}: what each observer reconstructs", fontsize=9)
         fig.tight_layout()
-        path = out_dir / f"reconstructions_round{r}.png"
+        path = folder / f"reconstructions_round{r}.png"
         fig.savefig(path, dpi=120)
         plt.close(fig)
         paths.append(path)
@@ -87,15 +126,17 @@ def save_grids(images: Sequence[tuple[Any, dict[str, torch.Tensor]]], results: p
 
 def plot_per_round(results: pd.DataFrame, out_dir: Path) -> Path | None:
     """Median PSNR per round for each (observer, attack)."""
-    if results.empty:
+    df = results[~results["status"].isin(UNSCORED)].copy() if not results.empty else results
+    if df.empty:
         return None
-    df = results.copy()
     df["psnr"] = pd.to_numeric(df["psnr"], errors="coerce").clip(upper=150.0)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for (observer, attack), g in df.groupby(["observer", "attack"]):
         med = g.groupby("round")["psnr"].median()
         ax.plot(med.index, med.values, marker="o", label=f"{observer} / {attack}")
     ax.axhline(SUCCESS_PSNR, color="grey", linestyle="--", linewidth=0.8, label=f"{SUCCESS_PSNR:.0f} dB")
+    rounds = sorted(df["round"].unique())
+    ax.set_xticks(rounds if len(rounds) <= 12 else rounds[:: max(1, len(rounds) // 10)])
     ax.set_xlabel("round")
     ax.set_ylabel("median PSNR (dB)")
     ax.legend(fontsize=7)
@@ -106,38 +147,82 @@ def plot_per_round(results: pd.DataFrame, out_dir: Path) -> Path | None:
     return path
 
 
-def write_summary(results: pd.DataFrame, summary: pd.DataFrame, cfg: Any, out_dir: Path, figures: Sequence[Path]) -> Path:
+def _csv(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _num(text: str, fmt: str) -> str:
+    try:
+        return format(float(text), fmt)
+    except (TypeError, ValueError):
+        return "-"
+
+
+def write_summary(folder: Path, plan: Any, outcomes: Mapping[str, Any], results: pd.DataFrame, summary: pd.DataFrame,
+                  figures: list[Path]) -> Path:
+    folder = Path(folder)
+    c = plan.fed
     lines = [
-        "# Attacked run",
+        "# Run summary",
         "",
-        f"{cfg.mode} on {cfg.dataset}, model {cfg.model} (init {cfg.init}), {cfg.num_clients} clients, "
-        f"batch size {cfg.batch_size}, {cfg.num_server_rounds} rounds, seed {cfg.seed}.",
+        f"{c.mode} on {c.dataset}, model {c.model} (init {c.init}), {c.num_clients} clients, batch size {c.batch_size}, "
+        f"{c.num_server_rounds} rounds, {c.partition} partition, seed {c.seed}"
+        + (f", faulty clients {c.faulty_clients}" if c.faulty_clients else "") + ".",
         "",
-        f"Median over (round, client) rows; success = PSNR >= {SUCCESS_PSNR:.0f} dB.",
-        "",
-        "| observer | attack | rows | median PSNR (dB) | median SSIM | label acc | success | errors |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    for r in summary.itertuples():
-        lines.append(f"| {r.observer} | {r.attack} | {r.n} | {r.median_psnr:.2f} | {r.median_ssim:.3f} | "
-                     f"{r.label_acc:.2f} | {100 * r.success:.0f}% | {r.errors} |")
-    errs = results[results["status"] == "error"]
-    if len(errs):
-        lines += ["", "## Failed attacks", ""]
-        lines += [f"- round {e.round}, client {e.client}, {e.observer}/{e.attack}: {e.reason}" for e in errs.itertuples()]
-    lines += ["", "## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures]
-    path = Path(out_dir) / "summary.md"
+    for phase, o in outcomes.items():
+        lines.append(f"- {phase} federation: **{o.status}**" + (f" ({o.reason})" if o.reason else ""))
+    for name, sub in (("federation", folder), ("SecAgg+ federation", folder / "secagg")):
+        rows = _csv(sub / "rounds.csv")
+        if not rows:
+            continue
+        lines += ["", f"## Central evaluation of the {name}", "",
+                  "| round | test accuracy | test loss | replies aggregated | dropped |", "|---|---|---|---|---|"]
+        lines += [f"| {r['round']} | {_num(r['test_accuracy'], '.3f')} | {_num(r['test_loss'], '.4f')} | "
+                  f"{r.get('aggregated') or '-'} | {r.get('dropped') or '-'} |" for r in rows]
+        dropped = _csv(sub / "dropped.csv")
+        if dropped:
+            lines += ["", f"Replies of the {name} that were not aggregated:", ""]
+            lines += [f"- round {d['round']}, client {d['client']} (node {d['node_id']}): {d['status']}: {d['reason']}"
+                      for d in dropped]
+    if plan.attack is not None:
+        lines += [
+            "", "## What each observer reconstructs", "",
+            f"Median over the scored (round, client) rows; success = images at >= {SUCCESS_PSNR:.0f} dB. "
+            "Batch size: what the attacker was told (reply: the reply's num-examples; clear-counts: SecAgg+'s clear-text "
+            "counts; granted: beyond what it sees; none: estimated). Attribution post-hoc: matched to clients afterwards.",
+            "",
+            "| observer | attack | rows | median PSNR (dB) | median SSIM | label acc | recovered | batch size | labels | "
+            "attribution | errors | unscored |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in summary.itertuples():
+            lines.append(f"| {r.observer} | {r.attack} | {r.n} | {r.median_psnr:.2f} | {r.median_ssim:.3f} | "
+                         f"{r.label_acc:.2f} | {r.recovered}/{r.images} | {r.batch_size} | {r.labels} | "
+                         f"{r.attribution} | {r.errors} | {r.unscored} |")
+        unscored = results[results["status"].isin(UNSCORED)] if not results.empty else results
+        if len(unscored):
+            lines += ["", "## Rows with no score", ""]
+            lines += [f"- round {e.round}, client {e.client}, {e.observer}/{e.attack}: {e.status}: {e.reason}"
+                      for e in unscored.itertuples()]
+    if figures:
+        lines += ["", "## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures]
+    path = folder / "summary.md"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def finish(runner: Any, cfg: Any, out_dir: Path) -> tuple[pd.DataFrame, list[Path]]:
-    """After a run: read results.csv, draw the figures, write summary.md. Returns the summary
-    table and the figure paths."""
-    results = pd.read_csv(runner.csv_path)
+def finish(folder: str | Path, plan: Any, outcomes: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """Draw the figures and write summary.md from the files in ``folder``; returns the
+    observer x attack table (empty for a run without attacks)."""
+    folder = Path(folder)
+    results = read_results(folder / "results.csv")
     summary = summarise(results)
-    figures = save_grids(runner.images, results, out_dir)
-    per_round = plot_per_round(results, out_dir)
+    figures = save_grids(folder) if plan.attack is not None else []
+    per_round = plot_per_round(results, folder) if plan.attack is not None else None
     figures += [per_round] if per_round else []
-    write_summary(results, summary, cfg, out_dir, figures)
-    return summary, figures
+    write_summary(folder, plan, outcomes or {}, results, summary, figures)
+    return summary

@@ -7,15 +7,45 @@ clients in every train message, so client and server never disagree about the ru
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 from .data import DATASETS, PARTITIONS
 from .models import INITS, model_names
 
-__all__ = ["RunConfig", "MODES"]
+__all__ = ["RunConfig", "ConfigError", "MODES", "FAULTS", "parse_faults"]
 
 MODES = ("fedavg", "fedsgd")
+# What a client told to misbehave does in its train reply (fault injection, ``faulty-clients``):
+# NaN or Inf in its update, an array of the wrong shape, no reply before the round times out,
+# or an error reply (the ClientApp raises).
+FAULTS = ("nan", "inf", "shape", "silent", "error")
+
+
+class ConfigError(ValueError):
+    """A bad setting: ``key`` is the run-config key at fault (e.g. ``batch-size``), ``problem``
+    the one-line reason. Entry points name the key the way their user typed it."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+def parse_faults(text: str) -> dict[int, str]:
+    """``"1:nan,2:shape"`` -> ``{1: "nan", 2: "shape"}``; raises ``ConfigError`` naming the bad item."""
+    faults: dict[int, str] = {}
+    for item in (t.strip() for t in str(text).split(",")):
+        if not item:
+            continue
+        pid, sep, kind = item.partition(":")
+        if not sep or not pid.strip().isdigit() or kind.strip() not in FAULTS:
+            raise ConfigError("faulty-clients", f"expected ID:KIND with KIND one of {', '.join(FAULTS)}, got {item!r}")
+        if int(pid) in faults:
+            raise ConfigError("faulty-clients", f"client {int(pid)} is listed twice")
+        faults[int(pid)] = kind.strip()
+    return faults
 
 
 @dataclass(frozen=True)
@@ -40,7 +70,8 @@ class RunConfig:
     alpha: float = 0.5
     classes_per_client: int = 2
     seed: int = 0
-    out_dir: str = "runs/latest"
+    faulty_clients: str = ""
+    out_dir: str = ""  # the run folder; "" lets the entry point make a new one under runs/
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "RunConfig":
@@ -58,41 +89,64 @@ class RunConfig:
         return dataclasses.replace(self, **changes).validated()
 
     def validated(self) -> "RunConfig":
-        """Coerce types and check values; raises ``ValueError`` with a one-line reason."""
+        """Coerce types and check values; raises :class:`ConfigError` naming the key."""
         coerced = {}
         for f in fields(self):
             value = getattr(self, f.name)
             kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            key = f.name.replace("_", "-")
+            if kind is int and isinstance(value, float) and not value.is_integer():
+                raise ConfigError(key, f"must be an integer, got {value!r}")
+            if kind is not str and isinstance(value, bool):
+                raise ConfigError(key, f"must be {kind.__name__}, got {value!r}")
             try:
                 coerced[f.name] = kind(value)
-            except (TypeError, ValueError):
-                raise ValueError(f"{f.name.replace('_', '-')} must be {kind.__name__}, got {value!r}") from None
+            except (TypeError, ValueError, OverflowError):
+                raise ConfigError(key, f"must be {kind.__name__}, got {value!r}") from None
         c = dataclasses.replace(self, **coerced)
+
+        def bad(name: str, problem: str) -> ConfigError:
+            return ConfigError(name.replace("_", "-"), problem)
+
         if not (c.dataset in DATASETS or c.dataset.startswith("npz:")):
-            raise ValueError(f"unknown dataset {c.dataset!r}: choose one of {', '.join(DATASETS)} or npz:PATH")
+            raise bad("dataset", f"unknown dataset {c.dataset!r}: choose one of {', '.join(DATASETS)} or npz:PATH")
         if c.model not in model_names():
-            raise ValueError(f"unknown model {c.model!r}: choose one of {', '.join(model_names())}")
+            raise bad("model", f"unknown model {c.model!r}: choose one of {', '.join(model_names())}")
         if c.init not in INITS:
-            raise ValueError(f"unknown init {c.init!r}: choose one of {', '.join(INITS)}")
+            raise bad("init", f"unknown init {c.init!r}: choose one of {', '.join(INITS)}")
         if c.mode not in MODES:
-            raise ValueError(f"unknown mode {c.mode!r}: choose one of {', '.join(MODES)}")
+            raise bad("mode", f"unknown mode {c.mode!r}: choose one of {', '.join(MODES)}")
         if c.partition not in PARTITIONS:
-            raise ValueError(f"unknown partition {c.partition!r}: choose one of {', '.join(PARTITIONS)}")
-        for name in ("num_clients", "num_server_rounds", "batch_size", "local_epochs", "min_clients"):
+            raise bad("partition", f"unknown partition {c.partition!r}: choose one of {', '.join(PARTITIONS)}")
+        for name in ("num_clients", "num_server_rounds", "batch_size", "local_epochs", "min_clients", "classes_per_client"):
             if getattr(c, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
-        if c.local_steps < 0:
-            raise ValueError(f"local-steps must be >= 0, got {c.local_steps}")
-        for name in ("lr", "server_lr", "alpha"):
-            if not getattr(c, name) > 0:
-                raise ValueError(f"{name.replace('_', '-')} must be > 0, got {getattr(c, name)}")
+                raise bad(name, f"must be >= 1, got {getattr(c, name)}")
+        for name in ("local_steps", "seed"):
+            if getattr(c, name) < 0:
+                raise bad(name, f"must be >= 0, got {getattr(c, name)}")
+        for name in ("lr", "server_lr", "alpha", "round_timeout"):
+            value = getattr(c, name)
+            if not (math.isfinite(value) and value > 0):
+                raise bad(name, f"must be a finite number > 0, got {value}")
         if not 0 < c.fraction_train <= 1:
-            raise ValueError(f"fraction-train must be in (0, 1], got {c.fraction_train}")
+            raise bad("fraction_train", f"must be in (0, 1], got {c.fraction_train}")
         if not 0 <= c.fraction_evaluate <= 1:
-            raise ValueError(f"fraction-evaluate must be in [0, 1], got {c.fraction_evaluate}")
-        if not c.round_timeout > 0:
-            raise ValueError(f"round-timeout must be > 0, got {c.round_timeout}")
+            raise bad("fraction_evaluate", f"must be in [0, 1], got {c.fraction_evaluate}")
+        bad_ids = [pid for pid in parse_faults(c.faulty_clients) if pid >= c.num_clients]
+        if bad_ids:
+            raise bad("faulty_clients", f"client {bad_ids[0]} is not a partition id (0..{c.num_clients - 1})")
         return c
+
+    @property
+    def faults(self) -> dict[int, str]:
+        """Fault injection: partition id -> what that client does wrong (see ``FAULTS``)."""
+        return parse_faults(self.faulty_clients)
+
+    def clients_per_round(self) -> int:
+        """How many clients the server samples each round when all are online (Flower's
+        FedAvg: ``max(int(N * fraction_train), min_clients)``, at most N)."""
+        least = min(self.min_clients, self.num_clients)
+        return min(self.num_clients, max(int(self.num_clients * self.fraction_train), least))
 
     def to_flower(self) -> dict[str, Any]:
         """Flower-style keys, for a ConfigRecord."""

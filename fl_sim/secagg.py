@@ -46,12 +46,10 @@ Quantisation and clipping caveat
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from collections import OrderedDict
+import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -79,11 +77,14 @@ from flwr.serverapp import Grid, ServerApp
 
 from .config import RunConfig
 from .data import load_dataset
+from .faults import spoil
 from .intercepting_strategy import RoundAggregate
 from .models import build_model
-from .server_app import RoundLog
-from .simulation import backend_config
-from .task import batch_gradient, client_batch, evaluate
+from .replies import DroppedReply
+from .server_app import FederationLog, StoppableGrid
+from .simulation import run_apps
+from .strategy import RoundFailed
+from .task import batch_gradient, client_batch, evaluate, model_with, node_partition, parameter_names
 
 __all__ = [
     "SecAggSettings",
@@ -92,6 +93,7 @@ __all__ = [
     "client_app",
     "SecAggFedSGD",
     "make_secagg_server_app",
+    "serve_secagg",
     "simulate_secagg",
     "LOSS_MAX",
 ]
@@ -183,54 +185,51 @@ def secagg_settings(cfg: RunConfig, *, clipping_range: float = 8.0) -> SecAggSet
 class SecAggFedSGDClient(NumPyClient):
     """FedSGD client for the legacy path: replies with one batch's gradient.
 
-    ``fit`` returns the gradient (numpy, in ``model.state_dict()`` order) followed by one
-    array ``[loss * loss_scale]``, ``num_examples`` = batch size, and metrics holding only the
-    partition id. ``secaggplus_mod`` masks everything in the parameters before it leaves.
+    ``fit`` returns the gradient (numpy, in ``model.state_dict()`` order, zeros for entries
+    that are not parameters) followed by one array ``[loss * loss_scale]``, ``num_examples`` =
+    batch size, and metrics holding only the partition id. ``secaggplus_mod`` masks everything
+    in the parameters before it leaves. A client named in ``faulty-clients`` spoils its
+    arrays before masking (:func:`fl_sim.faults.spoil`), as the Message-API client does.
     """
 
-    def __init__(self, partition_id: int, num_partitions: int) -> None:
-        self.partition_id = partition_id
-        self.num_partitions = num_partitions
+    def __init__(self, node_config) -> None:
+        self.node_config = dict(node_config)
 
     def _model(self, parameters: NDArrays, config: dict[str, Scalar]):
         torch.set_num_threads(1)  # simulated clients share the machine's cores
         cfg = RunConfig.from_mapping(dict(config))
-        data = load_dataset(cfg.dataset, cfg.data_root)
-        model = build_model(cfg.model, data.input_shape, data.num_classes)
-        keys = list(model.state_dict())
-        if len(keys) != len(parameters):
-            raise ValueError(f"server sent {len(parameters)} arrays for a model with {len(keys)} entries")
-        model.load_state_dict(OrderedDict((k, torch.as_tensor(np.asarray(a))) for k, a in zip(keys, parameters)))
-        return cfg, data, model
+        pid = node_partition(cfg, self.node_config)
+        data, model = model_with(cfg, [torch.as_tensor(np.asarray(a)) for a in parameters])
+        return cfg, pid, data, model
 
     def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
-        cfg, _, model = self._model(parameters, config)
+        cfg, pid, _, model = self._model(parameters, config)
         if cfg.mode != "fedsgd":
             raise ValueError(f"the SecAgg+ client does FedSGD only, got mode {cfg.mode!r}")
         server_round = int(config["server-round"])
-        images, labels = client_batch(cfg, self.partition_id, self.num_partitions, server_round)
+        images, labels = client_batch(cfg, pid, cfg.num_clients, server_round)
         grads, loss = batch_gradient(model, images, labels)
-        by_name = dict(zip((name for name, _ in model.named_parameters()), grads))
+        by_name = dict(zip(parameter_names(model), grads))
         arrays = [
             # float64: SecAgg+ quantises in the arrays' dtype, and float32 cannot resolve 2**28 levels
             (by_name[k] if k in by_name else torch.zeros_like(v)).detach().cpu().double().numpy()
             for k, v in model.state_dict().items()
         ]
         arrays.append(np.array([loss * float(config[LOSS_SCALE_KEY])], dtype=np.float64))
-        return arrays, len(labels), {"partition-id": self.partition_id}
+        if pid in cfg.faults:
+            arrays = spoil(arrays, cfg.faults[pid], cfg.round_timeout)
+        return arrays, len(labels), {"partition-id": pid}
 
     def evaluate(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
         """Federated evaluation on the node's share of the test split (as ``fl_sim.client_app``)."""
-        _, data, model = self._model(parameters, config)
-        share = torch.arange(self.partition_id, len(data.test_y), self.num_partitions)
+        cfg, pid, data, model = self._model(parameters, config)
+        share = torch.arange(pid, len(data.test_y), cfg.num_clients)
         loss, acc = evaluate(model, data.test_x[share], data.test_y[share])
         return float(loss), len(share), {"eval_acc": float(acc)}
 
 
 def _client_fn(context: Context):
-    pid = int(context.node_config["partition-id"])
-    num_partitions = int(context.node_config["num-partitions"])
-    return SecAggFedSGDClient(pid, num_partitions).to_client()
+    return SecAggFedSGDClient(context.node_config).to_client()
 
 
 client_app = ClientApp(client_fn=_client_fn, mods=[secaggplus_mod])
@@ -249,10 +248,20 @@ class SecAggFedSGD(FedAvg):
     gradient (every result carries the same one) and takes the step
     ``new = old - server_lr * mean_gradient``.
 
-    ``on_aggregate`` gets a :class:`RoundAggregate` per round; ``partition_ids`` are the
-    clients whose masked vectors went into the sum (from their clear-text metrics, sorted: the
-    server cannot attribute any part of the aggregate to one of them) and ``num_examples``
-    their clear-text weights in the same order. A hook that raises is logged and ignored.
+    What the server can check here is the aggregate only: its arrays must match the model's
+    names and shapes and be finite, and every result must carry the same one (individual
+    vectors mean the clients are not masking: this strategy refuses to average them, since it
+    exists to show what SecAgg+ hides). A client that sent NaN or a wrong shape spoils the sum,
+    and SecAgg+ hides which client did; a NaN may even turn into finite garbage in the
+    clients' quantisation, which no check of the sum can see. A bad aggregate is dropped
+    (logged, and recorded through ``on_dropped`` as one row with node -1) and the model
+    stays as it was.
+
+    ``on_aggregate`` gets a :class:`RoundAggregate` per round; its contributors are the
+    clients whose masked vectors went into the sum (from their clear-text metrics and
+    ``num_examples``, sorted: the server cannot attribute any part of the aggregate to one of
+    them). ``round_offset`` continues the numbering of a resumed run. A hook that raises is
+    logged and ignored.
     """
 
     def __init__(
@@ -262,28 +271,40 @@ class SecAggFedSGD(FedAvg):
         param_names: list[str],
         loss_scale: float,
         on_aggregate: Callable[[RoundAggregate], None] | None = None,
+        on_dropped: Callable[[DroppedReply], None] | None = None,
+        round_offset: int = 0,
+        initial: NDArrays,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(initial_parameters=ndarrays_to_parameters(initial), **kwargs)
         self.server_lr = server_lr
         self.param_names = list(param_names)
         self.loss_scale = loss_scale
         self.on_aggregate = on_aggregate
+        self.on_dropped = on_dropped
+        self.round_offset = round_offset
         self.train_history: dict[int, dict[str, float]] = {}
-        self.current: NDArrays | None = None  # the latest global weights
+        self.round_counts: dict[int, tuple[int, int]] = {}  # round -> (aggregated, dropped)
+        self.current: NDArrays = [np.asarray(a) for a in initial]  # the latest global weights
         self._before: dict[int, NDArrays] = {}
-
-    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
-        params = super().initialize_parameters(client_manager)
-        if params is not None and self.current is None:
-            self.current = parameters_to_ndarrays(params)
-        return params
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
+        server_round += self.round_offset
         self._before = {server_round: parameters_to_ndarrays(parameters)}
         return super().configure_fit(server_round, parameters, client_manager)
+
+    def evaluate(self, server_round: int, parameters: Parameters):
+        return super().evaluate(server_round + self.round_offset if server_round else 0, parameters)
+
+    def _drop(self, server_round: int, status: str, reason: str) -> None:
+        log.warning("round %s: %s", server_round, reason)
+        if self.on_dropped is not None:
+            try:
+                self.on_dropped(DroppedReply(server_round, -1, -1, status, reason))  # type: ignore[arg-type]
+            except Exception:  # noqa: BLE001
+                log.exception("on_dropped hook failed")
 
     def aggregate_fit(
         self,
@@ -291,39 +312,35 @@ class SecAggFedSGD(FedAvg):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        # SecAgg+ may list one failure twice; log each once, first line only.
-        for reason in dict.fromkeys(str(f).strip().splitlines()[0] if str(f).strip() else repr(f) for f in failures):
-            log.warning("round %s: a client failed or dropped out: %s", server_round, reason[:300])
+        server_round += self.round_offset
+        # SecAgg+ may list one failure twice; record each once, first line only.
+        reasons = list(dict.fromkeys(str(f).strip().splitlines()[0] if str(f).strip() else repr(f) for f in failures))
+        for reason in reasons:
+            self._drop(server_round, "missing", f"a client failed or dropped out under SecAgg+: {reason[:300]}")
+        self.round_counts[server_round] = (len(results), len(reasons))
         before = self._before.pop(server_round, None)
         if not results or before is None:
-            log.warning("round %s: nothing to aggregate (%d results); the model stays", server_round, len(results))
-            return None, {}
+            raise RoundFailed(f"round {server_round}: nothing to aggregate under SecAgg+ ({len(results)} results)")
         vectors = [parameters_to_ndarrays(res.parameters) for _, res in results]
         first = vectors[0]
-        if all(len(v) == len(first) and all(np.array_equal(a, b) for a, b in zip(v, first)) for v in vectors[1:]):
-            mean = first  # SecAgg+: each result carries the same, already weighted, mean
-        else:  # not under SecAgg+: individual vectors, so average them here
-            log.warning("round %s: results differ, so they are individual updates: averaging them", server_round)
-            total = sum(res.num_examples for _, res in results)
-            mean = [sum(v[i] * (res.num_examples / total) for v, (_, res) in zip(vectors, results)) for i in range(len(first))]
-        if len(mean) != len(before) + 1:
-            log.error("round %s: aggregate has %d arrays for %d weights; the model stays", server_round, len(mean), len(before))
+        if not all(len(v) == len(first) and all(np.array_equal(a, b) for a, b in zip(v, first)) for v in vectors[1:]):
+            self._drop(server_round, "invalid", "results differ, so the clients are not masking (not under SecAgg+): "
+                       "refusing to average individual updates; the model stays")
             return None, {}
-        grad, loss = mean[:-1], float(np.asarray(mean[-1]).reshape(-1)[0]) / self.loss_scale
+        shapes_ok = len(first) == len(before) + 1 and all(np.shape(g) == np.shape(w) for g, w in zip(first, before))
+        if not shapes_ok or not all(np.isfinite(a).all() for a in first):
+            why = "its arrays do not match the model" if not shapes_ok else "it is not finite"
+            self._drop(server_round, "invalid", f"the SecAgg+ aggregate is unusable ({why}): a client sent a bad "
+                       "update and SecAgg+ hides which; the model stays")
+            return None, {}
+        grad, loss = first[:-1], float(np.asarray(first[-1]).reshape(-1)[0]) / self.loss_scale
         after = [np.asarray(w - self.server_lr * g).astype(w.dtype, copy=False) for w, g in zip(before, grad)]
         self.current = after
         self.train_history[server_round] = {"train_loss": loss}
         if self.on_aggregate is not None:
-            order = sorted(
-                (int(res.metrics.get("partition-id", -1)), int(res.num_examples)) for _, res in results
-            )
-            aggregate = RoundAggregate(
-                server_round,
-                _state_dict(self.param_names, before),
-                _state_dict(self.param_names, after),
-                tuple(p for p, _ in order),
-                tuple(n for _, n in order),
-            )
+            contributors = tuple(sorted((int(res.metrics.get("partition-id", -1)), int(res.num_examples)) for _, res in results))
+            aggregate = RoundAggregate(server_round, _state_dict(self.param_names, before),
+                                       _state_dict(self.param_names, after), contributors)
             try:
                 self.on_aggregate(aggregate)
             except Exception:  # noqa: BLE001 - a broken hook must not break training
@@ -332,49 +349,77 @@ class SecAggFedSGD(FedAvg):
 
 
 class _LoggedSecAggPlusWorkflow(SecAggPlusWorkflow):
-    """SecAgg+ that logs, rather than raises, a failed round (the model then stays as it was)."""
+    """SecAgg+ that logs, rather than raises, a failed round (the model then stays as it was);
+    a failed aggregation (:class:`RoundFailed`) and a stop request still end the run."""
 
     def __call__(self, grid: Grid, context: Context) -> None:  # type: ignore[override]
         server_round = int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
+        strategy = getattr(context, "strategy", None)
+        offset = strategy.round_offset if isinstance(strategy, SecAggFedSGD) else 0
         try:
             super().__call__(grid, context)
-        except Exception:  # noqa: BLE001
-            log.exception("SecAgg+ failed in round %s; the global model stays as it was", server_round)
-        strategy = getattr(context, "strategy", None)
-        if isinstance(strategy, SecAggFedSGD) and server_round not in strategy.train_history:
+        except RoundFailed:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            if type(exc).__name__ == "RunStopped":
+                raise
+            log.exception("SecAgg+ failed in round %s; the global model stays as it was", server_round + offset)
+        if isinstance(strategy, SecAggFedSGD) and server_round + offset not in strategy.train_history:
             log.warning(
                 "round %s: secure aggregation halted (too many drop-outs for the threshold?); "
                 "the global model stays as it was",
-                server_round,
+                server_round + offset,
             )
 
 
-def _run_secagg_server(
+def serve_secagg(
     grid: Grid,
     context: Context,
     cfg: RunConfig,
-    settings: SecAggSettings,
-    on_aggregate: Callable[[RoundAggregate], None] | None,
-    on_round: Callable[[dict[str, Any]], None] | None,
+    log_: FederationLog,
+    *,
+    on_aggregate: Callable[[RoundAggregate], None] | None = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    on_dropped: Callable[[DroppedReply], None] | None = None,
+    settings: SecAggSettings | None = None,
+    stop: threading.Event | None = None,
 ) -> None:
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_flower(), indent=2) + "\n")
-
+    """Run ``cfg`` (FedSGD) with SecAgg+ on ``grid``, logged to ``log_`` (see
+    :func:`make_secagg_server_app`). Raises :class:`fl_sim.strategy.RoundFailed` when a round
+    has nothing to aggregate and :class:`fl_sim.server_app.RunStopped` when ``stop`` is set."""
+    cfg = cfg.validated()
+    if cfg.mode != "fedsgd":
+        raise ValueError(f"SecAgg+ here supports mode fedsgd only, got {cfg.mode!r}")
+    settings = settings or secagg_settings(cfg)
+    grid = StoppableGrid(grid, stop) if stop is not None else grid
     data = load_dataset(cfg.dataset, cfg.data_root)
     model = build_model(cfg.model, data.input_shape, data.num_classes, init=cfg.init, seed=cfg.seed)
+    done = max(log_.last_round, 0)
+    checkpoint = log_.checkpoint()
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint)
+    if done >= cfg.num_server_rounds:
+        return
     names = list(model.state_dict())
     initial = [v.detach().cpu().numpy() for v in model.state_dict().values()]
-    rounds = RoundLog(out / "rounds.csv")
     strategy: SecAggFedSGD | None = None
 
+    def dropped(d: DroppedReply) -> None:
+        log_.drop(d)
+        if on_dropped:
+            on_dropped(d)
+
     def central_evaluate(server_round: int, arrays: NDArrays, config: dict[str, Scalar]):
-        model.load_state_dict(_state_dict(names, arrays))
+        state = _state_dict(names, arrays)
+        model.load_state_dict(state)
         loss, acc = evaluate(model, data.test_x, data.test_y)
-        train_loss = strategy.train_history.get(server_round, {}).get("train_loss", float("nan"))
-        row = rounds.append({"round": server_round, "train_loss": train_loss, "test_loss": loss, "test_accuracy": acc})
-        if on_round:
-            on_round(row)
+        if server_round > log_.last_round:  # round 0 of a resumed run was logged before
+            history = strategy.train_history.get(server_round, {}) if server_round else {}
+            counts = strategy.round_counts.get(server_round, ("", "")) if server_round else ("", "")
+            row = log_.end_round(server_round, state, train_loss=history.get("train_loss", math.nan) if server_round else "",
+                                 test_loss=loss, test_accuracy=acc, aggregated=counts[0], dropped=counts[1])
+            if on_round:
+                on_round(row)
         return float(loss), {"test_loss": float(loss), "test_accuracy": float(acc)}
 
     def fit_config(server_round: int) -> dict[str, Scalar]:
@@ -389,6 +434,9 @@ def _run_secagg_server(
         param_names=names,
         loss_scale=settings.loss_scale,
         on_aggregate=on_aggregate,
+        on_dropped=dropped,
+        round_offset=done,
+        initial=initial,
         fraction_fit=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         min_fit_clients=max(2, least),
@@ -397,63 +445,51 @@ def _run_secagg_server(
         evaluate_fn=central_evaluate,
         on_fit_config_fn=fit_config,
         on_evaluate_config_fn=evaluate_config,
-        initial_parameters=ndarrays_to_parameters(initial),
     )
     legacy = LegacyContext(
         context=context,
-        config=ServerConfig(num_rounds=cfg.num_server_rounds, round_timeout=cfg.round_timeout),
+        config=ServerConfig(num_rounds=cfg.num_server_rounds - done, round_timeout=cfg.round_timeout),
         strategy=strategy,
     )
     fit_workflow = _LoggedSecAggPlusWorkflow(**settings.workflow_kwargs(), timeout=cfg.round_timeout)
     DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
-    final = strategy.current if strategy.current is not None else initial
-    torch.save(_state_dict(names, final), out / "final_model.pt")
 
 
 def make_secagg_server_app(
     cfg: RunConfig,
+    log_: FederationLog,
     *,
     on_aggregate: Callable[[RoundAggregate], None] | None = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
+    on_dropped: Callable[[DroppedReply], None] | None = None,
     settings: SecAggSettings | None = None,
+    stop: threading.Event | None = None,
 ) -> ServerApp:
-    """A ServerApp running ``cfg`` (FedSGD only) with SecAgg+ and central evaluation.
-
-    Writes ``config.json``, ``rounds.csv`` (rounds 0..R, as ``fl_sim.server_app``) and
-    ``final_model.pt`` in ``cfg.out_dir``. ``on_aggregate`` gets each round's
-    :class:`RoundAggregate`, ``on_round`` each ``rounds.csv`` row. ``settings`` defaults to
-    :func:`secagg_settings` (cfg).
-    """
-    cfg = cfg.validated()
-    if cfg.mode != "fedsgd":
-        raise ValueError(f"SecAgg+ here supports mode fedsgd only, got {cfg.mode!r}")
-    settings = settings or secagg_settings(cfg)
+    """A ServerApp running ``cfg`` (FedSGD only) with SecAgg+ and central evaluation, logged to
+    ``log_`` (a :class:`fl_sim.server_app.FederationLog`: rounds.csv, final_model.pt,
+    dropped.csv; resumed after its last round when it was opened to resume). ``on_aggregate``
+    gets each round's :class:`RoundAggregate`, ``on_round`` each ``rounds.csv`` row.
+    ``settings`` defaults to :func:`secagg_settings` (cfg). With ``stop`` set, the run raises
+    :class:`fl_sim.server_app.RunStopped` at its next wait for replies."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        _run_secagg_server(grid, context, cfg, settings, on_aggregate, on_round)
+        serve_secagg(grid, context, cfg, log_, on_aggregate=on_aggregate, on_round=on_round, on_dropped=on_dropped,
+                     settings=settings, stop=stop)
 
     return server_app
 
 
 def simulate_secagg(
     cfg: RunConfig,
+    log_: FederationLog | None = None,
     *,
-    on_aggregate: Callable[[RoundAggregate], None] | None = None,
-    on_round: Callable[[dict[str, Any]], None] | None = None,
     verbose: bool = False,
-    settings: SecAggSettings | None = None,
+    **kwargs: Any,
 ) -> None:
     """Run ``cfg`` with SecAgg+ on Flower's simulation engine (Ray), one SuperNode per client,
-    with the same backend settings as :func:`fl_sim.simulation.simulate`."""
-    from flwr.simulation import run_simulation
-
-    server_app = make_secagg_server_app(cfg, on_aggregate=on_aggregate, on_round=on_round, settings=settings)
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=cfg.num_clients,
-        backend_config=backend_config(verbose),
-        verbose_logging=verbose,
-    )
+    with the same backend settings as :func:`fl_sim.simulation.simulate`; ``kwargs`` go to
+    :func:`make_secagg_server_app`. ``log_`` defaults to a new log in ``cfg.out_dir``."""
+    log_ = log_ or FederationLog(cfg.out_dir, cfg.to_flower())
+    run_apps(make_secagg_server_app(cfg, log_, **kwargs), client_app, cfg.num_clients, verbose=verbose)

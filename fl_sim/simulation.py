@@ -8,7 +8,7 @@ from typing import Any
 
 from .config import RunConfig
 
-__all__ = ["backend_config", "simulate"]
+__all__ = ["backend_config", "run_apps", "simulate"]
 
 
 def backend_config(verbose: bool = False) -> dict[str, Any]:
@@ -24,18 +24,25 @@ def backend_config(verbose: bool = False) -> dict[str, Any]:
     }
 
 
-def simulate(cfg: RunConfig, *, verbose: bool = False, on_round=None, wrap_strategy=None, client_app=None) -> None:
-    """Run ``cfg`` with the Message-API apps; ``wrap_strategy`` and ``on_round`` go to
-    :func:`fl_sim.server_app.run_server`."""
+def run_apps(server_app, client_app, num_supernodes: int, *, verbose: bool = False) -> None:
+    """``server_app`` and ``client_app`` on Flower's simulation engine with ``num_supernodes``
+    SuperNodes (partition ids 0..N-1, ``num-partitions`` N)."""
     from flwr.simulation import run_simulation
 
-    from .client_app import app as default_client_app
-    from .server_app import make_server_app
-
     run_simulation(
-        server_app=make_server_app(cfg.to_flower(), on_round=on_round, wrap_strategy=wrap_strategy),
-        client_app=client_app or default_client_app,
-        num_supernodes=cfg.num_clients,
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=num_supernodes,
         backend_config=backend_config(verbose),
         verbose_logging=verbose,
     )
+
+
+def simulate(cfg: RunConfig, *, verbose: bool = False, client_app=None, **run_kwargs: Any) -> None:
+    """Run ``cfg`` with the honest Message-API apps; ``run_kwargs`` (``wrap_strategy``,
+    ``on_round``, ``on_dropped``, ``stop``) go to :func:`fl_sim.server_app.run_server`."""
+    from .client_app import app as default_client_app
+    from .server_app import make_server_app
+
+    run_apps(make_server_app(cfg.to_flower(), **run_kwargs), client_app or default_client_app, cfg.num_clients,
+             verbose=verbose)

@@ -1,67 +1,164 @@
-"""Honest aggregation: FedAvg on weights, and FedSGD on gradients.
+"""Honest aggregation: FedAvg on weights, and FedSGD on gradients, over the replies that pass
+the server's checks.
 
-Both remember each round's aggregated client metrics (``train_history``) so the server can
-log training loss beside the central evaluation.
+Both strategies remember which nodes they sent a train message to in each round, screen every
+reply with :func:`fl_sim.replies.check_reply` before aggregating, and drop the ones that fail
+(or never arrive): each is logged with its node and reason, kept in ``dropped`` and handed to
+``on_dropped``, and the round goes on with the rest. A round with no valid reply leaves the
+model as it was and raises :class:`RoundFailed` (a federation in which nobody can train has
+failed, and waiting out more rounds would only hide it). The aggregate itself is checked too:
+a non-finite model is never adopted. Both also record each round's aggregated client metrics
+(``train_history``) so the server can log training loss beside the central evaluation.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
-from typing import Iterable
+from typing import Callable, Iterable, Sequence
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-__all__ = ["HonestFedAvg", "FedSGD"]
+from .replies import DroppedReply, ReplySpec, check_reply
+
+__all__ = ["HonestFedAvg", "FedSGD", "RoundFailed", "ScreenedRound"]
+
+log = logging.getLogger(__name__)
 
 
-def _reply_order(msg: Message) -> tuple[int, int]:
-    if msg.has_error():
-        return (1, 0)
-    return (0, int(msg.content["metrics"].get("partition-id", 0)))
+class RoundFailed(RuntimeError):
+    """A round in which no reply could be aggregated; the message names the first reason."""
+
+
+def _partition(msg: Message) -> int:
+    return int(msg.content["metrics"].get("partition-id", -1))
+
+
+class ScreenedRound:
+    """One round's replies after screening: ``accepted`` (aggregated, in partition order) and
+    ``dropped``."""
+
+    def __init__(self, server_round: int, accepted: list[Message], dropped: list[DroppedReply]) -> None:
+        self.server_round = server_round
+        self.accepted = accepted
+        self.dropped = dropped
 
 
 class HonestFedAvg(FedAvg):
-    """Flower's FedAvg (weighted by ``num-examples``), recording aggregated train metrics."""
+    """Flower's FedAvg (weighted by ``num-examples``) over screened replies.
 
-    def __init__(self, **kwargs) -> None:
+    ``reply_names``: the names a reply must carry (default: every entry of the model sent);
+    ``max_examples``: a bound on ``num-examples`` if the server knows one; ``num_partitions``:
+    the number of data partitions, so a claimed ``partition-id`` can be checked.
+    """
+
+    def __init__(
+        self,
+        *,
+        reply_names: Sequence[str] | None = None,
+        max_examples: int | None = None,
+        num_partitions: int | None = None,
+        on_dropped: Callable[[DroppedReply], None] | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
+        self.reply_names = list(reply_names) if reply_names is not None else None
+        self.max_examples = max_examples
+        self.num_partitions = num_partitions
+        self.on_dropped = on_dropped
         self.train_history: dict[int, dict[str, float]] = {}
+        self.dropped: list[DroppedReply] = []
+        self.last_screened: ScreenedRound | None = None
+        self.partition_of: dict[int, int] = {}  # node id -> partition id, learnt from valid replies
+        self._sent: tuple[int, ArrayRecord, list[int]] | None = None  # round, weights, node ids
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._sent = (server_round, arrays, [int(m.metadata.dst_node_id) for m in messages])
+        return messages
+
+    def sent_weights(self, server_round: int) -> ArrayRecord | None:
+        """The global weights sent in ``server_round`` (None if no train message went out)."""
+        return self._sent[1] if self._sent is not None and self._sent[0] == server_round else None
+
+    def screen(self, server_round: int, replies: Iterable[Message]) -> ScreenedRound:
+        """Split a round's replies into those to aggregate and those to drop."""
+        sent = self.sent_weights(server_round)
+        targets = self._sent[2] if sent is not None else []
+        spec = ReplySpec.like(sent, self.reply_names, max_examples=self.max_examples,
+                              num_partitions=self.num_partitions) if sent is not None else None
+        accepted, dropped, answered = [], [], set()
+        for msg in replies:
+            node = int(msg.metadata.src_node_id)
+            answered.add(node)
+            verdict = ("invalid", "no train message was sent in this round") if spec is None else check_reply(msg, spec)
+            if verdict is None:
+                self.partition_of[node] = _partition(msg)
+                accepted.append(msg)
+            else:
+                pid = self.partition_of.get(node, -1)
+                if not msg.has_error():
+                    claimed = msg.content.metric_records.get("metrics", {}).get("partition-id") if msg.content.metric_records else None
+                    pid = int(claimed) if isinstance(claimed, (int, float)) and claimed == int(claimed) else pid
+                dropped.append(DroppedReply(server_round, node, pid, verdict[0], verdict[1]))
+        for node in targets:
+            if node not in answered:
+                dropped.append(DroppedReply(server_round, node, self.partition_of.get(node, -1), "missing",
+                                            "no reply before the round timed out"))
+        # Replies arrive in whatever order the clients finish; summing them in a fixed order
+        # (by partition) makes a seeded run repeat bit for bit.
+        accepted.sort(key=_partition)
+        return ScreenedRound(server_round, accepted, dropped)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        # Replies arrive in whatever order the clients finish; summing them in a fixed order
-        # (by partition) makes a seeded run repeat bit for bit.
-        arrays, metrics = super().aggregate_train(server_round, sorted(replies, key=_reply_order))
+        screened = self.screen(server_round, replies)
+        self.last_screened = screened
+        for d in screened.dropped:
+            log.warning("round %s: dropped the reply of client %s (node %s): %s: %s",
+                        server_round, d.partition_id, d.node_id, d.status, d.reason)
+            self.dropped.append(d)
+            if self.on_dropped is not None:
+                try:
+                    self.on_dropped(d)
+                except Exception:  # noqa: BLE001 - bookkeeping must not break a round
+                    log.exception("on_dropped hook failed")
+        if not screened.accepted:
+            first = screened.dropped[0] if screened.dropped else None
+            why = f"client {first.partition_id} (node {first.node_id}): {first.status}: {first.reason}" if first else "no client was sampled"
+            raise RoundFailed(f"round {server_round}: no reply could be aggregated ({len(screened.dropped)} dropped); first: {why}")
+        arrays, metrics = super().aggregate_train(server_round, screened.accepted)
+        if arrays is not None and not all(torch.isfinite(v).all() for v in arrays.to_torch_state_dict().values()):
+            log.error("round %s: the aggregate is not finite; the global model stays as it was", server_round)
+            return None, metrics
         if metrics is not None:
             self.train_history[server_round] = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         return arrays, metrics
 
 
 class FedSGD(HonestFedAvg):
-    """FedSGD: clients reply with one batch's gradient; the server averages the gradients
-    (weighted by examples) and takes one step of size ``server_lr`` on the global model."""
+    """FedSGD: clients reply with one batch's gradient of the model's parameters; the server
+    averages the gradients (weighted by examples) and takes one step of size ``server_lr`` on
+    the global model (entries without a gradient, such as buffers, stay as they are)."""
 
     def __init__(self, server_lr: float, **kwargs) -> None:
         super().__init__(**kwargs)
         self.server_lr = server_lr
-        self._global: ArrayRecord | None = None
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        self._global = arrays
-        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         mean_grad, metrics = super().aggregate_train(server_round, replies)
-        if mean_grad is None or self._global is None:
+        sent = self.sent_weights(server_round)
+        if mean_grad is None or sent is None:
             return None, metrics
-        weights = self._global.to_torch_state_dict()
+        weights = sent.to_torch_state_dict()
         grads = mean_grad.to_torch_state_dict()
-        stepped = OrderedDict((k, w - self.server_lr * grads[k]) for k, w in weights.items())
+        stepped = OrderedDict((k, w - self.server_lr * grads[k] if k in grads else w) for k, w in weights.items())
         return ArrayRecord(stepped), metrics

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -11,8 +12,56 @@ from torch.nn import functional as F
 
 from .config import RunConfig
 from .data import Dataset, batch_indices, load_dataset, partition, to_float
+from .models import build_model
 
-__all__ = ["loss_fn", "batch_gradient", "local_sgd", "evaluate", "client_indices", "client_batch"]
+__all__ = [
+    "loss_fn",
+    "batch_gradient",
+    "local_sgd",
+    "evaluate",
+    "client_indices",
+    "client_batch",
+    "parameter_names",
+    "model_with",
+    "node_partition",
+]
+
+
+def parameter_names(model: nn.Module) -> list[str]:
+    """The names of the model's trainable parameters, in ``parameters()`` order: the entries a
+    FedSGD gradient has (a state dict may hold more, e.g. buffers)."""
+    return [name for name, _ in model.named_parameters()]
+
+
+def model_with(cfg: RunConfig, state: Mapping[str, Tensor] | Sequence[Tensor]) -> tuple[Dataset, nn.Module]:
+    """The run's dataset and its model (``cfg.model``) holding ``state``: what a client does
+    with the weights it is sent, and what a harness does with the weights it saw. ``state``
+    is a state dict, or its tensors in ``state_dict()`` order (the legacy path's arrays)."""
+    data = load_dataset(cfg.dataset, cfg.data_root)
+    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    if not isinstance(state, Mapping):
+        keys = list(model.state_dict())
+        if len(keys) != len(state):
+            raise ValueError(f"got {len(state)} arrays for a model with {len(keys)} entries")
+        state = dict(zip(keys, state))
+    model.load_state_dict(state)
+    return data, model
+
+
+def node_partition(cfg: RunConfig, node_config) -> int:
+    """This node's partition id, from its node config (``partition-id``, ``num-partitions``).
+    A node whose ``num-partitions`` disagrees with the run's ``num-clients`` would train on a
+    different split than the server's referee rebuilds, so it is refused."""
+    try:
+        pid, num_partitions = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError("the node config must set integer partition-id and num-partitions") from None
+    if num_partitions != cfg.num_clients:
+        raise ValueError(f"this node's num-partitions={num_partitions} disagrees with the run's num-clients="
+                         f"{cfg.num_clients}: fix the SuperNode's --node-config or the run config")
+    if not 0 <= pid < num_partitions:
+        raise ValueError(f"partition-id {pid} is outside 0..{num_partitions - 1}")
+    return pid
 
 
 def loss_fn(logits: Tensor, labels: Tensor) -> Tensor:
@@ -22,7 +71,7 @@ def loss_fn(logits: Tensor, labels: Tensor) -> Tensor:
 
 def batch_gradient(model: nn.Module, images: Tensor, labels: Tensor) -> tuple[list[Tensor], float]:
     """FedSGD: the loss gradient on one batch, one tensor per parameter in ``parameters()``
-    order, and the loss. ``images`` are float in [0, 1]."""
+    order (named by :func:`parameter_names`), and the loss. ``images`` are float in [0, 1]."""
     model.eval()  # the attacked models have no dropout or batch norm; eval keeps it that way
     loss = loss_fn(model(images), labels)
     grads = torch.autograd.grad(loss, list(model.parameters()))

@@ -8,6 +8,7 @@ import torch
 
 import attacks
 from experiments.attack_runner import AttackRunner
+from experiments.plan import ExperimentPlan
 from experiments.run import main as run_main
 from fl_sim.simulation import simulate
 from fl_sim.config import RunConfig
@@ -41,8 +42,10 @@ def runs(tmp_path_factory):
 
     attacks.ATTACKS["boom"] = "tests.test_attack_hooks:boom"
     try:
-        spied = cfg.replace(out_dir=str(base / "spied"))
-        runner = AttackRunner(spied, ["boom", "rgap"], base / "spied", rounds=[1], observers=["server", "client"], workers=0)
+        plan = ExperimentPlan.from_mapping({**cfg.to_flower(), "out-dir": str(base / "spied"), "attack": "boom,rgap",
+                                            "attack-rounds": "1", "observers": "server,client", "attack-workers": 0})
+        spied = plan.fed
+        runner = AttackRunner(plan, base / "spied")
         seen, aggregates, sent_messages = [], [], []
 
         def wrap(honest):
@@ -124,6 +127,8 @@ def test_failing_attack_leaves_training_and_other_rows(runs):
     client = [float(r["psnr"]) for r in rgap_rows if r["observer"] == "client"]
     assert min(server) > 60, server  # the server recovers every client's image
     assert max(client) < 20, client  # the curious client recovers none
+    assert all(r["attribution"] == "post-hoc" and r["batch_size_granted"] == "False" for r in rgap_rows
+               if r["observer"] == "client")
     assert len(list(csv.DictReader(open(base / "spied" / "rounds.csv")))) == 3
 
 

@@ -6,16 +6,26 @@
   and with the TLS settings that scripts/gen_certs.sh writes;
 - partition ids are 0..N-1 exactly once, num-partitions == N == the job's --clients, SuperNodes
   and the job point at the SuperLink's port;
-- ``docker-compose config -q`` passes (skipped when the binary is absent).
+- ``docker-compose config -q`` passes (skipped when the binary is absent);
+- and the topology is executed, not only parsed: every service's own command runs as a local
+  process (the service hostname mapped to 127.0.0.1, each container's private ports to free
+  ones here, the volumes to temporary folders), and the run it makes writes the same rows as
+  the same plan under the simulation engine.
 """
 
 from __future__ import annotations
 
+import csv
+import json
+import os
 import re
 import shlex
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -161,3 +171,103 @@ def test_docker_compose_config():
         res = subprocess.run([exe, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, timeout=60,
                              cwd=ROOT, env={"PATH": "/usr/bin:/bin", **env})
         assert res.returncode == 0, res.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _local(cmd: list[str], port: int, runs: Path, certs: Path) -> list[str]:
+    """A service's command as a process on this machine: the hostname ``superlink`` is
+    127.0.0.1, the SuperLink's port a free one, /runs and /certs temporary folders, and the
+    binaries those of this environment."""
+    out = []
+    for tok in cmd:
+        tok = tok.replace("superlink:9093", f"127.0.0.1:{port}").replace("/runs/", f"{runs}/").replace("/certs/", f"{certs}/")
+        out.append({"9093": str(port), "0.0.0.0": "127.0.0.1"}.get(tok, tok))
+    exe = BIN / out[0]
+    out[0] = sys.executable if out[0] == "python" else str(exe if exe.exists() else shutil.which(out[0]))
+    return out
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_compose_topology_runs_and_writes_what_the_simulation_writes(tmp_path):
+    """The compose file's own commands, as processes: a SuperLink, three SuperNodes and the
+    submit job (experiments.deploy --superlink ...). The run it submits must finish with
+    results, and those rows must be the rows the same plan writes under Flower's simulation
+    engine (python -m experiments.run with the submit job's flags)."""
+    from experiments.run import main as run_main
+
+    env_settings = {"ROUNDS": "2", "ATTACK": "rgap", "OBSERVERS": "server,client", "RUN_NAME": "compose",
+                    "SUBMIT_ARGS": "--run-config attack-workers=0"}
+    commands = _commands(env_settings)
+    runs, certs, work = tmp_path / "runs", tmp_path / "certs", tmp_path / "work"
+    for d in (runs, certs, work):
+        d.mkdir()
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("FLWR_HOME", "PYTHONPATH")}
+    env.update({str(k): str(v) for k, v in _compose()["x-testbed"]["environment"].items()})
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        for name, cmd in commands.items():
+            if name == "submit":
+                continue
+            local = _local(cmd, port, runs, certs)
+            if local[0].endswith("flower-supernode"):
+                local += ["--port", str(_free_port())]  # each container has its own 9094; here they share a host
+            home = work / name
+            home.mkdir()
+            procs[name] = subprocess.Popen(local, cwd=home, env={**env, "FLWR_HOME": str(home)},
+                                           stdout=(work / f"{name}.log").open("w"), stderr=subprocess.STDOUT,
+                                           start_new_session=True)
+        submit = subprocess.run(_local(commands["submit"], port, runs, certs), cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=420)
+        assert submit.returncode == 0, submit.stderr[-3000:]
+    finally:
+        for proc in procs.values():
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    deployed = runs / "compose"
+    assert json.loads((deployed / "deploy.json").read_text())["status"] == "finished:completed"
+
+    job = _options(commands["submit"])
+    simulated = tmp_path / "simulated"
+    argv = ["--clients", job["--clients"], "--rounds", job["--rounds"], "--attack", job["--attack"], "--observers",
+            job["--observers"], "--attack-rounds", job["--attack-rounds"], "--batch-size", job["--batch-size"],
+            "--attack-workers", "0", "--out", str(simulated)]
+    assert run_main(argv) == 0
+
+    # the same plan ...
+    dep_config = json.loads((deployed / "config.json").read_text())
+    sim_config = json.loads((simulated / "config.json").read_text())
+    assert {k: v for k, v in dep_config.items() if k != "out-dir"} == {k: v for k, v in sim_config.items() if k != "out-dir"}
+    # ... the same training ...
+    for dep, sim in zip(_rows(deployed / "rounds.csv"), _rows(simulated / "rounds.csv"), strict=True):
+        assert dep["round"] == sim["round"] and abs(float(dep["test_loss"]) - float(sim["test_loss"])) < 1e-4
+    # ... and the same rows, with what each attacker was granted
+    same = ("round", "client", "observer", "attack", "status", "images", "recovered", "batch_size_used", "labels_granted",
+            "batch_size_granted", "batch_size_source", "attribution")
+    dep_rows = sorted(tuple(r[k] for k in same) for r in _rows(deployed / "results.csv"))
+    sim_rows = sorted(tuple(r[k] for k in same) for r in _rows(simulated / "results.csv"))
+    assert dep_rows == sim_rows
+    assert [r[:3] for r in dep_rows] == [("1", c, o) for c, o in (("0", "server"), ("1", "client"), ("1", "server"),
+                                                                   ("2", "client"), ("2", "server"))]
+    for path in (deployed, simulated):
+        for r in _rows(path / "results.csv"):
+            assert (float(r["psnr"]) > 60) if r["observer"] == "server" else (float(r["psnr"]) < 20), r

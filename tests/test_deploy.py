@@ -1,10 +1,11 @@
 """End to end on Flower's deployment engine, no Docker: ``python -m experiments.deploy`` starts
-a SuperLink and 3 SuperNodes on 127.0.0.1 (free ports), submits the spying app with ``flwr
+a SuperLink and SuperNodes on 127.0.0.1 (free ports), submits the spying app with ``flwr
 run``, waits for the run by polling its status, and stops everything it started.
 
-Both runs: FedSGD, batch size 1, 2 rounds, R-GAP by the server. The second kills one SuperNode
-after round 1; the run must still finish with the other two and mark the missing client.
-About 1.5 + 2 minutes on two cores.
+One run kills a SuperNode after round 1 (FedSGD, batch size 1, 2 rounds, R-GAP by the server):
+it must still finish with the other two and mark the missing client. Another is terminated
+mid-way and must stop everything. (A run of the compose file's own commands, compared with the
+simulation, is in test_compose.py.)
 """
 
 from __future__ import annotations
@@ -60,35 +61,6 @@ def _assert_no_leftovers(record: dict) -> None:
     assert not left, f"processes left behind: {left}"
 
 
-def test_bad_flags_exit_2_with_one_line():
-    for args in (["--clients", "0"], ["--attack", "nope"], ["--kill-node", "1"],
-                 ["--kill-node", "5", "--kill-node-after-round", "1"], ["--run-config", "no-such-key=1"]):
-        res = _deploy(*args, timeout=60)
-        assert res.returncode == 2, (args, res.stderr)
-        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
-        assert "error:" in res.stderr
-
-
-@pytest.mark.slow
-def test_deploy_three_supernodes_rgap(tmp_path):
-    out = tmp_path / "run"
-    res = _deploy("--clients", "3", "--rounds", "2", "--attack", "rgap", "--observers", "server",
-                  "--out", str(out), "--run-config", "attack-workers=0", "--timeout", "300")
-    record = json.loads((out / "deploy.json").read_text())
-    _assert_no_leftovers(record)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert record["status"] == "finished:completed"
-    rounds = _rows(out / "rounds.csv")
-    assert [int(r["round"]) for r in rounds] == [0, 1, 2]
-    rows = [r for r in _rows(out / "results.csv") if r["observer"] == "server" and r["attack"] == "rgap"]
-    assert sorted(int(r["client"]) for r in rows) == [0, 1, 2]
-    for r in rows:
-        assert r["status"] == "ok", r
-        assert float(r["psnr"]) > PSNR_OK, r
-    assert not (out / "missing.csv").exists()
-    assert (out / "summary.md").exists() and (out / "logs" / "superlink.log").exists()
-
-
 @pytest.mark.slow
 def test_deploy_survives_a_killed_supernode(tmp_path):
     out = tmp_path / "run"
@@ -103,36 +75,45 @@ def test_deploy_survives_a_killed_supernode(tmp_path):
     assert record["status"] == "finished:completed"
     assert record["killed"]["partition"] == 2
     assert [int(r["round"]) for r in _rows(out / "rounds.csv")] == [0, 1, 2]
-    missing = _rows(out / "missing.csv")
-    assert [(int(m["round"]), int(m["client"])) for m in missing] == [(2, 2)]
+    dropped = _rows(out / "dropped.csv")
+    assert [(int(m["round"]), int(m["client"]), m["status"]) for m in dropped] == [(2, 2, "missing")]
     rows = {int(r["client"]): r for r in _rows(out / "results.csv") if int(r["round"]) == 2}
     assert sorted(rows) == [0, 1, 2]
     assert rows[2]["status"] == "missing"
     for pid in (0, 1):
         assert rows[pid]["status"] == "ok" and float(rows[pid]["psnr"]) > PSNR_OK, rows[pid]
-    assert "Missing replies" in (out / "summary.md").read_text()
+    assert "Replies of the federation that were not aggregated" in (out / "summary.md").read_text()
     assert time.monotonic() - start < 300
 
 
 @pytest.mark.slow
 def test_deploy_stops_everything_on_sigterm(tmp_path):
-    """Interrupted after the SuperNodes are up: every process goes, exit code 130."""
+    """Terminated in the middle of a round: every process goes within seconds, exit code 143,
+    and the run folder keeps the finished rounds and no invented one."""
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in ("FLWR_HOME", "PYTHONPATH")}
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.deploy", "--clients", "2", "--rounds", "1",
-                             "--attack", "none", "--out", str(out), "--timeout", "120"],
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.deploy", "--clients", "2", "--rounds", "20",
+                             "--attack", "none", "--local-steps", "2", "--out", str(out), "--timeout", "240"],
                             cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 90
-        for line in proc.stderr:
-            if "SuperNodes online" in line or time.monotonic() > deadline:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            rows = _rows(out / "rounds.csv") if (out / "rounds.csv").exists() else []
+            if len(rows) >= 2:  # round 1 is done: the run is mid-way
                 break
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        start = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 130
+        assert proc.wait(timeout=60) == 143
+        assert time.monotonic() - start < 10
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     record = json.loads((out / "deploy.json").read_text())
-    assert record["superlink"]
+    assert record["superlink"] and record["status"].startswith("interrupted")
     _assert_no_leftovers(record)
+    rounds = [int(r["round"]) for r in _rows(out / "rounds.csv")]
+    assert rounds == list(range(len(rounds))) and 1 <= rounds[-1] < 20
+    assert json.loads((out / "final_model.json").read_text())["round"] == rounds[-1]

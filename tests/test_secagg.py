@@ -72,7 +72,7 @@ def test_secagg_fedsgd_server_sees_only_the_aggregate(tmp_path, monkeypatch):
 
     assert [a.server_round for a in aggregates] == [1, 2]
     for agg, (_, results, _) in zip(aggregates, received):
-        assert agg.partition_ids == (0, 1, 2, 3) and agg.num_examples == (2, 2, 2, 2)
+        assert agg.contributors == ((0, 2), (1, 2), (2, 2), (3, 2))
         truth = _true_gradients(cfg, agg.before, agg.server_round)
         mean = {k: sum(truth[p][0][k] for p in truth) / 4 for k in agg.before}
         recovered = {k: (agg.before[k] - agg.after[k]) / cfg.server_lr for k in agg.before}
@@ -100,10 +100,11 @@ def test_secagg_fedsgd_server_sees_only_the_aggregate(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "config.json").read_text())["mode"] == "fedsgd"
     with (tmp_path / "rounds.csv").open() as f:
         table = list(csv.DictReader(f))
-    assert list(table[0]) == ["round", "train_loss", "test_loss", "test_accuracy", "seconds"]
+    assert list(table[0]) == ["round", "train_loss", "test_loss", "test_accuracy", "aggregated", "dropped", "seconds"]
     assert [int(r["round"]) for r in table] == [0, 1, 2]
     assert all(math.isfinite(float(r["test_loss"])) for r in table)
     assert all(math.isfinite(float(r["train_loss"])) for r in table[1:])
+    assert [(r["aggregated"], r["dropped"]) for r in table[1:]] == [("4", "0"), ("4", "0")]
     assert [r["round"] for r in rows] == [0, 1, 2]
     final = torch.load(tmp_path / "final_model.pt")
     for k, v in aggregates[1].after.items():

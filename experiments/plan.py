@@ -1,0 +1,334 @@
+"""The experiment plan: one typed object, built from a run config and validated once, from
+which every entry point is made (``python -m experiments.run``, ``python -m
+experiments.deploy``, the spying ServerApp that ``flwr run`` loads).
+
+A plan is the federation's settings (:class:`fl_sim.config.RunConfig`) and, when the run is
+attacked, an :class:`AttackPlan`: which attacks, which observers, which rounds and clients,
+and what the attackers are granted. Both come from one flat mapping of Flower run-config keys
+(those of ``[tool.flwr.app.config]`` in pyproject.toml), so the same plan travels unchanged
+from a command line into a deployment's run config and back. Every rule lives here:
+
+- names: attacks (the registry in :mod:`attacks`), observers, grant policies;
+- attacks run on FedSGD updates (FedAvg updates are not scored yet);
+- the curious client needs 3 or more clients per round (with 2, subtracting its own update
+  leaves the other client's update exactly: that is the server's view, not an aggregate);
+- SecAgg+ needs 2 or more clients per round, FedSGD, and the simulation engine (its legacy
+  apps are not in the deployment's app); ``observers = "all"`` (the default) means every
+  observer the engine can run;
+- attacked rounds and clients must exist; a silent faulty client shortens the round timeout;
+- what the data allows (``check_data``): the dataset loads and the partition is feasible,
+  checked before any process starts.
+
+Errors are :class:`fl_sim.config.ConfigError` with the key at fault; entry points name it the
+way their user typed it (``--rounds`` on a command line, ``num-server-rounds`` in a run
+config).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any, Literal, Mapping
+
+from fl_sim.config import ConfigError, RunConfig
+
+__all__ = [
+    "OBSERVERS",
+    "BATCH_SIZE_GRANTS",
+    "ATTACK_PRESET",
+    "AttackPlan",
+    "ExperimentPlan",
+    "ConfigError",
+    "attack_names",
+]
+
+OBSERVERS = ("server", "client", "secagg")
+# What the attackers are told of the number of images in the update they attack:
+# observed: what each observer sees (the server: the reply's num-examples; SecAgg+: the sum of
+#           the clients' clear-text num-examples; the curious client: nothing, it estimates);
+# all: every observer is granted the true count; none: no observer is, every attack estimates.
+BATCH_SIZE_GRANTS = ("observed", "all", "none")
+# With an attack, keys the user left unset take the papers' FedSGD setting: DLG's LeNet with its
+# U(-0.5, 0.5) initialisation (which R-GAP inverts too), one image per client update, and a run
+# short enough to finish in a few minutes on two cores.
+ATTACK_PRESET: dict[str, Any] = {"mode": "fedsgd", "batch-size": 1, "num-clients": 4, "num-server-rounds": 2,
+                                 "model": "lenet", "init": "paper"}
+SILENT_ROUND_TIMEOUT = 30.0  # seconds a round waits when a client is configured to stay silent
+Engine = Literal["simulation", "deployment"]
+
+
+def attack_names() -> list[str]:
+    """The registered attacks (read at call time, so that a registry entry added later counts)."""
+    from attacks import ATTACKS
+
+    return list(ATTACKS)
+
+
+def _names(text: Any) -> list[str]:
+    return [v.strip() for v in str(text).split(",") if v.strip()]
+
+
+def _ints(key: str, text: Any) -> frozenset[int] | None:
+    """``"all"`` -> None; ``"1,3"`` -> {1, 3}."""
+    value = str(text).strip()
+    if value == "all":
+        return None
+    try:
+        items = frozenset(int(v) for v in _names(value))
+    except ValueError:
+        raise ConfigError(key, f"expected comma-separated integers or 'all', got {value!r}") from None
+    if not items:
+        raise ConfigError(key, "expected at least one integer, or 'all'")
+    return items
+
+
+def _bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", ""):
+        return False
+    raise ConfigError(key, f"expected true or false, got {value!r}")
+
+
+def _int(key: str, value: Any, least: int) -> int:
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ConfigError(key, f"must be an integer, got {value!r}")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(key, f"must be an integer, got {value!r}") from None
+    if number < least:
+        raise ConfigError(key, f"must be >= {least}, got {number}")
+    return number
+
+
+@dataclass(frozen=True)
+class AttackPlan:
+    """What is attacked, by whom, and what the attackers are granted.
+
+    ``rounds``/``clients``: the attacked rounds and partition ids (None: all);
+    ``max_per_round``: a cap on attacked updates per round and observer (0: none);
+    ``curious_client``: the partition id of the curious client; ``workers``: attack processes
+    (0: inline, the round waits); ``defer``: hold the attacks until training ends;
+    ``grant_batch_size``: one of :data:`BATCH_SIZE_GRANTS`; ``grant_labels``: give every
+    attacker the batch's true labels (an upper bound: no observer sees them)."""
+
+    attacks: tuple[str, ...]
+    observers: tuple[str, ...] = ("server", "client", "secagg")
+    rounds: frozenset[int] | None = frozenset({1})
+    clients: frozenset[int] | None = None
+    max_per_round: int = 0
+    curious_client: int = 0
+    workers: int = 1
+    defer: bool = False
+    grant_batch_size: str = "observed"
+    grant_labels: bool = False
+
+    def attacked(self, server_round: int, partition_id: int | None = None) -> bool:
+        """Whether updates of ``server_round`` (and of client ``partition_id``) are attacked."""
+        if self.rounds is not None and server_round not in self.rounds:
+            return False
+        return partition_id is None or self.clients is None or partition_id in self.clients
+
+
+@dataclass(frozen=True)
+class ExperimentPlan:
+    """The federation's settings and, for an attacked run, the :class:`AttackPlan`."""
+
+    fed: RunConfig
+    attack: AttackPlan | None = None
+    resume: bool = False  # continue the run in ``fed.out_dir`` (an invocation setting, not the experiment's)
+
+    # ---- building -------------------------------------------------------------------------
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, engine: Engine = "simulation") -> "ExperimentPlan":
+        """The plan of a flat mapping of run-config keys (``batch-size`` or ``batch_size``).
+        Keys not given take their defaults, or, when an attack is named, the papers'
+        FedSGD setting (:data:`ATTACK_PRESET`). Unknown keys are refused. Validated for
+        ``engine``."""
+        given = {str(k).replace("_", "-"): v for k, v in values.items()}
+        unknown = sorted(set(given) - set(default_mapping()) - {"resume", "server-round"})
+        if unknown:
+            raise ConfigError(unknown[0], "not a setting of this app (the keys are those of [tool.flwr.app.config])")
+        attacks = _attack_list(given.get("attack", "none"))
+        resolved = dict(default_mapping())
+        if attacks:
+            resolved.update(ATTACK_PRESET)
+        if "silent" in str(given.get("faulty-clients", "")) and "round-timeout" not in given:
+            resolved["round-timeout"] = SILENT_ROUND_TIMEOUT
+        resolved.update(given)
+        fed = RunConfig.from_mapping(resolved)
+        attack = None
+        if attacks:
+            attack = AttackPlan(
+                attacks=tuple(attacks),
+                observers=tuple(_observer_list(resolved["observers"], engine)),
+                rounds=_ints("attack-rounds", resolved["attack-rounds"]),
+                clients=_ints("attack-clients", resolved["attack-clients"]),
+                max_per_round=_int("max-attacks-per-round", resolved["max-attacks-per-round"], 0),
+                curious_client=_int("curious-client", resolved["curious-client"], 0),
+                workers=_int("attack-workers", resolved["attack-workers"], 0),
+                defer=_bool("defer-attacks", resolved["defer-attacks"]),
+                grant_batch_size=str(resolved["grant-batch-size"]),
+                grant_labels=_bool("grant-labels", resolved["grant-labels"]),
+            )
+        plan = cls(fed, attack, resume=_bool("resume", given.get("resume", False)))
+        plan.validate(engine)
+        return plan
+
+    def to_mapping(self) -> dict[str, Any]:
+        """Every key of the plan, Flower style: what ``from_mapping`` takes back (a deployment's
+        run config, config.json). Without an attack, the attack keys keep their defaults."""
+        out = dict(default_mapping())
+        out.update(self.fed.to_flower())
+        a = self.attack
+        if a is not None:
+            out.update({
+                "attack": ",".join(a.attacks),
+                "observers": ",".join(a.observers),
+                "attack-rounds": "all" if a.rounds is None else ",".join(map(str, sorted(a.rounds))),
+                "attack-clients": "all" if a.clients is None else ",".join(map(str, sorted(a.clients))),
+                "max-attacks-per-round": a.max_per_round,
+                "curious-client": a.curious_client,
+                "attack-workers": a.workers,
+                "defer-attacks": a.defer,
+                "grant-batch-size": a.grant_batch_size,
+                "grant-labels": a.grant_labels,
+            })
+        else:
+            out["attack"] = "none"
+        return out
+
+    def replace(self, **fed_changes: Any) -> "ExperimentPlan":
+        """The same plan with federation settings changed (validated)."""
+        return dataclasses.replace(self, fed=self.fed.replace(**fed_changes))
+
+    # ---- the rules ------------------------------------------------------------------------
+
+    def validate(self, engine: Engine = "simulation") -> None:
+        """Check every rule of the module docstring that needs no data; raises ConfigError."""
+        a, c = self.attack, self.fed
+        if a is None:
+            return
+        if c.mode != "fedsgd":
+            raise ConfigError("mode", "attacks run on FedSGD updates (mode fedsgd); scoring FedAvg updates is not "
+                                      "supported yet (or set attack to none)")
+        if not a.observers:
+            raise ConfigError("observers", "name at least one observer")
+        if a.grant_batch_size not in BATCH_SIZE_GRANTS:
+            raise ConfigError("grant-batch-size", f"unknown policy {a.grant_batch_size!r}: choose one of "
+                                                  f"{', '.join(BATCH_SIZE_GRANTS)}")
+        per_round = c.clients_per_round()
+        if "client" in a.observers:
+            if per_round < 3:
+                raise ConfigError("observers", f"the curious-client observer needs >= 3 clients per round, this run has "
+                                               f"{per_round} (with 2, subtracting its own update leaves the other "
+                                               "client's update exactly)")
+            if not 0 <= a.curious_client < c.num_clients:
+                raise ConfigError("curious-client", f"{a.curious_client} is not a partition id (0..{c.num_clients - 1})")
+        if "secagg" in a.observers:
+            if engine != "simulation":
+                raise ConfigError("observers", "the secagg observer runs only under python -m experiments.run (its "
+                                               "SecAgg+ apps are Flower's legacy ones, not this deployment's app)")
+            if per_round < 2:
+                raise ConfigError("observers", f"SecAgg+ needs >= 2 clients per round, this run has {per_round}")
+        if a.rounds is not None:
+            outside = sorted(r for r in a.rounds if not 1 <= r <= c.num_server_rounds)
+            if outside:
+                raise ConfigError("attack-rounds", f"round {outside[0]} is not in 1..{c.num_server_rounds}")
+        if a.clients is not None:
+            outside = sorted(p for p in a.clients if not 0 <= p < c.num_clients)
+            if outside:
+                raise ConfigError("attack-clients", f"{outside[0]} is not a partition id (0..{c.num_clients - 1})")
+
+    def check_data(self):
+        """What needs the data, checked before any process starts: the dataset loads (a
+        :class:`fl_sim.data.DatasetError` otherwise) and the partition is feasible (a
+        ConfigError naming the setting). Returns the dataset."""
+        from fl_sim.data import load_dataset, partition
+
+        c = self.fed
+        data = load_dataset(c.dataset, c.data_root)
+        if c.num_clients > len(data.train_y):
+            raise ConfigError("num-clients", f"{c.num_clients} clients for {len(data.train_y)} training images")
+        key = {"dirichlet": "alpha", "pathological": "classes-per-client"}.get(c.partition, "partition")
+        try:
+            parts = partition(data.train_y, c.num_clients, c.partition, alpha=c.alpha,
+                              classes_per_client=c.classes_per_client, seed=c.seed)
+        except ValueError as exc:
+            raise ConfigError(key, str(exc)) from None
+        empty = [i for i, p in enumerate(parts) if len(p) == 0]
+        if empty:
+            raise ConfigError(key, f"client {empty[0]} gets no training image under this partition")
+        return data
+
+    # ---- what the rules decide ------------------------------------------------------------
+
+    @property
+    def attacked(self) -> bool:
+        return self.attack is not None
+
+    @property
+    def intercepts(self) -> bool:
+        """Whether the main federation's server wraps its strategy to spy (a server or
+        curious-client observer)."""
+        return self.attack is not None and bool({"server", "client"} & set(self.attack.observers))
+
+    @property
+    def runs_main(self) -> bool:
+        """Whether the main (non-SecAgg+) federation runs: always, unless SecAgg+ is the only
+        observer."""
+        return self.attack is None or self.intercepts
+
+    @property
+    def runs_secagg(self) -> bool:
+        return self.attack is not None and "secagg" in self.attack.observers
+
+
+def _attack_list(text: Any) -> list[str]:
+    names = _names(text)
+    if not names or names == ["none"]:
+        return []
+    if names == ["all"]:
+        return attack_names()
+    known = attack_names()
+    bad = [n for n in names if n not in known]
+    if bad or "none" in names:
+        raise ConfigError("attack", f"unknown attack {(bad or ['none'])[0]!r}: choose from {', '.join(known)}, all or none")
+    return list(dict.fromkeys(names))
+
+
+def _observer_list(text: Any, engine: Engine) -> list[str]:
+    """``all`` is every observer the engine can run (no SecAgg+ in a deployment)."""
+    if str(text).strip() == "all":
+        return [o for o in OBSERVERS if engine == "simulation" or o != "secagg"]
+    names = _names(text)
+    bad = [n for n in names if n not in OBSERVERS]
+    if bad:
+        raise ConfigError("observers", f"unknown observer {bad[0]!r}: choose from {', '.join(OBSERVERS)} or all")
+    return list(dict.fromkeys(names))
+
+
+_ATTACK_DEFAULTS: dict[str, Any] = {
+    "attack": "none",
+    "observers": "all",
+    "attack-rounds": "1",
+    "attack-clients": "all",
+    "max-attacks-per-round": 0,
+    "curious-client": 0,
+    "attack-workers": 1,
+    "defer-attacks": False,
+    "grant-batch-size": "observed",
+    "grant-labels": False,
+}
+
+
+def default_mapping() -> dict[str, Any]:
+    """Every plan key with its default (the federation's from RunConfig): what pyproject's
+    ``[tool.flwr.app.config]`` must hold (a test checks that it does)."""
+    fed = {f.name.replace("_", "-"): f.default for f in fields(RunConfig)}
+    return {**fed, **_ATTACK_DEFAULTS}

@@ -1,0 +1,97 @@
+"""The referee: rebuilds the true batch behind an observation and scores a reconstruction.
+
+The true batch is never taken from a client's message: it is rebuilt from (partition, round,
+seed) with :func:`fl_sim.task.client_batch`, the pure function the clients use, and the
+partitions the run's clients really hold (a node whose ``num-partitions`` disagreed with the
+run's ``num-clients`` was refused by the client itself, so the two cannot differ silently).
+
+A reconstruction is matched to the true images one to one (Hungarian assignment on MSE,
+:func:`attacks.match_batch`); a true image left without a reconstruction (the attack
+estimated fewer images than there were) is scored against a mid-grey image, so it counts as
+not recovered. A client's row scores that client's images: the median PSNR, SSIM and MSE over
+them, the share of their labels recovered, and how many were recovered at >= 30 dB. Never
+the best image of a batch: one exact image beside a failure is a median between the two,
+and one image recovered out of two.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from attacks import SUCCESS_PSNR, match_batch, score_batch
+from fl_sim.config import RunConfig
+from fl_sim.task import client_batch
+
+from .observe import RefereeKey
+
+__all__ = ["Truth", "ClientScore", "true_batch", "score"]
+
+
+@dataclass(frozen=True)
+class Truth:
+    """The true batch behind an update: images in [0, 1], labels, and each image's owner."""
+
+    images: Tensor
+    labels: Tensor
+    owners: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ClientScore:
+    """One client's images in a scored reconstruction (see the module docstring)."""
+
+    client: int
+    images: int
+    recovered: int  # images at >= SUCCESS_PSNR
+    psnr: float  # medians over the client's images
+    ssim: float
+    mse: float
+    label_acc: float  # share of labels right; nan when the attack returned none
+
+
+def true_batch(cfg: RunConfig, key: RefereeKey, server_round: int) -> Truth:
+    """The images behind an observation: each target client's batch of ``server_round``."""
+    xs, ys, owners = [], [], []
+    for pid in key.targets:
+        x, y = client_batch(cfg, pid, cfg.num_clients, server_round)
+        xs.append(x)
+        ys.append(y)
+        owners += [pid] * len(y)
+    return Truth(torch.cat(xs), torch.cat(ys), tuple(owners))
+
+
+def _median(values: list[float]) -> float:
+    finite = [min(v, 300.0) for v in values if not math.isnan(v)]  # an exact match is inf: cap for medians
+    return float(statistics.median(finite)) if finite else math.nan
+
+
+def score(recon: Tensor, recon_labels: Tensor | None, truth: Truth) -> tuple[list[ClientScore], list[dict], Tensor]:
+    """Score ``recon`` against ``truth``: one :class:`ClientScore` per owner (in the order of
+    ``truth.owners``), the per-image scores (``psnr``, ``ssim``, ``mse``, ``label_correct``
+    when labels are compared, ``matched``), and the reconstructions in the order of the true
+    images (mid-grey where none was matched), for the figures."""
+    recon = torch.nan_to_num(recon.detach().to(torch.float32), nan=0.5).clamp(0, 1)
+    perm = match_batch(recon, truth.images)
+    per_image = score_batch(recon, truth.images, recon_labels, truth.labels if recon_labels is not None else None, perm=perm)
+    for row, j in zip(per_image, perm):
+        row["matched"] = bool(j >= 0)
+    ordered = torch.stack([recon[j] if j >= 0 else torch.full_like(truth.images[i], 0.5) for i, j in enumerate(perm)])
+    clients = []
+    for pid in dict.fromkeys(truth.owners):
+        mine = [row for row, owner in zip(per_image, truth.owners) if owner == pid]
+        labels = [row["label_correct"] for row in mine if "label_correct" in row]
+        clients.append(ClientScore(
+            client=pid,
+            images=len(mine),
+            recovered=sum(row["psnr"] >= SUCCESS_PSNR for row in mine),
+            psnr=_median([row["psnr"] for row in mine]),
+            ssim=_median([row["ssim"] for row in mine]),
+            mse=_median([row["mse"] for row in mine]),
+            label_acc=float(sum(labels) / len(labels)) if labels else math.nan,
+        ))
+    return clients, per_image, ordered

@@ -1,0 +1,184 @@
+"""Bad input, as a new user types it: every case is one line on stderr and exit code 2, before
+any Flower or Ray process starts (a table; each row a command line and the line it must print)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from experiments.deploy import main as deploy_main
+from experiments.run import main as run_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _npz(path: Path, **arrays) -> str:
+    np.savez(path, **arrays)
+    return f"npz:{path}"
+
+
+def _images(n=20, dtype=np.uint8, scale=255):
+    rng = np.random.default_rng(0)
+    return (rng.random((n, 16, 16, 3)) * scale).astype(dtype)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    labels = np.arange(20) % 2
+    nan = _images(dtype=np.float64, scale=1.0)
+    nan[0, 0, 0, 0] = np.nan
+    trunc = d / "truncated.npz"
+    np.savez(trunc, images=_images(), labels=labels)
+    trunc.write_bytes(trunc.read_bytes()[:300])
+    return {
+        "nan": _npz(d / "nan.npz", images=nan, labels=labels),
+        "range": _npz(d / "range.npz", images=_images(dtype=np.float64, scale=3.0), labels=labels),
+        "labels2d": _npz(d / "labels2d.npz", images=_images(), labels=np.zeros((20, 2))),
+        "negative": _npz(d / "negative.npz", images=_images(), labels=labels - 1),
+        "fraclabels": _npz(d / "fraclabels.npz", images=_images(), labels=labels + 0.5),
+        "rank": _npz(d / "rank.npz", images=np.zeros((20, 16)), labels=labels),
+        "nolabels": _npz(d / "nolabels.npz", images=_images()),
+        "count": _npz(d / "count.npz", images=_images(), labels=labels[:5]),
+        "truncated": f"npz:{trunc}",
+        "full": str(_full(d / "full")),
+        "file": str(_plainfile(d / "a-file")),
+        "readonly": str(_readonly(d / "ro")),
+    }
+
+
+def _full(path: Path) -> Path:
+    path.mkdir()
+    (path / "config.json").write_text("{}")
+    (path / "rounds.csv").write_text("round\n0\n")
+    return path
+
+
+def _plainfile(path: Path) -> Path:
+    path.write_text("not a folder")
+    return path
+
+
+def _readonly(path: Path) -> Path:
+    path.mkdir()
+    path.chmod(0o500)
+    return path
+
+
+CASES = [
+    # names and values
+    (["--model", "resnet"], "--model: unknown model 'resnet'"),
+    (["--dataset", "imagenet"], "--dataset: unknown dataset 'imagenet'"),
+    (["--mode", "fedprox"], "--mode: unknown mode 'fedprox'"),
+    (["--partition", "zipf"], "--partition: unknown partition 'zipf'"),
+    (["--attack", "magic"], "--attack: unknown attack 'magic'"),
+    (["--attack", "rgap,none"], "--attack: unknown attack 'none'"),
+    (["--attack", "rgap", "--observers", "god"], "--observers: unknown observer 'god'"),
+    (["--attack", "rgap", "--grant-batch-size", "some"], "--grant-batch-size: unknown policy 'some'"),
+    (["--clients", "0"], "--clients: must be >= 1, got 0"),
+    (["--rounds", "three"], "--rounds: must be int, got 'three'"),
+    (["--batch-size", "1.5"], "--batch-size: must be int, got '1.5'"),
+    (["--lr", "-1"], "--lr: must be a finite number > 0, got -1.0"),
+    (["--server-lr", "inf"], "--server-lr: must be a finite number > 0, got inf"),
+    (["--alpha", "nan"], "--alpha: must be a finite number > 0, got nan"),
+    (["--seed", "-1"], "--seed: must be >= 0, got -1"),
+    (["--fraction-train", "1.5"], "--fraction-train: must be in (0, 1]"),
+    (["--faulty-client", "1:boom"], "--faulty-client: expected ID:KIND"),
+    (["--faulty-client", "12:nan"], "--faulty-client: client 12 is not a partition id (0..9)"),
+    (["--faulty-client", "1:nan", "--faulty-client", "1:inf"], "--faulty-client: client 1 is listed twice"),
+    # the plan's rules
+    (["--attack", "rgap", "--mode", "fedavg"], "--mode: attacks run on FedSGD updates"),
+    (["--attack", "rgap", "--clients", "2"], "--observers: the curious-client observer needs >= 3 clients per round"),
+    (["--attack", "rgap", "--attack-rounds", "3"], "--attack-rounds: round 3 is not in 1..2"),
+    (["--attack", "rgap", "--attack-rounds", "x"], "--attack-rounds: expected comma-separated integers or 'all'"),
+    (["--attack", "rgap", "--attack-clients", "7"], "--attack-clients: 7 is not a partition id (0..3)"),
+    (["--attack", "rgap", "--curious-client", "9"], "--curious-client: 9 is not a partition id (0..3)"),
+    (["--attack", "rgap", "--attack-workers", "-1"], "--attack-workers: must be >= 0, got -1"),
+    # what the data allows, checked before Ray starts
+    (["--partition", "pathological", "--clients", "3"], "--classes-per-client: 3 clients x 2 classes cannot cover 10"),
+    (["--partition", "pathological", "--classes-per-client", "0"], "--classes-per-client: must be >= 1, got 0"),
+    (["--partition", "dirichlet", "--alpha", "1e-4", "--clients", "40"], "--alpha: Dirichlet(alpha=0.0001) left a client empty"),
+    (["--clients", "5000"], "--clients: 5000 clients for 4000 training images"),
+    (["--dataset", "npz:/no/such/file.npz"], "npz dataset not found: /no/such/file.npz"),
+    (["--dataset", "cifar10", "--data-root", "/nonexistent"], "offline choices: mnist5k, npz:PATH"),
+    (["--dataset", "{nan}"], "1 pixel value(s) are NaN or Inf"),
+    (["--dataset", "{range}"], "float pixels must lie in [0, 1]"),
+    (["--dataset", "{labels2d}"], "labels must be one class id per image (shape (N,)), got shape (20, 2)"),
+    (["--dataset", "{negative}"], "labels must be >= 0, found -1"),
+    (["--dataset", "{fraclabels}"], "labels must be integer class ids"),
+    (["--dataset", "{rank}"], "images must be N x H x W"),
+    (["--dataset", "{nolabels}"], "must hold arrays 'images' and 'labels'"),
+    (["--dataset", "{count}"], "20 images but 5 labels"),
+    (["--dataset", "{truncated}"], "is not a readable .npz archive"),
+    # the run folder
+    (["--out", "{full}"], "is not empty: pass --resume to continue the run in it, --overwrite to replace it"),
+    (["--out", "{file}"], "exists and is not a folder"),
+    (["--out", "{file}/run"], "cannot write the run folder"),
+    (["--resume"], "--resume needs --out"),
+    (["--out", "{readonly}", "--resume"], "nothing to resume"),
+    # argparse's own
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--resume", "--overwrite"], "not allowed with argument"),
+]
+
+
+def _call(main, argv):
+    try:
+        return main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        return exc.code
+
+
+@pytest.mark.parametrize("argv,message", CASES, ids=[" ".join(a)[:60] for a, _ in CASES])
+def test_run_refuses_with_one_line(argv, message, files, capsys):
+    argv = [a.format(**files) for a in argv]
+    code = _call(run_main, argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in err and err.count("\n") == 1, err
+
+
+# The deployment shares the plan, its flags and its checks: the same lines, before any process starts.
+DEPLOY_CASES = [c for c in CASES if c[0][:1] != ["--dataset"] or "{" not in c[0][1]][:20] + [
+    (["--attack", "rgap", "--observers", "secagg"], "--observers: the secagg observer runs only under python -m experiments.run"),
+    (["--kill-node", "1"], "--kill-node and --kill-node-after-round go together"),
+    (["--kill-node", "5", "--kill-node-after-round", "1"], "--kill-node: partition id must lie in 0..2"),
+    (["--run-config", "no-such-key=1"], "no-such-key: not a setting of this app"),
+    (["--run-config", "seed=1", "--seed", "2"], "--run-config: 'seed' is set by a flag too"),
+]
+
+
+@pytest.mark.parametrize("argv,message", DEPLOY_CASES, ids=[" ".join(a)[:60] for a, _ in DEPLOY_CASES])
+def test_deploy_refuses_with_one_line(argv, message, files, capsys):
+    code = _call(deploy_main, [a.format(**files) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    message = message.replace("0..3)", "0..2)").replace("0..9)", "0..2)")  # the deployment's default: 3 SuperNodes
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_float_images_in_unit_range_are_repaired_with_a_note(tmp_path):
+    """Float pixels in [0, 1] are unambiguous: scaled to 0..255, and the run says so."""
+    from fl_sim.data import load_dataset
+
+    images = np.random.default_rng(0).random((40, 16, 16, 3))
+    name = _npz(tmp_path / "unit.npz", images=images, labels=np.arange(40) % 4)
+    data = load_dataset(name)
+    assert data.notes and "float pixels in [0, 1] scaled to 0..255" in data.notes[0]
+    restored = np.concatenate([data.train_x.numpy(), data.test_x.numpy()]).astype(np.float64) / 255
+    assert restored.mean() == pytest.approx(images.mean(), abs=0.01)  # not rounded to 0/1 of 255
+
+
+def test_help_shows_each_default_once():
+    out = subprocess.run([sys.executable, "-m", "experiments.run", "--help"], capture_output=True, text=True,
+                         check=True, cwd=ROOT).stdout
+    for flag in ("--dataset", "--model", "--clients", "--rounds", "--mode", "--batch-size", "--partition", "--seed",
+                 "--out", "--attack", "--faulty-client", "--resume", "--overwrite", "--grant-batch-size"):
+        assert flag in out
+    assert "(default: None)" not in out
+    text = " ".join(out.split())
+    assert "number of server rounds (default: 5; with an attack: 2)" in text
