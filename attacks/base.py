@@ -15,8 +15,11 @@ and returns an :class:`AttackResult`.
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +35,10 @@ __all__ = [
     "training_loss",
     "num_outputs",
     "check_input_shape",
+    "AttackOptions",
 ]
+
+_Options = TypeVar("_Options", bound="AttackOptions")
 
 
 @dataclass(frozen=True)
@@ -168,3 +174,91 @@ def training_loss(logits: Tensor, target: Tensor) -> Tensor:
     if logits.shape[-1] == 1:
         return F.binary_cross_entropy_with_logits(logits.squeeze(-1), target.to(logits.dtype))
     return F.cross_entropy(logits, target)
+
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _coerce(name: str, hint: Any, value: Any) -> Any:
+    """``value`` as the annotated type ``hint`` (int, float, bool, str, Literal, torch.dtype,
+    tuples and ``X | None``), or ``ValueError`` naming the option. Lenient only where no
+    information is lost: an int for a float, an integral float for an int, a list for a
+    tuple, a dtype's name (``"float32"``) for a dtype."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(name, arg, value)
+            except ValueError as exc:
+                errors.append(str(exc))
+        raise ValueError(errors[0] if len(errors) == 1 else f"option {name}: {value!r} is not a {hint}")
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"option {name} must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            raise ValueError(f"option {name} must be a tuple, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(name, args[0], v) for v in value)
+        if len(args) != len(value):
+            raise ValueError(f"option {name} must have {len(args)} entries, got {value!r}")
+        return tuple(_coerce(name, a, v) for a, v in zip(args, value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"option {name} must be True or False, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"option {name} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"option {name} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"option {name} must be a string, got {value!r}")
+        return value
+    if hint is torch.dtype:
+        if isinstance(value, str) and value.removeprefix("torch.") in _DTYPES:
+            return _DTYPES[value.removeprefix("torch.")]
+        if not isinstance(value, torch.dtype):
+            raise ValueError(f"option {name} must be a torch dtype (e.g. 'float64'), got {value!r}")
+        return value
+    return value
+
+
+@dataclass(frozen=True)
+class AttackOptions:
+    """The base of an attack's options: a frozen dataclass whose fields are the settings,
+    each with its type and default. Values are coerced to the annotated types and checked
+    once, when the object is made (subclasses add their own checks in ``_check``); a preset,
+    such as a paper's setting, is an instance. ``override`` applies keyword overrides, with
+    a one-line error for a key that is not a field."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _coerce(f.name, hints[f.name], getattr(self, f.name)))
+        self._check()
+
+    def _check(self) -> None:
+        """Checks across fields or of ranges; raise ``ValueError`` naming the option."""
+
+    @classmethod
+    def names(cls) -> list[str]:
+        """The option names, in declaration order."""
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def override(self: _Options, overrides: Mapping[str, Any], *, attack: str = "the attack") -> _Options:
+        """A copy with ``overrides`` applied (validated like a new instance)."""
+        unknown = sorted(set(overrides) - set(self.names()))
+        if unknown:
+            raise ValueError(f"{attack} has no option {', '.join(unknown)} (options: {', '.join(self.names())})")
+        return dataclasses.replace(self, **overrides) if overrides else self

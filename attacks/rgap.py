@@ -49,8 +49,14 @@ This implementation
   the ranks from the weights alone (the gradient constraints are instantiated with the
   back-propagated error of a seeded random probe input, which gives the generic rank);
   ``ra_index`` condenses it into one number (see its docstring for the definition used).
+- State: an :class:`RGAP` solver holds its :class:`RGAPOptions` and caches of what depends on
+  the weights only (each convolution's index pattern, forward matrix ``F`` and ``F^T F``,
+  keyed by the layer's geometry and a digest of its weights; the rank table, keyed by the
+  architecture, every parameter and the input shape). :func:`rgap`, the registered attack,
+  makes a fresh solver per call, so nothing outlives a call; a caller attacking several updates
+  on the same weights (the clients of one FedSGD round) can hold one solver and call it.
 - ``status`` is ``"ok"`` when every layer's system is solved consistently (relative residual
-  below 1e-3), ``"inconsistent"`` otherwise (a rank-deficient layer such as CNN6-d's second
+  below ``consistent_residual``, 1e-3), ``"inconsistent"`` otherwise (a rank-deficient layer such as CNN6-d's second
   one, or an average pool behind a LeakyReLU: the reconstruction is then unreliable), and
   ``"blend"`` for a batch.
 
@@ -73,10 +79,12 @@ dropout, pooling on the raw image, ...) raises ``ValueError`` naming the layer.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import scipy.linalg as sla
@@ -85,15 +93,44 @@ import torch
 from scipy.optimize import brentq, least_squares
 from torch import Tensor, nn
 
-from .base import AttackResult, ThreatModel, Update, as_update, check_gradients, check_input_shape
+from .base import AttackOptions, AttackResult, ThreatModel, Update, as_update, check_gradients, check_input_shape
 
-__all__ = ["rgap", "rank_analysis", "ra_index"]
+__all__ = ["rgap", "RGAP", "RGAPOptions", "rank_analysis", "ra_index"]
 
-_LAMBDA = [1e-10]  # Tikhonov shift (times n) of a singular unit-diagonal normal matrix
-_DAMP = [1.0]  # step on the pre-activation between those solves
-_MAXIT = [30]  # linearised solves for a layer under an average pool
 _ACTS = (nn.LeakyReLU, nn.ReLU, nn.Sigmoid, nn.Tanh, nn.Identity)
 _PARAM = (nn.Conv2d, nn.Linear)
+
+
+@dataclass(frozen=True)
+class RGAPOptions(AttackOptions):
+    """The settings of :class:`RGAP` (and of :func:`rgap`'s keyword options).
+
+    ``rank``: add the weights-only rank analysis (:func:`rank_analysis`, cached per set of
+    weights on the solver) to the diagnostics. ``tikhonov``: the shift, times the number of
+    unknowns, of a numerically singular unit-diagonal normal matrix (rank-deficient layers;
+    approaches the minimum-norm solution). ``refine_steps``: iterative-refinement steps of a
+    convolution's structured solve (it stops once the correction is below 1e-13).
+    ``pool_iterations``, ``pool_damping``: the linearised solves for a layer under an
+    average pool, and the step on the pre-activation between them. ``consistent_residual``:
+    the relative residual below which every layer counts as solved (``status="ok"``).
+    """
+
+    rank: bool = True
+    tikhonov: float = 1e-10
+    refine_steps: int = 5
+    pool_iterations: int = 30
+    pool_damping: float = 1.0
+    consistent_residual: float = 1e-3
+
+    def _check(self) -> None:
+        if not self.tikhonov > 0:
+            raise ValueError(f"option tikhonov must be > 0, got {self.tikhonov}")
+        if self.refine_steps < 0 or self.pool_iterations < 1:
+            raise ValueError(f"options refine_steps >= 0 and pool_iterations >= 1, got {self.refine_steps}, {self.pool_iterations}")
+        if not 0 < self.pool_damping <= 1:
+            raise ValueError(f"option pool_damping must be in (0, 1], got {self.pool_damping}")
+        if not self.consistent_residual > 0:
+            raise ValueError(f"option consistent_residual must be > 0, got {self.consistent_residual}")
 
 
 # --------------------------------------------------------------------------- model parsing
@@ -256,19 +293,31 @@ def _relu_inverse(a: np.ndarray) -> np.ndarray:
     return np.where(a > tol, a, -np.inf)
 
 
-def _act_fns(m: nn.Module):
-    """(forward, derivative at the pre-activation, inverse) for an elementwise activation."""
+ArrayFn = Callable[[np.ndarray], np.ndarray]
+
+
+class _Activation(NamedTuple):
+    """An elementwise activation: its forward map, its derivative at the pre-activation and
+    its inverse."""
+
+    forward: ArrayFn
+    derivative: ArrayFn
+    inverse: ArrayFn
+
+
+def _activation(m: nn.Module) -> _Activation:
     if isinstance(m, nn.Identity):
-        return (lambda z: z), (lambda z: np.ones_like(z)), (lambda a: a)
+        return _Activation(lambda z: z, lambda z: np.ones_like(z), lambda a: a)
     if isinstance(m, nn.LeakyReLU):
         s = float(m.negative_slope)
         if s <= 0:
             raise ValueError("LeakyReLU with a non-positive slope is not invertible")
-        return (lambda z: np.where(z > 0, z, s * z)), (lambda z: np.where(z > 0, 1.0, s)), (lambda a: np.where(a > 0, a, a / s))
+        return _Activation(lambda z: np.where(z > 0, z, s * z), lambda z: np.where(z > 0, 1.0, s),
+                           lambda a: np.where(a > 0, a, a / s))
     if isinstance(m, nn.ReLU):
         # The inverse is only known where the output is positive; elsewhere return -inf as a
         # marker (the forward row is dropped and the derivative is zero).
-        return (lambda z: np.maximum(z, 0)), (lambda z: (z > 0).astype(np.float64)), _relu_inverse
+        return _Activation(lambda z: np.maximum(z, 0), lambda z: (z > 0).astype(np.float64), _relu_inverse)
     if isinstance(m, nn.Sigmoid):
         def sig(z):
             return 0.5 * (1 + np.tanh(0.5 * z))
@@ -277,59 +326,59 @@ def _act_fns(m: nn.Module):
             a = np.clip(a, 1e-300, 1 - 1e-16)
             return np.log(a) - np.log1p(-a)
 
-        return sig, (lambda z: sig(z) * (1 - sig(z))), inv
+        return _Activation(sig, lambda z: sig(z) * (1 - sig(z)), inv)
     if isinstance(m, nn.Tanh):
-        return np.tanh, (lambda z: 1 - np.tanh(z) ** 2), (lambda a: np.arctanh(np.clip(a, -1 + 1e-16, 1 - 1e-16)))
+        return _Activation(np.tanh, lambda z: 1 - np.tanh(z) ** 2, lambda a: np.arctanh(np.clip(a, -1 + 1e-16, 1 - 1e-16)))
     raise ValueError(f"unsupported activation {type(m).__name__}")
 
 
 class _Chain:
     """The parameter-free layers between a parametric layer's output z and the next
-    parametric layer's input x: flatten, elementwise activations, average pools."""
+    parametric layer's input x: flatten, elementwise activations, average pools (each pool
+    held as its sparse matrix)."""
 
     def __init__(self, layers: list[_Layer]):
-        self.ops: list[tuple[str, Any]] = []
+        self.ops: list[sp.csr_matrix | _Activation] = []
         for l in layers:
             m = l.module
             if isinstance(m, nn.Flatten) or isinstance(m, nn.Identity):
                 continue
             if isinstance(m, nn.AvgPool2d):
-                self.ops.append(("pool", _pool_matrix(l.in_shape, m, l.out_shape)))
+                self.ops.append(_pool_matrix(l.in_shape, m, l.out_shape))
             else:
-                self.ops.append(("act", _act_fns(m)))
-        self.has_pool = any(k == "pool" for k, _ in self.ops)
-        self.has_relu = any(isinstance(l.module, nn.ReLU) for l in layers)
+                self.ops.append(_activation(m))
+        self.has_pool = any(not isinstance(op, _Activation) for op in self.ops)
 
     def forward(self, z: np.ndarray) -> tuple[np.ndarray, sp.csr_matrix | None]:
         """h(z) and its Jacobian (sparse; None for the identity)."""
         jac = None
-        for kind, op in self.ops:
-            if kind == "pool":
+        for op in self.ops:
+            if isinstance(op, _Activation):
+                d = sp.diags(op.derivative(z))
+                z = op.forward(z)
+            else:
                 d = op
                 z = op @ z
-            else:
-                d = sp.diags(op[1](z))
-                z = op[0](z)
             jac = d if jac is None else d @ jac
         return z, jac
 
     def invert(self, x: np.ndarray) -> np.ndarray:
         """A pre-image of x: exact without pooling, a minimum-norm guess through a pool."""
-        for kind, op in reversed(self.ops):
-            if kind == "pool":
-                x = op.T @ sp.linalg.spsolve((op @ op.T).tocsc(), x)
+        for op in reversed(self.ops):
+            if isinstance(op, _Activation):
+                x = op.inverse(x)
             else:
-                x = op[2](x)
+                x = op.T @ sp.linalg.spsolve((op @ op.T).tocsc(), x)
         return x
 
 
 # --------------------------------------------------------------------------- least squares
 
 
-def _factorise(normal: np.ndarray, info: dict):
+def _factorise(normal: np.ndarray, info: dict, tikhonov: float) -> Callable[[np.ndarray], np.ndarray]:
     """A solver for the (unit-diagonal) normal matrix: Cholesky when it is positive
-    definite, else a Cholesky of the matrix shifted by 1e-10 n (close to the minimum-norm
-    solution). Records rank (None when singular), condition estimate and solver."""
+    definite, else a Cholesky of the matrix shifted by ``tikhonov * n`` (close to the
+    minimum-norm solution). Records rank (None when singular), condition estimate and solver."""
     n = normal.shape[0]
     lo = _cholesky(normal)
     if lo is not None:
@@ -338,7 +387,7 @@ def _factorise(normal: np.ndarray, info: dict):
         return lambda r: sla.cho_solve((lo, True), r, check_finite=False)
     # numerically singular (a rank-deficient layer): Tikhonov-regularised normal equations,
     # which approach the minimum-norm solution; no refinement (it would feed the null space)
-    lam = _LAMBDA[0] * n
+    lam = tikhonov * n
     lo, bad = torch.linalg.cholesky_ex(torch.from_numpy(normal) + lam * torch.eye(n, dtype=torch.float64))
     if int(bad) != 0:
         raise ValueError("the normal matrix is indefinite: the system is corrupt (NaN or Inf?)")
@@ -347,13 +396,12 @@ def _factorise(normal: np.ndarray, info: dict):
     return lambda r: sla.cho_solve((lo, True), r, check_finite=False)
 
 
-def _solve_ls(a: sp.csr_matrix, b: np.ndarray, refine: int = 3) -> tuple[np.ndarray, dict]:
+def _solve_ls(a: sp.csr_matrix, b: np.ndarray, tikhonov: float, refine: int = 3) -> tuple[np.ndarray, dict]:
     """min ||a x - b|| for a tall sparse matrix of a few thousand columns, in float64.
 
     Rows are normalised to unit length and columns equilibrated; the normal matrix is
     factorised by a dense Cholesky and the solution refined (corrected semi-normal
-    equations). Falls back to the truncated eigen-decomposition (minimum norm) when the
-    normal matrix is not numerically positive definite."""
+    equations). A numerically singular normal matrix gets the Tikhonov shift instead."""
     a = sp.csr_matrix(a, dtype=np.float64)
     rn = np.sqrt(np.asarray(a.multiply(a).sum(axis=1)).ravel())
     keep = rn > 0
@@ -367,7 +415,7 @@ def _solve_ls(a: sp.csr_matrix, b: np.ndarray, refine: int = 3) -> tuple[np.ndar
     normal = (at @ a).toarray()
     n = normal.shape[0]
     info: dict = {"rows": int(keep.sum()), "unknowns": n}
-    solve = _factorise(normal, info)
+    solve = _factorise(normal, info, tikhonov)
     y = solve(at @ b)
     for _ in range(0 if info.get("singular") else refine):
         y = y + solve(at @ (b - a @ y))
@@ -378,110 +426,7 @@ def _solve_ls(a: sp.csr_matrix, b: np.ndarray, refine: int = 3) -> tuple[np.ndar
     return x, info
 
 
-# --------------------------------------------------------------------------- the recursion
-
-
-def _weights(m: nn.Module) -> tuple[np.ndarray, np.ndarray | None]:
-    w = m.weight.detach().to("cpu", torch.float64).numpy()
-    b = None if m.bias is None else m.bias.detach().to("cpu", torch.float64).numpy()
-    return w, b
-
-
-def _conv_col(layer: _Layer, cache: dict) -> np.ndarray:
-    col = cache.get(("col", layer.index))
-    if col is None:
-        col = cache[("col", layer.index)] = _conv_pattern(layer.in_shape, layer.module, layer.out_shape)
-    return col
-
-
-def _forward_matrix(layer: _Layer, w: np.ndarray, cache: dict) -> tuple[sp.csr_matrix, Any]:
-    m = layer.module
-    n_in = int(np.prod(layer.in_shape))
-    if isinstance(m, nn.Conv2d):
-        col = _conv_col(layer, cache)
-        fwd = cache.get(("fwd", layer.index))
-        if fwd is None:
-            fwd = cache[("fwd", layer.index)] = _conv_forward_matrix(col, w, n_in)
-        return fwd, col
-    fwd = cache.get(("fwd", layer.index))
-    if fwd is None:
-        fwd = cache[("fwd", layer.index)] = sp.csr_matrix(w)
-    return fwd, None
-
-
-def _gradient_matrix(layer: _Layer, col: Any, delta: np.ndarray) -> sp.csr_matrix:
-    n_in = int(np.prod(layer.in_shape))
-    if isinstance(layer.module, nn.Conv2d):
-        return _conv_gradient_matrix(col, delta.reshape(layer.out_shape), n_in)
-    return _linear_gradient_matrix(delta, n_in)
-
-
-def _solve_layer(layer, chain: _Chain, x_next, dx_next, grad_w, cache, max_iter=None):
-    """Recover the input of one parametric layer from the next layer's input and error."""
-    w, b = _weights(layer.module)
-    g = grad_w.reshape(-1)
-    z0 = chain.invert(x_next)
-    rows_ok = np.isfinite(z0)
-    b_vec = 0.0 if b is None else np.repeat(b, z0.size // b.size)
-    if isinstance(layer.module, nn.Conv2d) and not chain.has_pool and rows_ok.all():
-        # the common case: the whole output is known; structured solve, no big sparse matrices
-        _, jac = chain.forward(z0)
-        delta = dx_next if jac is None else jac.T @ dx_next
-        x, info, ops = _solve_conv(layer, w, delta, g, z0 - b_vec, cache)
-        info["iterations"] = 1
-        return x, ops.ft(delta), info
-    fwd, col = _forward_matrix(layer, w, cache)
-    z0 = np.where(rows_ok, z0, -1.0)
-    iters = 0
-    max_iter = max_iter or _MAXIT[0]
-    best = None  # (nonlinear relative residual, x, delta, info)
-    stall = 0
-    while True:
-        iters += 1
-        h, jac = chain.forward(z0)
-        delta = dx_next if jac is None else jac.T @ dx_next
-        if chain.has_pool:
-            # linearise the chain at the current pre-activation: J (W x + b - z0) + h(z0) = x_next
-            f_rows = (jac @ fwd).tocsr()
-            f_rhs = x_next - h + jac @ (z0 - b_vec)
-        else:
-            f_rows = fwd[rows_ok] if not rows_ok.all() else fwd
-            f_rhs = (z0 - b_vec)[rows_ok] if not rows_ok.all() else z0 - b_vec
-        gm = _gradient_matrix(layer, col, delta)
-        x, info = _solve_ls(sp.vstack([gm, f_rows], format="csr"), np.concatenate([g, f_rhs]))
-        z_new = fwd @ x + b_vec
-        if not chain.has_pool:
-            best = (info["rel_residual"], x, delta, info, gm, f_rows, f_rhs)
-            break
-        # the nonlinear residuals at the new point: forward through the chain, and the
-        # gradient with the error back-propagated through the chain's Jacobian there
-        h_new, jac_new = chain.forward(z_new)
-        d_new = jac_new.T @ dx_next
-        gm_new = _gradient_matrix(layer, col, d_new)
-        res = math.hypot(np.linalg.norm(gm_new @ x - g) / max(np.linalg.norm(g), 1e-300),
-                         np.linalg.norm(h_new - x_next) / max(np.linalg.norm(x_next), 1e-300))
-        if best is None or res < 0.999 * best[0]:
-            best, stall = (res, x, d_new, info, gm_new, None, None), 0
-        else:
-            stall += 1
-        if res < 1e-12 or stall >= 4 or iters >= max_iter:
-            break
-        z0 = z0 + _DAMP[0] * (z_new - z0)
-    res, x, delta, info, gm, f_rows, f_rhs = best
-    info["iterations"] = iters
-    info["gradient_rel_residual"] = float(np.linalg.norm(gm @ x - g) / max(np.linalg.norm(g), 1e-300))
-    if chain.has_pool:
-        info["rel_residual"] = res  # of the nonlinear system
-        h_x, _ = chain.forward(fwd @ x + b_vec)
-        info["forward_rel_residual"] = float(np.linalg.norm(h_x - x_next) / max(np.linalg.norm(x_next), 1e-300))
-    else:
-        fr = f_rows @ x - f_rhs
-        info["forward_rel_residual"] = float(np.linalg.norm(fr) / max(np.linalg.norm(f_rhs), 1e-300))
-    dx = fwd.T @ delta
-    return x, dx, info
-
-
-def _cholesky(normal: np.ndarray):
+def _cholesky(normal: np.ndarray) -> np.ndarray | None:
     """Lower Cholesky factor of a symmetric positive definite matrix (LAPACK through torch,
     several times faster here than scipy's), or None when it is not numerically positive
     definite (a pivot below 1e-14 n on the unit-diagonal matrix)."""
@@ -495,107 +440,289 @@ def _cholesky(normal: np.ndarray):
     return lo
 
 
+def _gram(a: sp.csr_matrix) -> np.ndarray:
+    """a^T a as a dense array: sparse product when rows are short, dense BLAS otherwise."""
+    nnz_row = a.nnz / max(a.shape[0], 1)
+    sparse_cost = a.shape[0] * nnz_row**2
+    dense_cost = 2.0 * a.shape[0] * a.shape[1] ** 2 / 30.0
+    if sparse_cost <= dense_cost:
+        return (a.T @ a).toarray()
+    t = torch.from_numpy(a.toarray())
+    return (t.T @ t).numpy()
+
+
+# --------------------------------------------------------------------------- what depends on the weights only
+
+
+def _weights(m: nn.Module) -> tuple[np.ndarray, np.ndarray | None]:
+    w = m.weight.detach().to("cpu", torch.float64).numpy()
+    b = None if m.bias is None else m.bias.detach().to("cpu", torch.float64).numpy()
+    return w, b
+
+
+def _digest(*arrays: np.ndarray) -> str:
+    """A digest of arrays' shapes, dtypes and bytes (a key for what is computed from them)."""
+    h = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """All that a parametric layer's matrices depend on besides its weights: the module's
+    hyperparameters (its repr: kernel, stride, padding, features) and the shapes around it."""
+
+    module: str
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+
+    @staticmethod
+    def of(layer: _Layer) -> "_Geometry":
+        return _Geometry(repr(layer.module), layer.in_shape, layer.out_shape)
+
+
+@dataclass
+class _ForwardOps:
+    """A parametric layer's forward matrix ``F`` (rows: outputs; columns: the unpadded input),
+    its transpose, and ``F^T F`` (made on first use)."""
+
+    F: sp.csr_matrix
+    FT: sp.csr_matrix
+    _ftf: np.ndarray | None = None
+
+    @property
+    def ftf(self) -> np.ndarray:
+        if self._ftf is None:
+            self._ftf = _gram(self.F)
+        return self._ftf
+
+
+class _MatrixCache:
+    """The matrices of R-GAP's systems that depend on a layer's geometry and weights only,
+    for one solver: a convolution's index pattern (by geometry) and forward operators (by
+    geometry and a digest of the weights), and rank tables (by a digest of the whole model
+    and the input shape). Least recently used entries beyond ``max_entries`` per kind are
+    dropped, so a solver that sees many models stays bounded."""
+
+    def __init__(self, max_entries: int = 64) -> None:
+        self.max_entries = max_entries
+        self._patterns: OrderedDict[_Geometry, np.ndarray] = OrderedDict()
+        self._forward: OrderedDict[tuple[_Geometry, str], _ForwardOps] = OrderedDict()
+        self._ranks: OrderedDict[tuple, list[dict]] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def _get(self, table: OrderedDict, key: Any, make: Callable[[], Any]) -> Any:
+        if key in table:
+            self.hits += 1
+            table.move_to_end(key)
+            return table[key]
+        self.misses += 1
+        value = table[key] = make()
+        while len(table) > self.max_entries:
+            table.popitem(last=False)
+        return value
+
+    def pattern(self, layer: _Layer) -> np.ndarray:
+        """The index pattern of a convolution (see :func:`_conv_pattern`)."""
+        return self._get(self._patterns, _Geometry.of(layer),
+                         lambda: _conv_pattern(layer.in_shape, layer.module, layer.out_shape))
+
+    def forward(self, layer: _Layer, w: np.ndarray) -> _ForwardOps:
+        """``F``, ``F^T`` and ``F^T F`` of a parametric layer with weights ``w``."""
+        def make() -> _ForwardOps:
+            n_in = int(np.prod(layer.in_shape))
+            fwd = _conv_forward_matrix(self.pattern(layer), w, n_in) if isinstance(layer.module, nn.Conv2d) else sp.csr_matrix(w)
+            return _ForwardOps(fwd, fwd.T.tocsr())
+
+        return self._get(self._forward, (_Geometry.of(layer), _digest(w)), make)
+
+    def ranks(self, model: nn.Module, shape: tuple[int, int, int], seed: int) -> list[dict]:
+        """:func:`rank_analysis` of ``model`` (architecture and every parameter in the key)."""
+        params = [p.detach().to("cpu", torch.float64).numpy() for p in model.parameters()]
+        key = (repr(model), shape, seed, _digest(*params))
+        return self._get(self._ranks, key, lambda: _rank_table(model, shape, seed, self))
+
+
+# --------------------------------------------------------------------------- the recursion
+
+
+def _gradient_matrix(layer: _Layer, col: np.ndarray | None, delta: np.ndarray) -> sp.csr_matrix:
+    n_in = int(np.prod(layer.in_shape))
+    if isinstance(layer.module, nn.Conv2d):
+        return _conv_gradient_matrix(col, delta.reshape(layer.out_shape), n_in)
+    return _linear_gradient_matrix(delta, n_in)
+
+
+@dataclass
+class _LayerFit:
+    """One linearised solve of a layer's stacked system: the relative residual that ranks it,
+    the input ``x``, the error ``delta`` at the layer's output it was solved with, the solver's
+    report, and the gradient constraints (and, without a pool, the forward ones) for the final
+    residuals."""
+
+    residual: float
+    x: np.ndarray
+    delta: np.ndarray
+    info: dict
+    gradient_rows: sp.csr_matrix
+    forward_rows: sp.csr_matrix | None = None
+    forward_rhs: np.ndarray | None = None
+
+
+def _solve_layer(layer: _Layer, chain: _Chain, x_next: np.ndarray, dx_next: np.ndarray, grad_w: np.ndarray,
+                 cache: _MatrixCache, opts: RGAPOptions) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Recover the input of one parametric layer from the next layer's input and error;
+    returns the input, the error at it, and the solver's report."""
+    w, b = _weights(layer.module)
+    g = grad_w.reshape(-1)
+    z0 = chain.invert(x_next)
+    rows_ok = np.isfinite(z0)
+    b_vec = 0.0 if b is None else np.repeat(b, z0.size // b.size)
+    if isinstance(layer.module, nn.Conv2d) and not chain.has_pool and rows_ok.all():
+        # the common case: the whole output is known; structured solve, no big sparse matrices
+        _, jac = chain.forward(z0)
+        delta = dx_next if jac is None else jac.T @ dx_next
+        x, info, ops = _solve_conv(layer, w, delta, g, z0 - b_vec, cache, opts)
+        info["iterations"] = 1
+        return x, ops.ft(delta), info
+    fwd = cache.forward(layer, w).F
+    col = cache.pattern(layer) if isinstance(layer.module, nn.Conv2d) else None
+    z0 = np.where(rows_ok, z0, -1.0)
+    iters = 0
+    best: _LayerFit | None = None
+    stall = 0
+    while True:
+        iters += 1
+        h, jac = chain.forward(z0)
+        delta = dx_next if jac is None else jac.T @ dx_next
+        if chain.has_pool:
+            # linearise the chain at the current pre-activation: J (W x + b - z0) + h(z0) = x_next
+            f_rows = (jac @ fwd).tocsr()
+            f_rhs = x_next - h + jac @ (z0 - b_vec)
+        else:
+            f_rows = fwd[rows_ok] if not rows_ok.all() else fwd
+            f_rhs = (z0 - b_vec)[rows_ok] if not rows_ok.all() else z0 - b_vec
+        gm = _gradient_matrix(layer, col, delta)
+        x, info = _solve_ls(sp.vstack([gm, f_rows], format="csr"), np.concatenate([g, f_rhs]), opts.tikhonov)
+        z_new = fwd @ x + b_vec
+        if not chain.has_pool:
+            best = _LayerFit(info["rel_residual"], x, delta, info, gm, f_rows, f_rhs)
+            break
+        # the nonlinear residuals at the new point: forward through the chain, and the
+        # gradient with the error back-propagated through the chain's Jacobian there
+        h_new, jac_new = chain.forward(z_new)
+        d_new = jac_new.T @ dx_next
+        gm_new = _gradient_matrix(layer, col, d_new)
+        res = math.hypot(np.linalg.norm(gm_new @ x - g) / max(np.linalg.norm(g), 1e-300),
+                         np.linalg.norm(h_new - x_next) / max(np.linalg.norm(x_next), 1e-300))
+        if best is None or res < 0.999 * best.residual:
+            best, stall = _LayerFit(res, x, d_new, info, gm_new), 0
+        else:
+            stall += 1
+        if res < 1e-12 or stall >= 4 or iters >= opts.pool_iterations:
+            break
+        z0 = z0 + opts.pool_damping * (z_new - z0)
+    x, info = best.x, best.info
+    info["iterations"] = iters
+    info["gradient_rel_residual"] = float(np.linalg.norm(best.gradient_rows @ x - g) / max(np.linalg.norm(g), 1e-300))
+    if chain.has_pool:
+        info["rel_residual"] = best.residual  # of the nonlinear system
+        h_x, _ = chain.forward(fwd @ x + b_vec)
+        info["forward_rel_residual"] = float(np.linalg.norm(h_x - x_next) / max(np.linalg.norm(x_next), 1e-300))
+    else:
+        fr = best.forward_rows @ x - best.forward_rhs
+        info["forward_rel_residual"] = float(np.linalg.norm(fr) / max(np.linalg.norm(best.forward_rhs), 1e-300))
+    dx = fwd.T @ best.delta
+    return x, dx, info
+
+
 class _ConvOps:
     """A convolution's forward (cached sparse F) and gradient constraints as operators. The
     gradient matrix is block diagonal over input channels with one shared block ``g1`` (rows
     (o, i, j), columns one channel's pixels), so it is applied to all channels at once."""
 
-    def __init__(self, entry: dict, g1: sp.csr_matrix, layer: _Layer, o: int):
+    def __init__(self, forward: _ForwardOps, g1: sp.csr_matrix, layer: _Layer, o: int):
         c, h, w = layer.in_shape
-        self.F, self.FT = entry["F"], entry["FT"]
+        self.F, self.FT = forward.F, forward.FT
         self.g1, self.g1t = g1, g1.T.tocsr()
         self.c, self.hw, self.o = c, h * w, o
         self.kk = g1.shape[0] // o
 
-    def f(self, x):  # forward constraints: W * x
+    def f(self, x: np.ndarray) -> np.ndarray:  # forward constraints: W * x
         return self.F @ x
 
-    def ft(self, r):
+    def ft(self, r: np.ndarray) -> np.ndarray:
         return self.FT @ r
 
-    def g(self, x):  # gradient constraints: dL/dW for input x, rows (o, c, i, j)
+    def g(self, x: np.ndarray) -> np.ndarray:  # gradient constraints: dL/dW for input x, rows (o, c, i, j)
         out = self.g1 @ x.reshape(self.c, self.hw).T  # (o k k, c)
         return out.reshape(self.o, self.kk, self.c).transpose(0, 2, 1).ravel()
 
-    def gt(self, r):
+    def gt(self, r: np.ndarray) -> np.ndarray:
         r = r.reshape(self.o, self.c, self.kk).transpose(0, 2, 1).reshape(self.o * self.kk, self.c)
         return (self.g1t @ r).T.ravel()
 
 
-def _conv_normal(layer: _Layer, w: np.ndarray, delta: np.ndarray, cache: dict):
+class _NormalSystem(NamedTuple):
+    """A convolution's stacked system in normal-equations form: the unit-diagonal normal
+    matrix, the diagonal scaling ``d`` that made it so, the weights of the gradient and the
+    forward equations (``alpha2``, ``beta2``), and the constraints as operators."""
+
+    matrix: np.ndarray
+    scaling: np.ndarray
+    alpha2: float
+    beta2: float
+    ops: _ConvOps
+
+
+def _conv_normal(layer: _Layer, w: np.ndarray, delta: np.ndarray, cache: _MatrixCache) -> _NormalSystem:
     """The unit-diagonal normal matrix of a convolution's stacked system, assembled from its
-    structure, with the diagonal scaling ``d`` and the block weights (gradient, forward)."""
+    structure: the gradient part is block diagonal over input channels with one block shared
+    by all channels, the forward part ``F^T F`` depends on the weights only (cached)."""
     c, h, wd = layer.in_shape
     o = w.shape[0]
     dl = delta.reshape(o, -1)
     alpha2 = o / max(float(np.sum(dl * dl)), 1e-300)
     beta2 = o / max(float(np.sum(w * w)), 1e-300)
-    entry = _weights_entry(layer, w, cache)
-    ftf = entry["ftf"]
-    col = _conv_col(layer, cache)
-    g1 = _conv_gradient_matrix(col[:1], delta.reshape(layer.out_shape), h * wd)
+    forward = cache.forward(layer, w)
+    g1 = _conv_gradient_matrix(cache.pattern(layer)[:1], delta.reshape(layer.out_shape), h * wd)
     block = torch.from_numpy((g1.T @ g1).toarray())
-    normal = torch.from_numpy(ftf) * beta2
+    normal = torch.from_numpy(forward.ftf) * beta2
     hw = h * wd
     for ch in range(c):
         normal[ch * hw:(ch + 1) * hw, ch * hw:(ch + 1) * hw] += alpha2 * block
     dt = 1.0 / torch.sqrt(torch.clamp(torch.diagonal(normal), min=1e-300))
     normal *= dt[:, None]
     normal *= dt[None, :]
-    return normal.numpy(), dt.numpy(), alpha2, beta2, _ConvOps(entry, g1, layer, o)
-
-
-_FTF_CACHE: dict = {}
-_RANK_CACHE: dict = {}  # the rank table of the model last attacked
-
-
-def _weights_entry(layer: _Layer, w: np.ndarray, cache: dict) -> dict:
-    """A convolution's forward matrix F, its transpose and F^T F. They depend on the weights
-    only, so they are kept for the model last attacked (keyed by a digest of the weights) and
-    reused for the next update (another client, another image) on the same weights."""
-    key = ("entry", layer.index)
-    if key in cache:
-        return cache[key]
-    m = layer.module
-    digest = (layer.index, layer.in_shape, hash(m.weight.detach().to("cpu", torch.float64).numpy().tobytes()))
-    hit = _FTF_CACHE.get(digest)
-    if hit is None:
-        fwd = _forward_matrix(layer, w, cache)[0]
-        hit = {"F": fwd, "FT": fwd.T.tocsr(), "ftf": _gram(fwd)}
-        if len(_FTF_CACHE) >= 16:
-            _FTF_CACHE.clear()
-        _FTF_CACHE[digest] = hit
-    cache[key] = hit
-    return hit
-
-
-def _ftf(layer: _Layer, w: np.ndarray, cache: dict) -> np.ndarray:
-    return _weights_entry(layer, w, cache)["ftf"]
+    return _NormalSystem(normal.numpy(), dt.numpy(), alpha2, beta2, _ConvOps(forward, g1, layer, o))
 
 
 def _solve_conv(layer: _Layer, w: np.ndarray, delta: np.ndarray, g: np.ndarray, f_rhs: np.ndarray,
-                cache: dict, refine: int = 5) -> tuple[np.ndarray, dict]:
+                cache: _MatrixCache, opts: RGAPOptions) -> tuple[np.ndarray, dict, _ConvOps]:
     """Least squares for a convolution whose whole output is known (no pooling, no ReLU).
 
-    The normal matrix is assembled from its structure: the gradient part is block diagonal
-    over input channels with one block shared by all channels (built from one channel's
-    gradient matrix), the forward part depends on the weights only (cached). The two blocks
-    of equations are weighted by their typical row norms, the normal matrix is scaled to a
-    unit diagonal (column equilibration), factorised by Cholesky, and the solution refined
-    with residuals computed by the convolution operators (semi-normal equations)."""
+    The two blocks of equations are weighted by their typical row norms, the normal matrix
+    (:func:`_conv_normal`) is scaled to a unit diagonal (column equilibration), factorised by
+    Cholesky, and the solution refined with residuals computed by the convolution operators
+    (semi-normal equations)."""
     c, h, wd = layer.in_shape
     n = c * h * wd
-    normal, d, alpha2, beta2, ops = _conv_normal(layer, w, delta, cache)
+    system = _conv_normal(layer, w, delta, cache)
+    d, alpha2, beta2, ops = system.scaling, system.alpha2, system.beta2, system.ops
     info: dict = {"rows": int(g.size + f_rhs.size), "unknowns": n}
-    inner = _factorise(normal, info)
+    inner = _factorise(system.matrix, info, opts.tikhonov)
 
-    def solve(rg, rf):
+    def solve(rg: np.ndarray, rf: np.ndarray) -> np.ndarray:
         return d * inner(d * (alpha2 * ops.gt(rg) + beta2 * ops.ft(rf)))
 
     x = solve(g, f_rhs)
     rg, rf = g - ops.g(x), f_rhs - ops.f(x)
     steps = 0
-    while steps < (0 if info.get("singular") else refine):
+    while steps < (0 if info.get("singular") else opts.refine_steps):
         step = solve(rg, rf)
         x = x + step
         rg, rf = g - ops.g(x), f_rhs - ops.f(x)
@@ -613,31 +740,36 @@ def _solve_conv(layer: _Layer, w: np.ndarray, delta: np.ndarray, g: np.ndarray, 
     return x, info, ops
 
 
-def _gram(a: sp.csr_matrix) -> np.ndarray:
-    """a^T a as a dense array: sparse product when rows are short, dense BLAS otherwise."""
-    nnz_row = a.nnz / max(a.shape[0], 1)
-    sparse_cost = a.shape[0] * nnz_row**2
-    dense_cost = 2.0 * a.shape[0] * a.shape[1] ** 2 / 30.0
-    if sparse_cost <= dense_cost:
-        return (a.T @ a).toarray()
-    t = torch.from_numpy(a.toarray())
-    return (t.T @ t).numpy()
-
-
-def _sigmoid(z):
+def _sigmoid(z: float) -> float:
     return 0.5 * (1 + math.tanh(0.5 * z))
 
 
-def _head_candidates(w, b, gw, gb, label):
-    """(label, input of the head, error at the logits) candidates from the head's gradient."""
+class _HeadState(NamedTuple):
+    """One state of the head consistent with its gradient: a label, the head's input and the
+    error at the logits."""
+
+    label: int
+    head_input: np.ndarray
+    error: np.ndarray
+
+
+def _head_candidates(w: np.ndarray, b: np.ndarray | None, gw: np.ndarray, gb: np.ndarray | None,
+                     label: int | None) -> list[_HeadState]:
+    """The head states consistent with the head's gradient (and the label, when granted).
+
+    A single logit without bias: ``gw = e a`` with ``e = sigmoid(z) - y`` and ``z = w . a``, so
+    ``u = gw . w = e z``; with ``t = z`` (y = 0) or ``t = -z`` (y = 1) both labels give
+    ``t sigmoid(t) = u``. For ``u > 0`` (the label opposite to the model's prediction, R-GAP's
+    demo) this has one root; for ``u < 0`` (the label the model predicts) two, on either side
+    of the minimum of ``t sigmoid(t)``: each root and each label not excluded is a candidate."""
     k = w.shape[0]
-    cands = []
+    cands: list[_HeadState] = []
     if k == 1:
         gw = gw.reshape(-1)
         if gb is not None:
             e = float(gb.reshape(-1)[0])
             y = label if label is not None else (0 if e > 0 else 1)
-            cands.append((y, gw / e, np.array([e])))
+            cands.append(_HeadState(y, gw / e, np.array([e])))
             return cands
         u = float(gw @ w.reshape(-1))  # = e * z
         labels = [label] if label is not None else [0, 1]
@@ -654,13 +786,13 @@ def _head_candidates(w, b, gw, gb, label):
                 z = t if y == 0 else -t
                 e = _sigmoid(z) - y
                 if e != 0:
-                    cands.append((y, gw / e, np.array([e])))
+                    cands.append(_HeadState(y, gw / e, np.array([e])))
         return cands
     # softmax cross-entropy
     if gb is not None:
         e = gb.reshape(-1)
         y = label if label is not None else int(np.argmin(e))
-        cands.append((y, gw.T @ e / (e @ e), e))
+        cands.append(_HeadState(y, gw.T @ e / (e @ e), e))
         return cands
     uu, ss, vt = np.linalg.svd(gw, full_matrices=False)
     s, u, v = ss[0], uu[:, 0], vt[0]
@@ -684,7 +816,7 @@ def _head_candidates(w, b, gw, gb, label):
         # g = e x^T with x = t v and e = s u / t, so (t / s) (softmax(t W v) - onehot) = u. In this
         # form the residual is 1 far from the root on both sides; the unscaled difference
         # e(t) - s u / t also vanishes as t -> inf whenever the model predicts y, a false root.
-        def resid(logt):
+        def resid(logt, m=m, onehot=onehot, uh=uh):
             t = np.exp(logt)
             zz = t * m
             p = np.exp(zz - zz.max())
@@ -696,32 +828,144 @@ def _head_candidates(w, b, gw, gb, label):
         t0 = grid[int(np.argmin(costs))]
         sol = least_squares(resid, x0=[t0], xtol=1e-15, ftol=1e-15, gtol=1e-15, method="lm")
         t = float(np.exp(sol.x[0]))
-        cands.append((y, t * vh, (s / t) * uh))
+        cands.append(_HeadState(y, t * vh, (s / t) * uh))
     return cands
 
 
-def _run_recursion(plan: _Plan, grads_by_layer, a_head, e_head, cache):
-    """Walk from the head's input down to the image; returns (image, per-layer info)."""
+@dataclass
+class _Candidate:
+    """The recursion run from one head state: the image, the layers' solver reports (top to
+    bottom), the root-sum-square of their relative residuals, and the share of pixels in
+    range."""
+
+    head: _HeadState
+    image: np.ndarray
+    layers: list[dict]
+    total_rel_residual: float
+    in_range: float
+
+
+def _run_recursion(plan: _Plan, grads_by_layer: dict[int, list[np.ndarray]], head: _HeadState,
+                   cache: _MatrixCache, opts: RGAPOptions) -> _Candidate:
+    """Walk from the head's input down to the image."""
     params = plan.params
-    head = plan.layers[params[-1]]
-    w_head, _ = _weights(head.module)
-    x_next = a_head
-    dx_next = w_head.T @ e_head
+    head_layer = plan.layers[params[-1]]
+    w_head, _ = _weights(head_layer.module)
+    x_next = head.head_input
+    dx_next = w_head.T @ head.error
     infos = []
     total = 0.0
     for pos in range(len(params) - 2, -1, -1):
         layer = plan.layers[params[pos]]
         chain = _Chain(plan.layers[params[pos] + 1 : params[pos + 1]])
-        x, dx, info = _solve_layer(layer, chain, x_next, dx_next, grads_by_layer[layer.index][0], cache)
+        x, dx, info = _solve_layer(layer, chain, x_next, dx_next, grads_by_layer[layer.index][0], cache, opts)
         info["layer"] = layer.index
         info["type"] = type(layer.module).__name__
         infos.append(info)
         total += info["rel_residual"] ** 2
         x_next, dx_next = x, dx
     # the raw input: invert what lies before the first parametric layer
-    pre = _Chain(plan.layers[: params[0]])
-    image = pre.invert(x_next)
-    return image, infos, math.sqrt(total)
+    image = _Chain(plan.layers[: params[0]]).invert(x_next)
+    inside = float(np.mean((image >= -0.05) & (image <= 1.05)))
+    return _Candidate(head, image, infos, math.sqrt(total), inside)
+
+
+_REPORT_KEYS = ("layer", "type", "rel_residual", "gradient_rel_residual", "forward_rel_residual", "rank", "unknowns",
+                "rows", "cond_est", "solver", "iterations")
+
+
+class RGAP:
+    """An R-GAP solver: its :class:`RGAPOptions` and a cache of the matrices that depend on
+    the weights only (see :class:`_MatrixCache`). Calling it attacks one update, with the
+    shared calling convention of the attacks; keyword options override the solver's for that
+    call. Holding one solver across updates on the same weights (the clients of one FedSGD
+    round, the images of a benchmark) reuses each convolution's ``F^T F`` and the rank table;
+    the cache is keyed by everything they depend on, so updates on other weights or other
+    architectures are safe (they miss)."""
+
+    def __init__(self, options: RGAPOptions | None = None, *, max_cache_entries: int = 64) -> None:
+        if options is not None and not isinstance(options, RGAPOptions):
+            raise ValueError(f"options must be an RGAPOptions, got {type(options).__name__}")
+        self.options = options or RGAPOptions()
+        self.cache = _MatrixCache(max_cache_entries)
+
+    def rank_analysis(self, model: nn.Module, input_shape: Sequence[int], *, seed: int = 0) -> list[dict]:
+        """:func:`rank_analysis`, cached on this solver."""
+        return [dict(row) for row in self.cache.ranks(model, check_input_shape(input_shape), seed)]
+
+    def __call__(
+        self,
+        model: nn.Module,
+        update: Update | Sequence[Tensor],
+        input_shape: Sequence[int],
+        threat: ThreatModel = ThreatModel(),
+        *,
+        seed: int = 0,
+        **overrides: Any,
+    ) -> AttackResult:
+        """Reconstruct the input of one sample from its gradient (see :func:`rgap`)."""
+        start = time.perf_counter()
+        opts = self.options.override(overrides, attack="rgap")
+        shape = check_input_shape(input_shape)
+        grads = check_gradients(model, as_update(update).as_gradients())
+        plan = _plan(model, shape)
+        # gradients per parametric layer, in model.parameters() order
+        by_layer: dict[int, list[np.ndarray]] = {}
+        it = iter(grads)
+        for l in plan.layers:
+            n = len(list(l.module.parameters()))
+            if n:
+                if not isinstance(l.module, _PARAM):
+                    raise _refuse(l.index, l.module, "a parametric layer R-GAP does not know")
+                by_layer[l.index] = [next(it).to("cpu", torch.float64).numpy() for _ in range(n)]
+        batch = threat.resolved_batch_size()
+        label = None
+        if threat.labels is not None and batch == 1:
+            label = int(torch.as_tensor(threat.labels).reshape(-1)[0])
+        head = plan.layers[plan.params[-1]]
+        w, b = _weights(head.module)
+        hg = by_layer[head.index]
+        gw = hg[0]
+        gb = hg[1] if len(hg) > 1 else None
+        if not np.any(gw):
+            raise ValueError("the head's weight gradient is zero: nothing to invert")
+        heads = _head_candidates(w, b, gw, gb, label)
+        if not heads:
+            raise ValueError("no head state is consistent with the gradient (is the label right?)")
+        runs = [_run_recursion(plan, by_layer, h, self.cache, opts) for h in heads]
+        best_resid = min(r.total_rel_residual for r in runs)
+        # among candidates as consistent as the best (within a factor 2), prefer images in range
+        best = min((r for r in runs if r.total_rel_residual <= 2 * best_resid + 1e-300),
+                   key=lambda r: (-r.in_range, r.total_rel_residual))
+        img = torch.from_numpy(np.ascontiguousarray(best.image.reshape(shape))).to(torch.float32)
+        img = torch.nan_to_num(img, nan=0.5).clamp(0, 1)
+        images = img.unsqueeze(0).repeat(batch, 1, 1, 1)
+        if threat.labels is not None:
+            labels = torch.as_tensor(threat.labels).reshape(-1).to(torch.int64).clone()
+        else:
+            labels = torch.full((batch,), int(best.head.label), dtype=torch.int64)
+        worst = max((info["rel_residual"] for info in best.layers), default=0.0)
+        status = "blend" if batch > 1 else ("ok" if worst < opts.consistent_residual else "inconsistent")
+        diagnostics: dict[str, Any] = {
+            "residuals": [{k: info[k] for k in _REPORT_KEYS} for info in best.layers],
+            "total_rel_residual": best.total_rel_residual,
+            "candidates": [{"label": int(r.head.label), "total_rel_residual": r.total_rel_residual, "in_range": r.in_range}
+                           for r in runs],
+            "head_error": [float(v) for v in np.ravel(best.head.error)],
+            "label_granted": threat.labels is not None,
+        }
+        if opts.rank:
+            diagnostics["rank"] = self.rank_analysis(model, shape)
+            diagnostics["ra_index"] = ra_index(diagnostics["rank"])
+        return AttackResult(
+            attack="rgap",
+            images=images,
+            labels=labels,
+            seconds=time.perf_counter() - start,
+            steps=0,
+            status=status,
+            diagnostics=diagnostics,
+        )
 
 
 def rgap(
@@ -731,93 +975,18 @@ def rgap(
     threat: ThreatModel = ThreatModel(),
     *,
     seed: int = 0,
-    dtype: torch.dtype = torch.float64,
     **options: Any,
 ) -> AttackResult:
-    """Reconstruct the input of one sample from its gradient by R-GAP.
+    """Reconstruct the input of one sample from its gradient by R-GAP, with a fresh
+    :class:`RGAP` solver (nothing is kept between calls; hold an :class:`RGAP` to reuse the
+    weights' matrices across updates).
 
     ``seed`` is accepted for the shared calling convention and unused (R-GAP is
-    deterministic). ``dtype`` must be float64 (the solver works in float64 throughout).
-    ``options``: ``rank=False`` skips the weights-only rank analysis in the diagnostics
-    (it is computed once per set of weights and reused).
+    deterministic). ``options``: fields of :class:`RGAPOptions`, e.g. ``rank=False`` skips
+    the weights-only rank analysis in the diagnostics (the attack runner's choice: it costs
+    more than the attack on CNN6).
     """
-    start = time.perf_counter()
-    shape = check_input_shape(input_shape)
-    if dtype != torch.float64:
-        raise ValueError("R-GAP solves in float64; pass dtype=torch.float64")
-    unknown = set(options) - {"rank"}
-    if unknown:
-        raise ValueError(f"unknown R-GAP options: {', '.join(sorted(unknown))}")
-    grads = check_gradients(model, as_update(update).as_gradients())
-    plan = _plan(model, shape)
-    # gradients per parametric layer, in model.parameters() order
-    by_layer: dict[int, list[np.ndarray]] = {}
-    it = iter(grads)
-    for l in plan.layers:
-        n = len(list(l.module.parameters()))
-        if n:
-            if not isinstance(l.module, _PARAM):
-                raise _refuse(l.index, l.module, "a parametric layer R-GAP does not know")
-            by_layer[l.index] = [next(it).to("cpu", torch.float64).numpy() for _ in range(n)]
-    batch = threat.resolved_batch_size()
-    label = None
-    if threat.labels is not None and batch == 1:
-        label = int(torch.as_tensor(threat.labels).reshape(-1)[0])
-    head = plan.layers[plan.params[-1]]
-    w, b = _weights(head.module)
-    hg = by_layer[head.index]
-    gw = hg[0]
-    gb = hg[1] if len(hg) > 1 else None
-    if not np.any(gw):
-        raise ValueError("the head's weight gradient is zero: nothing to invert")
-    cands = _head_candidates(w, b, gw, gb, label)
-    if not cands:
-        raise ValueError("no head state is consistent with the gradient (is the label right?)")
-    cache: dict = {}
-    runs = []
-    for y, a_head, e_head in cands:
-        image, infos, resid = _run_recursion(plan, by_layer, a_head, e_head, cache)
-        inside = float(np.mean((image >= -0.05) & (image <= 1.05)))
-        runs.append((resid, -inside, y, image, infos, e_head))
-    best_resid = min(r[0] for r in runs)
-    # among candidates as consistent as the best (within a factor 2), prefer images in range
-    best = min((r for r in runs if r[0] <= 2 * best_resid + 1e-300), key=lambda r: (r[1], r[0]))
-    resid, _, y, image, infos, e_head = best
-    img = torch.from_numpy(np.ascontiguousarray(image.reshape(shape))).to(torch.float32)
-    img = torch.nan_to_num(img, nan=0.5).clamp(0, 1)
-    images = img.unsqueeze(0).repeat(batch, 1, 1, 1)
-    if threat.labels is not None:
-        labels = torch.as_tensor(threat.labels).reshape(-1).to(torch.int64).clone()
-    else:
-        labels = torch.full((batch,), int(y), dtype=torch.int64)
-    worst = max((info["rel_residual"] for info in infos), default=0.0)
-    status = "blend" if batch > 1 else ("ok" if worst < 1e-3 else "inconsistent")
-    diagnostics: dict[str, Any] = {
-        "residuals": [
-            {k: info[k] for k in ("layer", "type", "rel_residual", "gradient_rel_residual", "forward_rel_residual", "rank", "unknowns", "rows", "cond_est", "solver", "iterations")}
-            for info in infos
-        ],
-        "total_rel_residual": resid,
-        "candidates": [{"label": int(r[2]), "total_rel_residual": r[0], "in_range": -r[1]} for r in runs],
-        "head_error": [float(v) for v in np.ravel(e_head)],
-        "label_granted": threat.labels is not None,
-    }
-    if options.get("rank", True):
-        digest = (shape, hash(b"".join(p.detach().to("cpu", torch.float64).numpy().tobytes() for p in model.parameters())))
-        if digest not in _RANK_CACHE:
-            _RANK_CACHE.clear()
-            _RANK_CACHE[digest] = rank_analysis(model, shape)
-        diagnostics["rank"] = [dict(row) for row in _RANK_CACHE[digest]]
-        diagnostics["ra_index"] = ra_index(diagnostics["rank"])
-    return AttackResult(
-        attack="rgap",
-        images=images,
-        labels=labels,
-        seconds=time.perf_counter() - start,
-        steps=0,
-        status=status,
-        diagnostics=diagnostics,
-    )
+    return RGAP(RGAPOptions().override(options, attack="rgap"))(model, update, input_shape, threat, seed=seed)
 
 
 # --------------------------------------------------------------------------- rank analysis
@@ -869,8 +1038,12 @@ def rank_analysis(model: nn.Module, input_shape: Sequence[int], *, seed: int = 0
     back-propagated error, which the attack reads from the gradient; here it is instantiated
     with a seeded random probe input (uniform in [0, 1]) and a random label, which gives the
     generic rank. The head (solved in closed form from its rank-one gradient) is not listed.
+    Nothing is kept between calls (:meth:`RGAP.rank_analysis` caches the table on a solver).
     """
-    shape = check_input_shape(input_shape)
+    return _rank_table(model, check_input_shape(input_shape), seed, _MatrixCache())
+
+
+def _rank_table(model: nn.Module, shape: tuple[int, int, int], seed: int, cache: _MatrixCache) -> list[dict]:
     plan = _plan(model, shape)
     gen = torch.Generator().manual_seed(seed)
     probe = torch.rand((1, *shape), generator=gen, dtype=torch.float64)
@@ -904,7 +1077,6 @@ def rank_analysis(model: nn.Module, input_shape: Sequence[int], *, seed: int = 0
     w_head, _ = _weights(head.module)
     dx = torch.from_numpy(w_head.T @ e.numpy())
     rows = []
-    cache: dict = {}
     for pos in range(len(params) - 2, -1, -1):
         layer = plan.layers[params[pos]]
         zl = acts[layer.index + 1].reshape(-1).numpy()
@@ -912,7 +1084,8 @@ def rank_analysis(model: nn.Module, input_shape: Sequence[int], *, seed: int = 0
         _, jac = chain.forward(zl)
         delta = dx.numpy() if jac is None else jac.T @ dx.numpy()
         w, _ = _weights(layer.module)
-        fwd, col = _forward_matrix(layer, w, cache)
+        fwd = cache.forward(layer, w).F
+        col = cache.pattern(layer) if isinstance(layer.module, nn.Conv2d) else None
         f_rows = fwd if jac is None else (jac @ fwd).tocsr()
         nz = np.diff(sp.csr_matrix(f_rows).indptr) > 0
         f_rows = sp.csr_matrix(f_rows)[nz]
@@ -927,9 +1100,9 @@ def rank_analysis(model: nn.Module, input_shape: Sequence[int], *, seed: int = 0
             n_pad = n_in
         if gm is None:
             # structured Gram matrices, as the attack builds them
-            f_rank = _rank_of_gram(_ftf(layer, w, cache)) if fwd.shape[0] >= fwd.shape[1] else _numeric_rank(fwd)
+            f_rank = _rank_of_gram(cache.forward(layer, w).ftf) if fwd.shape[0] >= fwd.shape[1] else _numeric_rank(fwd)
             full = f_rank == n_in  # the forward constraints alone fix the input
-            s_rank = n_in if full else _rank_of_gram(_conv_normal(layer, w, delta, cache)[0])
+            s_rank = n_in if full else _rank_of_gram(_conv_normal(layer, w, delta, cache).matrix)
         else:
             f_rank = _numeric_rank(f_rows)
             s_rank = f_rank if f_rank == n_in else _numeric_rank(sp.vstack([gm, f_rows], format="csr"))

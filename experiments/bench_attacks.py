@@ -1,15 +1,25 @@
-"""Benchmark one attack on real images, one row per image (or batch).
+"""Benchmark one attack on real images, one row per image (or batch), over one or more model seeds.
 
+    python -m experiments.bench_attacks --attack dlg --model lenet \\
+        --data npz:../shared/data/cifar100_test20.npz --images 20 --seeds 0-4
     python -m experiments.bench_attacks --attack rgap --model cnn6 \\
-        --data npz:../shared/data/cifar10_test150.npz --images 20 --out rgap.csv
+        --data npz:../shared/data/cifar10_test150.npz --images 20 --label random --no-labels
 
-The model is initialised as the attack's paper did (``init="paper"``, seeded), once for the
-whole run. Each image's update is the gradient of the training loss on that image alone
-(``--batch`` for more). Heads: DLG's LeNet has a softmax head over the dataset's classes;
-R-GAP's CNN6 family a single logit with the logistic loss, and the label R-GAP's demo uses
-(the one opposite to the model's prediction, so the gradient is not vanishingly small).
-Prints the median and mean PSNR, the success rate (PSNR >= 30 dB), the median seconds per
-image and the peak resident memory of the process.
+For each seed the model is initialised as the attack's paper did (``init="paper"``, seeded by
+the seed); the attack's own draws are seeded by the seed plus the image's position. Each
+image's update is the gradient of the training loss on that image alone (``--batch`` for
+more). Heads: DLG's LeNet has a softmax head over the dataset's classes and the dataset's
+label; R-GAP's CNN6 family a single logit with the logistic loss and a binary label:
+``--label demo`` is R-GAP's demo label (the one opposite to the model's prediction, for which
+the head's equation has one root), ``--label random`` a seeded random one (half of them agree
+with the prediction: the two-root case). Labels are granted to R-GAP (its paper's threat
+model) and to no other attack, unless ``--labels-known`` / ``--no-labels`` say otherwise; label
+accuracy is reported only where the label was not granted.
+
+Prints one line per image, one summary line per seed (successes at >= 30 dB, median, minimum
+and mean PSNR, labels, median seconds and objective evaluations per image) and, for several
+seeds, an overall line; ``--out`` writes the rows as CSV. Bad input (an unknown dataset, a
+malformed file, an unwritable ``--out``) ends with one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -23,164 +33,295 @@ import resource
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, TextIO
 
 import numpy as np
 import torch
 
-FIELDS = ["index", "label", "psnr", "mse", "ssim", "label_correct", "seconds", "steps", "status", "reason"]
+from attacks import ATTACKS, SUCCESS_PSNR, AttackResult, ThreatModel, get_attack, score_batch, training_loss
+from attacks.dlg import DEFAULT as DLG_DEFAULT
+from attacks.dlg import FAITHFUL
+from attacks.rgap import RGAP, RGAPOptions
+from fl_sim.data import DatasetError, load_dataset, read_npz
+from fl_sim.models import build_model, model_names
+
+FIELDS = ["seed", "index", "label", "psnr", "mse", "ssim", "label_correct", "seconds", "steps", "evaluations",
+          "status", "reason"]
+
+
+class BenchError(Exception):
+    """Bad input; the message is one line for the user (exit code 2)."""
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
+    def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from attacks import ATTACKS
-    from fl_sim.models import model_names
-
     p = _Parser(prog="python -m experiments.bench_attacks", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--attack", required=True, choices=list(ATTACKS))
     p.add_argument("--model", required=True, choices=model_names())
-    p.add_argument("--data", required=True, help="npz:PATH (keys images, labels), e.g. npz:../shared/data/cifar10_test150.npz, or mnist5k")
+    p.add_argument("--data", required=True,
+                   help="npz:PATH (keys images, labels), e.g. npz:../shared/data/cifar10_test150.npz, or mnist5k")
     p.add_argument("--images", type=int, default=20, help="attack the first N images")
     p.add_argument("--batch", type=int, default=1, help="images per update")
-    p.add_argument("--seed", type=int, default=0, help="seed of the model's initialisation and of the attack's draws")
+    seeds = p.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=None, help="one seed (the model's initialisation and the attack's draws)")
+    seeds.add_argument("--seeds", default=None, metavar="SPEC",
+                       help="several seeds, one run each: 0-4, 0,1,2 or 0-2,7 (default: 0)")
     p.add_argument("--head", choices=["paper", "multiclass", "logit"], default="paper",
                    help="paper: a logit for the CNN6 family (R-GAP), softmax otherwise")
-    p.add_argument("--labels-known", action="store_true", help="grant the attacker the labels (R-GAP always has them)")
+    p.add_argument("--label", choices=["demo", "random"], default=None,
+                   help="a logit head's binary label: demo (opposite to the model's prediction, R-GAP's demo; "
+                        "the default) or random (seeded)")
+    grant = p.add_mutually_exclusive_group()
+    grant.add_argument("--labels-known", action="store_true", help="grant the attacker the labels")
+    grant.add_argument("--no-labels", action="store_true", help="grant no labels, R-GAP included (it then recovers them)")
     p.add_argument("--max-steps", type=int, default=None, help="cap on the attack's optimisation steps")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="an option of the attack function (a Python literal), e.g. image_std=1.0; repeatable")
+                   help="an option of the attack (a Python literal), e.g. image_std=1.0; repeatable")
     p.add_argument("--faithful", action="store_true",
                    help="dlg/idlg: the original algorithm (attacks.dlg.FAITHFUL, 300 steps)")
+    p.add_argument("--fresh-solver", action="store_true",
+                   help="rgap: a new solver per image (no reuse of the weights' matrices across images)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="PyTorch intra-op threads; 1 because the attacks' small operations gain little from a "
+                        "second thread, and on a shared machine a busy core makes two threads many times slower")
     p.add_argument("--out", default=None, help="CSV with one row per image")
     return p
 
 
-def _images(name: str, n: int):
-    """The first ``n`` images (float in [0, 1], NCHW), labels, class count and dataset indices."""
-    from fl_sim.data import load_dataset
-
-    if name.startswith("npz:"):
-        path = Path(name[4:]).expanduser()
-        if not path.is_file():
-            raise ValueError(f"npz file not found: {path}")
-        with np.load(path) as z:
-            x, y = z["images"][:n], z["labels"][:n].astype(np.int64)
-            classes = len(z["classes"]) if "classes" in z.files else int(z["labels"].max()) + 1
-            index = z["index"][:n] if "index" in z.files else np.arange(len(x))
-        if x.ndim == 3:
-            x = x[:, None]
-        elif x.shape[-1] in (1, 3):
-            x = x.transpose(0, 3, 1, 2)
-        return torch.from_numpy(x.astype(np.float32) / 255), torch.from_numpy(y), classes, index
-    data = load_dataset(name)
-    return data.train_x[:n].float() / 255, data.train_y[:n], data.num_classes, np.arange(n)
+# --------------------------------------------------------------------------- input
 
 
-def _options(args: argparse.Namespace) -> dict:
-    """The attack's keyword options from ``--faithful``, ``--max-steps`` and ``--option``."""
-    from attacks import get_attack
-    from attacks.dlg import FAITHFUL, dlg
+@dataclass(frozen=True)
+class BenchImages:
+    """The first ``n`` images of a dataset as the benchmark uses them: float32 in [0, 1]."""
 
-    options: dict = {}
-    if args.faithful:
-        if args.attack not in ("dlg", "idlg"):
-            raise ValueError("--faithful applies to dlg and idlg only")
-        options.update(FAITHFUL, max_steps=300)
+    images: torch.Tensor
+    labels: torch.Tensor
+    num_classes: int
+    index: np.ndarray
+    notes: tuple[str, ...] = ()  # repairs the reader made, one line each
+
+
+def load_images(name: str, n: int) -> BenchImages:
+    """``npz:PATH`` (checked by :func:`fl_sim.data.read_npz`; all of it, the official
+    indices kept) or a dataset name of :func:`fl_sim.data.load_dataset` (its training split).
+    Raises ``BenchError`` with one line."""
+    try:
+        if name.startswith("npz:"):
+            z = read_npz(name[4:])
+            x, y, classes, index, notes = z.images[:n], z.labels[:n], z.num_classes, z.index[:n], z.notes
+        else:
+            data = load_dataset(name)
+            x, y, classes, notes = data.train_x[:n], data.train_y[:n], data.num_classes, data.notes
+            index = np.arange(len(x))
+    except DatasetError as exc:
+        raise BenchError(str(exc)) from None
+    return BenchImages(x.float() / 255, y, classes, index, notes)
+
+
+def parse_seeds(spec: str) -> list[int]:
+    """``"0-4"`` -> 0..4, ``"0,2"`` -> 0, 2, ``"0-2,7"`` -> 0, 1, 2, 7 (in order, no repeats)."""
+    seeds: list[int] = []
+    for part in spec.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        try:
+            first, last = int(lo), int(hi) if sep else int(lo)
+        except ValueError:
+            raise BenchError(f"--seeds takes numbers and ranges such as 0-4 or 0,1,2, got {spec!r}") from None
+        if first < 0 or last < first:
+            raise BenchError(f"--seeds: {part.strip()!r} is not a range of non-negative seeds")
+        seeds += [s for s in range(first, last + 1) if s not in seeds]
+    return seeds
+
+
+def open_out(path: str | None) -> TextIO | None:
+    """The CSV file for ``--out``, opened before any attack runs; ``BenchError`` when it
+    cannot be written."""
+    if path is None:
+        return None
+    p = Path(path)
+    if p.is_dir():
+        raise BenchError(f"--out {p} is a folder: give a file name")
+    try:
+        return p.open("w", newline="")
+    except OSError as exc:
+        raise BenchError(f"--out {p}: cannot write ({exc.strerror or type(exc).__name__})") from None
+
+
+# --------------------------------------------------------------------------- options
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword options from ``--max-steps`` and ``--option`` (values are Python literals)."""
+    options: dict[str, Any] = {}
     if args.max_steps:
         options["max_steps"] = args.max_steps
     for item in args.option:
         key, sep, value = item.partition("=")
         if not sep or not key.isidentifier():
-            raise ValueError(f"--option takes KEY=VALUE, got {item!r}")
+            raise BenchError(f"--option takes KEY=VALUE, got {item!r}")
         try:
             options[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
-            raise ValueError(f"--option {key}: {value!r} is not a Python literal") from None
-    fn = dlg if args.attack == "idlg" else get_attack(args.attack)  # idlg passes its options to dlg
-    accepted = {n for n, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY} - {"seed"}
-    unknown = sorted(set(options) - accepted)
-    if unknown:
-        raise ValueError(f"{args.attack} has no option {', '.join(unknown)} (options: {', '.join(sorted(accepted))})")
+            raise BenchError(f"--option {key}: {value!r} is not a Python literal") from None
     return options
 
 
-def main(argv: list[str] | None = None) -> int:
-    from attacks import SUCCESS_PSNR, ThreatModel, get_attack, score_batch, training_loss
-    from fl_sim.models import build_model
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.images < 1 or args.batch < 1:
-        parser.error("--images and --batch must be >= 1")
+def attack_factory(args: argparse.Namespace) -> Callable[[], Callable[..., AttackResult]]:
+    """A maker of the attack callable, options validated once (``BenchError`` on a bad one).
+    For R-GAP each call of the maker is a new solver (one per seed, or per image with
+    ``--fresh-solver``); the other attacks are plain functions."""
+    overrides = _overrides(args)
+    if args.faithful and args.attack not in ("dlg", "idlg"):
+        raise BenchError("--faithful applies to dlg and idlg only")
+    if args.fresh_solver and args.attack != "rgap":
+        raise BenchError("--fresh-solver applies to rgap only")
+    fn = get_attack(args.attack)
     try:
-        x_all, y_all, classes, index = _images(args.data, args.images)
-    except (ValueError, KeyError, OSError) as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 2
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    head = args.head if args.head != "paper" else ("logit" if args.model.startswith("cnn6") else "multiclass")
-    kwargs = {"head": head} if args.model.startswith("cnn6") else {}
-    if head == "logit" and args.model == "lenet":
-        parser.error("lenet has a softmax head only")
-    model = build_model(args.model, tuple(x_all.shape[1:]), classes, init="paper", seed=args.seed, **kwargs).eval()
-    attack = get_attack(args.attack)
-    try:
-        options = _options(args)
+        if args.attack in ("dlg", "idlg"):
+            opts = (FAITHFUL if args.faithful else DLG_DEFAULT).override(overrides, attack=args.attack)
+            return lambda: (lambda *a, **k: fn(*a, options=opts, **k))
+        if args.attack == "rgap":
+            rgap_opts = RGAPOptions().override(overrides, attack="rgap")
+            return lambda: RGAP(rgap_opts)
     except ValueError as exc:
-        parser.error(str(exc))
+        raise BenchError(str(exc)) from None
+    accepted = {n for n, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY} - {"seed"}
+    unknown = sorted(set(overrides) - accepted)
+    if unknown:
+        raise BenchError(f"{args.attack} has no option {', '.join(unknown)} (options: {', '.join(sorted(accepted))})")
+    return lambda: (lambda *a, **k: fn(*a, **overrides, **k))
 
+
+# --------------------------------------------------------------------------- the runs
+
+
+def _targets(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, head: str, rule: str,
+             gen: torch.Generator) -> torch.Tensor:
+    """The labels the client trains on: the dataset's for a softmax head; for a logit head
+    R-GAP's demo label (opposite to the prediction) or a seeded random one."""
+    if head != "logit":
+        return y
+    if rule == "random":
+        return torch.randint(0, 2, (len(x),), generator=gen)
+    with torch.no_grad():
+        return (model(x).squeeze(-1) <= 0).long()
+
+
+def _run_seed(args: argparse.Namespace, seed: int, data: BenchImages, head: str, make_attack, writer,
+              out_file) -> list[dict]:
+    kwargs = {"head": head} if args.model.startswith("cnn6") else {}
+    model = build_model(args.model, tuple(data.images.shape[1:]), data.num_classes, init="paper", seed=seed,
+                        **kwargs).eval()
+    granted = args.labels_known or (args.attack == "rgap" and not args.no_labels)
+    label_gen = torch.Generator().manual_seed(seed)
+    attack = make_attack()
     rows: list[dict] = []
-    out_file = open(args.out, "w", newline="") if args.out else None
-    writer = csv.DictWriter(out_file, FIELDS) if out_file else None
-    if writer:
-        writer.writeheader()
-    print(f"{args.attack} on {args.model} ({head} head, paper init, seed {args.seed}), {args.data}: "
-          f"{len(x_all)} images in batches of {args.batch}"
-          + (f", options {', '.join(f'{k}={v}' for k, v in options.items())}" if options else ""), flush=True)
-    for start in range(0, len(x_all), args.batch):
-        x, y = x_all[start:start + args.batch], y_all[start:start + args.batch]
-        with torch.no_grad():
-            logits = model(x)
-        # R-GAP's demo label for a logit: the class opposite to the prediction.
-        target = (logits.squeeze(-1) <= 0).long() if head == "logit" else y
+    for start in range(0, len(data.images), args.batch):
+        x, y = data.images[start:start + args.batch], data.labels[start:start + args.batch]
+        target = _targets(model, x, y, head, args.label or "demo", label_gen)
         grads = torch.autograd.grad(training_loss(model(x), target), list(model.parameters()))
-        labels_granted = args.attack == "rgap" or args.labels_known
-        threat = ThreatModel(labels=target if labels_granted else None, batch_size=len(x))
+        threat = ThreatModel(labels=target if granted else None, batch_size=len(x))
+        if args.fresh_solver:
+            attack = make_attack()
         t0 = time.perf_counter()
         try:
-            res = attack(model, [g.detach() for g in grads], tuple(x.shape[1:]), threat, seed=args.seed + start, **options)
+            res = attack(model, [g.detach() for g in grads], tuple(x.shape[1:]), threat, seed=seed + start)
             scores = score_batch(res.images, x, res.labels, target)
             status, reason, steps, secs = res.status, "", res.steps, res.seconds or time.perf_counter() - t0
+            evaluations = res.diagnostics.get("evaluations", math.nan)
         except Exception as exc:  # noqa: BLE001 - a failed image is a row, not the end of the benchmark
             scores = [{"psnr": math.nan, "mse": math.nan, "ssim": math.nan, "label_correct": math.nan}] * len(x)
             status, reason, steps, secs = "error", f"{type(exc).__name__}: {exc}"[:200], 0, time.perf_counter() - t0
+            evaluations = math.nan
         for i, sc in enumerate(scores):
-            row = {"index": int(index[start + i]), "label": int(target[i]), "psnr": sc["psnr"], "mse": sc["mse"],
-                   "ssim": sc["ssim"], "label_correct": sc.get("label_correct", math.nan), "seconds": secs / len(x),
-                   "steps": steps, "status": status, "reason": reason}
+            row = {"seed": seed, "index": int(data.index[start + i]), "label": int(target[i]), "psnr": sc["psnr"],
+                   "mse": sc["mse"], "ssim": sc["ssim"],
+                   "label_correct": math.nan if granted else sc.get("label_correct", math.nan),
+                   "seconds": secs / len(x), "steps": steps, "evaluations": evaluations, "status": status,
+                   "reason": reason}
             rows.append(row)
             if writer:
                 writer.writerow(row)
                 out_file.flush()
-            print(f"  image {row['index']:5d}  label {row['label']:3d}  PSNR {row['psnr']:6.2f} dB  SSIM {row['ssim']:.3f}  "
-                  f"label {'ok' if row['label_correct'] == 1 else '--' if math.isnan(row['label_correct']) else 'WRONG'}  "
-                  f"{row['seconds']:6.2f} s  {row['steps']:5d} steps  {status}", flush=True)
-    if out_file:
-        out_file.close()
+            lab = "granted" if granted else ("--" if math.isnan(row["label_correct"]) else
+                                             "ok" if row["label_correct"] == 1 else "WRONG")
+            evals = "" if math.isnan(evaluations) else f"  {evaluations:6.0f} evals"
+            print(f"  seed {seed}  image {row['index']:5d}  label {row['label']:3d}  PSNR {row['psnr']:6.2f} dB  "
+                  f"SSIM {row['ssim']:.3f}  label {lab}  {row['seconds']:6.2f} s  {row['steps']:5d} steps{evals}  {status}",
+                  flush=True)
+    return rows
 
+
+def summary(rows: list[dict], granted: bool) -> str:
+    """One line: successes, median / min / mean PSNR, labels, median s and evaluations per image."""
     psnrs = [r["psnr"] if not math.isnan(r["psnr"]) else -math.inf for r in rows]
     finite = [min(p, 300.0) for p in psnrs if p > -math.inf]
     labels = [r["label_correct"] for r in rows if not math.isnan(r["label_correct"])]
+    evals = [r["evaluations"] for r in rows if not math.isnan(r["evaluations"])]
+    label_text = "labels granted" if granted else (f"labels {100 * statistics.mean(labels):.0f}%" if labels else "labels --")
+    return (f"success (>= {SUCCESS_PSNR:.0f} dB) {sum(p >= SUCCESS_PSNR for p in psnrs)}/{len(rows)} | "
+            f"median PSNR {statistics.median(psnrs):.2f} dB | min {min(psnrs):.2f} dB | "
+            f"mean {statistics.mean(finite) if finite else math.nan:.2f} dB | {label_text} | "
+            f"median {statistics.median(r['seconds'] for r in rows):.2f} s/image"
+            + (f" | median {statistics.median(evals):.0f} evaluations/image" if evals else ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.images < 1 or args.batch < 1 or args.threads < 1:
+        parser.error("--images, --batch and --threads must be >= 1")
+    out_file = None
+    try:
+        seeds = parse_seeds(args.seeds) if args.seeds is not None else [args.seed if args.seed is not None else 0]
+        head = args.head if args.head != "paper" else ("logit" if args.model.startswith("cnn6") else "multiclass")
+        if head == "logit" and args.model == "lenet":
+            raise BenchError("lenet has a softmax head only")
+        if args.label is not None and head != "logit":
+            raise BenchError("--label applies to a single-logit head (--head logit, or the cnn6 family)")
+        make_attack = attack_factory(args)
+        data = load_images(args.data, args.images)
+        out_file = open_out(args.out)
+    except BenchError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    writer = csv.DictWriter(out_file, FIELDS) if out_file else None
+    if writer:
+        writer.writeheader()
+    granted = args.labels_known or (args.attack == "rgap" and not args.no_labels)
+    overrides = _overrides(args)
+    print(f"{args.attack}{' (faithful)' if args.faithful else ''} on {args.model} ({head} head, paper init), {args.data}: "
+          f"{len(data.images)} images in batches of {args.batch}, seeds {', '.join(map(str, seeds))}"
+          + (f", label {args.label or 'demo'}" if head == "logit" else "")
+          + f", labels {'granted' if granted else 'not granted'}, {args.threads} thread(s)"
+          + (f", options {', '.join(f'{k}={v}' for k, v in overrides.items())}" if overrides else ""), flush=True)
+    for note in data.notes:
+        print(f"note: {note}", flush=True)
+    per_seed: dict[int, list[dict]] = {}
+    try:
+        for seed in seeds:
+            per_seed[seed] = _run_seed(args, seed, data, head, make_attack, writer, out_file)
+    finally:
+        if out_file:
+            out_file.close()
+    for seed, rows in per_seed.items():
+        print(f"seed {seed}: {summary(rows, granted)}")
+    if len(seeds) > 1:
+        every = [r for rows in per_seed.values() for r in rows]
+        medians = [statistics.median(r["psnr"] if not math.isnan(r["psnr"]) else -math.inf for r in rows)
+                   for rows in per_seed.values()]
+        print(f"all {len(seeds)} seeds: {summary(every, granted)} | lowest seed median {min(medians):.2f} dB")
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"median PSNR {statistics.median(psnrs):.2f} dB | mean PSNR {statistics.mean(finite) if finite else math.nan:.2f} dB | "
-          f"min {min(psnrs):.2f} dB | success (>= {SUCCESS_PSNR:.0f} dB) {sum(p >= SUCCESS_PSNR for p in psnrs)}/{len(rows)} | "
-          f"labels {100 * statistics.mean(labels) if labels else math.nan:.0f}% | "
-          f"median {statistics.median(r['seconds'] for r in rows):.2f} s/image | peak RSS {peak_mib:.0f} MiB")
+    print(f"peak RSS {peak_mib:.0f} MiB")
     return 0
 
 

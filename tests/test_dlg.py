@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -9,8 +10,9 @@ import pytest
 import torch
 
 from attacks.base import ThreatModel, Update, training_loss
-from attacks.dlg import FAITHFUL, CompactLBFGS, dlg, idlg, strong_wolfe_search
+from attacks.dlg import DEFAULT, FAITHFUL, DLGOptions, dlg, idlg
 from attacks.idlg import estimate_batch_size, idlg_labels
+from attacks.lbfgs import CompactLBFGS, strong_wolfe_search
 from attacks.metrics import psnr
 from fl_sim.models import build_model
 
@@ -41,6 +43,10 @@ def test_dlg_recovers_image_and_soft_label(setting):
     before = [p.detach().clone() for p in model.parameters()]
     result = dlg(model, grads, SHAPE, seed=1, max_steps=60)
     assert result.attack == "dlg" and result.status == "ok"
+    # it stopped because the gradients matched and the image had settled
+    last = result.diagnostics["attempts"][-1]
+    assert last["outcome"] == "ok" and last["image_step"] < DEFAULT.settle
+    assert result.diagnostics["relative_objective"] < DEFAULT.tol
     assert result.images.shape == (1, *SHAPE) and result.images.dtype == torch.float32
     assert 0.0 <= float(result.images.min()) and float(result.images.max()) <= 1.0
     assert psnr(result.images[0], x[0]) > 40.0
@@ -58,20 +64,21 @@ def test_dlg_is_deterministic(setting):
     assert torch.equal(a.images, b.images) and a.history == b.history
 
 
-# Restarts on PyTorch's L-BFGS from the paper's start (standard-normal image and soft label).
-TORCH_ROBUST = dict(optimizer="torch", label_init="random", image_mean=0.0, image_std=1.0, history_size=100, tol=2e-9,
-                    stall_checks=((25, 1e-2), (120, 1e-5)))
+# Restarts on PyTorch's L-BFGS without line search from the paper's start (standard-normal
+# image and soft label).
+TORCH_ROBUST = DLGOptions(optimizer="torch", line_search="none", label_init="random", image_mean=0.0, image_std=1.0,
+                          history_size=100, tol=2e-9, settle=0.0, stall_checks=((25, 1e-2), (120, 1e-5)))
 
 
 def test_stalled_start_is_restarted(setting):
     # With seed 10 the first draw settles on a plateau (objective ~2 after 25 steps): it is
     # abandoned and the second draw converges.
     model, x, y, grads = setting
-    result = dlg(model, grads, SHAPE, seed=10, max_steps=60, **TORCH_ROBUST)
+    result = dlg(model, grads, SHAPE, seed=10, options=TORCH_ROBUST, max_steps=60)
     outcomes = [a["outcome"] for a in result.diagnostics["attempts"]]
     assert result.diagnostics["restarts"] >= 1 and outcomes[0] in ("stalled", "diverged", "stuck")
     assert result.status == "ok" and psnr(result.images[0], x[0]) > 40.0
-    faithful = dlg(model, grads, SHAPE, seed=10, max_steps=15, **FAITHFUL)
+    faithful = dlg(model, grads, SHAPE, seed=10, options=FAITHFUL, max_steps=15)
     assert faithful.diagnostics["restarts"] == 0 and psnr(faithful.images[0], x[0]) < 20.0
 
 
@@ -108,9 +115,10 @@ def test_compact_lbfgs_direction_is_the_two_loop_direction():
         return value.detach()
 
     opt.step(closure)
-    assert len(opt.order) == 7 and opt.order[0] != 0  # full, and rotated
-    g = opt._g
-    pairs = [(opt.W[i], opt.W[7 + i]) for i in opt.order]  # oldest first
+    mem = opt.memory
+    assert len(mem.order) == 7 and mem.order[0] != 0  # full, and rotated
+    g = mem.g
+    pairs = [(mem.W[i], mem.W[7 + i]) for i in mem.order]  # oldest first
     q_vec, alphas = g.clone(), []
     for s, y in reversed(pairs):
         alpha = (s @ q_vec) / (s @ y)
@@ -120,9 +128,9 @@ def test_compact_lbfgs_direction_is_the_two_loop_direction():
     r = (s @ y) / (y @ y) * q_vec
     for (s, y), alpha in zip(pairs, reversed(alphas)):
         r += s * (alpha - (y @ r) / (s @ y))
-    d, wd = opt._direction(g, opt._wg)
+    d, wd = mem.direction(g, mem.wg)
     assert torch.allclose(d, -r, rtol=1e-9, atol=1e-12)
-    assert torch.allclose(wd, opt.W @ d, rtol=1e-9, atol=1e-9)
+    assert torch.allclose(wd, mem.W @ d, rtol=1e-9, atol=1e-9)
 
 
 def _phi(f):
@@ -201,20 +209,33 @@ def test_idlg_batch_heuristic_distinct_labels():
     assert len(labels) == 4 and len(set(labels.tolist()) & {1, 4, 6, 8}) >= 3
 
 
-def test_single_logit_label_sign():
-    model = build_model("cnn6", (3, 16, 16), 10, head="logit", seed=0)
-    x = torch.rand((1, 3, 16, 16), generator=torch.Generator().manual_seed(0))
-    for y in (0, 1):
-        grads = _gradient(model, x, torch.tensor([float(y)]))
-        assert idlg_labels(model, grads).dtype == torch.int64  # defined, though not identifiable in general
+@pytest.mark.parametrize("bias", [True, False])
+def test_single_logit_label_is_the_sign_of_the_head_gradient(bias):
+    # dL/dz = sigmoid(z) - y is negative exactly when y = 1: the bias gradient's sign, or
+    # without a bias the weight gradient's sum when the head's inputs are non-negative
+    # (sigmoid outputs here), gives the label, for confident and unconfident models alike.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Sigmoid(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 14 * 14, 1, bias=bias))
+    gen = torch.Generator().manual_seed(0)
+    for i in range(4):
+        x = torch.rand((1, *SHAPE), generator=gen)
+        for y in (0, 1):
+            grads = _gradient(model, x, torch.tensor([y]))
+            assert idlg_labels(model, grads).tolist() == [y], (i, y)
+            assert idlg_labels(model, grads, batch_size=3).tolist() == [y] * 3
 
 
-def test_dlg_batch_of_two_runs(setting):
+def test_dlg_on_a_batch_of_two_matches_the_gradient_and_finds_both_labels(setting):
+    # A batch of two 16x16 images on DLG's LeNet: the joint optimisation reaches the gradient
+    # match and the two soft labels' argmaxes are the batch's two classes (in either order).
     model, _, _, _ = setting
     x = torch.rand((2, *SHAPE), generator=torch.Generator().manual_seed(1))
     grads = _gradient(model, x, torch.tensor([2, 5]))
-    result = dlg(model, grads, SHAPE, ThreatModel(batch_size=2), seed=0, max_steps=2, max_restarts=0)
-    assert result.images.shape == (2, *SHAPE) and result.labels.shape == (2,)
+    result = dlg(model, grads, SHAPE, ThreatModel(batch_size=2), seed=0, max_steps=100)
+    assert result.images.shape == (2, *SHAPE) and result.diagnostics["batch_size_source"] == "granted"
+    assert result.status == "ok" and result.diagnostics["relative_objective"] < DEFAULT.tol
+    assert sorted(result.labels.tolist()) == [2, 5]
 
 
 def test_batch_size_estimated_when_not_granted(setting):
@@ -232,10 +253,64 @@ def test_batch_size_estimated_when_not_granted(setting):
     assert granted.images.shape == (3, *SHAPE) and granted.diagnostics["batch_size_source"] == "granted"
 
 
+def test_options_are_validated_once_with_one_line_errors(setting):
+    model, _, _, grads = setting
+    for bad, message in [
+        (dict(image_std=0.0), "image_std > 0"),
+        (dict(no_such=1), "dlg has no option no_such (options: max_steps,"),
+        (dict(max_steps=2.5), "option max_steps must be an integer"),
+        (dict(optimizer="adam"), "option optimizer must be one of 'compact', 'torch'"),
+        (dict(optimizer="compact", line_search="none"), "use optimizer='torch'"),
+        (dict(stall_checks=((25,),)), "option stall_checks"),
+    ]:
+        with pytest.raises(ValueError) as info:
+            dlg(model, grads, SHAPE, **bad)
+        assert message in str(info.value) and "\n" not in str(info.value), bad
+    with pytest.raises(ValueError, match="idlg has no option"):
+        idlg(model, grads, SHAPE, no_such=1)
+    with pytest.raises(ValueError, match="must be a DLGOptions"):
+        dlg(model, grads, SHAPE, options={"max_steps": 3})
+    # lenient only where nothing is lost: ints for floats, lists for tuples, dtype names
+    opts = DEFAULT.override({"tol": 0, "stall_checks": [[3, 1]], "dtype": "float32"})
+    assert opts.tol == 0.0 and isinstance(opts.tol, float) and opts.stall_checks == ((3, 1.0),)
+    assert opts.dtype == torch.float32 and DEFAULT.dtype == torch.float64  # frozen: the default is untouched
+
+
+def test_faithful_is_the_original_algorithm():
+    assert (FAITHFUL.optimizer, FAITHFUL.line_search, FAITHFUL.history_size) == ("torch", "none", 100)
+    assert (FAITHFUL.image_mean, FAITHFUL.image_std, FAITHFUL.label_init) == (0.0, 1.0, "random")
+    assert (FAITHFUL.dtype, FAITHFUL.max_steps, FAITHFUL.max_restarts) == (torch.float32, 300, 0)
+    assert FAITHFUL.tol == 0.0 and FAITHFUL.explode == math.inf and FAITHFUL.stall_checks is None
+    assert (FAITHFUL.lr, FAITHFUL.max_iter) == (1.0, 20)  # PyTorch's L-BFGS defaults
+
+
+def test_overrides_on_a_preset_equal_the_preset_with_those_fields(setting):
+    model, _, _, grads = setting
+    a = dlg(model, grads, SHAPE, seed=3, options=FAITHFUL, max_steps=3)
+    b = dlg(model, grads, SHAPE, seed=3, options=dataclasses.replace(FAITHFUL, max_steps=3))
+    assert a.history == b.history and len(a.history) == 3 and a.diagnostics["optimizer"] == "torch"
+
+
+def test_settling_rule_runs_on_where_the_mismatch_rule_alone_stops(setting):
+    # The same start with the mismatch threshold alone (settle=0) stops no later, and the
+    # default rule's stop is where the image moved less than `settle` in the last step.
+    model, x, _, grads = setting
+    both = dlg(model, grads, SHAPE, seed=1, max_steps=60)
+    alone = dlg(model, grads, SHAPE, seed=1, max_steps=60, settle=0.0)
+    assert alone.diagnostics["evaluations"] <= both.diagnostics["evaluations"]
+    assert both.diagnostics["attempts"][-1]["image_step"] < DEFAULT.settle
+    assert psnr(both.images[0], x[0]) >= psnr(alone.images[0], x[0]) - 0.5
+
+
+def test_torch_lbfgs_with_line_search_recovers_the_image(setting):
+    model, x, y, grads = setting
+    result = dlg(model, grads, SHAPE, seed=1, max_steps=60, optimizer="torch")
+    assert result.status == "ok" and result.diagnostics["line_search"] == "strong_wolfe"
+    assert psnr(result.images[0], x[0]) > 40.0 and int(result.labels[0]) == int(y[0])
+
+
 def test_bad_updates_raise(setting):
     model, _, _, grads = setting
-    with pytest.raises(ValueError, match="image_std > 0"):
-        dlg(model, grads, SHAPE, image_std=0.0)
     with pytest.raises(ValueError, match="tensors"):
         dlg(model, grads[:-1], SHAPE)
     wrong = list(grads)

@@ -7,7 +7,8 @@ from torch import nn
 
 from attacks.base import ThreatModel, Update, training_loss
 from attacks.metrics import psnr
-from attacks.rgap import ra_index, rank_analysis, rgap
+import attacks.rgap as rgap_module
+from attacks.rgap import RGAP, RGAPOptions, ra_index, rank_analysis, rgap
 from fl_sim.models import build_model
 
 
@@ -43,11 +44,16 @@ def image():
 
 
 @pytest.mark.parametrize("granted", [True, False])
-def test_logit_head_recovers_image_and_label(image, granted):
+@pytest.mark.parametrize("agree", [False, True], ids=["demo-label", "predicted-label"])
+def test_logit_head_recovers_image_and_label(image, granted, agree):
+    # demo label: opposite to the model's prediction, one root of the head's equation;
+    # predicted label: two roots, and (not granted) two labels, so four candidates
     model = build_model("cnn6", SHAPE, 10, head="logit", init="paper", seed=0).eval()
-    grads, y = _gradient(model, image)
+    demo = 0 if model(image.unsqueeze(0)).item() > 0 else 1
+    grads, y = _gradient(model, image, y=1 - demo if agree else demo)
     threat = ThreatModel(labels=torch.tensor([y])) if granted else ThreatModel()
     res = rgap(model, grads, SHAPE, threat, rank=False)
+    assert len(res.diagnostics["candidates"]) == (1 + agree) * (1 + (not granted))
     assert res.attack == "rgap" and res.status == "ok" and res.steps == 0
     assert res.images.shape == (1, *SHAPE) and res.images.dtype == torch.float32
     assert 0 <= res.images.min() and res.images.max() <= 1
@@ -135,7 +141,7 @@ def test_refuses_unsupported_layers_and_bad_updates(image):
         rgap(model, bad, SHAPE)
 
 
-def test_batch_gives_a_blend():
+def test_batch_returns_one_repeated_reconstruction_marked_blend():
     torch.manual_seed(0)
     small = (3, 8, 8)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(8 * 64, 1))
@@ -144,6 +150,8 @@ def test_batch_gives_a_blend():
     grads = torch.autograd.grad(training_loss(model(batch), target), list(model.parameters()))
     res = rgap(model, grads, small, ThreatModel(labels=target), rank=False)
     assert res.status == "blend" and res.images.shape == (2, *small)
+    assert torch.equal(res.images[0], res.images[1])  # one reconstruction, repeated
+    assert all(psnr(res.images[0], x) < 30 for x in batch)  # which is neither image
     assert res.labels.tolist() == [0, 1]
 
 
@@ -182,3 +190,70 @@ def test_multiclass_head_when_the_model_predicts_the_true_label():
         grads, _ = batch_gradient(model, x, y)
         res = rgap(model, grads, data.input_shape, ThreatModel(batch_size=1), rank=False)
         assert psnr(res.images[0], x[0]) > 60 and int(res.labels[0]) == int(y)
+
+
+def test_rgap_module_keeps_no_mutable_state():
+    mutable = [name for name, value in vars(rgap_module).items()
+               if not name.startswith("__") and isinstance(value, (dict, list, set, bytearray))]
+    assert mutable == []
+
+
+def test_held_solver_reuses_the_weights_matrices_and_gives_the_same_image(image):
+    model = build_model("cnn6", SHAPE, 10, head="logit", init="paper", seed=0).eval()
+    solver = RGAP(RGAPOptions(rank=False))
+    first_grads, y1 = _gradient(model, image)
+    second_image = image.flip(-1)
+    second_grads, y2 = _gradient(model, second_image)
+    first = solver(model, first_grads, SHAPE, ThreatModel(labels=torch.tensor([y1])))
+    misses = solver.cache.misses
+    second = solver(model, second_grads, SHAPE, ThreatModel(labels=torch.tensor([y2])))
+    assert solver.cache.misses == misses and solver.cache.hits > 0  # nothing rebuilt for the same weights
+    fresh = rgap(model, second_grads, SHAPE, ThreatModel(labels=torch.tensor([y2])), rank=False)
+    assert torch.equal(second.images, fresh.images) and psnr(second.images[0], second_image) > 60
+    assert psnr(first.images[0], image) > 60
+
+
+def test_solver_cache_tells_apart_layers_that_differ_only_in_stride_or_padding():
+    # Same weights, same input shape, same position: only the geometry differs. A cache keyed
+    # by weights and input shape alone would hand the second model the first one's matrices.
+    small = (3, 8, 8)
+    x = _image(small)
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3, stride=1, padding=1)
+    second = nn.Conv2d(8, 8, 3, padding=1)
+    models = []
+    for stride, padding in [(1, 1), (2, 1), (1, 0)]:
+        first = nn.Conv2d(3, 8, 3, stride=stride, padding=padding)
+        first.load_state_dict(conv.state_dict())
+        out = (8 + 2 * padding - 3) // stride + 1
+        models.append(nn.Sequential(first, nn.LeakyReLU(0.2), second, nn.LeakyReLU(0.2), nn.Flatten(),
+                                    nn.Linear(8 * out * out, 5)).double())
+    solver = RGAP(RGAPOptions(rank=False))
+    for model in models:
+        grads, _ = _gradient(model, x.double(), y=1)
+        res = solver(model, grads, small)
+        assert res.labels.tolist() == [1] and psnr(res.images[0], x) > 50, model[0]
+
+
+def test_solver_caches_the_rank_table_per_model(image):
+    shape = (3, 16, 16)
+    solver = RGAP()
+    a = build_model("cnn6", shape, 1, head="logit", init="paper", seed=0)
+    b = build_model("cnn6d", shape, 1, head="logit", init="paper", seed=0)
+    assert solver.rank_analysis(a, shape) == rank_analysis(a, shape)
+    misses = solver.cache.misses
+    assert solver.rank_analysis(a, shape) == rank_analysis(a, shape) and solver.cache.misses == misses
+    assert solver.rank_analysis(b, shape) == rank_analysis(b, shape)  # another model: recomputed
+    assert solver.cache.misses > misses
+
+
+def test_options_are_validated_with_one_line_errors(image):
+    model = build_model("cnn6", SHAPE, 10, head="logit", seed=0)
+    grads, _ = _gradient(model, image)
+    for bad, message in [(dict(nope=1), "rgap has no option nope (options: rank,"),
+                         (dict(rank="yes"), "option rank must be True or False"),
+                         (dict(tikhonov=0.0), "option tikhonov must be > 0"),
+                         (dict(pool_damping=2.0), "option pool_damping must be in (0, 1]")]:
+        with pytest.raises(ValueError) as info:
+            rgap(model, grads, SHAPE, **bad)
+        assert message in str(info.value) and "\n" not in str(info.value), bad
