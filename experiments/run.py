@@ -169,13 +169,13 @@ def _run(plan, data, verbose: bool) -> int:
             progress.update(attack_task, total=experiment.runner.submitted, completed=experiment.runner.completed)
     _print_tables(experiment, summary, console)
     if experiment.stopped:
-        console.print(f"stopped: finished rounds and attacks are in {c.out_dir} (--resume continues the run)")
+        console.print(f"stopped: finished rounds and attacks are in {c.out_dir} (--resume continues the run)", soft_wrap=True)
         return stopper.exit_code
     if crash or experiment.failure:
         console.print(f"[red]the run failed[/]: {crash or experiment.failure}; see {c.out_dir} "
-                      "(rerun with --verbose for Flower's logs)")
+                      "(rerun with --verbose for Flower's logs)", soft_wrap=True)
         return 1
-    console.print(f"run folder: {c.out_dir}")
+    console.print(f"run folder: {c.out_dir}", soft_wrap=True)
     return 0
 
 

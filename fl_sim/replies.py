@@ -11,13 +11,14 @@ dtypes, finite values, a plausible example count), not whether its numbers are h
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Literal, Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 
-__all__ = ["DroppedReply", "ReplySpec", "check_reply", "DROPPED_FIELDS"]
+__all__ = ["DroppedReply", "ReplySpec", "check_reply", "error_summary", "DROPPED_FIELDS"]
 
 DROPPED_FIELDS = ["round", "node_id", "client", "status", "reason"]
 
@@ -61,16 +62,35 @@ class ReplySpec:
         return cls({k: (tuple(sent[k].shape), sent[k].dtype) for k in keys}, **kwargs)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Fault|Exit|Interrupt|Warning)): (.+)$")
+
+
 def _short(text: str, limit: int = 300) -> str:
     line = " ".join(str(text).split())
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def error_summary(reason: str) -> str:
+    """The line that says what went wrong in an error reply's reason: a simulated client's
+    reason is a whole traceback (Ray's, wrapping Flower's, wrapping the ClientApp's), and the
+    client's own exception is what a user needs to see."""
+    text = _ANSI.sub("", str(reason))
+    if "Message: " in text:  # Flower's ClientAppException: "... occurred. Message: <the client's message>"
+        return _short(text.rsplit("Message: ", 1)[1].rstrip("'>\n "))
+    lines = [line.strip() for line in text.splitlines()]
+    found = [m for m in map(_EXCEPTION_LINE.match, lines) if m]
+    if found:
+        name, _, message = found[-1].groups()
+        return _short(f"{name.rsplit('.', 1)[-1]}: {message}")
+    return _short(text)
 
 
 def check_reply(msg: Message, spec: ReplySpec) -> tuple[str, str] | None:
     """``None`` for a reply the server may aggregate, else ``(status, reason)`` with status
     ``error`` (an error reply) or ``invalid`` and a one-line reason naming what is wrong."""
     if msg.has_error():
-        return "error", _short(f"the client's ClientApp failed: {msg.error.reason}")
+        return "error", f"the client's ClientApp failed: {error_summary(msg.error.reason)}"
     content = msg.content
     if len(content.array_records) != 1 or len(content.metric_records) != 1:
         return "invalid", (f"expected one ArrayRecord and one MetricRecord, got {len(content.array_records)} and "

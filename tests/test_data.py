@@ -67,11 +67,22 @@ def test_offline_default_is_real_mnist():
 
 
 def test_client_batch_is_from_the_clients_partition():
-    cfg = RunConfig(batch_size=4)
-    x, y = client_batch(cfg, partition_id=1, num_partitions=5, server_round=2)
-    assert x.shape == (4, 1, 28, 28) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
-    x2, y2 = client_batch(cfg, 1, 5, 2)
-    assert torch.equal(x, x2) and torch.equal(y, y2)
+    """Each image of a client's batch is an image of that client's partition (found by its
+    pixels among all training images), with its label; batches change with the round."""
+    cfg = RunConfig(batch_size=4, num_clients=5)
+    data = load_dataset(cfg.dataset)
+    parts = partition(data.train_y, 5, "iid", seed=cfg.seed)
+    flat = data.train_x.reshape(len(data.train_x), -1).float() / 255
+    for pid in (1, 3):
+        x, y = client_batch(cfg, partition_id=pid, num_partitions=5, server_round=2)
+        assert x.shape == (4, 1, 28, 28) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+        for image, label in zip(x, y):
+            matches = torch.nonzero((flat == image.reshape(-1)).all(dim=1)).reshape(-1).tolist()
+            assert matches and any(m in set(parts[pid].tolist()) for m in matches), pid
+            assert any(int(data.train_y[m]) == int(label) for m in matches)
+        again, _ = client_batch(cfg, pid, 5, 2)
+        later, _ = client_batch(cfg, pid, 5, 3)
+        assert torch.equal(x, again) and not torch.equal(x, later)
 
 
 def test_missing_datasets_fail_with_one_line(tmp_path):

@@ -104,3 +104,16 @@ def test_every_fault_is_caught_by_the_check(kind):
     spoilt = spoil([a.numpy() for a in arrays.values()], kind, round_timeout=1.0)
     reply = _reply(1, {k: torch.from_numpy(np.ascontiguousarray(a)) for k, a in zip(arrays, spoilt)})
     assert check_reply(reply, SPEC)[0] == "invalid"
+
+
+def test_a_simulated_clients_traceback_is_summed_up_by_its_own_exception():
+    from fl_sim.replies import error_summary
+
+    ray_style = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()\x1b[39m "
+                 "(pid=1)\n  File \"fl_sim/task.py\", line 3, in f\n    raise ValueError('bad partition')\n"
+                 "ValueError: bad partition\n\nThe above exception was the direct cause of the following exception:\n"
+                 "flwr.clientapp.client_app.ClientAppException: \nException ClientAppException occurred. Message: bad "
+                 "partition'>")
+    assert error_summary(ray_style) == "bad partition"
+    assert error_summary("Traceback ...\n  File x\nfl_sim.faults.InjectedFault: it broke") == "InjectedFault: it broke"
+    assert error_summary("plain words") == "plain words"
