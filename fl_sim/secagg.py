@@ -349,13 +349,16 @@ class SecAggFedSGD(FedAvg):
 
 
 class _LoggedSecAggPlusWorkflow(SecAggPlusWorkflow):
-    """SecAgg+ that logs, rather than raises, a failed round (the model then stays as it was);
-    a failed aggregation (:class:`RoundFailed`) and a stop request still end the run."""
+    """SecAgg+ whose failed round ends the run with the reason (:class:`RoundFailed`), as a
+    round with no valid reply does on the plain path: a protocol error (e.g. a client's vector
+    of the wrong shape breaks the masked sum), or a round halted with too few clients left for
+    the threshold. The failure is recorded as a dropped row first. A stop request passes."""
 
     def __call__(self, grid: Grid, context: Context) -> None:  # type: ignore[override]
         server_round = int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
         strategy = getattr(context, "strategy", None)
-        offset = strategy.round_offset if isinstance(strategy, SecAggFedSGD) else 0
+        own = isinstance(strategy, SecAggFedSGD)
+        server_round += strategy.round_offset if own else 0
         try:
             super().__call__(grid, context)
         except RoundFailed:
@@ -363,13 +366,15 @@ class _LoggedSecAggPlusWorkflow(SecAggPlusWorkflow):
         except Exception as exc:  # noqa: BLE001
             if type(exc).__name__ == "RunStopped":
                 raise
-            log.exception("SecAgg+ failed in round %s; the global model stays as it was", server_round + offset)
-        if isinstance(strategy, SecAggFedSGD) and server_round + offset not in strategy.train_history:
-            log.warning(
-                "round %s: secure aggregation halted (too many drop-outs for the threshold?); "
-                "the global model stays as it was",
-                server_round + offset,
-            )
+            why = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+            log.debug("SecAgg+ failed in round %s", server_round, exc_info=True)
+            if own:
+                strategy._drop(server_round, "invalid", f"secure aggregation failed: {why}")
+            raise RoundFailed(f"round {server_round}: secure aggregation failed ({why}); SecAgg+ does not say "
+                              "which client broke it") from None
+        if own and server_round not in strategy.train_history:
+            raise RoundFailed(f"round {server_round}: secure aggregation produced no usable aggregate (too many "
+                              "drop-outs for the threshold, or a bad update that SecAgg+ hides)")
 
 
 def serve_secagg(

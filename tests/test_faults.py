@@ -85,3 +85,16 @@ def test_a_run_whose_clients_all_fail_exits_1_with_the_first_reason(tmp_path, ca
     assert code == 1
     assert "round 1: no reply could be aggregated (3 dropped)" in err and "injected fault" in err
     assert [int(r["round"]) for r in _rows(out / "rounds.csv")] == [0]  # no round was invented
+
+
+def test_under_secagg_a_bad_update_fails_the_round_without_naming_the_client(tmp_path, capsys):
+    """SecAgg+ hides which client sent what: a vector of the wrong shape breaks the masked sum,
+    and the server can only say that the round failed."""
+    out = tmp_path / "run"
+    code = run_main(["--attack", "rgap", "--observers", "secagg", "--clients", "4", "--faulty-client", "1:shape",
+                     "--out", str(out)])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 1 and "round 1: secure aggregation failed" in err and "does not say which client" in err
+    (dropped,) = _rows(out / "secagg" / "dropped.csv")
+    assert (dropped["round"], dropped["node_id"], dropped["client"]) == ("1", "-1", "-1")
+    assert [int(r["round"]) for r in _rows(out / "secagg" / "rounds.csv")] == [0]
