@@ -289,24 +289,13 @@ class Topology:
 
     def stop_all(self, grace: float = 5.0) -> None:
         """SIGTERM everything (SuperNodes first), wait ``grace`` seconds, SIGKILL the rest."""
-        import psutil
+        from .stopping import terminate
 
         names = [n for n in self.procs if n != "superlink"] + (["superlink"] if "superlink" in self.procs else [])
         tree = []
         for name in names:  # gather every tree before anything dies and gets re-parented
             tree += self._tree(self.procs[name].pid)
-        for p in tree:
-            try:
-                p.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(tree, timeout=grace)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=grace)
+        terminate(tree, grace)
         for proc in self.procs.values():
             try:
                 proc.wait(timeout=grace)

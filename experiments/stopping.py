@@ -18,29 +18,35 @@ import sys
 import threading
 from typing import Callable
 
-__all__ = ["StopOnSignal", "kill_descendants"]
+__all__ = ["StopOnSignal", "kill_descendants", "terminate"]
 
 
-def kill_descendants(grace: float = 3.0) -> None:
-    """SIGTERM every descendant of this process, then SIGKILL those left after ``grace`` s."""
+def terminate(processes: list, grace: float = 3.0) -> None:
+    """SIGTERM every psutil process in ``processes``, then SIGKILL those left after ``grace`` s."""
     import psutil
 
-    try:
-        children = psutil.Process().children(recursive=True)
-    except psutil.Error:
-        return
-    for p in children:
+    for p in processes:
         try:
             p.terminate()
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(children, timeout=grace)
+    _, alive = psutil.wait_procs(processes, timeout=grace)
     for p in alive:
         try:
             p.kill()
         except psutil.Error:
             pass
     psutil.wait_procs(alive, timeout=grace)
+
+
+def kill_descendants(grace: float = 3.0) -> None:
+    """Stop every descendant of this process (:func:`terminate`)."""
+    import psutil
+
+    try:
+        terminate(psutil.Process().children(recursive=True), grace)
+    except psutil.Error:
+        pass
 
 
 class StopOnSignal:

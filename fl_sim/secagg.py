@@ -390,7 +390,7 @@ def serve_secagg(
     stop: threading.Event | None = None,
 ) -> None:
     """Run ``cfg`` (FedSGD) with SecAgg+ on ``grid``, logged to ``log_`` (see
-    :func:`make_secagg_server_app`). Raises :class:`fl_sim.strategy.RoundFailed` when a round
+    :func:`make_secagg_server_app` for the hooks). Raises :class:`fl_sim.strategy.RoundFailed` when a round
     has nothing to aggregate and :class:`fl_sim.server_app.RunStopped` when ``stop`` is set."""
     cfg = cfg.validated()
     if cfg.mode != "fedsgd":
@@ -460,28 +460,19 @@ def serve_secagg(
     DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
 
 
-def make_secagg_server_app(
-    cfg: RunConfig,
-    log_: FederationLog,
-    *,
-    on_aggregate: Callable[[RoundAggregate], None] | None = None,
-    on_round: Callable[[dict[str, Any]], None] | None = None,
-    on_dropped: Callable[[DroppedReply], None] | None = None,
-    settings: SecAggSettings | None = None,
-    stop: threading.Event | None = None,
-) -> ServerApp:
+def make_secagg_server_app(cfg: RunConfig, log_: FederationLog, **kwargs: Any) -> ServerApp:
     """A ServerApp running ``cfg`` (FedSGD only) with SecAgg+ and central evaluation, logged to
     ``log_`` (a :class:`fl_sim.server_app.FederationLog`: rounds.csv, final_model.pt,
-    dropped.csv; resumed after its last round when it was opened to resume). ``on_aggregate``
-    gets each round's :class:`RoundAggregate`, ``on_round`` each ``rounds.csv`` row.
-    ``settings`` defaults to :func:`secagg_settings` (cfg). With ``stop`` set, the run raises
+    dropped.csv; resumed after its last round when it was opened to resume). ``kwargs`` go to
+    :func:`serve_secagg`: ``on_aggregate`` gets each round's :class:`RoundAggregate`,
+    ``on_round`` each ``rounds.csv`` row, ``on_dropped`` each dropped row; ``settings``
+    defaults to :func:`secagg_settings` (cfg); with ``stop`` set, the run raises
     :class:`fl_sim.server_app.RunStopped` at its next wait for replies."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        serve_secagg(grid, context, cfg, log_, on_aggregate=on_aggregate, on_round=on_round, on_dropped=on_dropped,
-                     settings=settings, stop=stop)
+        serve_secagg(grid, context, cfg, log_, **kwargs)
 
     return server_app
 

@@ -304,6 +304,8 @@ def make_server_app(overrides: Mapping[str, Any] | None = None, **run_kwargs: An
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = RunConfig.from_mapping({**dict(context.run_config), **dict(overrides or {})})
+        if not cfg.out_dir:  # no folder named: a new one, never an old run's
+            cfg = cfg.replace(out_dir=str(Path("runs") / f"honest-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"))
         run_server(grid, cfg, FederationLog(cfg.out_dir, cfg.to_flower()), **run_kwargs)
 
     return server_app
