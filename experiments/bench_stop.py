@@ -30,8 +30,8 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = {
     # name: (module, flags, file whose rows say the moment has come, rows needed, signal)
-    "training": ("experiments.run", ["--attack", "none", "--clients", "3", "--rounds", "40", "--local-steps", "3"],
-                 "rounds.csv", 3, signal.SIGINT),
+    "training": ("experiments.run", ["--attack", "rgap", "--observers", "server,client", "--attack-rounds", "all",
+                              "--clients", "3", "--rounds", "40", "--batch-size", "4"], "rounds.csv", 3, signal.SIGINT),
     "attacks": ("experiments.run", ["--attack", "dlg", "--observers", "server", "--clients", "4", "--rounds", "1",
                                     "--defer-attacks"], "results.csv", 1, signal.SIGINT),
     "secagg": ("experiments.run", ["--attack", "rgap", "--observers", "secagg", "--clients", "3", "--rounds", "40"],

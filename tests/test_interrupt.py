@@ -84,7 +84,9 @@ def _assert_no_invented_round(folder: Path) -> int:
 
 
 def test_ctrl_c_during_training_stops_and_resume_gives_the_uninterrupted_model(tmp_path):
-    common = ["--attack", "none", "--clients", "3", "--rounds", "12", "--local-steps", "3", "--seed", "3"]
+    # an attacked FedSGD run: the server and the curious client attack rounds 1 to 3 of 12
+    common = ["--attack", "rgap", "--observers", "server,client", "--attack-rounds", "1,2,3", "--clients", "3",
+              "--rounds", "12", "--batch-size", "4", "--seed", "3"]
     out = tmp_path / "stopped"
     proc = _start(common + ["--out", str(out)], tmp_path / "stopped.log")
     _wait_for(lambda: len(_rows(out / "rounds.csv")) >= 3, proc)  # round 2 is done
@@ -98,6 +100,9 @@ def test_ctrl_c_during_training_stops_and_resume_gives_the_uninterrupted_model(t
 
     assert run_main(["--out", str(out), "--resume"]) == 0  # its settings come from config.json
     assert _assert_no_invented_round(out) == 12
+    rows = _rows(out / "results.csv")
+    assert {r["round"] for r in rows} <= {"1", "2", "3"} and all(r["status"] in ("ok", "blend", "inconsistent",
+                                                                                   "interrupted") for r in rows)
     full = tmp_path / "full"
     assert run_main(common + ["--out", str(full)]) == 0
     resumed, never = torch.load(out / "final_model.pt"), torch.load(full / "final_model.pt")
