@@ -16,6 +16,8 @@ from a command line into a deployment's run config and back. Every rule lives he
   apps are not in the deployment's app); ``observers = "all"`` (the default) means every
   observer the engine can run;
 - attacked rounds and clients must exist; a silent faulty client shortens the round timeout;
+- an attack setting (observers, attacked rounds, grants, ...) given without an attack is
+  refused rather than ignored;
 - what the data allows (``check_data``): the dataset loads and the partition is feasible,
   checked before any process starts.
 
@@ -163,6 +165,12 @@ class ExperimentPlan:
         resolved.update(given)
         fed = RunConfig.from_mapping(resolved)
         attack = None
+        if not attacks:
+            # an attack setting given without an attack has no effect: say so rather than ignore it
+            for key, default in _ATTACK_DEFAULTS.items():
+                if key != "attack" and key in given and str(given[key]).strip().lower() != str(default).strip().lower():
+                    raise ConfigError(key, f"has no effect without an attack: name one (attack = rgap, dlg, idlg, ig "
+                                           "or all) or leave it out")
         if attacks:
             attack = AttackPlan(
                 attacks=tuple(attacks),

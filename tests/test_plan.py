@@ -89,8 +89,11 @@ def test_run_and_deploy_build_the_same_plan_from_the_same_flags():
     assert simulated.fed.faulty_clients == "2:nan" and simulated.attack.grant_batch_size == "none"
 
 
-def test_run_and_deploy_refuse_the_curious_client_with_two_clients_alike(capsys):
-    argv = ["--attack", "rgap", "--clients", "2", "--observers", "server,client"]
+@pytest.mark.parametrize("argv,message", [
+    (["--attack", "rgap", "--clients", "2", "--observers", "server,client"], "needs >= 3 clients per round"),
+    (["--clients", "2", "--observers", "server,client"], "--observers: has no effect without an attack"),
+])
+def test_run_and_deploy_refuse_alike(argv, message, capsys):
     lines = []
     for main in (run.main, deploy.main):
         try:
@@ -99,4 +102,4 @@ def test_run_and_deploy_refuse_the_curious_client_with_two_clients_alike(capsys)
             code = exc.code
         lines.append(capsys.readouterr().err.split("error: ", 1)[1])
         assert code == 2
-    assert lines[0] == lines[1] and "needs >= 3 clients per round" in lines[0]
+    assert lines[0] == lines[1] and message in lines[0]
