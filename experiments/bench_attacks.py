@@ -18,8 +18,14 @@ accuracy is reported only where the label was not granted.
 
 Prints one line per image, one summary line per seed (successes at >= 30 dB, median, minimum
 and mean PSNR, labels, median seconds and objective evaluations per image) and, for several
-seeds, an overall line; ``--out`` writes the rows as CSV. Bad input (an unknown dataset, a
-malformed file, an unwritable ``--out``) ends with one line on stderr and exit code 2.
+seeds, an overall line; ``--out`` writes the rows as CSV. ``--versus KEY=VALUE`` attacks every
+image a second time with those options on top (variant B) and prints B against A: medians of
+the per-image ratios of seconds and evaluations, measured side by side in this process, and
+of the PSNR difference (e.g. ``--versus optimizer="'torch'"``, ``--versus settle=0.0``, or for
+R-GAP ``--versus fresh-solver``). Timings are wall-clock seconds of the attack call; the
+evaluation counts do not depend on the machine or its load. Bad input (an unknown dataset, a
+malformed file, an unwritable ``--out``, a bad option) ends with one line on stderr and exit
+code 2.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ from attacks.rgap import RGAP, RGAPOptions
 from fl_sim.data import DatasetError, load_dataset, read_npz
 from fl_sim.models import build_model, model_names
 
-FIELDS = ["seed", "index", "label", "psnr", "mse", "ssim", "label_correct", "seconds", "steps", "evaluations",
+FIELDS = ["seed", "variant", "index", "label", "psnr", "mse", "ssim", "label_correct", "seconds", "steps", "evaluations",
           "status", "reason"]
 
 
@@ -88,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dlg/idlg: the original algorithm (attacks.dlg.FAITHFUL, 300 steps)")
     p.add_argument("--fresh-solver", action="store_true",
                    help="rgap: a new solver per image (no reuse of the weights' matrices across images)")
+    p.add_argument("--versus", action="append", default=[], metavar="KEY=VALUE",
+                   help="also run every image with these options on top (variant B; the word fresh-solver: R-GAP "
+                        "with a new solver per image) and print B against A; repeatable")
     p.add_argument("--threads", type=int, default=1,
                    help="PyTorch intra-op threads; 1 because the attacks' small operations gain little from a "
                         "second thread, and on a shared machine a busy core makes two threads many times slower")
@@ -158,53 +167,79 @@ def open_out(path: str | None) -> TextIO | None:
 # --------------------------------------------------------------------------- options
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """Keyword options from ``--max-steps`` and ``--option`` (values are Python literals)."""
+def _literal_options(items: list[str], flag: str) -> dict[str, Any]:
+    """``KEY=VALUE`` items (values are Python literals) as a dict."""
     options: dict[str, Any] = {}
-    if args.max_steps:
-        options["max_steps"] = args.max_steps
-    for item in args.option:
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.isidentifier():
-            raise BenchError(f"--option takes KEY=VALUE, got {item!r}")
+            raise BenchError(f"{flag} takes KEY=VALUE, got {item!r}")
         try:
             options[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
-            raise BenchError(f"--option {key}: {value!r} is not a Python literal") from None
+            raise BenchError(f"{flag} {key}: {value!r} is not a Python literal") from None
     return options
 
 
-def attack_factory(args: argparse.Namespace) -> Callable[[], Callable[..., AttackResult]]:
-    """A maker of the attack callable, options validated once (``BenchError`` on a bad one).
-    For R-GAP each call of the maker is a new solver (one per seed, or per image with
-    ``--fresh-solver``); the other attacks are plain functions."""
-    overrides = _overrides(args)
+@dataclass(frozen=True)
+class Variant:
+    """One way of running the attack: the options given (on top of the attack's defaults, or
+    of FAITHFUL), whether R-GAP gets a new solver per image, and a maker of the attack
+    callable (for R-GAP a new solver per call; the other attacks are plain functions)."""
+
+    name: str
+    overrides: dict[str, Any]
+    fresh_solver: bool
+    make: Callable[[], Callable[..., AttackResult]]
+
+    def describe(self) -> str:
+        parts = [f"{k}={v}" for k, v in self.overrides.items()] + (["fresh solver per image"] if self.fresh_solver else [])
+        return ", ".join(parts) or "defaults"
+
+
+def make_variant(args: argparse.Namespace, name: str, overrides: dict[str, Any], fresh_solver: bool) -> Variant:
+    """A :class:`Variant`, its options validated once (``BenchError`` on a bad one)."""
     if args.faithful and args.attack not in ("dlg", "idlg"):
         raise BenchError("--faithful applies to dlg and idlg only")
-    if args.fresh_solver and args.attack != "rgap":
+    if fresh_solver and args.attack != "rgap":
         raise BenchError("--fresh-solver applies to rgap only")
     fn = get_attack(args.attack)
     try:
         if args.attack in ("dlg", "idlg"):
             opts = (FAITHFUL if args.faithful else DLG_DEFAULT).override(overrides, attack=args.attack)
-            return lambda: (lambda *a, **k: fn(*a, options=opts, **k))
+            return Variant(name, overrides, fresh_solver, lambda: (lambda *a, **k: fn(*a, options=opts, **k)))
         if args.attack == "rgap":
             rgap_opts = RGAPOptions().override(overrides, attack="rgap")
-            return lambda: RGAP(rgap_opts)
+            return Variant(name, overrides, fresh_solver, lambda: RGAP(rgap_opts))
     except ValueError as exc:
         raise BenchError(str(exc)) from None
     accepted = {n for n, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY} - {"seed"}
     unknown = sorted(set(overrides) - accepted)
     if unknown:
         raise BenchError(f"{args.attack} has no option {', '.join(unknown)} (options: {', '.join(sorted(accepted))})")
-    return lambda: (lambda *a, **k: fn(*a, **overrides, **k))
+    return Variant(name, overrides, fresh_solver, lambda: (lambda *a, **k: fn(*a, **overrides, **k)))
+
+
+def variants(args: argparse.Namespace) -> list[Variant]:
+    """``A`` from ``--faithful``, ``--max-steps``, ``--option`` and ``--fresh-solver``; with
+    ``--versus``, ``B``: the same with the ``--versus`` options on top (the word
+    ``fresh-solver`` there gives R-GAP a new solver per image)."""
+    overrides = _literal_options(args.option, "--option")
+    if args.max_steps:
+        overrides = {"max_steps": args.max_steps, **overrides}
+    out = [make_variant(args, "A", overrides, args.fresh_solver)]
+    if args.versus:
+        fresh = "fresh-solver" in args.versus
+        extra = _literal_options([v for v in args.versus if v != "fresh-solver"], "--versus")
+        out.append(make_variant(args, "B", {**overrides, **extra}, args.fresh_solver or fresh))
+    return out
 
 
 # --------------------------------------------------------------------------- the runs
 
 
 def _targets(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, head: str, rule: str,
-             gen: torch.Generator) -> torch.Tensor:
+             gen: torch.Generator | None) -> torch.Tensor:
     """The labels the client trains on: the dataset's for a softmax head; for a logit head
     R-GAP's demo label (opposite to the prediction) or a seeded random one."""
     if head != "logit":
@@ -215,54 +250,65 @@ def _targets(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, head: str
         return (model(x).squeeze(-1) <= 0).long()
 
 
-def _run_seed(args: argparse.Namespace, seed: int, data: BenchImages, head: str, make_attack, writer,
-              out_file) -> list[dict]:
+def _attack_rows(attack: Callable[..., AttackResult], model: torch.nn.Module, grads: list[torch.Tensor],
+                 x: torch.Tensor, target: torch.Tensor, threat: ThreatModel, seed: int) -> list[dict]:
+    """Run one attack on one update; one row per image of the batch (an exception is a row)."""
+    t0 = time.perf_counter()
+    try:
+        res = attack(model, grads, tuple(x.shape[1:]), threat, seed=seed)
+        scores = score_batch(res.images, x, res.labels, target)
+        status, reason, steps, secs = res.status, "", res.steps, res.seconds or time.perf_counter() - t0
+        evaluations = res.diagnostics.get("evaluations", math.nan)
+    except Exception as exc:  # noqa: BLE001 - a failed image is a row, not the end of the benchmark
+        scores = [{"psnr": math.nan, "mse": math.nan, "ssim": math.nan, "label_correct": math.nan}] * len(x)
+        status, reason, steps, secs = "error", f"{type(exc).__name__}: {exc}"[:200], 0, time.perf_counter() - t0
+        evaluations = math.nan
+    granted = threat.labels is not None
+    return [{"psnr": sc["psnr"], "mse": sc["mse"], "ssim": sc["ssim"],
+             "label_correct": math.nan if granted else sc.get("label_correct", math.nan),
+             "seconds": secs / len(x), "steps": steps, "evaluations": evaluations, "status": status, "reason": reason}
+            for sc in scores]
+
+
+def _run_seed(args: argparse.Namespace, seed: int, data: BenchImages, head: str, runs: list[Variant], granted: bool,
+              write: Callable[[dict], None]) -> dict[str, list[dict]]:
+    """Every image (or batch) of one seed, attacked by every variant; rows by variant."""
     kwargs = {"head": head} if args.model.startswith("cnn6") else {}
     model = build_model(args.model, tuple(data.images.shape[1:]), data.num_classes, init="paper", seed=seed,
                         **kwargs).eval()
-    granted = args.labels_known or (args.attack == "rgap" and not args.no_labels)
     label_gen = torch.Generator().manual_seed(seed)
-    attack = make_attack()
-    rows: list[dict] = []
-    for start in range(0, len(data.images), args.batch):
+    attacks = {v.name: v.make() for v in runs}
+    rows: dict[str, list[dict]] = {v.name: [] for v in runs}
+    for number, start in enumerate(range(0, len(data.images), args.batch)):
         x, y = data.images[start:start + args.batch], data.labels[start:start + args.batch]
         target = _targets(model, x, y, head, args.label or "demo", label_gen)
-        grads = torch.autograd.grad(training_loss(model(x), target), list(model.parameters()))
+        grads = [g.detach() for g in torch.autograd.grad(training_loss(model(x), target), list(model.parameters()))]
         threat = ThreatModel(labels=target if granted else None, batch_size=len(x))
-        if args.fresh_solver:
-            attack = make_attack()
-        t0 = time.perf_counter()
-        try:
-            res = attack(model, [g.detach() for g in grads], tuple(x.shape[1:]), threat, seed=seed + start)
-            scores = score_batch(res.images, x, res.labels, target)
-            status, reason, steps, secs = res.status, "", res.steps, res.seconds or time.perf_counter() - t0
-            evaluations = res.diagnostics.get("evaluations", math.nan)
-        except Exception as exc:  # noqa: BLE001 - a failed image is a row, not the end of the benchmark
-            scores = [{"psnr": math.nan, "mse": math.nan, "ssim": math.nan, "label_correct": math.nan}] * len(x)
-            status, reason, steps, secs = "error", f"{type(exc).__name__}: {exc}"[:200], 0, time.perf_counter() - t0
-            evaluations = math.nan
-        for i, sc in enumerate(scores):
-            row = {"seed": seed, "index": int(data.index[start + i]), "label": int(target[i]), "psnr": sc["psnr"],
-                   "mse": sc["mse"], "ssim": sc["ssim"],
-                   "label_correct": math.nan if granted else sc.get("label_correct", math.nan),
-                   "seconds": secs / len(x), "steps": steps, "evaluations": evaluations, "status": status,
-                   "reason": reason}
-            rows.append(row)
-            if writer:
-                writer.writerow(row)
-                out_file.flush()
-            lab = "granted" if granted else ("--" if math.isnan(row["label_correct"]) else
-                                             "ok" if row["label_correct"] == 1 else "WRONG")
-            evals = "" if math.isnan(evaluations) else f"  {evaluations:6.0f} evals"
-            print(f"  seed {seed}  image {row['index']:5d}  label {row['label']:3d}  PSNR {row['psnr']:6.2f} dB  "
-                  f"SSIM {row['ssim']:.3f}  label {lab}  {row['seconds']:6.2f} s  {row['steps']:5d} steps{evals}  {status}",
-                  flush=True)
+        # alternate which variant goes first, so that drifting load falls on both alike
+        for v in runs if number % 2 == 0 else runs[::-1]:
+            if v.fresh_solver:
+                attacks[v.name] = v.make()
+            for i, row in enumerate(_attack_rows(attacks[v.name], model, grads, x, target, threat, seed + start)):
+                row = {"seed": seed, "variant": v.name, "index": int(data.index[start + i]), "label": int(target[i]), **row}
+                rows[v.name].append(row)
+                write(row)
+                lab = "granted" if granted else ("--" if math.isnan(row["label_correct"]) else
+                                                 "ok" if row["label_correct"] == 1 else "WRONG")
+                evals = "" if math.isnan(row["evaluations"]) else f"  {row['evaluations']:6.0f} evals"
+                tag = f"{v.name}  " if len(runs) > 1 else ""
+                print(f"  {tag}seed {seed}  image {row['index']:5d}  label {row['label']:3d}  PSNR {row['psnr']:6.2f} dB  "
+                      f"SSIM {row['ssim']:.3f}  label {lab}  {row['seconds']:6.2f} s  {row['steps']:5d} steps{evals}  "
+                      f"{row['status']}", flush=True)
     return rows
+
+
+def _psnr(row: dict) -> float:
+    return row["psnr"] if not math.isnan(row["psnr"]) else -math.inf
 
 
 def summary(rows: list[dict], granted: bool) -> str:
     """One line: successes, median / min / mean PSNR, labels, median s and evaluations per image."""
-    psnrs = [r["psnr"] if not math.isnan(r["psnr"]) else -math.inf for r in rows]
+    psnrs = [_psnr(r) for r in rows]
     finite = [min(p, 300.0) for p in psnrs if p > -math.inf]
     labels = [r["label_correct"] for r in rows if not math.isnan(r["label_correct"])]
     evals = [r["evaluations"] for r in rows if not math.isnan(r["evaluations"])]
@@ -272,6 +318,19 @@ def summary(rows: list[dict], granted: bool) -> str:
             f"mean {statistics.mean(finite) if finite else math.nan:.2f} dB | {label_text} | "
             f"median {statistics.median(r['seconds'] for r in rows):.2f} s/image"
             + (f" | median {statistics.median(evals):.0f} evaluations/image" if evals else ""))
+
+
+def comparison(a: list[dict], b: list[dict]) -> str:
+    """B against A on the same images: medians of the per-image ratios of seconds and
+    evaluations (both measured in this process, side by side) and of the PSNR difference."""
+    def ratio(key: str) -> str:
+        pairs = [rb[key] / ra[key] for ra, rb in zip(a, b)
+                 if ra[key] > 0 and not (math.isnan(ra[key]) or math.isnan(rb[key]))]
+        return f"{statistics.median(pairs):.2f}" if pairs else "--"
+
+    diffs = [min(_psnr(rb), 300.0) - min(_psnr(ra), 300.0) for ra, rb in zip(a, b)]
+    return (f"B/A seconds {ratio('seconds')} | B/A evaluations {ratio('evaluations')} | "
+            f"B - A PSNR {statistics.median(diffs):+.2f} dB (median per image)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -287,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             raise BenchError("lenet has a softmax head only")
         if args.label is not None and head != "logit":
             raise BenchError("--label applies to a single-logit head (--head logit, or the cnn6 family)")
-        make_attack = attack_factory(args)
+        runs = variants(args)
         data = load_images(args.data, args.images)
         out_file = open_out(args.out)
     except BenchError as exc:
@@ -297,29 +356,42 @@ def main(argv: list[str] | None = None) -> int:
     writer = csv.DictWriter(out_file, FIELDS) if out_file else None
     if writer:
         writer.writeheader()
+
+    def write(row: dict) -> None:
+        if writer:
+            writer.writerow(row)
+            out_file.flush()
+
     granted = args.labels_known or (args.attack == "rgap" and not args.no_labels)
-    overrides = _overrides(args)
     print(f"{args.attack}{' (faithful)' if args.faithful else ''} on {args.model} ({head} head, paper init), {args.data}: "
           f"{len(data.images)} images in batches of {args.batch}, seeds {', '.join(map(str, seeds))}"
           + (f", label {args.label or 'demo'}" if head == "logit" else "")
           + f", labels {'granted' if granted else 'not granted'}, {args.threads} thread(s)"
-          + (f", options {', '.join(f'{k}={v}' for k, v in overrides.items())}" if overrides else ""), flush=True)
+          + (f", options {runs[0].describe()}" if runs[0].overrides or runs[0].fresh_solver else ""), flush=True)
+    if len(runs) > 1:
+        print(f"A: {runs[0].describe()}; B: {runs[1].describe()} (each image attacked by both, in alternating order)")
     for note in data.notes:
         print(f"note: {note}", flush=True)
-    per_seed: dict[int, list[dict]] = {}
+    per_seed: dict[int, dict[str, list[dict]]] = {}
     try:
         for seed in seeds:
-            per_seed[seed] = _run_seed(args, seed, data, head, make_attack, writer, out_file)
+            per_seed[seed] = _run_seed(args, seed, data, head, runs, granted, write)
     finally:
         if out_file:
             out_file.close()
-    for seed, rows in per_seed.items():
-        print(f"seed {seed}: {summary(rows, granted)}")
-    if len(seeds) > 1:
-        every = [r for rows in per_seed.values() for r in rows]
-        medians = [statistics.median(r["psnr"] if not math.isnan(r["psnr"]) else -math.inf for r in rows)
-                   for rows in per_seed.values()]
-        print(f"all {len(seeds)} seeds: {summary(every, granted)} | lowest seed median {min(medians):.2f} dB")
+    for v in runs:
+        tag = f"{v.name} " if len(runs) > 1 else ""
+        for seed, by_variant in per_seed.items():
+            print(f"{tag}seed {seed}: {summary(by_variant[v.name], granted)}")
+        if len(seeds) > 1:
+            every = [r for by_variant in per_seed.values() for r in by_variant[v.name]]
+            medians = [statistics.median(map(_psnr, by_variant[v.name])) for by_variant in per_seed.values()]
+            print(f"{tag}all {len(seeds)} seeds: {summary(every, granted)} | lowest seed median {min(medians):.2f} dB")
+    if len(runs) > 1:
+        for seed, by_variant in per_seed.items():
+            print(f"seed {seed}: {comparison(by_variant['A'], by_variant['B'])}")
+        if len(seeds) > 1:
+            print(f"all {len(seeds)} seeds: {comparison(*([r for bv in per_seed.values() for r in bv[k]] for k in 'AB'))}")
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS {peak_mib:.0f} MiB")
     return 0

@@ -111,6 +111,9 @@ def test_bad_options_exit_2_with_one_line(extra, message, capsys):
     (["--attack", "rgap", "--model", "cnn6", "--faithful"], "--faithful applies to dlg and idlg only"),
     (["--attack", "dlg", "--model", "lenet", "--fresh-solver"], "--fresh-solver applies to rgap only"),
     (["--attack", "rgap", "--model", "cnn6", "--option", "nope=1"], "rgap has no option nope"),
+    (["--attack", "rgap", "--model", "cnn6", "--versus", "nope=1"], "rgap has no option nope"),
+    (["--attack", "dlg", "--model", "lenet", "--versus", "fresh-solver"], "--fresh-solver applies to rgap only"),
+    (["--attack", "dlg", "--model", "lenet", "--versus", "tol"], "--versus takes KEY=VALUE"),
 ])
 def test_flags_for_other_attacks_are_refused(argv, message, capsys):
     code, _, err = _run([*argv, "--data", "mnist5k", "--images", "1"], capsys)
@@ -158,10 +161,23 @@ def test_seeds_give_one_summary_line_each_and_an_overall_line(tmp_path, capsys):
     assert len(overall) == 1 and "lowest seed median" in overall[0] and "evaluations/image" in overall[0]
 
 
+def test_versus_attacks_each_image_twice_and_prints_b_against_a(tmp_path, capsys):
+    out = tmp_path / "ab.csv"
+    code, stdout, _ = _run(["--attack", "dlg", *BASE, "--max-steps", "1", "--option", "max_restarts=0",
+                            "--versus", "max_iter=5", "--out", str(out)], capsys)
+    assert code == 0 and "A: max_steps=1, max_restarts=0; B: max_steps=1, max_restarts=0, max_iter=5" in stdout
+    rows = {r["variant"]: r for r in csv.DictReader(out.open())}
+    # one L-BFGS step of at most 5 iterations (B) against one of at most 20 (A), same start
+    assert int(float(rows["B"]["evaluations"])) < int(float(rows["A"]["evaluations"]))
+    ratio = float(rows["B"]["evaluations"]) / float(rows["A"]["evaluations"])
+    assert "seed 0: B/A seconds" in stdout and f"B/A evaluations {ratio:.2f}" in stdout
+    assert sum(line.startswith(("A seed 0: success", "B seed 0: success")) for line in stdout.splitlines()) == 2
+
+
 @pytest.mark.parametrize("grant,expected", [([], "labels granted"), (["--no-labels"], "labels 100%")])
 def test_rgap_label_accuracy_is_reported_only_where_not_granted(grant, expected, tmp_path, capsys):
     out = tmp_path / "rgap.csv"
-    code, stdout, _ = _run(["--attack", "rgap", "--model", "cnn6", "--data", "mnist5k", "--images", "2",
+    code, stdout, _ = _run(["--attack", "rgap", "--model", "cnn6", "--data", "mnist5k", "--images", "1",
                             "--option", "rank=False", *grant, "--out", str(out)], capsys)
     assert code == 0 and expected in stdout.splitlines()[-2]
     rows = list(csv.DictReader(out.open()))
@@ -186,15 +202,15 @@ def test_logit_labels_demo_is_opposite_to_the_prediction_and_random_is_seeded():
 
 def test_rgap_with_a_random_label_not_granted_recovers_image_and_label(tmp_path, capsys):
     # image 0's random label (seed 0) is the one the model predicts: the head's equation has
-    # two roots and, the label not granted, two labels; image 1's is R-GAP's demo label
+    # two roots and, the label not granted, two labels (four candidates)
     out = tmp_path / "rgap.csv"
-    code, stdout, _ = _run(["--attack", "rgap", "--model", "cnn6", "--data", "mnist5k", "--images", "2",
+    code, stdout, _ = _run(["--attack", "rgap", "--model", "cnn6", "--data", "mnist5k", "--images", "1",
                             "--option", "rank=False", "--label", "random", "--no-labels", "--out", str(out)], capsys)
     assert code == 0 and "label random, labels not granted" in stdout.splitlines()[0]
-    rows = list(csv.DictReader(out.open()))
-    data = load_images("mnist5k", 2)
+    (row,) = list(csv.DictReader(out.open()))
+    data = load_images("mnist5k", 1)
     model = build_model("cnn6", (1, 28, 28), 10, head="logit", init="paper", seed=0).eval()
     with torch.no_grad():
-        predicted = (model(data.images).squeeze(-1) > 0).long().tolist()
-    assert [int(r["label"]) == p for r, p in zip(rows, predicted)] == [True, False]
-    assert all(float(r["psnr"]) > 60 and float(r["label_correct"]) == 1.0 for r in rows), rows
+        predicted = int(model(data.images).squeeze(-1) > 0)
+    assert int(row["label"]) == predicted
+    assert float(row["psnr"]) > 60 and float(row["label_correct"]) == 1.0, row
