@@ -107,6 +107,22 @@ def _worker_init() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _start_pool(workers: int) -> ProcessPoolExecutor:
+    """Attack workers, spawned now. From the main thread they are spawned with SIGINT ignored:
+    a spawned Python keeps an ignored SIGINT, so a Ctrl-C to the process group cannot kill a
+    worker while it is still importing, before its initializer runs (the pool would break and
+    every job in it fail)."""
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init)
+    launch = getattr(pool, "_launch_processes", None)  # CPython's own, used for fork pools
+    if launch is not None and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            launch()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    return pool
+
+
 class AttackRunner:
     """Observes a run for the plan's observers and attacks what they see.
 
@@ -119,7 +135,7 @@ class AttackRunner:
     """
 
     def __init__(self, plan: ExperimentPlan, out_dir: str | Path,
-                 on_row: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_row: Callable[[dict[str, Any]], None] | None = None, stop: threading.Event | None = None) -> None:
         from fl_sim.data import load_dataset
         from fl_sim.models import build_model
         from fl_sim.task import parameter_names
@@ -141,10 +157,8 @@ class AttackRunner:
         self._per_round: dict[tuple[int, str], int] = {}
         self._own: dict[int, InterceptedUpdate] = {}  # the curious client's own updates, by round
         self._stopping = False
-        self._pool = (
-            ProcessPoolExecutor(self.attack.workers, mp_context=get_context("spawn"), initializer=_worker_init)
-            if self.attack.workers > 0 else None
-        )
+        self._stop = stop or threading.Event()  # the run's: a job lost after it is set was interrupted, not failed
+        self._pool = _start_pool(self.attack.workers) if self.attack.workers > 0 else None
         # Deferred: jobs wait in memory until training ends (close), so no attack shares the
         # cores with a round; if the run stops first they become "interrupted" rows.
         self._deferred: list[AttackJob] | None = [] if self.attack.defer else None
@@ -237,7 +251,7 @@ class AttackRunner:
         fut.add_done_callback(lambda f, job=job: self._done(job, f))
 
     def _done(self, job: AttackJob, fut: Future) -> None:
-        if self._stopping or fut.cancelled():
+        if self._stopping or self._stop.is_set() or fut.cancelled():
             rows, images = _rows(job, status="interrupted", reason="the run stopped before this attack finished"), {}
         else:
             try:
@@ -271,10 +285,11 @@ class AttackRunner:
 
     # ---- the end -------------------------------------------------------------------------
 
-    def close(self, stop: threading.Event | None = None) -> None:
+    def close(self) -> None:
         """Run the deferred jobs, wait for every job in flight (each one's rows land as it
-        finishes), then stop the workers. If ``stop`` is set meanwhile, :meth:`stop` instead."""
-        stop = stop or threading.Event()
+        finishes), then stop the workers. If the run's stop event is set meanwhile,
+        :meth:`stop` instead."""
+        stop = self._stop
         if self._deferred:
             jobs, self._deferred = self._deferred, []
             for i, job in enumerate(jobs):

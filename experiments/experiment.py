@@ -75,7 +75,7 @@ class Experiment:
         self.out.mkdir(parents=True, exist_ok=True)
         self.stop = stop or threading.Event()
         self.on_round = on_round
-        self.runner = AttackRunner(plan, self.out, on_row=on_row) if plan.attacked else None
+        self.runner = AttackRunner(plan, self.out, on_row=on_row, stop=self.stop) if plan.attacked else None
         self.outcomes: dict[str, Outcome] = {}
         self.logs: dict[str, FederationLog] = {}
 
@@ -175,5 +175,5 @@ class Experiment:
             if self.stopped:
                 self.runner.stop()
             else:
-                self.runner.close(self.stop)  # a stop while the attacks finish abandons the rest
+                self.runner.close()  # a stop while the attacks finish abandons the rest
         return report(self.out, self.plan, self.outcomes)

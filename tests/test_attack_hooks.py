@@ -9,7 +9,6 @@ import torch
 import attacks
 from experiments.attack_runner import AttackRunner
 from experiments.plan import ExperimentPlan
-from experiments.run import main as run_main
 from fl_sim.simulation import simulate
 from fl_sim.config import RunConfig
 from fl_sim.data import load_dataset
@@ -130,16 +129,6 @@ def test_failing_attack_leaves_training_and_other_rows(runs):
     assert all(r["attribution"] == "post-hoc" and r["batch_size_granted"] == "False" for r in rgap_rows
                if r["observer"] == "client")
     assert len(list(csv.DictReader(open(base / "spied" / "rounds.csv")))) == 3
-
-
-def test_cli_attack_run_writes_results(tmp_path):
-    out = tmp_path / "run"
-    code = run_main(["--attack", "rgap", "--observer", "server", "--clients", "3", "--rounds", "1", "--out", str(out)])
-    assert code == 0
-    rows = list(csv.DictReader(open(out / "results.csv")))
-    assert len(rows) == 3 and all(float(r["psnr"]) > 60 for r in rows)
-    for name in ("summary.md", "reconstructions_round1.png", "psnr_per_round.png", "config.json", "rounds.csv"):
-        assert (Path(out) / name).exists(), name
 
 
 def test_the_servers_reconstructions_are_images_of_each_clients_own_partition(runs):

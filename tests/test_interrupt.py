@@ -136,25 +136,3 @@ def test_ctrl_c_during_the_secagg_phase(tmp_path):
     _assert_gone(tree)
     assert 1 <= _assert_no_invented_round(out / "secagg") < 30
     assert "secagg federation: **stopped**" in (out / "summary.md").read_text()
-
-
-def test_a_second_run_on_a_folder_is_refused_and_overwrite_replaces_it(tmp_path, capsys):
-    out = tmp_path / "run"
-    args = ["--attack", "none", "--clients", "2", "--rounds", "1", "--local-steps", "1", "--out", str(out)]
-    assert run_main(args) == 0
-    first = (out / "rounds.csv").read_text()
-    capsys.readouterr()
-    assert run_main(args) == 2
-    assert "is not empty: pass --resume" in capsys.readouterr().err
-    assert (out / "rounds.csv").read_text() == first  # untouched
-    assert run_main(args + ["--overwrite", "--seed", "1"]) == 0
-    assert json.loads((out / "config.json").read_text())["seed"] == 1
-    assert len(_rows(out / "rounds.csv")) == 2
-
-
-def test_a_folder_in_use_is_refused(tmp_path, capsys):
-    from experiments.run_folder import RunFolder
-
-    with RunFolder.claim(tmp_path / "busy", "new", {}):
-        assert run_main(["--attack", "none", "--out", str(tmp_path / "busy")]) == 2
-    assert "is in use by another run (pid" in capsys.readouterr().err
