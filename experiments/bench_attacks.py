@@ -67,20 +67,19 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m experiments.bench_attacks", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(prog="python -m experiments.bench_attacks", description=__doc__.split("\n\n")[0])
     p.add_argument("--attack", required=True, choices=list(ATTACKS))
     p.add_argument("--model", required=True, choices=model_names())
     p.add_argument("--data", required=True,
                    help="npz:PATH (keys images, labels), e.g. npz:../shared/data/cifar10_test150.npz, or mnist5k")
-    p.add_argument("--images", type=int, default=20, help="attack the first N images")
-    p.add_argument("--batch", type=int, default=1, help="images per update")
+    p.add_argument("--images", type=int, default=20, help="attack the first N images (default: 20)")
+    p.add_argument("--batch", type=int, default=1, help="images per update (default: 1)")
     seeds = p.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=int, default=None, help="one seed (the model's initialisation and the attack's draws)")
     seeds.add_argument("--seeds", default=None, metavar="SPEC",
                        help="several seeds, one run each: 0-4, 0,1,2 or 0-2,7 (default: 0)")
     p.add_argument("--head", choices=["paper", "multiclass", "logit"], default="paper",
-                   help="paper: a logit for the CNN6 family (R-GAP), softmax otherwise")
+                   help="paper (the default): a logit for the CNN6 family (R-GAP), softmax otherwise")
     p.add_argument("--label", choices=["demo", "random"], default=None,
                    help="a logit head's binary label: demo (opposite to the model's prediction, R-GAP's demo; "
                         "the default) or random (seeded)")
@@ -99,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "with a new solver per image) and print B against A; repeatable")
     p.add_argument("--threads", type=int, default=1,
                    help="PyTorch intra-op threads; 1 because the attacks' small operations gain little from a "
-                        "second thread, and on a shared machine a busy core makes two threads many times slower")
+                        "second thread, and on a shared machine a busy core makes two threads many times slower (default: 1)")
     p.add_argument("--out", default=None, help="CSV with one row per image")
     return p
 

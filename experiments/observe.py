@@ -8,7 +8,8 @@ true batch to score a reconstruction. Nothing in the key is handed to an attack.
 Observers and what they are entitled to (``grant-batch-size = "observed"``, the default):
 
 - ``server`` (the parameter server) sees each client's own reply: the weights it sent, the
-  update, and the reply's clear-text ``num-examples`` (so it knows the batch size).
+  update, and the reply's clear-text ``num-examples`` (so it knows a FedSGD batch size); for
+  FedAvg it knows the local schedule it configured (learning rate, steps, batch size).
 - ``client`` (a curious client) sees only successive global models, and its own update. It
   knows the run config it was sent (``server-lr``, ``num-clients``, ``fraction-train``,
   ``batch-size``) but not who took part in a round or with how many examples: it assumes the
@@ -61,7 +62,7 @@ class Grants:
 
     labels: bool
     batch_size: int | None
-    batch_size_source: Literal["reply", "clear-counts", "granted", "none"]
+    batch_size_source: Literal["reply", "config", "clear-counts", "granted", "none"]
 
 
 @dataclass(frozen=True)
@@ -104,8 +105,12 @@ def observe_server(u: InterceptedUpdate, cfg: RunConfig, names: Sequence[str], *
     """The parameter server's view of one client's reply."""
     steps = int(u.metrics.get("local-steps", 1))
     update = update_of(u.sent, u.reply, u.kind, names, lr=cfg.lr, local_steps=steps)
-    known = grant_batch_size != "none"
-    grants = Grants(grant_labels, u.num_examples if known else None, "reply" if known else "none")
+    if grant_batch_size == "none":
+        grants = Grants(grant_labels, None, "none")
+    elif u.kind == "gradient":  # FedSGD: the reply's num-examples is the batch
+        grants = Grants(grant_labels, u.num_examples, "reply")
+    else:  # FedAvg: num-examples is the partition; the server set the batch size of each local step
+        grants = Grants(grant_labels, cfg.batch_size, "config")
     return Observation("server", u.server_round, _weights(u.sent), update, grants, RefereeKey((u.partition_id,), "direct"))
 
 
@@ -138,7 +143,10 @@ def observe_curious_client(agg: RoundAggregate, own: InterceptedUpdate | None, c
     # mean of the others = (n * mean - own) / (n - 1), all weighted equally by assumption
     others = tuple((n * m - o) / (n - 1) for m, o in zip(mean, mine))
     targets = tuple(p for p in agg.partition_ids if p != curious_client)
-    images = sum(c for p, c in agg.contributors if p != curious_client)
+    # images in the update per step: FedSGD's batches are the example counts; a FedAvg step
+    # uses one batch of the configured size per client
+    images = (sum(c for p, c in agg.contributors if p != curious_client) if cfg.mode == "fedsgd"
+              else len(targets) * cfg.batch_size)
     grants = (Grants(grant_labels, images, "granted") if grant_batch_size == "all"
               else Grants(grant_labels, None, "none"))
     return Observation("client", agg.server_round, _weights(agg.before), _as_update(others, kind, cfg), grants,

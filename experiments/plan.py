@@ -9,7 +9,8 @@ and what the attackers are granted. Both come from one flat mapping of Flower ru
 from a command line into a deployment's run config and back. Every rule lives here:
 
 - names: attacks (the registry in :mod:`attacks`), observers, grant policies;
-- attacks run on FedSGD updates (FedAvg updates are not scored yet);
+- attacks run on FedSGD updates, or on FedAvg updates with the local schedule in steps
+  (``local-steps >= 1``: the server knows how many steps of which batch size went into one);
 - the curious client needs 3 or more clients per round (with 2, subtracting its own update
   leaves the other client's update exactly: that is the server's view, not an aggregate);
 - SecAgg+ needs 2 or more clients per round, FedSGD, and the simulation engine (its legacy
@@ -222,9 +223,9 @@ class ExperimentPlan:
         a, c = self.attack, self.fed
         if a is None:
             return
-        if c.mode != "fedsgd":
-            raise ConfigError("mode", "attacks run on FedSGD updates (mode fedsgd); scoring FedAvg updates is not "
-                                      "supported yet (or set attack to none)")
+        if c.mode == "fedavg" and c.local_steps < 1:
+            raise ConfigError("local-steps", "attacks on FedAvg updates need the local schedule in steps (local-steps "
+                                             ">= 1; local epochs hide how many steps a client ran)")
         if not a.observers:
             raise ConfigError("observers", "name at least one observer")
         if a.grant_batch_size not in BATCH_SIZE_GRANTS:
@@ -239,6 +240,8 @@ class ExperimentPlan:
             if not 0 <= a.curious_client < c.num_clients:
                 raise ConfigError("curious-client", f"{a.curious_client} is not a partition id (0..{c.num_clients - 1})")
         if "secagg" in a.observers:
+            if c.mode != "fedsgd":
+                raise ConfigError("observers", "the secagg observer runs FedSGD only (mode fedsgd)")
             if engine != "simulation":
                 raise ConfigError("observers", "the secagg observer runs only under python -m experiments.run (its "
                                                "SecAgg+ apps are Flower's legacy ones, not this deployment's app)")

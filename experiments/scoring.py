@@ -1,7 +1,8 @@
 """The referee: rebuilds the true batch behind an observation and scores a reconstruction.
 
 The true batch is never taken from a client's message: it is rebuilt from (partition, round,
-seed) with :func:`fl_sim.task.client_batch`, the pure function the clients use, and the
+seed) with :func:`fl_sim.task.client_batch` (FedSGD) or :func:`fl_sim.task.local_schedule`
+(FedAvg: every image the local steps used), the pure functions the clients use, and the
 partitions the run's clients really hold (a node whose ``num-partitions`` disagreed with the
 run's ``num-clients`` was refused by the client itself, so the two cannot differ silently).
 
@@ -20,12 +21,14 @@ import math
 import statistics
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from attacks import SUCCESS_PSNR, match_batch, score_batch
 from fl_sim.config import RunConfig
-from fl_sim.task import client_batch
+from fl_sim.data import load_dataset, to_float
+from fl_sim.task import client_batch, local_schedule
 
 from .observe import RefereeKey
 
@@ -55,10 +58,17 @@ class ClientScore:
 
 
 def true_batch(cfg: RunConfig, key: RefereeKey, server_round: int) -> Truth:
-    """The images behind an observation: each target client's batch of ``server_round``."""
+    """The images behind an observation: each target client's FedSGD batch of
+    ``server_round``, or under FedAvg every image of its local schedule (each once)."""
+    data = load_dataset(cfg.dataset, cfg.data_root)
     xs, ys, owners = [], [], []
     for pid in key.targets:
-        x, y = client_batch(cfg, pid, cfg.num_clients, server_round)
+        if cfg.mode == "fedsgd":
+            x, y = client_batch(cfg, pid, cfg.num_clients, server_round)
+        else:
+            seen = np.concatenate(local_schedule(cfg, pid, cfg.num_clients, server_round))
+            idx = torch.as_tensor(seen[np.sort(np.unique(seen, return_index=True)[1])])
+            x, y = to_float(data.train_x[idx]), data.train_y[idx]
         xs.append(x)
         ys.append(y)
         owners += [pid] * len(y)

@@ -2,7 +2,7 @@
 
 ``fedsgd``: the gradient of the loss on one batch (chosen by ``client_batch``, a pure function
 of partition, round and seed), one array per model parameter. ``fedavg``: the weights after
-local SGD (the whole state dict). The run's settings arrive from the server in the message's
+local SGD over the batches of ``local_schedule`` (also a pure function; the whole state dict). The run's settings arrive from the server in the message's
 ``config`` record; the partition comes from the node's own ``partition-id`` /
 ``num-partitions``, which must agree with the run's ``num-clients``. The train handler carries
 the fault-injection mod (:mod:`fl_sim.faults`), which does nothing unless the run config names
@@ -13,14 +13,23 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from .config import RunConfig
 from .faults import fault_mod
-from .task import batch_gradient, client_batch, client_indices, evaluate, local_sgd, model_with, node_partition, parameter_names
+from .task import (
+    batch_gradient,
+    client_batch,
+    client_indices,
+    evaluate,
+    local_schedule,
+    local_sgd,
+    model_with,
+    node_partition,
+    parameter_names,
+)
 
 app = ClientApp()
 
@@ -43,14 +52,9 @@ def train(msg: Message, context: Context) -> Message:
         arrays = ArrayRecord(OrderedDict(zip(parameter_names(model), grads)))
         num_examples, steps = len(labels), 1
     else:
-        indices = client_indices(cfg, pid, cfg.num_clients)
-        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, pid, server_round]).generate_state(1)[0]))
-        loss, steps = local_sgd(
-            model, data, indices, lr=cfg.lr, batch_size=cfg.batch_size,
-            epochs=cfg.local_epochs, steps=cfg.local_steps, generator=gen,
-        )
+        loss, steps = local_sgd(model, data, local_schedule(cfg, pid, cfg.num_clients, server_round), lr=cfg.lr)
         arrays = ArrayRecord(model.state_dict())
-        num_examples = len(indices)
+        num_examples = len(client_indices(cfg, pid, cfg.num_clients))
     metrics = MetricRecord(
         {"train_loss": loss, "num-examples": num_examples, "partition-id": pid, "local-steps": steps}
     )

@@ -21,6 +21,7 @@ __all__ = [
     "evaluate",
     "client_indices",
     "client_batch",
+    "local_schedule",
     "parameter_names",
     "model_with",
     "node_partition",
@@ -78,35 +79,20 @@ def batch_gradient(model: nn.Module, images: Tensor, labels: Tensor) -> tuple[li
     return [g.detach() for g in grads], loss.item()
 
 
-def local_sgd(
-    model: nn.Module,
-    data: Dataset,
-    indices: np.ndarray,
-    *,
-    lr: float,
-    batch_size: int,
-    epochs: int = 1,
-    steps: int = 0,
-    generator: torch.Generator,
-) -> tuple[float, int]:
-    """FedAvg: plain SGD on the client's partition, ``epochs`` passes or, when ``steps`` > 0,
-    exactly ``steps`` mini-batches. Returns the mean training loss and the number of steps."""
+def local_sgd(model: nn.Module, data: Dataset, batches: list[np.ndarray], *, lr: float) -> tuple[float, int]:
+    """FedAvg: plain SGD at ``lr``, one step per batch of ``batches`` (sample indices, in order:
+    :func:`local_schedule`). Returns the mean training loss and the number of steps."""
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     model.train()
-    idx = torch.as_tensor(indices)
-    total, done = 0.0, 0
-    target = steps if steps > 0 else epochs * -(-len(idx) // batch_size)
-    while done < target:
-        for chunk in idx[torch.randperm(len(idx), generator=generator)].split(batch_size):
-            opt.zero_grad()
-            loss = loss_fn(model(to_float(data.train_x[chunk])), data.train_y[chunk])
-            loss.backward()
-            opt.step()
-            total += loss.item()
-            done += 1
-            if done == target:
-                break
-    return total / max(done, 1), done
+    total = 0.0
+    for batch in batches:
+        chunk = torch.as_tensor(batch)
+        opt.zero_grad()
+        loss = loss_fn(model(to_float(data.train_x[chunk])), data.train_y[chunk])
+        loss.backward()
+        opt.step()
+        total += loss.item()
+    return total / max(len(batches), 1), len(batches)
 
 
 @torch.no_grad()
@@ -134,6 +120,24 @@ def client_indices(cfg: RunConfig, partition_id: int, num_partitions: int) -> np
         raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
     parts = _partitions(cfg.dataset, cfg.data_root, num_partitions, cfg.partition, cfg.alpha, cfg.classes_per_client, cfg.seed)
     return parts[partition_id]
+
+
+def local_schedule(cfg: RunConfig, partition_id: int, num_partitions: int, server_round: int) -> list[np.ndarray]:
+    """The batches (sample indices, in order) of a FedAvg client's local SGD in ``server_round``:
+    exactly ``local-steps`` batches when set, else ``local-epochs`` passes; each pass a seeded
+    shuffle of the partition cut into ``batch-size`` chunks. A pure function of its arguments,
+    like :func:`client_batch`: the server configured the schedule, so a harness can rebuild
+    which images went into an update."""
+    idx = torch.as_tensor(client_indices(cfg, partition_id, num_partitions))
+    gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, partition_id, server_round]).generate_state(1)[0]))
+    target = cfg.local_steps if cfg.local_steps > 0 else cfg.local_epochs * -(-len(idx) // cfg.batch_size)
+    batches: list[np.ndarray] = []
+    while len(batches) < target:
+        for chunk in idx[torch.randperm(len(idx), generator=gen)].split(cfg.batch_size):
+            batches.append(chunk.numpy())
+            if len(batches) == target:
+                break
+    return batches
 
 
 def client_batch(cfg: RunConfig, partition_id: int, num_partitions: int, server_round: int) -> tuple[Tensor, Tensor]:

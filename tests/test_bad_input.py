@@ -91,7 +91,9 @@ CASES = [
     (["--faulty-client", "12:nan"], "--faulty-client: client 12 is not a partition id (0..9)"),
     (["--faulty-client", "1:nan", "--faulty-client", "1:inf"], "--faulty-client: client 1 is listed twice"),
     # the plan's rules
-    (["--attack", "rgap", "--mode", "fedavg"], "--mode: attacks run on FedSGD updates"),
+    (["--attack", "rgap", "--mode", "fedavg"], "--local-steps: attacks on FedAvg updates need the local schedule in steps"),
+    (["--attack", "rgap", "--mode", "fedavg", "--local-steps", "1", "--observers", "secagg"],
+     "--observers: the secagg observer runs FedSGD only"),
     (["--attack", "rgap", "--clients", "2"], "--observers: the curious-client observer needs >= 3 clients per round"),
     (["--attack", "rgap", "--attack-rounds", "3"], "--attack-rounds: round 3 is not in 1..2"),
     (["--attack", "rgap", "--attack-rounds", "x"], "--attack-rounds: expected comma-separated integers or 'all'"),

@@ -98,3 +98,19 @@ def test_npz_dataset(tmp_path, shared_data):
     data = load_dataset(f"npz:{shared_data / 'cifar10_test150.npz'}")
     assert data.input_shape == (3, 32, 32) and data.num_classes == 10
     assert len(data.train_y) + len(data.test_y) == 150
+
+
+def test_local_schedule_is_a_pure_function_of_the_partition_and_round():
+    """FedAvg's local batches: from the client's own partition, the configured size and count,
+    the same for the same round and different in the next."""
+    from fl_sim.task import client_indices, local_schedule
+
+    cfg = RunConfig(batch_size=8, num_clients=4, local_steps=5)
+    batches = local_schedule(cfg, 2, 4, server_round=3)
+    assert [len(b) for b in batches] == [8] * 5
+    mine = set(client_indices(cfg, 2, 4).tolist())
+    assert all(set(b.tolist()) <= mine for b in batches)
+    assert all((a == b).all() for a, b in zip(batches, local_schedule(cfg, 2, 4, 3)))
+    assert not all((a == b).all() for a, b in zip(batches, local_schedule(cfg, 2, 4, 4)))
+    epoch = local_schedule(cfg.replace(local_steps=0, local_epochs=1), 2, 4, 3)
+    assert sorted(int(i) for b in epoch for i in b) == sorted(mine)  # one epoch: every image once

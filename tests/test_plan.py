@@ -60,7 +60,7 @@ def test_all_observers_means_what_the_engine_can_run():
 @pytest.mark.parametrize("values,key", [
     ({"attack": "rgap", "num-clients": 2}, "observers"),
     ({"attack": "rgap", "num-clients": 4, "fraction-train": 0.5}, "observers"),  # 2 clients per round
-    ({"attack": "rgap", "mode": "fedavg"}, "mode"),
+    ({"attack": "rgap", "mode": "fedavg"}, "local-steps"),
     ({"attack": "rgap", "observers": "secagg", "num-clients": 1, "min-clients": 1}, "observers"),
     ({"attack": "rgap", "attack-rounds": "0"}, "attack-rounds"),
     ({"no-such-key": 1}, "no-such-key"),
