@@ -1,13 +1,14 @@
 """A malicious parameter server: a strategy that records every client's reply, then
 aggregates honestly.
 
-``InterceptingStrategy`` wraps the honest strategy rather than copying it. The honest
-strategy screens the round's replies (:mod:`fl_sim.replies`: a NaN, a wrong shape or a
-missing reply is dropped, logged and reported by it); this wrapper then hands each reply that
-was aggregated (round, node, partition, the weights that were sent, the update that came
-back) to ``on_update``, and the round's aggregate (global model before and after, and who
-contributed) to ``on_aggregate``. The replies pass to the honest strategy untouched, so
-training is identical with and without it. What the hooks do with the updates (run attacks,
+``InterceptingStrategy`` wraps the honest server (its :class:`fl_sim.strategy.ScreeningStrategy`)
+rather than copying it. The honest server screens the round's replies (:mod:`fl_sim.replies`:
+a NaN, a wrong shape or a missing reply is dropped, logged and reported by it); this wrapper
+then hands each reply that was aggregated (round, node, partition, the weights that were
+sent, the update that came back, as it came back: before any server-side defence, such as
+central DP's clipping, touched it) to ``on_update``, and the round's aggregate (global model
+before and after, and who contributed) to ``on_aggregate``. The replies pass to the honest
+server untouched, so training is identical with and without it. What the hooks do with the updates (run attacks,
 say) is not this module's business: they are plain callables, and one that raises is logged
 and ignored, so spying never breaks a round.
 """
@@ -23,7 +24,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from .strategy import HonestFedAvg
+from .strategy import ScreeningStrategy
 
 __all__ = ["InterceptedUpdate", "RoundAggregate", "InterceptingStrategy"]
 
@@ -76,7 +77,7 @@ class InterceptingStrategy(Strategy):
 
     def __init__(
         self,
-        inner: HonestFedAvg,
+        inner: ScreeningStrategy,
         *,
         kind: Literal["gradient", "weights"],
         on_update: Callable[[InterceptedUpdate], None] | None = None,
@@ -104,6 +105,9 @@ class InterceptingStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         sent = self.inner.sent_weights(server_round)
+        # What came back, before the server's own processing (a defence may change it in place)
+        raw = {id(m): m.content.array_records.get("arrays") for m in replies if not m.has_error()}
+        raw = {k: _state(v) for k, v in raw.items() if v is not None}
         try:
             arrays, metrics = self.inner.aggregate_train(server_round, replies)
         finally:  # a failed round still shows the spy whatever valid replies it had
@@ -117,7 +121,7 @@ class InterceptingStrategy(Strategy):
                         node_id=int(msg.metadata.src_node_id),
                         partition_id=int(m.get("partition-id", -1)),
                         sent=sent_state,
-                        reply=_state(msg.content["arrays"]),
+                        reply=raw[id(msg)],
                         kind=self.kind,
                         num_examples=int(m.get("num-examples", 0)),
                         metrics=m,

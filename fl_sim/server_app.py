@@ -38,7 +38,7 @@ from .config import RunConfig
 from .data import load_dataset
 from .models import build_model
 from .replies import DROPPED_FIELDS, DroppedReply
-from .strategy import FedSGD, HonestFedAvg
+from .strategy import FedSGD, HonestFedAvg, ScreeningStrategy
 from .task import evaluate, parameter_names
 
 __all__ = [
@@ -215,9 +215,11 @@ class _Resumed(Strategy):
         return self.inner.aggregate_evaluate(server_round + self.offset, replies)
 
 
-def build_strategy(cfg: RunConfig, param_names: list[str], on_dropped: Callable[[DroppedReply], None] | None = None) -> HonestFedAvg:
-    """The honest strategy for ``cfg.mode``, screening replies against the model whose
-    parameters are ``param_names`` (FedSGD replies carry exactly these)."""
+def build_strategy(cfg: RunConfig, param_names: list[str],
+                   on_dropped: Callable[[DroppedReply], None] | None = None) -> ScreeningStrategy:
+    """The honest strategy for ``cfg.mode`` behind the server's checks of every reply, which
+    compare it with the model whose parameters are ``param_names`` (FedSGD replies carry
+    exactly these; FedAvg replies the whole state dict)."""
     least = min(cfg.min_clients, cfg.num_clients)
     common = dict(
         fraction_train=cfg.fraction_train,
@@ -225,12 +227,13 @@ def build_strategy(cfg: RunConfig, param_names: list[str], on_dropped: Callable[
         min_train_nodes=least,
         min_evaluate_nodes=least,
         min_available_nodes=least,
-        num_partitions=cfg.num_clients,
-        on_dropped=on_dropped,
     )
     if cfg.mode == "fedsgd":
-        return FedSGD(server_lr=cfg.server_lr, reply_names=param_names, max_examples=cfg.batch_size, **common)
-    return HonestFedAvg(**common)
+        honest: HonestFedAvg = FedSGD(server_lr=cfg.server_lr, **common)
+        return ScreeningStrategy(honest, honest, reply_names=param_names, max_examples=cfg.batch_size,
+                                 num_partitions=cfg.num_clients, on_dropped=on_dropped)
+    honest = HonestFedAvg(**common)
+    return ScreeningStrategy(honest, honest, num_partitions=cfg.num_clients, on_dropped=on_dropped)
 
 
 def run_server(
@@ -238,7 +241,7 @@ def run_server(
     cfg: RunConfig,
     log: FederationLog,
     *,
-    wrap_strategy: Callable[[HonestFedAvg], Strategy] | None = None,
+    wrap_strategy: Callable[[ScreeningStrategy], Strategy] | None = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
     on_dropped: Callable[[DroppedReply], None] | None = None,
     stop: threading.Event | None = None,
@@ -263,8 +266,8 @@ def run_server(
         if on_dropped:
             on_dropped(d)
 
-    honest = build_strategy(cfg, parameter_names(model), on_dropped=dropped)
-    strategy: Strategy = wrap_strategy(honest) if wrap_strategy else honest
+    screening = build_strategy(cfg, parameter_names(model), on_dropped=dropped)
+    strategy: Strategy = wrap_strategy(screening) if wrap_strategy else screening
     if done:
         strategy = _Resumed(strategy, done)
 
@@ -275,8 +278,9 @@ def run_server(
         state = arrays.to_torch_state_dict()
         model.load_state_dict(state)
         loss, acc = evaluate(model, data.test_x, data.test_y)
-        screened = honest.last_screened if honest.last_screened and honest.last_screened.server_round == server_round else None
-        train_loss = honest.train_history.get(server_round, {}).get("train_loss", math.nan)
+        last = screening.last_screened
+        screened = last if last is not None and last.server_round == server_round else None
+        train_loss = screening.train_history.get(server_round, {}).get("train_loss", math.nan)
         row = log.end_round(
             server_round, state, train_loss=train_loss if server_round else "", test_loss=loss, test_accuracy=acc,
             aggregated=len(screened.accepted) if screened else "", dropped=len(screened.dropped) if screened else "",

@@ -1,14 +1,18 @@
-"""Honest aggregation: FedAvg on weights, and FedSGD on gradients, over the replies that pass
-the server's checks.
+"""Honest aggregation: FedAvg on weights and FedSGD on gradients, behind the server's checks.
 
-Both strategies remember which nodes they sent a train message to in each round, screen every
-reply with :func:`fl_sim.replies.check_reply` before aggregating, and drop the ones that fail
-(or never arrive): each is logged with its node and reason, kept in ``dropped`` and handed to
-``on_dropped``, and the round goes on with the rest. A round with no valid reply leaves the
-model as it was and raises :class:`RoundFailed` (a federation in which nobody can train has
-failed, and waiting out more rounds would only hide it). The aggregate itself is checked too:
-a non-finite model is never adopted. Both also record each round's aggregated client metrics
-(``train_history``) so the server can log training loss beside the central evaluation.
+``ScreeningStrategy`` is the outermost honest layer: it remembers which nodes it sent a train
+message to in each round, screens every reply with :func:`fl_sim.replies.check_reply`, and
+drops the ones that fail (or never arrive): each is logged with its node and reason, kept in
+``dropped`` and handed to ``on_dropped``, and only the rest reach the strategy it wraps (the
+honest one, or a defence such as Flower's central-DP wrappers around it, which must never see
+a NaN or a wrong shape). A round with no valid reply leaves the model as it was and raises
+:class:`RoundFailed` (a federation in which nobody can train has failed, and waiting out more
+rounds would only hide it). The aggregate itself is checked too: a non-finite model is never
+adopted.
+
+``HonestFedAvg`` is Flower's FedAvg summing replies in partition order (so a seeded run
+repeats bit for bit) and recording each round's aggregated client metrics
+(``train_history``); ``FedSGD`` averages gradients and steps the global model.
 """
 
 from __future__ import annotations
@@ -20,11 +24,11 @@ from typing import Callable, Iterable, Sequence
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Strategy
 
 from .replies import DroppedReply, ReplySpec, check_reply
 
-__all__ = ["HonestFedAvg", "FedSGD", "RoundFailed", "ScreenedRound"]
+__all__ = ["HonestFedAvg", "FedSGD", "ScreeningStrategy", "RoundFailed", "ScreenedRound"]
 
 log = logging.getLogger(__name__)
 
@@ -48,37 +52,93 @@ class ScreenedRound:
 
 
 class HonestFedAvg(FedAvg):
-    """Flower's FedAvg (weighted by ``num-examples``) over screened replies.
+    """Flower's FedAvg (weighted by ``num-examples``), over replies in partition order,
+    recording aggregated train metrics."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.train_history: dict[int, dict[str, float]] = {}
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        # Replies arrive in whatever order the clients finish; summing them in a fixed order
+        # (by partition) makes a seeded run repeat bit for bit.
+        arrays, metrics = super().aggregate_train(server_round, sorted(replies, key=_partition))
+        if metrics is not None:
+            self.train_history[server_round] = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        return arrays, metrics
+
+
+class FedSGD(HonestFedAvg):
+    """FedSGD: clients reply with one batch's gradient of the model's parameters; the server
+    averages the gradients (weighted by examples) and takes one step of size ``server_lr`` on
+    the global model (entries without a gradient, such as buffers, stay as they are)."""
+
+    def __init__(self, server_lr: float, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.server_lr = server_lr
+        self._global: tuple[int, ArrayRecord] | None = None
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._global = (server_round, arrays)
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        mean_grad, metrics = super().aggregate_train(server_round, replies)
+        if mean_grad is None or self._global is None or self._global[0] != server_round:
+            return None, metrics
+        weights = self._global[1].to_torch_state_dict()
+        grads = mean_grad.to_torch_state_dict()
+        stepped = OrderedDict((k, w - self.server_lr * grads[k] if k in grads else w) for k, w in weights.items())
+        return ArrayRecord(stepped), metrics
+
+
+class ScreeningStrategy(Strategy):
+    """The server's checks around ``inner`` (see the module docstring).
 
     ``reply_names``: the names a reply must carry (default: every entry of the model sent);
     ``max_examples``: a bound on ``num-examples`` if the server knows one; ``num_partitions``:
-    the number of data partitions, so a claimed ``partition-id`` can be checked.
+    the number of data partitions, so a claimed ``partition-id`` can be checked. ``honest``:
+    the honest strategy under any wrappers, whose ``train_history`` this exposes.
     """
 
     def __init__(
         self,
+        inner: Strategy,
+        honest: HonestFedAvg,
         *,
         reply_names: Sequence[str] | None = None,
         max_examples: int | None = None,
         num_partitions: int | None = None,
         on_dropped: Callable[[DroppedReply], None] | None = None,
-        **kwargs,
     ) -> None:
-        super().__init__(**kwargs)
+        self.inner = inner
+        self.honest = honest
         self.reply_names = list(reply_names) if reply_names is not None else None
         self.max_examples = max_examples
         self.num_partitions = num_partitions
         self.on_dropped = on_dropped
-        self.train_history: dict[int, dict[str, float]] = {}
         self.dropped: list[DroppedReply] = []
         self.last_screened: ScreenedRound | None = None
         self.partition_of: dict[int, int] = {}  # node id -> partition id, learnt from valid replies
         self._sent: tuple[int, ArrayRecord, list[int]] | None = None  # round, weights, node ids
 
+    @property
+    def train_history(self) -> dict[int, dict[str, float]]:
+        return self.honest.train_history
+
+    def summary(self) -> None:
+        self.inner.summary()
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         self._sent = (server_round, arrays, [int(m.metadata.dst_node_id) for m in messages])
         return messages
 
@@ -102,16 +162,14 @@ class HonestFedAvg(FedAvg):
                 accepted.append(msg)
             else:
                 pid = self.partition_of.get(node, -1)
-                if not msg.has_error():
-                    claimed = msg.content.metric_records.get("metrics", {}).get("partition-id") if msg.content.metric_records else None
+                if not msg.has_error() and "metrics" in msg.content.metric_records:
+                    claimed = msg.content.metric_records["metrics"].get("partition-id")
                     pid = int(claimed) if isinstance(claimed, (int, float)) and claimed == int(claimed) else pid
                 dropped.append(DroppedReply(server_round, node, pid, verdict[0], verdict[1]))
         for node in targets:
             if node not in answered:
                 dropped.append(DroppedReply(server_round, node, self.partition_of.get(node, -1), "missing",
                                             "no reply before the round timed out"))
-        # Replies arrive in whatever order the clients finish; summing them in a fixed order
-        # (by partition) makes a seeded run repeat bit for bit.
         accepted.sort(key=_partition)
         return ScreenedRound(server_round, accepted, dropped)
 
@@ -133,32 +191,16 @@ class HonestFedAvg(FedAvg):
             first = screened.dropped[0] if screened.dropped else None
             why = f"client {first.partition_id} (node {first.node_id}): {first.status}: {first.reason}" if first else "no client was sampled"
             raise RoundFailed(f"round {server_round}: no reply could be aggregated ({len(screened.dropped)} dropped); first: {why}")
-        arrays, metrics = super().aggregate_train(server_round, screened.accepted)
+        arrays, metrics = self.inner.aggregate_train(server_round, screened.accepted)
         if arrays is not None and not all(torch.isfinite(v).all() for v in arrays.to_torch_state_dict().values()):
             log.error("round %s: the aggregate is not finite; the global model stays as it was", server_round)
             return None, metrics
-        if metrics is not None:
-            self.train_history[server_round] = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         return arrays, metrics
 
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
-class FedSGD(HonestFedAvg):
-    """FedSGD: clients reply with one batch's gradient of the model's parameters; the server
-    averages the gradients (weighted by examples) and takes one step of size ``server_lr`` on
-    the global model (entries without a gradient, such as buffers, stay as they are)."""
-
-    def __init__(self, server_lr: float, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.server_lr = server_lr
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        mean_grad, metrics = super().aggregate_train(server_round, replies)
-        sent = self.sent_weights(server_round)
-        if mean_grad is None or sent is None:
-            return None, metrics
-        weights = sent.to_torch_state_dict()
-        grads = mean_grad.to_torch_state_dict()
-        stepped = OrderedDict((k, w - self.server_lr * grads[k] if k in grads else w) for k, w in weights.items())
-        return ArrayRecord(stepped), metrics
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)

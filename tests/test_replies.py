@@ -13,7 +13,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fl_sim.faults import spoil
 from fl_sim.replies import ReplySpec, check_reply
-from fl_sim.strategy import FedSGD, RoundFailed
+from fl_sim.strategy import FedSGD, RoundFailed, ScreeningStrategy
 
 
 @pytest.fixture(autouse=True)
@@ -73,9 +73,12 @@ def test_an_error_reply_is_an_error_with_its_reason():
 
 
 def _strategy(dropped):
-    s = FedSGD(server_lr=0.5, reply_names=["w", "b"], max_examples=4, num_partitions=3, on_dropped=dropped.append,
-               fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1)
-    s._sent = (1, SENT, [0, 1, 2])  # what configure_train records: round, weights, nodes sent to
+    honest = FedSGD(server_lr=0.5, fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_evaluate_nodes=1,
+                    min_available_nodes=1)
+    s = ScreeningStrategy(honest, honest, reply_names=["w", "b"], max_examples=4, num_partitions=3,
+                          on_dropped=dropped.append)
+    # what configure_train records: round, weights, nodes sent to (and FedSGD the global model)
+    s._sent, honest._global = (1, SENT, [0, 1, 2]), (1, SENT)
     return s
 
 
