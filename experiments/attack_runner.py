@@ -283,6 +283,23 @@ class AttackRunner:
     def pending(self) -> int:
         return len(self._pending)
 
+    def _close_pool(self, wait: bool) -> None:
+        """Shut the workers down (``wait``: let the jobs in flight finish first), and make sure
+        none is left: workers spawned up front and never given a job are not told to exit by
+        the executor itself, and busy ones must go when the run stops."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        processes = list(getattr(pool, "_processes", {}).values())
+        pool.shutdown(wait=wait, cancel_futures=not wait)
+        for p in processes:
+            if p.is_alive():
+                p.terminate()
+        for p in processes:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+
     # ---- the end -------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -301,9 +318,8 @@ class AttackRunner:
             pass
         if stop.is_set():
             self.stop()
-        elif self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        else:
+            self._close_pool(wait=True)
 
     def stop(self) -> None:
         """Abandon every job that has not finished (an ``interrupted`` row each) and stop the
@@ -313,17 +329,7 @@ class AttackRunner:
             abandoned = list(self._pending.values())
             self._pending.clear()
         self._deferred = []
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            processes = list(getattr(pool, "_processes", {}).values())  # to stop the busy ones too
-            pool.shutdown(wait=False, cancel_futures=True)
-            for p in processes:
-                if p.is_alive():
-                    p.terminate()
-            for p in processes:
-                p.join(timeout=5)
-                if p.is_alive():
-                    p.kill()
+        self._close_pool(wait=False)
         rows = []
         for job in abandoned:
             rows += _rows(job, status="interrupted", reason="the run stopped before this attack finished")

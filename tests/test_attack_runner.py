@@ -93,3 +93,13 @@ def test_curious_client_attacks_the_others_mean_with_no_batch_size(tmp_path):
     assert all(float(r["psnr"]) < 20 and r["recovered"] == "0" for r in rows)
     job = torch.load(next((tmp_path / "reconstructions").iterdir()))
     assert job["owners"].tolist() == [1, 2]
+
+
+def test_workers_are_stopped_even_when_no_job_ever_came(tmp_path):
+    """Workers start with the runner (so that a Ctrl-C cannot break them while they import);
+    one that never got a job must still be gone after close(), or the process cannot exit."""
+    runner = AttackRunner(_plan(tmp_path, **{"attack-workers": 1}), tmp_path)
+    workers = list(runner._pool._processes.values())
+    assert len(workers) == 1 and workers[0].is_alive()
+    runner.close()
+    assert not workers[0].is_alive()
