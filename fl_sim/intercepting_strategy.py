@@ -20,11 +20,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Literal
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.app import ArrayRecord, Message, MetricRecord
 
-from .strategy import ScreeningStrategy
+from .strategy import ScreeningStrategy, WrappingStrategy
 
 __all__ = ["InterceptedUpdate", "RoundAggregate", "InterceptingStrategy"]
 
@@ -71,7 +69,7 @@ class RoundAggregate:
         return tuple(p for p, _ in self.contributors)
 
 
-class InterceptingStrategy(Strategy):
+class InterceptingStrategy(WrappingStrategy):
     """Wrap the honest strategy ``inner``; report the replies it aggregated to ``on_update``
     and each aggregate to ``on_aggregate``."""
 
@@ -83,7 +81,7 @@ class InterceptingStrategy(Strategy):
         on_update: Callable[[InterceptedUpdate], None] | None = None,
         on_aggregate: Callable[[RoundAggregate], None] | None = None,
     ) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.kind = kind
         self.on_update = on_update
         self.on_aggregate = on_aggregate
@@ -91,14 +89,6 @@ class InterceptingStrategy(Strategy):
     def __getattr__(self, name: str):
         # Anything else (e.g. the honest strategy's train_history) is the inner strategy's.
         return getattr(self.inner, name)
-
-    def summary(self) -> None:
-        self.inner.summary()
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.inner.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -131,14 +121,6 @@ class InterceptingStrategy(Strategy):
                                   int(msg.content["metrics"]["num-examples"])) for msg in screened.accepted)
             self._call(self.on_aggregate, RoundAggregate(server_round, _state(sent), _state(arrays), contributors))
         return arrays, metrics
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)
 
     @staticmethod
     def _call(hook: Callable | None, item) -> None:

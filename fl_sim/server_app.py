@@ -38,7 +38,7 @@ from .config import RunConfig
 from .data import load_dataset
 from .models import build_model
 from .replies import DROPPED_FIELDS, DroppedReply
-from .strategy import FedSGD, HonestFedAvg, ScreeningStrategy
+from .strategy import FedSGD, HonestFedAvg, ScreeningStrategy, WrappingStrategy
 from .task import evaluate, parameter_names
 
 __all__ = [
@@ -188,19 +188,13 @@ class StoppableGrid(Grid):
         return replies
 
 
-class _Resumed(Strategy):
+class _Resumed(WrappingStrategy):
     """``inner`` shifted by ``offset`` rounds: Flower's loop counts 1, 2, ... and the inner
     strategy sees offset + 1, offset + 2, ... (a resumed run continues its numbering)."""
 
     def __init__(self, inner: Strategy, offset: int) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.offset = offset
-
-    def __getattr__(self, name: str):
-        return getattr(self.inner, name)
-
-    def summary(self) -> None:
-        self.inner.summary()
 
     def configure_train(self, server_round, arrays, config, grid):
         return self.inner.configure_train(server_round + self.offset, arrays, config, grid)

@@ -28,7 +28,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from .replies import DroppedReply, ReplySpec, check_reply
 
-__all__ = ["HonestFedAvg", "FedSGD", "ScreeningStrategy", "RoundFailed", "ScreenedRound"]
+__all__ = ["HonestFedAvg", "FedSGD", "ScreeningStrategy", "WrappingStrategy", "RoundFailed", "ScreenedRound"]
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,36 @@ class FedSGD(HonestFedAvg):
         return ArrayRecord(stepped), metrics
 
 
-class ScreeningStrategy(Strategy):
+class WrappingStrategy(Strategy):
+    """A strategy around ``inner`` that hands it every call; subclasses override what they
+    change."""
+
+    def __init__(self, inner: Strategy) -> None:
+        self.inner = inner
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.inner.aggregate_train(server_round, replies)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+
+class ScreeningStrategy(WrappingStrategy):
     """The server's checks around ``inner`` (see the module docstring).
 
     ``reply_names``: the names a reply must carry (default: every entry of the model sent);
@@ -117,7 +146,7 @@ class ScreeningStrategy(Strategy):
         num_partitions: int | None = None,
         on_dropped: Callable[[DroppedReply], None] | None = None,
     ) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.honest = honest
         self.reply_names = list(reply_names) if reply_names is not None else None
         self.max_examples = max_examples
@@ -131,9 +160,6 @@ class ScreeningStrategy(Strategy):
     @property
     def train_history(self) -> dict[int, dict[str, float]]:
         return self.honest.train_history
-
-    def summary(self) -> None:
-        self.inner.summary()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -196,11 +222,3 @@ class ScreeningStrategy(Strategy):
             log.error("round %s: the aggregate is not finite; the global model stays as it was", server_round)
             return None, metrics
         return arrays, metrics
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)
