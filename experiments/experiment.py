@@ -16,6 +16,7 @@ stop, marks them interrupted), and writes the figures and summary.md.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from dataclasses import dataclass
@@ -32,11 +33,31 @@ from fl_sim.strategy import RoundFailed
 
 from .plan import ExperimentPlan
 
-__all__ = ["Experiment", "Outcome", "SECAGG_DIR"]
+__all__ = ["Experiment", "Outcome", "SECAGG_DIR", "PRIVACY", "privacy_report"]
 
 log = logging.getLogger(__name__)
 
 SECAGG_DIR = "secagg"  # the SecAgg+ run's own federation files, inside the run folder
+PRIVACY = "privacy.json"  # the run's defences and the formal guarantee of each, from the accountants
+
+
+def privacy_report(plan: ExperimentPlan) -> dict[str, Any]:
+    """The plan's defences and what each guarantees after all its rounds
+    (:func:`fl_sim.defences.privacy_spent`: Opacus's and Flower's accountants)."""
+    from fl_sim.defences import privacy_spent
+    from fl_sim.task import client_indices, local_schedule
+
+    c = plan.fed
+    defences = c.defence_list
+    sizes = [len(client_indices(c, pid, c.num_clients)) for pid in range(c.num_clients)] if defences else []
+    steps = 1 if c.mode == "fedsgd" else max((len(local_schedule(c, pid, c.num_clients, 1)) for pid in range(c.num_clients)),
+                                              default=1) if defences else 1
+    return {
+        "defences": [d.spec() for d in defences],
+        "guarantees": privacy_spent(defences, rounds=c.num_server_rounds, num_clients=c.num_clients,
+                                    clients_per_round=c.clients_per_round(), partition_sizes=sizes,
+                                    batch_size=c.batch_size, steps_per_round=steps),
+    }
 
 
 @dataclass(frozen=True)
@@ -78,6 +99,7 @@ class Experiment:
         self.runner = AttackRunner(plan, self.out, on_row=on_row, stop=self.stop) if plan.attacked else None
         self.outcomes: dict[str, Outcome] = {}
         self.logs: dict[str, FederationLog] = {}
+        (self.out / PRIVACY).write_text(json.dumps(privacy_report(plan), indent=2) + "\n")
 
     # ---- phases --------------------------------------------------------------------------
 

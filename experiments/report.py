@@ -8,6 +8,7 @@ report from what finished.
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 from typing import Any, Mapping
@@ -175,6 +176,14 @@ def write_summary(folder: Path, plan: Any, outcomes: Mapping[str, Any], results:
     ]
     for phase, o in outcomes.items():
         lines.append(f"- {phase} federation: **{o.status}**" + (f" ({o.reason})" if o.reason else ""))
+    privacy = json.loads((folder / "privacy.json").read_text()) if (folder / "privacy.json").exists() else {}
+    if privacy.get("defences"):
+        lines += ["", "## Defences", "", "Applied in this order: " + "; ".join(f"`{d}`" for d in privacy["defences"]) + "."]
+        for g in privacy.get("guarantees", []):
+            lines.append(f"- `{g['defence']}`: epsilon {g['epsilon']:.4g} at delta {g['delta']:.2g} ({g['level']} level; "
+                         f"{g['accountant']}; {g['note']})")
+        if not privacy.get("guarantees"):
+            lines.append("- no formal guarantee (pruning and plain noise are not differential privacy)")
     for name, sub in (("federation", folder), ("SecAgg+ federation", folder / "secagg")):
         rows = _csv(sub / "rounds.csv")
         if not rows:

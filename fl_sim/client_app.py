@@ -5,8 +5,9 @@ of partition, round and seed), one array per model parameter. ``fedavg``: the we
 local SGD over the batches of ``local_schedule`` (also a pure function; the whole state dict). The run's settings arrive from the server in the message's
 ``config`` record; the partition comes from the node's own ``partition-id`` /
 ``num-partitions``, which must agree with the run's ``num-clients``. The train handler carries
-the fault-injection mod (:mod:`fl_sim.faults`), which does nothing unless the run config names
-this client.
+the fault-injection mod (:mod:`fl_sim.faults`, outermost: it spoils what would leave) and the
+defences' mod (:mod:`fl_sim.defences`: pruning, noise, Flower's local-DP and clipping mods);
+DP-SGD changes the training itself (Opacus). Each does nothing unless the run config names it.
 """
 
 from __future__ import annotations
@@ -18,11 +19,15 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from .config import RunConfig
+from .defences import DPSGD, defence_mod
 from .faults import fault_mod
 from .task import (
     batch_gradient,
     client_batch,
     client_indices,
+    dp_batch_gradient,
+    dp_generator,
+    dp_local_sgd,
     evaluate,
     local_schedule,
     local_sgd,
@@ -42,17 +47,22 @@ def _setup(msg: Message, context: Context):
     return cfg, pid, data, model
 
 
-@app.train(mods=[fault_mod])
+@app.train(mods=[fault_mod, defence_mod])
 def train(msg: Message, context: Context) -> Message:
     cfg, pid, data, model = _setup(msg, context)
     server_round = int(msg.content["config"]["server-round"])
+    dp = next((d for d in cfg.defence_list if isinstance(d, DPSGD)), None)
+    gen = dp_generator(cfg, pid, server_round)
     if cfg.mode == "fedsgd":
         images, labels = client_batch(cfg, pid, cfg.num_clients, server_round)
-        grads, loss = batch_gradient(model, images, labels)
+        grads, loss = (batch_gradient(model, images, labels) if dp is None else
+                       dp_batch_gradient(model, images, labels, noise=dp.noise, clip=dp.clip, generator=gen))
         arrays = ArrayRecord(OrderedDict(zip(parameter_names(model), grads)))
         num_examples, steps = len(labels), 1
     else:
-        loss, steps = local_sgd(model, data, local_schedule(cfg, pid, cfg.num_clients, server_round), lr=cfg.lr)
+        batches = local_schedule(cfg, pid, cfg.num_clients, server_round)
+        loss, steps = (local_sgd(model, data, batches, lr=cfg.lr) if dp is None else
+                       dp_local_sgd(model, data, batches, lr=cfg.lr, noise=dp.noise, clip=dp.clip, generator=gen))
         arrays = ArrayRecord(model.state_dict())
         num_examples = len(client_indices(cfg, pid, cfg.num_clients))
     metrics = MetricRecord(

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 from .data import DATASETS, PARTITIONS
+from .defences import Defence, DefenceError, parse_defences
 from .models import INITS, model_names
 
 __all__ = ["RunConfig", "ConfigError", "MODES", "FAULTS", "parse_faults"]
@@ -70,6 +71,7 @@ class RunConfig:
     alpha: float = 0.5
     classes_per_client: int = 2
     seed: int = 0
+    defences: str = ""
     faulty_clients: str = ""
     out_dir: str = ""  # the run folder; "" lets the entry point make a new one under runs/
 
@@ -132,10 +134,23 @@ class RunConfig:
             raise bad("fraction_train", f"must be in (0, 1], got {c.fraction_train}")
         if not 0 <= c.fraction_evaluate <= 1:
             raise bad("fraction_evaluate", f"must be in [0, 1], got {c.fraction_evaluate}")
+        try:
+            defences = parse_defences(c.defences)
+        except DefenceError as exc:
+            raise bad("defences", str(exc)) from None
+        for d in defences:
+            if d.needs_fedavg and c.mode != "fedavg":
+                raise bad("defences", f"{d.name} clips the weight update (reply - sent, as Flower implements it): use "
+                                      "mode fedavg (one local step on one batch is FedSGD's update in weight form)")
         bad_ids = [pid for pid in parse_faults(c.faulty_clients) if pid >= c.num_clients]
         if bad_ids:
             raise bad("faulty_clients", f"client {bad_ids[0]} is not a partition id (0..{c.num_clients - 1})")
         return c
+
+    @property
+    def defence_list(self) -> tuple[Defence, ...]:
+        """The run's defences (:mod:`fl_sim.defences`), in the order they apply to an update."""
+        return parse_defences(self.defences)
 
     @property
     def faults(self) -> dict[int, str]:

@@ -84,9 +84,11 @@ def _cnn6_family(specs: list[tuple]) -> Callable[..., nn.Sequential]:
 
 # CNN6-d: the second layer narrowed to 20 channels, so its system is rank-deficient.
 _CNN6D_SPECS = [(12, 4, 2, 2), (20, 3, 2, 1), (36, 3, 1, 1), (36, 3, 1, 1), (64, 3, 2, 1), (128, 3, 1, 1)]
-# Pooling variants: a 2x2 pool after the third convolution.
-_CNN6_AVG_SPECS = _CNN6_SPECS[:3] + [("avgpool", 2)] + _CNN6_SPECS[3:]
-_CNN6_MAX_SPECS = _CNN6_SPECS[:3] + [("maxpool", 2)] + _CNN6_SPECS[3:]
+
+
+def _pooled(kind: str, after: int) -> list[tuple]:
+    """CNN6 with a 2x2 ``kind`` pool after convolution ``after`` (and its activation)."""
+    return _CNN6_SPECS[:after] + [(kind, 2)] + _CNN6_SPECS[after:]
 
 
 @dataclass(frozen=True)
@@ -100,8 +102,9 @@ MODELS: dict[str, ModelSpec] = {
     "lenet": ModelSpec(lenet, "uniform", "DLG's LeNet: 3 conv 5x5 + sigmoid, linear head"),
     "cnn6": ModelSpec(_cnn6_family(_CNN6_SPECS), "torch", "R-GAP's CNN6: 6 bias-free conv + LeakyReLU(0.2)"),
     "cnn6d": ModelSpec(_cnn6_family(_CNN6D_SPECS), "torch", "CNN6-d: rank-deficient second layer (20 channels)"),
-    "cnn6_avgpool": ModelSpec(_cnn6_family(_CNN6_AVG_SPECS), "torch", "CNN6 with 2x2 average pooling after conv 3"),
-    "cnn6_maxpool": ModelSpec(_cnn6_family(_CNN6_MAX_SPECS), "torch", "CNN6 with 2x2 max pooling after conv 3"),
+    **{f"cnn6_{kind}{after}": ModelSpec(_cnn6_family(_pooled(kind, after)), "torch",
+                                        f"CNN6 with 2x2 {'average' if kind == 'avgpool' else 'max'} pooling after conv {after}")
+       for kind in ("avgpool", "maxpool") for after in (1, 3)},
 }
 
 

@@ -77,6 +77,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from .config import RunConfig
 from .data import load_dataset
+from .defences import DPSGD, defend_update
 from .faults import spoil
 from .intercepting_strategy import RoundAggregate
 from .models import build_model
@@ -84,7 +85,16 @@ from .replies import DroppedReply
 from .server_app import FederationLog, StoppableGrid
 from .simulation import run_apps
 from .strategy import RoundFailed
-from .task import batch_gradient, client_batch, evaluate, model_with, node_partition, parameter_names
+from .task import (
+    batch_gradient,
+    client_batch,
+    dp_batch_gradient,
+    dp_generator,
+    evaluate,
+    model_with,
+    node_partition,
+    parameter_names,
+)
 
 __all__ = [
     "SecAggSettings",
@@ -208,8 +218,13 @@ class SecAggFedSGDClient(NumPyClient):
             raise ValueError(f"the SecAgg+ client does FedSGD only, got mode {cfg.mode!r}")
         server_round = int(config["server-round"])
         images, labels = client_batch(cfg, pid, cfg.num_clients, server_round)
-        grads, loss = batch_gradient(model, images, labels)
-        by_name = dict(zip(parameter_names(model), grads))
+        dp = next((d for d in cfg.defence_list if isinstance(d, DPSGD)), None)
+        grads, loss = (batch_gradient(model, images, labels) if dp is None else
+                       dp_batch_gradient(model, images, labels, noise=dp.noise, clip=dp.clip,
+                                         generator=dp_generator(cfg, pid, server_round)))
+        # the client's own update defences (pruning, noise) before masking, as the plain client's mod
+        by_name = defend_update(dict(zip(parameter_names(model), grads)), cfg.defence_list, seed=cfg.seed,
+                                partition_id=pid, server_round=server_round)
         arrays = [
             # float64: SecAgg+ quantises in the arrays' dtype, and float32 cannot resolve 2**28 levels
             (by_name[k] if k in by_name else torch.zeros_like(v)).detach().cpu().double().numpy()

@@ -36,6 +36,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from .config import RunConfig
 from .data import load_dataset
+from .defences import dp_wrapper
 from .models import build_model
 from .replies import DROPPED_FIELDS, DroppedReply
 from .strategy import FedSGD, HonestFedAvg, ScreeningStrategy, WrappingStrategy
@@ -227,7 +228,9 @@ def build_strategy(cfg: RunConfig, param_names: list[str],
         return ScreeningStrategy(honest, honest, reply_names=param_names, max_examples=cfg.batch_size,
                                  num_partitions=cfg.num_clients, on_dropped=on_dropped)
     honest = HonestFedAvg(**common)
-    return ScreeningStrategy(honest, honest, num_partitions=cfg.num_clients, on_dropped=on_dropped)
+    # central DP (Flower's wrapper) between the checks and FedAvg: it never sees a bad reply
+    defended = dp_wrapper(honest, cfg.defence_list, cfg.clients_per_round())
+    return ScreeningStrategy(defended, honest, num_partitions=cfg.num_clients, on_dropped=on_dropped)
 
 
 def run_server(

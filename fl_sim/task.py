@@ -18,6 +18,9 @@ __all__ = [
     "loss_fn",
     "batch_gradient",
     "local_sgd",
+    "dp_batch_gradient",
+    "dp_generator",
+    "dp_local_sgd",
     "evaluate",
     "client_indices",
     "client_batch",
@@ -92,6 +95,68 @@ def local_sgd(model: nn.Module, data: Dataset, batches: list[np.ndarray], *, lr:
         loss.backward()
         opt.step()
         total += loss.item()
+    return total / max(len(batches), 1), len(batches)
+
+
+def dp_generator(cfg: RunConfig, partition_id: int, server_round: int) -> torch.Generator:
+    """The seeded generator of a client's DP-SGD noise in a round, so a run repeats."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, partition_id, server_round, 77]).generate_state(1)[0]))
+
+
+def _dp_optimizer(model: nn.Module, lr: float, noise: float, clip: float, batch_size: int, generator: torch.Generator):
+    """Opacus's sample-level DP-SGD around ``model``: per-sample gradients (GradSampleModule),
+    clipped to ``clip``, summed, noised with standard deviation ``noise * clip`` and divided by
+    ``batch_size`` (DPOptimizer)."""
+    import warnings
+
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sampled = GradSampleModule(model)
+    opt = DPOptimizer(torch.optim.SGD(sampled.parameters(), lr=lr), noise_multiplier=noise, max_grad_norm=clip,
+                      expected_batch_size=batch_size, generator=generator)
+    return sampled, opt
+
+
+def dp_batch_gradient(model: nn.Module, images: Tensor, labels: Tensor, *, noise: float, clip: float,
+                      generator: torch.Generator) -> tuple[list[Tensor], float]:
+    """FedSGD under DP-SGD: the batch's gradient as Opacus makes it private (per-sample
+    clipping, Gaussian noise), one tensor per parameter, and the (non-private) loss."""
+    import warnings
+
+    model.train()  # Opacus records activations in training mode only (the models have no dropout or batch norm)
+    sampled, opt = _dp_optimizer(model, 0.0, noise, clip, len(labels), generator)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # backward hooks on an input that needs no gradient
+        loss = loss_fn(sampled(images), labels)
+        loss.backward()
+    opt.pre_step()  # clip, sum, noise, scale: into each parameter's .grad
+    grads = [p.grad.detach().clone() for p in model.parameters()]
+    sampled.remove_hooks()
+    return grads, loss.item()
+
+
+def dp_local_sgd(model: nn.Module, data: Dataset, batches: list[np.ndarray], *, lr: float, noise: float, clip: float,
+                 generator: torch.Generator) -> tuple[float, int]:
+    """FedAvg under DP-SGD: :func:`local_sgd` with Opacus's private optimizer (every step's
+    gradient clipped per sample and noised)."""
+    import warnings
+
+    model.train()
+    sampled, opt = _dp_optimizer(model, lr, noise, clip, len(batches[0]) if batches else 1, generator)
+    total = 0.0
+    for batch in batches:
+        chunk = torch.as_tensor(batch)
+        opt.zero_grad()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loss = loss_fn(sampled(to_float(data.train_x[chunk])), data.train_y[chunk])
+            loss.backward()
+        opt.step()
+        total += loss.item()
+    sampled.remove_hooks()
     return total / max(len(batches), 1), len(batches)
 
 

@@ -125,7 +125,7 @@ def test_relu_drops_the_unknown_rows():
 
 
 def test_refuses_unsupported_layers_and_bad_updates(image):
-    model = build_model("cnn6_maxpool", SHAPE, 10, head="logit", seed=0)
+    model = build_model("cnn6_maxpool3", SHAPE, 10, head="logit", seed=0)
     grads, _ = _gradient(model, image)
     with pytest.raises(ValueError, match=r"layer 6 \(MaxPool2d\)"):
         rgap(model, grads, SHAPE)
