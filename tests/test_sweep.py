@@ -1,0 +1,180 @@
+"""Sweeps: the presets parse and every cell is a valid plan; a bad SPEC is one line and exit 2;
+a small grid of each preset runs real Flower federations (attacked and trained) and writes its
+tables, figures and summary; a sweep killed mid-way resumes with only what was left."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from experiments.plan import ExperimentPlan
+from experiments.sweep import PRESETS, load_spec, main as sweep_main, run_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR = ROOT.parent / "shared" / "data" / "cifar10_test150.npz"
+
+
+def test_every_preset_parses_and_each_cell_is_a_valid_plan():
+    counts = {}
+    for path in sorted(PRESETS.glob("*.toml")):
+        spec = load_spec(path.stem)
+        cells = spec.cells()
+        counts[spec.name] = len(cells)
+        for cell in cells:
+            ExperimentPlan.from_mapping(cell.attack)  # raises on a rule the preset breaks
+            if cell.train is not None:
+                assert ExperimentPlan.from_mapping(cell.train).attack is None
+    assert counts == {"dlg-defences": 11, "dp": 22, "pooling": 5}
+
+
+def test_cells_share_a_training_run_when_only_the_attack_setting_differs(tmp_path):
+    spec = tmp_path / "s.toml"
+    spec.write_text('[attack]\nattack = "rgap"\n[train]\nnum-server-rounds = 3\n'
+                    '[[grid]]\nattack = ["rgap", "dlg"]\ndefences = ["", "prune:ratio=0.5"]\n')
+    cells = load_spec(str(spec)).cells()
+    assert len(cells) == 4 and len({c.attack_run for c in cells}) == 4
+    assert len({c.train_run for c in cells}) == 2  # one per defence: the attack is not a training setting
+    assert all(c.train["num-server-rounds"] == 3 and "attack" not in c.train for c in cells)
+
+
+@pytest.mark.parametrize("text,message", [
+    ('[[grid]]\ndefences = ["magic"]', "[grid] defences: unknown defence 'magic': choose one of prune, noise"),
+    ('[[grid]]\ndefences = ["prune:ratio=2"]', "[grid] defences: prune: ratio must lie in [0, 1), got 2.0"),
+    ('[[grid]]\ndefences = ["noise:std=1"]', "[grid] defences: noise: expected KEY=VALUE with KEY one of sigma"),
+    ('[attack]\ndefences = "dpsgd:noise=x,clip=1"\n[[grid]]\nseed = [0]', "[attack] defences: dpsgd: noise must be float"),
+    ('[[grid]]\nbogus = [1]', "[grid 1] bogus: not a setting of this app"),
+    ('[[grid]]\nnum-clients = ["many"]', "[grid] num-clients: must be int, got 'many'"),
+    ('[[grid]]\nmodel = ["resnet"]', "[grid] model: unknown model 'resnet'"),
+    ('[[grid]]\nseed = 3', "[[grid]] seed: expected a non-empty list of values"),
+    ('[train]\nbatch-size = 0\n[[grid]]\nseed = [0]', "[train] batch-size: must be >= 1, got 0"),
+    ('[attack]\nattack = "rgap"', "no [[grid]] block"),
+    ('[[grid]\n', "not valid TOML"),
+    ('extra = 1\n[[grid]]\nseed = [0]', "unknown entry 'extra'"),
+])
+def test_a_bad_spec_is_one_line_and_exit_2(text, message, tmp_path, capsys):
+    spec = tmp_path / "bad.toml"
+    spec.write_text(text)
+    assert sweep_main([str(spec), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()  # nothing started
+
+
+def test_an_unknown_preset_names_the_presets(capsys):
+    assert sweep_main(["dlg-defense"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown preset 'dlg-defense': choose one of dlg-defences, dp, pooling" in err and err.count("\n") == 1
+
+
+def _small(name: str, tmp_path: Path, *, attack: dict, train: dict | None, grid: list[dict]) -> Path:
+    """A small grid of preset ``name``: its settings, fewer clients, rounds and values."""
+    spec = load_spec(name)
+    small = dataclasses.replace(spec, attack={**spec.attack, **attack},
+                                train=None if spec.train is None else {**spec.train, **(train or {})}, grid=grid)
+    path = tmp_path / f"{name}-small.toml"
+    path.write_text(_toml(small))
+    return path
+
+
+def _toml(spec) -> str:
+    def value(v):
+        return json.dumps(v)
+
+    lines = [f"name = {value(spec.name)}", f"description = {value(spec.description)}", "[attack]"]
+    lines += [f"{k} = {value(v)}" for k, v in spec.attack.items()]
+    if spec.train is not None:
+        lines += ["[train]"] + [f"{k} = {value(v)}" for k, v in spec.train.items()]
+    for block in spec.grid:
+        lines += ["[[grid]]"] + [f"{k} = {value(v)}" for k, v in block.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _sweep(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "experiments.sweep", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_dlg_defences_small_grid_is_killed_and_resumes_with_only_what_was_left(tmp_path):
+    spec = _small("dlg-defences", tmp_path, attack={"attack": "rgap,dlg", "num-clients": 2},
+                  train={"num-clients": 4, "num-server-rounds": 2},
+                  grid=[{"defences": ["", "prune:ratio=0.9"]}])
+    out = tmp_path / "sweep"
+    proc = _sweep([str(spec), "--out", str(out)])
+    deadline = time.monotonic() + 200
+    while time.monotonic() < deadline and not list((out / "done").glob("*.json")):
+        time.sleep(0.2)
+    first = {p.name: p.stat().st_mtime_ns for p in (out / "done").glob("*.json")}
+    assert first, "no run finished in time"
+    os.killpg(proc.pid, signal.SIGTERM)
+    text, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143, text
+    left = pd.read_csv(out / "cells.csv")
+    assert len(left) < 2  # not all cells had finished: the tables hold what did
+
+    again = _sweep([str(spec), "--out", str(out)])
+    text, _ = again.communicate(timeout=240)
+    assert again.returncode == 0, text
+    done = {p.name: p.stat().st_mtime_ns for p in (out / "done").glob("*.json")}
+    assert len(done) == 4  # two attacked runs and two training runs
+    assert all(done[n] == t for n, t in first.items())  # what had finished was not run again
+
+    cells = pd.read_csv(out / "cells.csv").fillna({"defences": ""})
+    assert list(cells["status"]) == ["done", "done"] and cells["test_accuracy"].between(0.3, 1).all()
+    results = pd.read_csv(out / "results.csv").fillna({"defences": ""})
+    assert {"defences", "family", "strength", "test_accuracy", "cell"} <= set(results.columns)
+    med = results.groupby(["defences", "attack"])["psnr"].median()
+    assert med[("", "rgap")] > 60 and med[("", "dlg")] > 30  # undefended: both recover
+    assert med[("prune:ratio=0.9", "rgap")] < 20 and med[("prune:ratio=0.9", "dlg")] < 30  # 90% pruning stops both
+    for fig in ("privacy_utility.png", "psnr_vs_strength.png"):
+        assert (out / fig).stat().st_size > 10_000
+    summary = (out / "summary.md").read_text()
+    assert "## Where each attack stops" in summary and "| prune | rgap | server |" in summary
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_dp_small_grid_client_side_central_dp_hinders_the_curious_client_not_the_server(tmp_path):
+    spec = _small("dp", tmp_path, attack={"attack": "rgap", "num-clients": 3},
+                  train={"num-clients": 4, "num-server-rounds": 1},
+                  grid=[{"defences": ["", "central-dp:noise=1,clip=1,side=client"]}])
+    out = tmp_path / "sweep"
+    assert run_sweep(load_spec(str(spec)), out) == 0
+    cells = pd.read_csv(out / "cells.csv").fillna({"defences": ""}).set_index("defences")
+    central = cells.loc["central-dp:noise=1,clip=1,side=client"]
+    assert central["epsilon_level"] == "client" and 0 < central["epsilon"] < 100  # Flower's accountant
+    assert central["family"] == "central-dp (client)"
+    results = pd.read_csv(out / "results.csv").fillna({"defences": ""})
+    defended = results[results["defences"] != ""].groupby("observer")["psnr"].median()
+    assert defended["server"] > 60  # the server sees the clipped, un-noised update
+    assert defended["client"] < 20  # the curious client sees the noised aggregate
+    assert (out / "psnr_vs_epsilon.png").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not CIFAR.exists(), reason=f"needs the shared CIFAR-10 images ({CIFAR})")
+def test_pooling_small_grid_in_parallel_max_pool_refused_by_rgap_with_its_rank_table(tmp_path):
+    spec = _small("pooling", tmp_path, attack={"attack": "rgap", "num-clients": 2, "dataset": f"npz:{CIFAR}"},
+                  train=None, grid=[{"model": ["cnn6", "cnn6_maxpool3"]}])
+    out = tmp_path / "sweep"
+    proc = _sweep([str(spec), "--out", str(out), "--jobs", "2"])
+    text, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, text
+    results = pd.read_csv(out / "results.csv")
+    plain, pooled = results[results["model"] == "cnn6"], results[results["model"] == "cnn6_maxpool3"]
+    assert (plain["psnr"] > 60).all() and len(plain) == 2
+    assert (pooled["status"] == "error").all() and pooled["reason"].str.contains("MaxPool2d").all()
+    summary = (out / "summary.md").read_text()
+    assert "## R-GAP's rank analysis of each model" in summary and "| cnn6 | 6 |" in summary
+    assert (out / "psnr_by_model.png").exists()
