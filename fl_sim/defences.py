@@ -296,7 +296,15 @@ def defence_mod(msg, context, call_next):
 
     if msg.metadata.message_type != MessageType.TRAIN or "config" not in msg.content.config_records:
         return call_next(msg, context)
-    defences = RunConfig.from_mapping(dict(msg.content["config"])).defence_list
+    cfg = RunConfig.from_mapping(dict(msg.content["config"]))
+    defences = cfg.defence_list
+    if any(isinstance(d, LocalDP) for d in defences):
+        from .task import node_partition
+
+        # LocalDpMod draws from numpy's global generator: seed it per (seed, client, round) so a run repeats
+        round_ = int(msg.content["config"].get("server-round", 0))
+        np.random.seed(np.random.SeedSequence([cfg.seed, node_partition(cfg, context.node_config), round_, 2000])
+                       .generate_state(1)[0])
     handler: Callable = call_next
     for d in defences:  # the first named applies first: innermost
         if isinstance(d, (Prune, GaussianNoise)):

@@ -151,6 +151,8 @@ def test_flowers_local_dp_mod_clips_and_adds_the_gaussian_mechanisms_noise():
     # the clipped delta (norm 0.5 over 20,037 entries, ~0.0035 each) is small beside the noise
     assert ldp.noise_std == pytest.approx(0.5 * math.sqrt(2 * math.log(1.25e5)) / 50)
     assert noise.std().item() == pytest.approx(math.hypot(ldp.noise_std, 0.5 / math.sqrt(noise.numel())), rel=0.03)
+    again = _round_trip(ldp.spec(), sent, big)  # seeded by (seed, client, round): the run repeats
+    assert all(torch.equal(out[k], again[k]) for k in sent)
 
 
 def test_flowers_fixedclipping_mod_clips_the_update_to_the_norm_under_client_side_central_dp():
