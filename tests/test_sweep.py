@@ -110,7 +110,7 @@ def test_dlg_defences_small_grid_is_killed_and_resumes_with_only_what_was_left(t
                   train={"num-clients": 4, "num-server-rounds": 2},
                   grid=[{"defences": ["", "prune:ratio=0.9"]}])
     out = tmp_path / "sweep"
-    proc = _sweep([str(spec), "--out", str(out)])
+    proc = _sweep([str(spec), "--out", str(out), "--jobs", "2"])
     deadline = time.monotonic() + 200
     while time.monotonic() < deadline and not list((out / "done").glob("*.json")):
         time.sleep(0.2)
@@ -122,7 +122,7 @@ def test_dlg_defences_small_grid_is_killed_and_resumes_with_only_what_was_left(t
     left = pd.read_csv(out / "cells.csv")
     assert len(left) < 2  # not all cells had finished: the tables hold what did
 
-    again = _sweep([str(spec), "--out", str(out)])
+    again = _sweep([str(spec), "--out", str(out), "--jobs", "2"])
     text, _ = again.communicate(timeout=240)
     assert again.returncode == 0, text
     done = {p.name: p.stat().st_mtime_ns for p in (out / "done").glob("*.json")}
@@ -149,7 +149,7 @@ def test_dp_small_grid_client_side_central_dp_hinders_the_curious_client_not_the
                   train={"num-clients": 4, "num-server-rounds": 1},
                   grid=[{"defences": ["", "central-dp:noise=1,clip=1,side=client"]}])
     out = tmp_path / "sweep"
-    assert run_sweep(load_spec(str(spec)), out) == 0
+    assert run_sweep(load_spec(str(spec)), out, jobs=2) == 0
     cells = pd.read_csv(out / "cells.csv").fillna({"defences": ""}).set_index("defences")
     central = cells.loc["central-dp:noise=1,clip=1,side=client"]
     assert central["epsilon_level"] == "client" and 0 < central["epsilon"] < 100  # Flower's accountant
