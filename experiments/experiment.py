@@ -49,9 +49,11 @@ def privacy_report(plan: ExperimentPlan) -> dict[str, Any]:
 
     c = plan.fed
     defences = c.defence_list
-    sizes = [len(client_indices(c, pid, c.num_clients)) for pid in range(c.num_clients)] if defences else []
-    steps = 1 if c.mode == "fedsgd" else max((len(local_schedule(c, pid, c.num_clients, 1)) for pid in range(c.num_clients)),
-                                              default=1) if defences else 1
+    sizes, steps = [], 1
+    if defences:
+        sizes = [len(client_indices(c, pid, c.num_clients)) for pid in range(c.num_clients)]
+        if c.mode == "fedavg":  # the most local steps any client takes in a round
+            steps = max(len(local_schedule(c, pid, c.num_clients, 1)) for pid in range(c.num_clients))
     return {
         "defences": [d.spec() for d in defences],
         "guarantees": privacy_spent(defences, rounds=c.num_server_rounds, num_clients=c.num_clients,

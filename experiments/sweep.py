@@ -48,6 +48,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -244,6 +245,8 @@ class Sweep:
 
     # the folder
     def claim(self, overwrite: bool) -> None:
+        if self.out.exists() and not self.out.is_dir():
+            raise SweepError(f"{self.out} exists and is not a folder")
         state = self.out / "sweep.json"
         record = {**self.spec.to_json(), "cells": [c.id for c in self.cells]}
         if state.exists():
@@ -251,8 +254,6 @@ class Sweep:
             # old one are the same runs, kept; --overwrite starts afresh (e.g. after a code change)
             old = json.loads(state.read_text())
             if overwrite:
-                import shutil
-
                 shutil.rmtree(self.out)
             elif {k: old.get(k) for k in ("attack", "train", "grid")} != {k: record[k] for k in ("attack", "train", "grid")}:
                 self.console.print(f"note: {self.out} held another version of the spec; its runs with unchanged settings "
@@ -260,11 +261,12 @@ class Sweep:
         elif self.out.exists() and any(self.out.iterdir()):
             if not overwrite:
                 raise SweepError(f"{self.out} is not empty and holds no sweep: pass --overwrite or another --out")
-            import shutil
-
             shutil.rmtree(self.out)
-        (self.out / "runs").mkdir(parents=True, exist_ok=True)
-        (self.out / "done").mkdir(exist_ok=True)
+        try:
+            (self.out / "runs").mkdir(parents=True, exist_ok=True)
+            (self.out / "done").mkdir(exist_ok=True)
+        except OSError as exc:
+            raise SweepError(f"cannot write the sweep folder {self.out}: {exc.strerror}") from None
         import fcntl
 
         self._lock = open(self.out / "sweep.lock", "w")
@@ -401,14 +403,14 @@ def _cell_row(sweep: Sweep, cell: Cell) -> dict[str, Any] | None:
     attack, train = recs[cell.attack_run], recs.get(cell.train_run) if cell.train_run else None
     bad = [r for r in (attack, train) if r is not None and r.status != "done"]
     guarantees = _privacy(runs / cell.attack_run)
+    train_guarantees = _privacy(runs / cell.train_run) if cell.train_run else []
     g = guarantees[0] if guarantees else {}
     attacked = ExperimentPlan.from_mapping(cell.attack).fed if attack.status != "refused" else None
     row = {"cell": cell.id, "attack_run": cell.attack_run, **cell.params, "model": cell.attack.get("model", attacked.model if attacked else ""),
            "dataset": cell.attack.get("dataset", attacked.dataset if attacked else ""), **cell.defence_columns(),
            "epsilon": g.get("epsilon", math.nan), "delta": g.get("delta", math.nan),
            "epsilon_level": g.get("level", ""),
-           "epsilon_train": (_privacy(runs / cell.train_run)[0]["epsilon"]
-                             if cell.train_run and _privacy(runs / cell.train_run) else math.nan),
+           "epsilon_train": train_guarantees[0]["epsilon"] if train_guarantees else math.nan,
            "attack_accuracy": _final_accuracy(runs / cell.attack_run)}
     if train is not None:
         row.update(test_accuracy=_final_accuracy(runs / cell.train_run), accuracy_of="training run",

@@ -69,6 +69,15 @@ def test_a_bad_spec_is_one_line_and_exit_2(text, message, tmp_path, capsys):
     assert not (tmp_path / "out").exists()  # nothing started
 
 
+@pytest.mark.parametrize("where,message", [("file", "exists and is not a folder"),
+                                           ("file/sub", "cannot write the sweep folder")])
+def test_a_bad_sweep_folder_is_one_line_and_exit_2(where, message, tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    assert sweep_main(["pooling", "--out", str(tmp_path / where)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
 def test_an_unknown_preset_names_the_presets(capsys):
     assert sweep_main(["dlg-defense"]) == 2
     err = capsys.readouterr().err
