@@ -304,8 +304,8 @@ class Sweep:
             with self.lock:
                 self.procs.pop(name, None)
         seconds = time.monotonic() - start
-        if self.stop.is_set() and code in (130, 143, -signal.SIGTERM, -signal.SIGKILL):
-            return None  # interrupted: not a result, to be run next time
+        if self.stop.is_set() and code != 0:
+            return None  # we stopped it (however it died: 143, or Ray aborting on SIGTERM): run it next time
         if code == 0:
             return self._save(RunRecord(name, "done", "", seconds))
         lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
