@@ -78,16 +78,38 @@ class ThreatModel:
     """What the attacker is granted beyond the model and the update.
 
     ``labels``: the batch's labels if known (R-GAP's setting), else ``None``.
-    ``batch_size``: the number of images in the batch if known, else ``None`` (attacks that
-    need it then assume 1).
+    ``batch_size``: the number of images in the update if known, else ``None`` (attacks that
+    need it then assume 1). For a weight delta that is every distinct image the local steps
+    used, not one step's batch.
+    ``schedule``: for a weight delta, the local steps as the observer pictures them: per step,
+    the indices (into the images to reconstruct, and into ``labels``) of that step's batch,
+    in the order the steps ran. The server configured the learning rate, the number of steps
+    and the batch size, so it knows the shape of the schedule; which image went into which
+    step (the client's shuffle) only when granted. ``None``: every step used every image.
     """
 
     labels: Tensor | None = None
     batch_size: int | None = None
+    schedule: tuple[tuple[int, ...], ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.schedule is not None:
+            if not self.schedule or any(not step for step in self.schedule):
+                raise ValueError("a schedule needs at least one step, each with at least one image")
+            used = sorted({i for step in self.schedule for i in step})
+            if used != list(range(len(used))):
+                raise ValueError("a schedule's indices must cover 0..N-1, the images to reconstruct")
+            if self.labels is not None and torch.as_tensor(self.labels).numel() != len(used):
+                raise ValueError(f"the schedule uses {len(used)} images but {torch.as_tensor(self.labels).numel()} "
+                                 "labels are granted")
+            if self.batch_size is not None and self.batch_size != len(used):
+                raise ValueError(f"the schedule uses {len(used)} images but the batch size is {self.batch_size}")
 
     def resolved_batch_size(self) -> int:
         if self.labels is not None:
             return int(torch.as_tensor(self.labels).numel())
+        if self.batch_size is None and self.schedule is not None:
+            return 1 + max(i for step in self.schedule for i in step)
         return int(self.batch_size or 1)
 
 

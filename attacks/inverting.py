@@ -12,10 +12,13 @@ and the squared norms over layers before dividing), plus a small total-variation
 dummy is optimised with Adam on the *sign* of its gradient, with the learning rate divided by
 10 at 3/8, 5/8 and 7/8 of the iterations, and pixels are kept in the valid box by projection
 after every step; several restarts may be run and the one with the lowest objective is kept.
-For FedAvg updates the local SGD steps are replayed differentiably on the dummy batch (the
-same batch at every step, full-batch local SGD, as the testbed's clients do) and the simulated
-weight delta is matched to the observed one. They report 18.0 +- 3.3 dB on the untrained
-DLG-LeNet for the first 100 CIFAR-10 test images (24,000 iterations).
+For FedAvg updates the local SGD steps are replayed differentiably on the dummy images and
+the simulated weight delta is matched to the observed one (their setting: the data in a fixed
+order, ``n`` images cut into batches, for several local steps or epochs). The steps follow
+``threat.schedule`` (which dummy images form each step's batch: the order the client really
+used when granted, else the order the observer assumes), or take every dummy image at every
+step when there is none. On single-image gradients they report 18.0 +- 3.3 dB on the
+untrained DLG-LeNet for the first 100 CIFAR-10 test images (24,000 iterations).
 
 Here images are in [0, 1] unnormalised (the testbed's convention), so the box is [0, 1] and the
 step size is in pixel units.
@@ -76,14 +79,21 @@ def simulate_local_update(
     lr: float,
     local_steps: int,
     create_graph: bool = True,
+    schedule: Sequence[Sequence[int]] | None = None,
 ) -> list[Tensor]:
-    """Replay ``local_steps`` SGD steps of ``lr`` on batch ``(x, y)`` from ``params`` and return
-    the weight delta (new - start) per parameter, differentiable with respect to ``x``."""
+    """Replay ``local_steps`` SGD steps of ``lr`` from ``params`` and return the weight delta
+    (new - start) per parameter, differentiable with respect to ``x``. Step ``s`` trains on
+    the images ``schedule[s]`` of ``(x, y)`` (a :class:`ThreatModel` schedule), or on all of
+    them when ``schedule`` is None."""
     names = list(params)
     params = {n: p if p.requires_grad else p.detach().requires_grad_(True) for n, p in params.items()}
+    if schedule is not None and len(schedule) != local_steps:
+        raise ValueError(f"the schedule has {len(schedule)} steps, the update {local_steps}")
+    steps = [None] * local_steps if schedule is None else [torch.as_tensor(list(b), dtype=torch.int64) for b in schedule]
     current = dict(params)
-    for _ in range(local_steps):
-        loss = training_loss(functional_call(model, current, (x,)), y)
+    for batch in steps:
+        xb, yb = (x, y) if batch is None else (x[batch], y[batch])
+        loss = training_loss(functional_call(model, current, (xb,)), yb)
         grads = torch.autograd.grad(loss, [current[n] for n in names], create_graph=create_graph)
         current = {n: current[n] - lr * g for n, g in zip(names, grads)}
     return [current[n] - params[n] for n in names]
@@ -154,7 +164,7 @@ def inverting_gradients(
         nonlocal evaluations
         evaluations += 1
         if replay:
-            dummy = simulate_local_update(model, params, x, y, float(upd.lr), upd.local_steps)
+            dummy = simulate_local_update(model, params, x, y, float(upd.lr), upd.local_steps, schedule=threat.schedule)
         else:
             loss = training_loss(functional_call(model, params, (x,)), y)
             dummy = list(torch.autograd.grad(loss, plist, create_graph=True))

@@ -62,14 +62,16 @@ def _rows(job: AttackJob, **values: Any) -> list[dict[str, Any]]:
     o = job.observation
     g = o.grants
     common = dict(labels_granted=g.labels, batch_size_granted=g.batch_size is not None,
-                  batch_size_source=g.batch_size_source, attribution=o.key.attribution)
+                  batch_size_source=g.batch_size_source, attribution=o.key.attribution,
+                  local_steps=o.update.local_steps if o.update.kind == "weight_delta" else 0,
+                  order_granted=g.order)
     return [blank_row(o.server_round, pid, o.observer, job.attack, **common, **values) for pid in o.key.targets]
 
 
 def run_job(job: AttackJob, cfg: RunConfig) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
     """Run one job; never raises. Returns one row per target client and the images for the
     figures (``truth``, ``recon`` in the truth's order, ``owners``, ``psnr`` per image)."""
-    from attacks import ThreatModel, get_attack
+    from attacks import get_attack
     from fl_sim.task import model_with
 
     from .scoring import score, true_batch
@@ -80,7 +82,7 @@ def run_job(job: AttackJob, cfg: RunConfig) -> tuple[list[dict[str, Any]], dict[
     try:
         truth = true_batch(cfg, o.key, o.server_round)
         data, model = model_with(cfg, o.weights)
-        threat = ThreatModel(labels=truth.labels.clone() if o.grants.labels else None, batch_size=o.grants.batch_size)
+        threat = o.grants.threat(truth)
         res = get_attack(job.attack)(model, o.update, data.input_shape, threat, seed=job.seed,
                                      **RUN_OPTIONS.get(job.attack, {}))
         clients, per_image, ordered = score(res.images, res.labels, truth)
@@ -183,7 +185,8 @@ class AttackRunner:
         if update.partition_id == self.attack.curious_client:
             self._own = {update.server_round: update}
         if "server" in self.attack.observers and self._wanted(update.server_round, update.partition_id, "server"):
-            self._submit(observe_server(update, self.cfg, self.param_names, **self._grants()))
+            self._submit(observe_server(update, self.cfg, self.param_names, **self._grants(),
+                                        grant_order=self.attack.grant_order))
 
     def on_aggregate(self, agg: RoundAggregate, observer: str) -> None:
         """A round's aggregate, seen by ``observer`` (``client`` or ``secagg``)."""

@@ -16,7 +16,7 @@ from fl_sim.config import FAULTS
 from fl_sim.defences import DEFENCES
 from fl_sim.models import model_names
 
-from .plan import ATTACK_PRESET, BATCH_SIZE_GRANTS, OBSERVERS, ConfigError, ExperimentPlan, default_mapping
+from .plan import ATTACK_PRESET, BATCH_SIZE_GRANTS, DEMO_PRESET, OBSERVERS, ConfigError, ExperimentPlan, default_mapping
 
 __all__ = ["Flag", "PLAN_FLAGS", "Parser", "add_plan_arguments", "given", "plan_from_args", "flag_for", "say_error"]
 
@@ -63,7 +63,7 @@ PLAN_FLAGS: list[Flag] = [
     Flag(("--observers", "--observer"), "observers",
          f"comma list of {', '.join(OBSERVERS)} (server: sees each client's update; client: a curious client that sees "
          "only global models; secagg: the server under SecAgg+, a second run), or all"),
-    Flag(("--attack-rounds",), "attack-rounds", "rounds to attack, e.g. 1,2, or all"),
+    Flag(("--attack-rounds",), "attack-rounds", "rounds to attack, e.g. 1,2, all, or spread (the first, middle and last)"),
     Flag(("--attack-clients",), "attack-clients", "partition ids to attack, e.g. 0,2, or all"),
     Flag(("--max-attacks-per-round",), "max-attacks-per-round", "cap on attacked updates per round and observer (0: none)"),
     Flag(("--curious-client",), "curious-client", "partition id of the curious client"),
@@ -73,6 +73,9 @@ PLAN_FLAGS: list[Flag] = [
          f"{' | '.join(BATCH_SIZE_GRANTS)}: what attackers are told of the number of images (observed: what each observer "
          "sees; all: everyone gets the true count; none: every attack estimates it)"),
     Flag(("--grant-labels",), "grant-labels", "give every attacker the true labels (no observer sees them)", "store_true"),
+    Flag(("--grant-batch-order",), "grant-batch-order",
+         "FedAvg: tell the server which images went into which local step (it configured the steps, not the "
+         "clients' shuffle)", "store_true"),
 ]
 _BY_KEY = {f.key: f for f in PLAN_FLAGS}
 
@@ -89,10 +92,12 @@ def _dest(flag: Flag) -> str:
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser, *, skip: Sequence[str] = (),
-                       defaults: dict[str, Any] | None = None) -> None:
+                       defaults: dict[str, Any] | None = None, demo: bool = False) -> None:
     """The plan's flags, in two groups (the federation, the attacks). ``skip`` leaves out
     flags by run-config key; ``defaults`` are an entry point's own defaults for some keys
-    (e.g. the deployment's number of SuperNodes), shown in --help and passed on as given."""
+    (e.g. the deployment's number of SuperNodes), shown in --help and passed on as given;
+    ``demo``: the entry point runs the demo preset when no attack is named (its values are
+    shown in --help)."""
     own = dict(defaults or {})
     defaults = {**default_mapping(), **own}
     fed = parser.add_argument_group("the federation")
@@ -103,9 +108,12 @@ def add_plan_arguments(parser: argparse.ArgumentParser, *, skip: Sequence[str] =
         group = att if flag.key in ("attack", "observers", "grant-labels") or flag.key.startswith(
             ("attack-", "max-attacks", "curious", "defer", "grant")) else fed
         default = defaults[flag.key]
-        shown = "" if flag.action != "store" else f" (default: {default}" + (
-            f"; with an attack: {ATTACK_PRESET[flag.key]}" if flag.key in ATTACK_PRESET and flag.key not in own else ""
-        ) + ")"
+        shown = ""
+        if flag.action == "store":
+            parts = [f"the demo: {DEMO_PRESET[flag.key]}"] if demo and flag.key in DEMO_PRESET else []
+            if flag.key in ATTACK_PRESET and flag.key not in own:
+                parts.append(f"with --attack: {ATTACK_PRESET[flag.key]}")
+            shown = f" (default: {default})" if not parts else f" ({'; '.join(parts)}; otherwise {default})"
         kwargs: dict[str, Any] = {"dest": _dest(flag), "help": flag.help + shown, "default": own.get(flag.key)}
         if flag.action == "store_true":
             kwargs["action"] = "store_true"
@@ -161,10 +169,12 @@ def say_error(prog: str, exc: Exception) -> int:
 
 
 def plan_from_args(args: argparse.Namespace, *, engine: str, base: dict[str, Any] | None = None,
-                   extra: dict[str, Any] | None = None, resume: bool = False) -> ExperimentPlan:
+                   extra: dict[str, Any] | None = None, resume: bool = False,
+                   preset: str | None = None) -> ExperimentPlan:
     """The plan of the command line on top of ``base`` (a resumed run's config.json);
-    ``extra``: more run-config keys (a deployment's ``--run-config``). Raises ConfigError."""
+    ``extra``: more run-config keys (a deployment's ``--run-config``); ``preset``: the
+    :data:`~experiments.plan.PRESETS` entry under them. Raises ConfigError."""
     values = {**(base or {}), **given(args), **(extra or {})}
     if resume:
         values["resume"] = True
-    return ExperimentPlan.from_mapping(values, engine=engine)  # type: ignore[arg-type]
+    return ExperimentPlan.from_mapping(values, engine=engine, preset=preset)  # type: ignore[arg-type]

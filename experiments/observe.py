@@ -9,7 +9,9 @@ Observers and what they are entitled to (``grant-batch-size = "observed"``, the 
 
 - ``server`` (the parameter server) sees each client's own reply: the weights it sent, the
   update, and the reply's clear-text ``num-examples`` (so it knows a FedSGD batch size); for
-  FedAvg it knows the local schedule it configured (learning rate, steps, batch size).
+  FedAvg it knows the local schedule it configured (learning rate, steps or epochs, batch
+  size) and, from num-examples, how many images the steps used, but not the client's shuffle
+  (which image went into which step) unless ``grant-batch-order`` grants it.
 - ``client`` (a curious client) sees only successive global models, and its own update. It
   knows the run config it was sent (``server-lr``, ``num-clients``, ``fraction-train``,
   ``batch-size``) but not who took part in a round or with how many examples: it assumes the
@@ -31,16 +33,18 @@ client cannot tell whose image is whose.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Literal, Mapping, Sequence
 
+import torch
 from torch import Tensor
 
-from attacks import Update
+from attacks import ThreatModel, Update
 from fl_sim.config import RunConfig
 from fl_sim.intercepting_strategy import InterceptedUpdate, RoundAggregate
 
 __all__ = [
     "Grants",
+    "assumed_schedule",
     "RefereeKey",
     "Observation",
     "update_of",
@@ -49,6 +53,9 @@ __all__ = [
     "observe_secagg",
 ]
 
+if TYPE_CHECKING:
+    from .scoring import Truth
+
 StateDict = Mapping[str, Tensor]
 
 
@@ -56,13 +63,45 @@ StateDict = Mapping[str, Tensor]
 class Grants:
     """What an attacker is told besides the weights and the update: the true labels (or
     not), and the number of images in the update (None: not granted, the attack estimates it)
-    with where that number came from (``reply``: the reply's num-examples; ``clear-counts``:
-    SecAgg+'s clear-text example counts; ``granted``: a grant beyond what the observer sees;
-    ``none``)."""
+    with where that number came from (``reply``: the reply's num-examples; ``config``: the
+    FedAvg schedule the server configured; ``clear-counts``: SecAgg+'s clear-text example
+    counts; ``granted``: a grant beyond what the observer sees; ``none``).
+
+    For a FedAvg update seen by the server, ``schedule`` is the local steps as the server
+    pictures them (:func:`assumed_schedule`: it set the steps and the batch size, and the
+    reply says how many images the client holds, but not the client's shuffle); ``order``
+    grants the client's true batch order instead (an upper bound, like the labels)."""
 
     labels: bool
     batch_size: int | None
     batch_size_source: Literal["reply", "config", "clear-counts", "granted", "none"]
+    schedule: tuple[tuple[int, ...], ...] | None = None
+    order: bool = False
+
+    def threat(self, truth: "Truth") -> ThreatModel:
+        """The :class:`attacks.ThreatModel` of these grants. What goes beyond the observation
+        comes from the referee's ``truth``: the true labels (in the true order of the images
+        when the batch order is granted, sorted otherwise, so that they do not reveal it)
+        and the true schedule."""
+        schedule = truth.schedule if self.order and truth.schedule is not None else self.schedule
+        labels = None
+        if self.labels:
+            labels = truth.labels.clone() if schedule is None or self.order else torch.sort(truth.labels).values
+        return ThreatModel(labels=labels, batch_size=self.batch_size, schedule=schedule)
+
+
+def assumed_schedule(examples: int, batch_size: int, steps: int) -> tuple[tuple[int, ...], ...]:
+    """The local steps of a client with ``examples`` images as an observer that does not know
+    its shuffle pictures them: every pass over the images in one fixed order, cut into batches
+    of ``batch_size`` (the last of a pass shorter), ``steps`` batches in all (Geiping et al.'s
+    FedAvg setting). Indices are into the distinct images the steps used."""
+    out: list[tuple[int, ...]] = []
+    while len(out) < steps:
+        for start in range(0, examples, batch_size):
+            out.append(tuple(range(start, min(start + batch_size, examples))))
+            if len(out) == steps:
+                break
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -101,16 +140,20 @@ def _weights(state: StateDict) -> dict[str, Tensor]:
 
 
 def observe_server(u: InterceptedUpdate, cfg: RunConfig, names: Sequence[str], *, grant_batch_size: str,
-                   grant_labels: bool) -> Observation:
+                   grant_labels: bool, grant_order: bool = False) -> Observation:
     """The parameter server's view of one client's reply."""
-    steps = int(u.metrics.get("local-steps", 1))
+    # FedAvg: num-examples is the client's partition; the server set the learning rate, the
+    # steps (or epochs) and the batch size, so it knows how many steps of how many images
+    steps = 1 if u.kind == "gradient" else cfg.steps_for(u.num_examples)
     update = update_of(u.sent, u.reply, u.kind, names, lr=cfg.lr, local_steps=steps)
     if grant_batch_size == "none":
         grants = Grants(grant_labels, None, "none")
     elif u.kind == "gradient":  # FedSGD: the reply's num-examples is the batch
         grants = Grants(grant_labels, u.num_examples, "reply")
-    else:  # FedAvg: num-examples is the partition; the server set the batch size of each local step
-        grants = Grants(grant_labels, cfg.batch_size, "config")
+    else:
+        schedule = assumed_schedule(u.num_examples, cfg.batch_size, steps)
+        images = 1 + max(i for step in schedule for i in step)
+        grants = Grants(grant_labels, images, "config", schedule=schedule, order=grant_order)
     return Observation("server", u.server_round, _weights(u.sent), update, grants, RefereeKey((u.partition_id,), "direct"))
 
 
@@ -122,10 +165,13 @@ def _mean_update(agg: RoundAggregate, cfg: RunConfig, names: Sequence[str]) -> t
     return tuple(agg.after[n] - agg.before[n] for n in names), "weight_delta"
 
 
-def _as_update(tensors: tuple[Tensor, ...], kind: str, cfg: RunConfig) -> Update:
+def _as_update(tensors: tuple[Tensor, ...], kind: str, cfg: RunConfig, examples: int) -> Update:
+    """A mean update as an aggregate observer reads it; a FedAvg mean is taken as the steps
+    of a client holding ``examples`` images (clients holding different numbers ran
+    different numbers of steps: an aggregate has no one schedule)."""
     if kind == "gradient":
         return Update(tensors, "gradient")
-    return Update(tensors, "weight_delta", lr=cfg.lr, local_steps=max(1, cfg.local_steps or 1))
+    return Update(tensors, "weight_delta", lr=cfg.lr, local_steps=cfg.steps_for(examples))
 
 
 def observe_curious_client(agg: RoundAggregate, own: InterceptedUpdate | None, cfg: RunConfig, names: Sequence[str],
@@ -145,12 +191,16 @@ def observe_curious_client(agg: RoundAggregate, own: InterceptedUpdate | None, c
     targets = tuple(p for p in agg.partition_ids if p != curious_client)
     # images in the update per step: FedSGD's batches are the example counts; a FedAvg step
     # uses one batch of the configured size per client
-    images = (sum(c for p, c in agg.contributors if p != curious_client) if cfg.mode == "fedsgd"
-              else len(targets) * cfg.batch_size)
+    counts = [c for p, c in agg.contributors if p != curious_client]
+    if cfg.mode == "fedsgd":
+        images = sum(counts)
+    else:  # every image each client's local steps used
+        images = sum(min(c, cfg.steps_for(c) * cfg.batch_size) for c in counts)
     grants = (Grants(grant_labels, images, "granted") if grant_batch_size == "all"
               else Grants(grant_labels, None, "none"))
-    return Observation("client", agg.server_round, _weights(agg.before), _as_update(others, kind, cfg), grants,
-                       RefereeKey(targets, "post-hoc"))
+    # it assumes the others hold as many images as it does itself
+    return Observation("client", agg.server_round, _weights(agg.before), _as_update(others, kind, cfg, own.num_examples),
+                       grants, RefereeKey(targets, "post-hoc"))
 
 
 def observe_secagg(agg: RoundAggregate, cfg: RunConfig, names: Sequence[str], *, grant_batch_size: str,
@@ -158,10 +208,12 @@ def observe_secagg(agg: RoundAggregate, cfg: RunConfig, names: Sequence[str], *,
     """The SecAgg+ server's view of a round: the mean update of everyone, and the clients'
     clear-text example counts."""
     mean, kind = _mean_update(agg, cfg, names)
-    images = sum(c for _, c in agg.contributors)
+    counts = [c for _, c in agg.contributors]
+    images = sum(counts) if kind == "gradient" else sum(min(c, cfg.steps_for(c) * cfg.batch_size) for c in counts)
     if grant_batch_size == "none":
         grants = Grants(grant_labels, None, "none")
     else:
         grants = Grants(grant_labels, images, "clear-counts" if grant_batch_size == "observed" else "granted")
-    return Observation("secagg", agg.server_round, _weights(agg.before), _as_update(mean, kind, cfg), grants,
+    update = _as_update(mean, kind, cfg, max(counts, default=1))
+    return Observation("secagg", agg.server_round, _weights(agg.before), update, grants,
                        RefereeKey(agg.partition_ids, "post-hoc"))

@@ -126,26 +126,47 @@ def save_grids(folder: Path) -> list[Path]:
 
 
 def plot_per_round(results: pd.DataFrame, out_dir: Path) -> Path | None:
-    """Median PSNR per round for each (observer, attack)."""
+    """Two panels over the rounds: the global model's central test accuracy (rounds.csv) and,
+    for each (observer, attack), the median PSNR of the attacked rounds (line) and each
+    attacked update's (dots)."""
     df = results[~results["status"].isin(UNSCORED)].copy() if not results.empty else results
     if df.empty:
         return None
     df["psnr"] = pd.to_numeric(df["psnr"], errors="coerce").clip(upper=150.0)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    accuracy = _accuracy(Path(out_dir) / "rounds.csv")
+    fig, (top, ax) = plt.subplots(2, 1, figsize=(6.5, 5.5), sharex=True, height_ratios=(1, 1.6))
+    if accuracy:
+        top.plot(list(accuracy), list(accuracy.values()), color="black", linewidth=1.2)
+    top.set_ylabel("test accuracy")
+    top.set_ylim(0, 1)
+    top.grid(alpha=0.3)
     for (observer, attack), g in df.groupby(["observer", "attack"]):
         med = g.groupby("round")["psnr"].median()
-        ax.plot(med.index, med.values, marker="o", label=f"{observer} / {attack}")
+        line = ax.plot(med.index, med.values, marker="o", label=f"{observer} / {attack}")[0]
+        ax.scatter(g["round"], g["psnr"], color=line.get_color(), alpha=0.35, s=10, linewidths=0)
+        for r in sorted(set(med.index) & set(accuracy)):
+            top.plot([r], [accuracy[r]], marker="o", color="tab:red", markersize=4)
     ax.axhline(SUCCESS_PSNR, color="grey", linestyle="--", linewidth=0.8, label=f"{SUCCESS_PSNR:.0f} dB")
-    rounds = sorted(df["round"].unique())
-    ax.set_xticks(rounds if len(rounds) <= 12 else rounds[:: max(1, len(rounds) // 10)])
-    ax.set_xlabel("round")
-    ax.set_ylabel("median PSNR (dB)")
+    ax.set_xlabel("round (red: attacked)")
+    ax.set_ylabel("PSNR (dB): median, each update")
     ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(out_dir) / "psnr_per_round.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _accuracy(path: Path) -> dict[int, float]:
+    """Central test accuracy by round from a rounds.csv (empty when there is none)."""
+    out = {}
+    for row in _csv(path):
+        try:
+            out[int(row["round"])] = float(row["test_accuracy"])
+        except (KeyError, TypeError, ValueError):
+            continue
+    return out
 
 
 def _csv(path: Path) -> list[dict[str, str]]:

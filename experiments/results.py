@@ -1,7 +1,9 @@
 """results.csv: one row per (round, client, observer, attack), and its one writer.
 
 Every row says what its attacker was granted (``labels_granted``, ``batch_size_granted``,
-``batch_size_source``: see :mod:`experiments.observe`), how many images the attack
+``batch_size_source``, for a FedAvg update the ``local_steps`` it was read as (0: a FedSGD
+gradient) and ``order_granted``, the client's batch order: see :mod:`experiments.observe`),
+how many images the attack
 reconstructed (``batch_size_used``) and how the row was tied to its client
 (``attribution``: ``direct`` for an observer that saw the client's own update, ``post-hoc``
 for one that saw an aggregate and was matched to the clients' images afterwards). ``psnr``,
@@ -27,8 +29,8 @@ __all__ = ["RESULT_FIELDS", "UNSCORED", "ResultsWriter", "blank_row", "read_resu
 
 RESULT_FIELDS = [
     "round", "client", "observer", "attack", "psnr", "ssim", "mse", "label_acc", "images", "recovered",
-    "batch_size_used", "labels_granted", "batch_size_granted", "batch_size_source", "attribution",
-    "seconds", "status", "reason",
+    "batch_size_used", "labels_granted", "batch_size_granted", "batch_size_source", "local_steps", "order_granted",
+    "attribution", "seconds", "status", "reason",
 ]
 UNSCORED = ("error", "missing", "invalid", "skipped", "interrupted")
 

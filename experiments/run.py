@@ -1,11 +1,18 @@
 """Run an experiment plan on Flower's simulation engine: the federation, with or without a
 spying server.
 
-    python -m experiments.run                       # who can reconstruct whose images? (R-GAP)
-    python -m experiments.run --attack all          # DLG, iDLG, R-GAP and Inverting Gradients
+    python -m experiments.run                       # the demo: a federation that trains while its server spies
+    python -m experiments.run --attack all          # DLG, iDLG, R-GAP and Inverting Gradients, the papers' setting
+    python -m experiments.run --preset demo --attack all --observers server   # every attack in the demo's setting
+    python -m experiments.run --mode fedavg --local-steps 5 --attack ig       # a FedAvg update of 5 local steps
     python -m experiments.run --attack none         # plain training: 10 clients, FedAvg
     python -m experiments.run --faulty-client 1:nan --faulty-client 2:shape   # what a run survives
     python -m experiments.run --out runs/x --resume # continue a run that was stopped
+
+Presets (:data:`experiments.plan.PRESETS`) fill the keys a command line leaves out: without
+``--attack`` the demo (CNN6 trained by FedSGD for 150 rounds, one image per client and round,
+R-GAP by the server and a curious client in the first, middle and last round); with an
+attack, the papers' FedSGD setting (DLG's LeNet, 4 clients, 2 rounds); ``--preset`` chooses.
 
 The run folder (``--out``, default ``runs/<date>-<time>``) holds config.json, rounds.csv (a
 row per finished round), final_model.pt (the model after the last finished round),
@@ -31,6 +38,7 @@ import warnings
 from pathlib import Path
 
 from .cli import Parser, add_plan_arguments, plan_from_args, say_error
+from .plan import PRESETS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a CNN across simulated Flower clients on real images, optionally with a spying server, "
                     "and write a run folder.",
     )
-    add_plan_arguments(p)
+    add_plan_arguments(p, demo=True)
+    p.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="the setting under the flags given: demo (the default without --attack) or paper (the "
+                        "default with --attack)")
     folder = p.add_argument_group("the run folder")
     folder.add_argument("--out", default=None, help="run folder (default: a new runs/<date>-<time>)")
     how = folder.add_mutually_exclusive_group()
@@ -95,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     mode = "resume" if args.resume else "overwrite" if args.overwrite else "new"
     try:
         base = _saved_config(args.out) if args.resume else {}
-        plan = plan_from_args(args, engine="simulation", base=base, resume=args.resume)
+        preset = args.preset or (None if args.resume or args.plan_attack else "demo")
+        plan = plan_from_args(args, engine="simulation", base=base, resume=args.resume, preset=preset)
         data = plan.check_data()  # before Ray starts
         folder = RunFolder.claim(args.out, mode, plan.to_mapping())
         plan = plan.replace(out_dir=str(folder.path))

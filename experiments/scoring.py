@@ -37,11 +37,14 @@ __all__ = ["Truth", "ClientScore", "true_batch", "score"]
 
 @dataclass(frozen=True)
 class Truth:
-    """The true batch behind an update: images in [0, 1], labels, and each image's owner."""
+    """The true batch behind an update: images in [0, 1], labels, each image's owner and, for
+    one client's FedAvg update, its true local schedule (per step, the indices into
+    ``images`` of that step's batch)."""
 
     images: Tensor
     labels: Tensor
     owners: tuple[int, ...]
+    schedule: tuple[tuple[int, ...], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -62,17 +65,22 @@ def true_batch(cfg: RunConfig, key: RefereeKey, server_round: int) -> Truth:
     ``server_round``, or under FedAvg every image of its local schedule (each once)."""
     data = load_dataset(cfg.dataset, cfg.data_root)
     xs, ys, owners = [], [], []
+    schedule = None
     for pid in key.targets:
         if cfg.mode == "fedsgd":
             x, y = client_batch(cfg, pid, cfg.num_clients, server_round)
         else:
-            seen = np.concatenate(local_schedule(cfg, pid, cfg.num_clients, server_round))
-            idx = torch.as_tensor(seen[np.sort(np.unique(seen, return_index=True)[1])])
+            steps = local_schedule(cfg, pid, cfg.num_clients, server_round)
+            seen = np.concatenate(steps)
+            distinct = seen[np.sort(np.unique(seen, return_index=True)[1])]  # in order of first use
+            position = {int(v): i for i, v in enumerate(distinct)}
+            schedule = tuple(tuple(position[int(v)] for v in step) for step in steps)
+            idx = torch.as_tensor(distinct)
             x, y = to_float(data.train_x[idx]), data.train_y[idx]
         xs.append(x)
         ys.append(y)
         owners += [pid] * len(y)
-    return Truth(torch.cat(xs), torch.cat(ys), tuple(owners))
+    return Truth(torch.cat(xs), torch.cat(ys), tuple(owners), schedule if len(key.targets) == 1 else None)
 
 
 def _median(values: list[float]) -> float:

@@ -66,14 +66,13 @@ from fl_sim.config import ConfigError
 from fl_sim.defences import DefenceError, parse_defences
 
 from .cli import Parser, argv_for
-from .plan import ExperimentPlan, default_mapping
+from .plan import ATTACK_KEYS, ExperimentPlan, default_mapping
 from .sweep_report import CELL_FIELDS
 
 __all__ = ["SweepSpec", "Cell", "SweepError", "PRESETS", "load_spec", "run_sweep", "main"]
 
 PRESETS = Path(__file__).resolve().parent / "sweeps"
-ATTACK_KEYS = {"attack", "observers", "attack-rounds", "attack-clients", "max-attacks-per-round", "curious-client",
-               "attack-workers", "defer-attacks", "grant-batch-size", "grant-labels"}
+
 
 
 class SweepError(ValueError):
@@ -216,7 +215,9 @@ def _check_values(spec: SweepSpec) -> None:
                     raise SweepError(f"[{source.split()[0]}] defences: {exc}") from None
                 continue
             try:
-                ExperimentPlan.from_mapping({k: v, **({"attack": "rgap"} if k in ATTACK_KEYS and k != "attack" else {})})
+                # an attack key in the setting where every attack key means something (FedAvg)
+                context = {"attack": "ig", "mode": "fedavg"} if k in ATTACK_KEYS and k != "attack" else {}
+                ExperimentPlan.from_mapping({**context, k: v})
             except ConfigError as exc:
                 if exc.key == _key(k):
                     raise SweepError(f"[{source.split()[0]}] {k}: {exc.problem}") from None

@@ -157,6 +157,14 @@ class RunConfig:
         """Fault injection: partition id -> what that client does wrong (see ``FAULTS``)."""
         return parse_faults(self.faulty_clients)
 
+    def steps_for(self, examples: int) -> int:
+        """A FedAvg client's local steps on ``examples`` images: ``local-steps`` when set, else
+        ``local-epochs`` passes of ``ceil(examples / batch-size)`` batches (what the server
+        knows from its config and the reply's num-examples)."""
+        if self.local_steps > 0:
+            return self.local_steps
+        return self.local_epochs * max(1, -(-int(examples) // self.batch_size))
+
     def clients_per_round(self) -> int:
         """How many clients the server samples each round when all are online (Flower's
         FedAvg: ``max(int(N * fraction_train), min_clients)``, at most N)."""

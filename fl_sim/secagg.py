@@ -1,4 +1,4 @@
-"""FedSGD under secure aggregation (Flower's SecAgg+): the server sees only the aggregate.
+"""FedSGD and FedAvg under secure aggregation (Flower's SecAgg+): the server sees only the aggregate.
 
 What the server sees
     With SecAgg+ every client masks its (quantised) gradient with pairwise masks, agreed with
@@ -22,7 +22,7 @@ Why the legacy path
     ``flwr.server.strategy.FedAvg``, with ``secaggplus_mod`` on a ``NumPyClient``-based
     ``ClientApp``. There is no SecAgg+ for the Message-API strategies (``aggregate_train``)
     that ``fl_sim.server_app`` / ``fl_sim.client_app`` use, so this module mirrors those apps
-    (same data, batches, model, FedSGD step and run folder) on the legacy API.
+    (same data, batches, model, local training and run folder) on the legacy API.
 
 Quantisation and clipping caveat
     SecAgg+ works on integers modulo ``modulus_range`` (2**32): each client multiplies its
@@ -88,9 +88,13 @@ from .strategy import RoundFailed
 from .task import (
     batch_gradient,
     client_batch,
+    client_indices,
     dp_batch_gradient,
     dp_generator,
+    dp_local_sgd,
     evaluate,
+    local_schedule,
+    local_sgd,
     model_with,
     node_partition,
     parameter_names,
@@ -99,9 +103,9 @@ from .task import (
 __all__ = [
     "SecAggSettings",
     "secagg_settings",
-    "SecAggFedSGDClient",
+    "SecAggClient",
     "client_app",
-    "SecAggFedSGD",
+    "SecAggStrategy",
     "make_secagg_server_app",
     "serve_secagg",
     "simulate_secagg",
@@ -152,7 +156,7 @@ def _num_sampled(cfg: RunConfig) -> int:
     return max(int(cfg.num_clients * cfg.fraction_train), 2, min(cfg.min_clients, cfg.num_clients))
 
 
-def secagg_settings(cfg: RunConfig, *, clipping_range: float = 8.0) -> SecAggSettings:
+def secagg_settings(cfg: RunConfig, *, clipping_range: float = 8.0, max_examples: int | None = None) -> SecAggSettings:
     """SecAgg+ parameters for ``cfg``, from the number ``n`` of clients sampled per round.
 
     - shares: every sampled client for n <= 3; otherwise an odd number (SecAgg+ wants odd),
@@ -160,11 +164,14 @@ def secagg_settings(cfg: RunConfig, *, clipping_range: float = 8.0) -> SecAggSet
     - threshold: about 2/3 of the shares, at least 2 (3 shares: 2, so a client's masks survive
       one neighbour dropping out; 5: 4; 9: 6);
     - ``max_weight`` = batch size, so SecAgg+'s weight ratio ``num_examples / max_weight`` is 1
-      for a full FedSGD batch and costs no precision;
+      for a full FedSGD batch and costs no precision; under FedAvg a client's ``num_examples``
+      is its partition, so ``max_examples`` (the largest partition) is needed instead;
     - quantisation: the most levels (a power of 2, at most 2**28) such that n clients' sums
       cannot wrap around the 2**32 modulus: ``n * levels < 2**32``.
     """
     n = _num_sampled(cfg)
+    if cfg.mode == "fedavg" and max_examples is None:
+        raise ValueError("SecAgg+ under FedAvg needs max_examples, the largest partition (each client's weight)")
     if n < 2:
         raise ValueError(f"SecAgg+ needs at least 2 clients per round, got {n}")
     if n == 2:
@@ -184,7 +191,7 @@ def secagg_settings(cfg: RunConfig, *, clipping_range: float = 8.0) -> SecAggSet
         reconstruction_threshold=threshold,
         clipping_range=float(clipping_range),
         quantization_range=2**bits,
-        max_weight=float(cfg.batch_size),
+        max_weight=float(cfg.batch_size if cfg.mode == "fedsgd" else max_examples),
     )
 
 
@@ -192,13 +199,14 @@ def secagg_settings(cfg: RunConfig, *, clipping_range: float = 8.0) -> SecAggSet
 # Client
 
 
-class SecAggFedSGDClient(NumPyClient):
-    """FedSGD client for the legacy path: replies with one batch's gradient.
+class SecAggClient(NumPyClient):
+    """The client for the legacy path: replies with one batch's gradient (FedSGD) or its
+    weight delta after the round's local steps (FedAvg).
 
-    ``fit`` returns the gradient (numpy, in ``model.state_dict()`` order, zeros for entries
+    ``fit`` returns the update (numpy, in ``model.state_dict()`` order, zeros for entries
     that are not parameters) followed by one array ``[loss * loss_scale]``, ``num_examples`` =
-    batch size, and metrics holding only the partition id. ``secaggplus_mod`` masks everything
-    in the parameters before it leaves. A client named in ``faulty-clients`` spoils its
+    batch size (FedSGD) or partition size (FedAvg), and metrics holding only the partition
+    id. ``secaggplus_mod`` masks everything in the parameters before it leaves. A client named in ``faulty-clients`` spoils its
     arrays before masking (:func:`fl_sim.faults.spoil`), as the Message-API client does.
     """
 
@@ -213,15 +221,17 @@ class SecAggFedSGDClient(NumPyClient):
         return cfg, pid, data, model
 
     def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
-        cfg, pid, _, model = self._model(parameters, config)
-        if cfg.mode != "fedsgd":
-            raise ValueError(f"the SecAgg+ client does FedSGD only, got mode {cfg.mode!r}")
+        cfg, pid, data, model = self._model(parameters, config)
         server_round = int(config["server-round"])
-        images, labels = client_batch(cfg, pid, cfg.num_clients, server_round)
         dp = next((d for d in cfg.defence_list if isinstance(d, DPSGD)), None)
-        grads, loss = (batch_gradient(model, images, labels) if dp is None else
-                       dp_batch_gradient(model, images, labels, noise=dp.noise, clip=dp.clip,
-                                         generator=dp_generator(cfg, pid, server_round)))
+        if cfg.mode == "fedavg":
+            grads, loss, examples = self._local_delta(cfg, pid, server_round, data, model, dp)
+        else:
+            images, labels = client_batch(cfg, pid, cfg.num_clients, server_round)
+            grads, loss = (batch_gradient(model, images, labels) if dp is None else
+                           dp_batch_gradient(model, images, labels, noise=dp.noise, clip=dp.clip,
+                                             generator=dp_generator(cfg, pid, server_round)))
+            examples = len(labels)
         # the client's own update defences (pruning, noise) before masking, as the plain client's mod
         by_name = defend_update(dict(zip(parameter_names(model), grads)), cfg.defence_list, seed=cfg.seed,
                                 partition_id=pid, server_round=server_round)
@@ -233,7 +243,19 @@ class SecAggFedSGDClient(NumPyClient):
         arrays.append(np.array([loss * float(config[LOSS_SCALE_KEY])], dtype=np.float64))
         if pid in cfg.faults:
             arrays = spoil(arrays, cfg.faults[pid], cfg.round_timeout)
-        return arrays, len(labels), {"partition-id": pid}
+        return arrays, examples, {"partition-id": pid}
+
+    @staticmethod
+    def _local_delta(cfg: RunConfig, pid: int, server_round: int, data, model, dp) -> tuple[list[torch.Tensor], float, int]:
+        """FedAvg: the weight delta after the round's local steps (as ``fl_sim.client_app``),
+        one tensor per parameter, the mean training loss and the partition's size."""
+        sent = [p.detach().clone() for p in model.parameters()]
+        batches = local_schedule(cfg, pid, cfg.num_clients, server_round)
+        loss, _ = (local_sgd(model, data, batches, lr=cfg.lr) if dp is None else
+                   dp_local_sgd(model, data, batches, lr=cfg.lr, noise=dp.noise, clip=dp.clip,
+                                generator=dp_generator(cfg, pid, server_round)))
+        delta = [p.detach() - s for p, s in zip(model.parameters(), sent)]
+        return delta, loss, len(client_indices(cfg, pid, cfg.num_clients))
 
     def evaluate(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
         """Federated evaluation on the node's share of the test split (as ``fl_sim.client_app``)."""
@@ -244,7 +266,7 @@ class SecAggFedSGDClient(NumPyClient):
 
 
 def _client_fn(context: Context):
-    return SecAggFedSGDClient(context.node_config).to_client()
+    return SecAggClient(context.node_config).to_client()
 
 
 client_app = ClientApp(client_fn=_client_fn, mods=[secaggplus_mod])
@@ -258,10 +280,10 @@ def _state_dict(names: list[str], arrays: NDArrays) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.array(a, copy=True)) for k, a in zip(names, arrays)}
 
 
-class SecAggFedSGD(FedAvg):
-    """Legacy FedAvg turned FedSGD for SecAgg+: ``aggregate_fit`` gets the aggregate mean
-    gradient (every result carries the same one) and takes the step
-    ``new = old - server_lr * mean_gradient``.
+class SecAggStrategy(FedAvg):
+    """Legacy FedAvg for SecAgg+: ``aggregate_fit`` gets the aggregate mean update (every
+    result carries the same one) and takes the step ``new = old - server_lr * mean_gradient``
+    (FedSGD) or ``new = old + mean_delta`` (FedAvg).
 
     What the server can check here is the aggregate only: its arrays must match the model's
     names and shapes and be finite, and every result must carry the same one (individual
@@ -284,6 +306,7 @@ class SecAggFedSGD(FedAvg):
         *,
         server_lr: float,
         param_names: list[str],
+        mode: str = "fedsgd",
         loss_scale: float,
         on_aggregate: Callable[[RoundAggregate], None] | None = None,
         on_dropped: Callable[[DroppedReply], None] | None = None,
@@ -293,6 +316,7 @@ class SecAggFedSGD(FedAvg):
     ) -> None:
         super().__init__(initial_parameters=ndarrays_to_parameters(initial), **kwargs)
         self.server_lr = server_lr
+        self.mode = mode
         self.param_names = list(param_names)
         self.loss_scale = loss_scale
         self.on_aggregate = on_aggregate
@@ -348,8 +372,11 @@ class SecAggFedSGD(FedAvg):
             self._drop(server_round, "invalid", f"the SecAgg+ aggregate is unusable ({why}): a client sent a bad "
                        "update and SecAgg+ hides which; the model stays")
             return None, {}
-        grad, loss = first[:-1], float(np.asarray(first[-1]).reshape(-1)[0]) / self.loss_scale
-        after = [np.asarray(w - self.server_lr * g).astype(w.dtype, copy=False) for w, g in zip(before, grad)]
+        mean, loss = first[:-1], float(np.asarray(first[-1]).reshape(-1)[0]) / self.loss_scale
+        # FedSGD: a step along the mean gradient; FedAvg: the mean weight delta, which is
+        # FedAvg's example-weighted mean of the clients' weights
+        step = -self.server_lr if self.mode == "fedsgd" else 1.0
+        after = [np.asarray(w + step * g).astype(w.dtype, copy=False) for w, g in zip(before, mean)]
         self.current = after
         self.train_history[server_round] = {"train_loss": loss}
         if self.on_aggregate is not None:
@@ -372,7 +399,7 @@ class _LoggedSecAggPlusWorkflow(SecAggPlusWorkflow):
     def __call__(self, grid: Grid, context: Context) -> None:  # type: ignore[override]
         server_round = int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
         strategy = getattr(context, "strategy", None)
-        own = isinstance(strategy, SecAggFedSGD)
+        own = isinstance(strategy, SecAggStrategy)
         server_round += strategy.round_offset if own else 0
         try:
             super().__call__(grid, context)
@@ -404,15 +431,14 @@ def serve_secagg(
     settings: SecAggSettings | None = None,
     stop: threading.Event | None = None,
 ) -> None:
-    """Run ``cfg`` (FedSGD) with SecAgg+ on ``grid``, logged to ``log_`` (see
+    """Run ``cfg`` (FedSGD or FedAvg) with SecAgg+ on ``grid``, logged to ``log_`` (see
     :func:`make_secagg_server_app` for the hooks). Raises :class:`fl_sim.strategy.RoundFailed` when a round
     has nothing to aggregate and :class:`fl_sim.server_app.RunStopped` when ``stop`` is set."""
     cfg = cfg.validated()
-    if cfg.mode != "fedsgd":
-        raise ValueError(f"SecAgg+ here supports mode fedsgd only, got {cfg.mode!r}")
-    settings = settings or secagg_settings(cfg)
     grid = StoppableGrid(grid, stop) if stop is not None else grid
     data = load_dataset(cfg.dataset, cfg.data_root)
+    largest = max(len(client_indices(cfg, p, cfg.num_clients)) for p in range(cfg.num_clients))
+    settings = settings or secagg_settings(cfg, max_examples=largest)
     model = build_model(cfg.model, data.input_shape, data.num_classes, init=cfg.init, seed=cfg.seed)
     done = max(log_.last_round, 0)
     checkpoint = log_.checkpoint()
@@ -422,7 +448,7 @@ def serve_secagg(
         return
     names = list(model.state_dict())
     initial = [v.detach().cpu().numpy() for v in model.state_dict().values()]
-    strategy: SecAggFedSGD | None = None
+    strategy: SecAggStrategy | None = None
 
     def dropped(d: DroppedReply) -> None:
         log_.drop(d)
@@ -449,9 +475,10 @@ def serve_secagg(
         return {**cfg.to_flower(), "server-round": server_round}
 
     least = min(cfg.min_clients, cfg.num_clients)
-    strategy = SecAggFedSGD(
+    strategy = SecAggStrategy(
         server_lr=cfg.server_lr,
         param_names=names,
+        mode=cfg.mode,
         loss_scale=settings.loss_scale,
         on_aggregate=on_aggregate,
         on_dropped=dropped,
@@ -476,7 +503,7 @@ def serve_secagg(
 
 
 def make_secagg_server_app(cfg: RunConfig, log_: FederationLog, **kwargs: Any) -> ServerApp:
-    """A ServerApp running ``cfg`` (FedSGD only) with SecAgg+ and central evaluation, logged to
+    """A ServerApp running ``cfg`` (FedSGD or FedAvg) with SecAgg+ and central evaluation, logged to
     ``log_`` (a :class:`fl_sim.server_app.FederationLog`: rounds.csv, final_model.pt,
     dropped.csv; resumed after its last round when it was opened to resume). ``kwargs`` go to
     :func:`serve_secagg`: ``on_aggregate`` gets each round's :class:`RoundAggregate`,

@@ -195,7 +195,7 @@ def local_schedule(cfg: RunConfig, partition_id: int, num_partitions: int, serve
     which images went into an update."""
     idx = torch.as_tensor(client_indices(cfg, partition_id, num_partitions))
     gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, partition_id, server_round]).generate_state(1)[0]))
-    target = cfg.local_steps if cfg.local_steps > 0 else cfg.local_epochs * -(-len(idx) // cfg.batch_size)
+    target = cfg.steps_for(len(idx))
     batches: list[np.ndarray] = []
     while len(batches) < target:
         for chunk in idx[torch.randperm(len(idx), generator=gen)].split(cfg.batch_size):

@@ -91,9 +91,9 @@ CASES = [
     (["--faulty-client", "12:nan"], "--faulty-client: client 12 is not a partition id (0..9)"),
     (["--faulty-client", "1:nan", "--faulty-client", "1:inf"], "--faulty-client: client 1 is listed twice"),
     # the plan's rules
-    (["--attack", "rgap", "--mode", "fedavg"], "--local-steps: attacks on FedAvg updates need the local schedule in steps"),
-    (["--attack", "rgap", "--mode", "fedavg", "--local-steps", "1", "--observers", "secagg"],
-     "--observers: the secagg observer runs FedSGD only"),
+    (["--attack", "rgap", "--mode", "fedavg"], "--attack: rgap inverts one sample's gradient"),
+    (["--attack", "ig", "--grant-batch-order"], "--grant-batch-order: a FedSGD update is one batch"),
+    (["--preset", "demo", "--attack-rounds", "200"], "--attack-rounds: round 200 is not in 1..150"),
     (["--attack", "rgap", "--clients", "2"], "--observers: the curious-client observer needs >= 3 clients per round"),
     (["--attack", "rgap", "--attack-rounds", "3"], "--attack-rounds: round 3 is not in 1..2"),
     (["--attack", "rgap", "--attack-rounds", "x"], "--attack-rounds: expected comma-separated integers or 'all'"),
@@ -183,4 +183,5 @@ def test_help_shows_each_default_once():
         assert flag in out
     assert "(default: None)" not in out
     text = " ".join(out.split())
-    assert "number of server rounds (default: 5; with an attack: 2)" in text
+    assert "number of server rounds (the demo: 150; with --attack: 2; otherwise 5)" in text
+    assert "--preset" in out

@@ -60,7 +60,8 @@ def test_all_observers_means_what_the_engine_can_run():
 @pytest.mark.parametrize("values,key", [
     ({"attack": "rgap", "num-clients": 2}, "observers"),
     ({"attack": "rgap", "num-clients": 4, "fraction-train": 0.5}, "observers"),  # 2 clients per round
-    ({"attack": "rgap", "mode": "fedavg"}, "local-steps"),
+    ({"attack": "rgap", "mode": "fedavg"}, "attack"),  # R-GAP inverts one sample's gradient, not local steps
+    ({"attack": "ig", "grant-batch-order": True}, "grant-batch-order"),  # FedSGD has no local batches
     ({"attack": "rgap", "observers": "secagg", "num-clients": 1, "min-clients": 1}, "observers"),
     ({"attack": "rgap", "attack-rounds": "0"}, "attack-rounds"),
     ({"no-such-key": 1}, "no-such-key"),
@@ -91,7 +92,7 @@ def test_run_and_deploy_build_the_same_plan_from_the_same_flags():
 
 @pytest.mark.parametrize("argv,message", [
     (["--attack", "rgap", "--clients", "2", "--observers", "server,client"], "needs >= 3 clients per round"),
-    (["--clients", "2", "--observers", "server,client"], "--observers: has no effect without an attack"),
+    (["--attack", "none", "--clients", "2", "--observers", "server,client"], "--observers: has no effect without an attack"),
 ])
 def test_run_and_deploy_refuse_alike(argv, message, capsys):
     lines = []
@@ -103,3 +104,38 @@ def test_run_and_deploy_refuse_alike(argv, message, capsys):
         lines.append(capsys.readouterr().err.split("error: ", 1)[1])
         assert code == 2
     assert lines[0] == lines[1] and message in lines[0]
+
+
+def test_presets_fill_what_the_command_line_leaves_out():
+    """Without an attack, experiments.run runs the demo; a named attack brings the papers'
+    setting unless the demo preset is chosen; attack none is plain training either way."""
+    demo = plan_from_args(run.build_parser().parse_args([]), engine="simulation", preset="demo")
+    assert demo.attack.attacks == ("rgap",) and demo.attack.observers == ("server", "client")
+    assert (demo.fed.mode, demo.fed.model, demo.fed.num_clients, demo.fed.num_server_rounds) == ("fedsgd", "cnn6", 10, 150)
+    assert demo.attack.rounds == {1, 75, 150}
+    shorter = ExperimentPlan.from_mapping({"num-server-rounds": 20}, preset="demo")
+    assert shorter.attack.rounds == {1, 10, 20}  # spread: first, middle, last
+    every = ExperimentPlan.from_mapping({"attack": "all", "observers": "server"}, preset="demo")
+    assert every.fed.model == "cnn6" and set(every.attack.attacks) == {"dlg", "idlg", "rgap", "ig"}
+    paper = ExperimentPlan.from_mapping({"attack": "dlg"})
+    assert (paper.fed.model, paper.fed.num_clients, paper.attack.rounds) == ("lenet", 4, {1})
+    for preset in (None, "demo"):
+        plain = ExperimentPlan.from_mapping({"attack": "none"}, preset=preset)
+        assert plain.attack is None and plain.fed.mode == "fedavg" and plain.fed.num_server_rounds == 5
+    with pytest.raises(ConfigError, match="unknown preset"):
+        ExperimentPlan.from_mapping({}, preset="nope")
+
+
+def test_fedavg_attacks_and_what_applies():
+    """Several local steps (or epochs): ig, dlg and idlg apply, R-GAP does not (named: refused;
+    in all: left out); one local step is a gradient, so R-GAP applies."""
+    many = ExperimentPlan.from_mapping({"attack": "all", "mode": "fedavg", "local-epochs": 2})
+    assert set(many.attack.attacks) == {"dlg", "idlg", "ig"}
+    one = ExperimentPlan.from_mapping({"attack": "all", "mode": "fedavg", "local-steps": 1})
+    assert "rgap" in one.attack.attacks
+    with pytest.raises(ConfigError, match="rgap inverts one sample's gradient") as err:
+        ExperimentPlan.from_mapping({"attack": "ig,rgap", "mode": "fedavg", "local-steps": 5})
+    assert err.value.key == "attack"
+    granted = ExperimentPlan.from_mapping({"attack": "ig", "mode": "fedavg", "local-steps": 5, "grant-batch-order": True})
+    assert granted.attack.grant_order and granted.to_mapping()["grant-batch-order"] is True
+    assert ExperimentPlan.from_mapping(granted.to_mapping()) == granted

@@ -44,7 +44,7 @@ def test_secagg_fedsgd_server_sees_only_the_aggregate(tmp_path, monkeypatch):
 
     # What aggregate_fit is handed, recorded before the strategy touches it.
     received = []
-    original = secagg.SecAggFedSGD.aggregate_fit
+    original = secagg.SecAggStrategy.aggregate_fit
 
     def recording(self, server_round, results, failures):
         received.append((
@@ -55,7 +55,7 @@ def test_secagg_fedsgd_server_sees_only_the_aggregate(tmp_path, monkeypatch):
         ))
         return original(self, server_round, results, failures)
 
-    monkeypatch.setattr(secagg.SecAggFedSGD, "aggregate_fit", recording)
+    monkeypatch.setattr(secagg.SecAggStrategy, "aggregate_fit", recording)
     aggregates, rows = [], []
     secagg.simulate_secagg(cfg, on_aggregate=aggregates.append, on_round=rows.append)
 
@@ -109,3 +109,33 @@ def test_secagg_fedsgd_server_sees_only_the_aggregate(tmp_path, monkeypatch):
     final = torch.load(tmp_path / "final_model.pt")
     for k, v in aggregates[1].after.items():
         torch.testing.assert_close(final[k], v)
+
+
+def test_secagg_fedavg_aggregate_is_the_mean_weight_delta(tmp_path):
+    """FedAvg under SecAgg+: each client masks its weight delta after its local steps (with
+    its partition size as the clear-text weight); the server adds the example-weighted mean
+    delta, which is what the honest FedAvg's weighted mean of the weights gives, and sees no
+    client's own delta."""
+    from fl_sim.task import client_indices, local_schedule, local_sgd
+
+    cfg = RunConfig(mode="fedavg", num_clients=4, num_server_rounds=1, batch_size=4, local_steps=3, lr=0.05,
+                    partition="dirichlet", alpha=1.0, out_dir=str(tmp_path))
+    aggregates = []
+    secagg.simulate_secagg(cfg, on_aggregate=aggregates.append)
+    (agg,) = aggregates
+    data = load_dataset(cfg.dataset, cfg.data_root)
+    sizes = {p: len(client_indices(cfg, p, cfg.num_clients)) for p in range(4)}
+    assert agg.contributors == tuple(sorted(sizes.items())) and len(set(sizes.values())) > 1
+    deltas = {}
+    for pid in range(4):
+        model = build_model(cfg.model, data.input_shape, data.num_classes)
+        model.load_state_dict(agg.before)
+        local_sgd(model, data, local_schedule(cfg, pid, 4, 1), lr=cfg.lr)
+        deltas[pid] = {k: v - agg.before[k] for k, v in model.state_dict().items()}
+    total = sum(sizes.values())
+    mean = {k: sum(sizes[p] * deltas[p][k] for p in deltas) / total for k in agg.before}
+    seen = {k: agg.after[k] - agg.before[k] for k in agg.before}
+    err = (_flat(seen) - _flat(mean)).abs().max().item()
+    assert err < 1e-6 * max(1.0, _flat(mean).abs().max().item()) + 1e-7, err
+    for pid, d in deltas.items():
+        assert (_flat(seen) - _flat(d)).norm().item() > 0.1 * _flat(d).norm().item(), pid
