@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) -m experiments.run --attack rgap $(ARGS)
+	$(PY) -m experiments.run $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q $(ARGS)

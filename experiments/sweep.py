@@ -290,7 +290,9 @@ class Sweep:
             text = f"{exc.key}: {exc.problem}" if isinstance(exc, ConfigError) else str(exc)
             return self._save(RunRecord(name, "refused", " ".join(text.split()), 0.0))
         folder = self.out / "runs" / name
-        argv = [sys.executable, "-m", "experiments.run", *argv_for(config), "--out", str(folder), "--overwrite"]
+        # the attack always named (none for a training run): experiments.run's own default is the demo
+        argv = [sys.executable, "-m", "experiments.run", *argv_for({"attack": "none", **config}), "--out", str(folder),
+                "--overwrite"]
         log = self.out / "runs" / f"{name}.log"
         start = time.monotonic()
         with open(log, "w") as f:

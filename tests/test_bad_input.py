@@ -93,6 +93,9 @@ CASES = [
     # the plan's rules
     (["--attack", "rgap", "--mode", "fedavg"], "--attack: rgap inverts one sample's gradient"),
     (["--attack", "ig", "--grant-batch-order"], "--grant-batch-order: a FedSGD update is one batch"),
+    (["--attack", "ig", "--mode", "fedavg"], "--local-epochs: a client's FedAvg update would hold 1000 images (1000 local"),
+    (["--attack", "ig", "--mode", "fedavg", "--local-steps", "20", "--batch-size", "4"],
+     "--local-steps: a client's FedAvg update would hold 80 images"),
     (["--preset", "demo", "--attack-rounds", "200"], "--attack-rounds: round 200 is not in 1..150"),
     (["--attack", "rgap", "--clients", "2"], "--observers: the curious-client observer needs >= 3 clients per round"),
     (["--attack", "rgap", "--attack-rounds", "3"], "--attack-rounds: round 3 is not in 1..2"),

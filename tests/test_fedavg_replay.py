@@ -14,7 +14,7 @@ from torch import nn
 
 from attacks import SUCCESS_PSNR, ThreatModel, Update, get_attack, match_batch, score_batch
 from attacks.inverting import simulate_local_update
-from experiments.observe import Grants, RefereeKey, assumed_schedule, observe_server
+from experiments.observe import RefereeKey, assumed_schedule, observe_server
 from experiments.scoring import Truth, true_batch
 from fl_sim.config import RunConfig
 from fl_sim.data import load_dataset

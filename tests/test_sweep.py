@@ -33,7 +33,7 @@ def test_every_preset_parses_and_each_cell_is_a_valid_plan():
             ExperimentPlan.from_mapping(cell.attack)  # raises on a rule the preset breaks
             if cell.train is not None:
                 assert ExperimentPlan.from_mapping(cell.train).attack is None
-    assert counts == {"dlg-defences": 11, "dp": 22, "fedavg": 18, "pooling": 5, "quickstart": 5}
+    assert counts == {"dlg-defences": 11, "dp": 22, "fedavg": 22, "pooling": 5, "quickstart": 5}
 
 
 def test_cells_share_a_training_run_when_only_the_attack_setting_differs(tmp_path):
@@ -137,6 +137,9 @@ def test_dlg_defences_small_grid_is_killed_and_resumes_with_only_what_was_left(t
     done = {p.name: p.stat().st_mtime_ns for p in (out / "done").glob("*.json")}
     assert len(done) == 4  # two attacked runs and two training runs
     assert all(done[n] == t for n, t in first.items())  # what had finished was not run again
+    for train in (out / "runs").glob("train-*/config.json"):  # plain training, not experiments.run's demo
+        config = json.loads(train.read_text())
+        assert config["attack"] == "none" and config["num-server-rounds"] == 2, config
 
     cells = pd.read_csv(out / "cells.csv").fillna({"defences": ""})
     assert list(cells["status"]) == ["done", "done"] and cells["test_accuracy"].between(0.3, 1).all()
