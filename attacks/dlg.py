@@ -63,11 +63,13 @@ quasi-Newton method, and change:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -84,9 +86,10 @@ from .base import (
     training_loss,
 )
 from .idlg import batch_size_for, idlg_labels
+from .inverting import total_variation
 from .lbfgs import CompactLBFGS
 
-__all__ = ["dlg", "idlg", "gradient_distance", "DLGOptions", "DEFAULT", "FAITHFUL"]
+__all__ = ["dlg", "idlg", "gradient_distance", "for_batch", "DLGOptions", "DEFAULT", "FAITHFUL"]
 
 
 @dataclass(frozen=True)
@@ -128,10 +131,12 @@ class DLGOptions(AttackOptions):
     label_init: Literal["random", "idlg"] = "random"
     label_scale: float = 5.0
     tol: float = 1e-8
-    settle: float = 3e-4
+    settle: float | None = None
     max_restarts: int = 8
     explode: float = 10.0
     stall_checks: tuple[tuple[int, float], ...] | None = ((25, 1e-2), (100, 1e-5))
+    box: Literal["auto", "none", "project", "lbfgsb"] = "auto"
+    tv: float | None = None
 
     def _check(self) -> None:
         for name in ("max_steps", "max_iter", "history_size"):
@@ -143,15 +148,28 @@ class DLGOptions(AttackOptions):
             raise ValueError(f"option lr must be > 0, got {self.lr}")
         if not (math.isfinite(self.image_mean) and math.isfinite(self.image_std) and self.image_std > 0):
             raise ValueError(f"image_mean must be finite and image_std > 0, got {self.image_mean}, {self.image_std}")
-        if not (self.tol >= 0 and self.settle >= 0):
+        if not (self.tol >= 0 and (self.settle is None or self.settle >= 0)):
             raise ValueError(f"options tol and settle must be >= 0, got {self.tol}, {self.settle}")
         if not self.explode > 1:
             raise ValueError(f"option explode must be > 1, got {self.explode}")
         if self.optimizer == "compact" and self.line_search != "strong_wolfe":
             raise ValueError("optimizer 'compact' has a strong-Wolfe line search only: use optimizer='torch' for none")
+        if self.tv is not None and not (math.isfinite(self.tv) and self.tv >= 0):
+            raise ValueError(f"option tv must be a finite number >= 0 (or None: by batch size), got {self.tv}")
+        if self.box == "project" and self.optimizer != "compact":
+            raise ValueError("box 'project' is the compact optimiser's: use optimizer='compact' (or box='lbfgsb')")
         if not self.dtype.is_floating_point or (self.memory_dtype is not None and not self.memory_dtype.is_floating_point):
             raise ValueError(f"options dtype and memory_dtype must be floating point, got {self.dtype}, {self.memory_dtype}")
 
+
+BATCH_BOX = "project"
+"""How a batch keeps its pixels in [0, 1] (see the module docstring)."""
+BATCH_TV = 1e-5
+"""The total-variation weight for a batch, relative to the observed gradient's squared norm."""
+SETTLE = 3e-4
+"""The settling threshold without a prior (RMS image change per step, pixels in [0, 1])."""
+PRIOR_SETTLE = 1e-4
+"""The settling threshold with a prior (``tv > 0``): the start's only stopping rule."""
 
 DEFAULT = DLGOptions()
 
@@ -163,6 +181,18 @@ FAITHFUL = DLGOptions(
 """The original algorithm (Zhu et al.'s code): ``torch.optim.LBFGS`` with its defaults (no line
 search, history 100), a standard-normal image and soft label, float32, 300 steps, no restarts,
 no early stop."""
+
+
+def for_batch(opts: DLGOptions, batch: int) -> DLGOptions:
+    """``opts`` with its batch-size rules applied (the settings left to them: ``box="auto"``,
+    ``tv=None``): one image keeps the unconstrained optimiser and no prior (the measured
+    single-image figures); a batch gets :data:`BATCH_BOX` and :data:`BATCH_TV`."""
+    box = opts.box if opts.box != "auto" else ("none" if batch == 1 else BATCH_BOX)
+    tv = opts.tv if opts.tv is not None else (0.0 if batch == 1 else BATCH_TV)
+    settle = opts.settle if opts.settle is not None else (SETTLE if tv == 0 else PRIOR_SETTLE)
+    if box == "project" and opts.optimizer != "compact":
+        box = "lbfgsb"
+    return dataclasses.replace(opts, box=box, tv=tv, settle=settle)
 
 
 def gradient_distance(dummy_grads: Sequence[Tensor], target_grads: Sequence[Tensor]) -> Tensor:
@@ -179,14 +209,65 @@ def _soft_target(label_logits: Tensor, outputs: int) -> Tensor:
 
 def _optimizer(variables: list[Tensor], opts: DLGOptions) -> torch.optim.Optimizer:
     if opts.optimizer == "compact":
+        bounds = [(0.0, 1.0)] + [None] * (len(variables) - 1) if opts.box == "project" else None
         return CompactLBFGS(variables, lr=opts.lr, max_iter=opts.max_iter, history_size=opts.history_size,
-                            memory_dtype=opts.memory_dtype)
+                            memory_dtype=opts.memory_dtype, bounds=bounds)
     if opts.line_search == "none":  # the paper's: PyTorch's defaults, tolerances included
         return torch.optim.LBFGS(variables, lr=opts.lr, max_iter=opts.max_iter, history_size=opts.history_size)
     # With a line search, PyTorch's absolute tolerances (on the objective's change and on the
     # gradient) would end the iterations at a scale-dependent point; the attack's own rule stops.
     return torch.optim.LBFGS(variables, lr=opts.lr, max_iter=opts.max_iter, history_size=opts.history_size,
                              line_search_fn="strong_wolfe", tolerance_grad=0.0, tolerance_change=0.0)
+
+
+def _run_lbfgsb(variables: list[Tensor], closure: Any, opts: DLGOptions, check: Any, state: dict) -> bool:
+    """One start with scipy's L-BFGS-B (pixels bounded to [0, 1], soft-label logits free):
+    ``max_steps * max_iter`` iterations with ``history_size`` pairs, the attack's rule applied
+    every ``max_iter`` iterations (``check``, as after a step of the other optimisers). True
+    when ``check`` ended the start; False when L-BFGS-B stopped by itself or ran out."""
+    from scipy.optimize import minimize
+
+    sizes = [v.numel() for v in variables]
+    x = variables[0]
+
+    def load(z: np.ndarray) -> None:
+        flat = torch.from_numpy(z).to(x.dtype)
+        with torch.no_grad():
+            offset = 0
+            for v, n in zip(variables, sizes):
+                v.copy_(flat[offset : offset + n].view_as(v))
+                offset += n
+
+    def fg(z: np.ndarray) -> tuple[float, np.ndarray]:
+        load(z)
+        with torch.enable_grad():
+            value = float(closure())
+        return value, torch.cat([v.grad.reshape(-1) for v in variables]).double().numpy()
+
+    z0 = torch.cat([v.detach().reshape(-1) for v in variables]).double().numpy()
+    state["start"] = fg(z0)[0]
+    counter = {"iterations": 0, "step": 0, "done": False}
+    previous = [x.detach().clone()]
+
+    def callback(intermediate_result: Any) -> None:
+        counter["iterations"] += 1
+        if counter["iterations"] % opts.max_iter:
+            return
+        load(intermediate_result.x)
+        image, logits = x.detach().clone(), None if len(variables) == 1 else variables[1].detach().clone()
+        done = check(counter["step"], float(intermediate_result.fun), image, logits, previous[0])
+        previous[0] = image
+        counter["step"] += 1
+        if done:
+            counter["done"] = True
+            raise StopIteration
+
+    bounds = [(0.0, 1.0)] * sizes[0] + [(None, None)] * sum(sizes[1:])
+    res = minimize(fg, z0, jac=True, method="L-BFGS-B", bounds=bounds, callback=callback,
+                   options=dict(maxcor=opts.history_size, maxiter=opts.max_steps * opts.max_iter,
+                                maxfun=100 * opts.max_steps * opts.max_iter, ftol=0.0, gtol=0.0))
+    load(res.x)
+    return bool(counter["done"])
 
 
 def _resolve(options: DLGOptions | None, overrides: dict[str, Any], attack: str) -> DLGOptions:
@@ -241,6 +322,7 @@ def _attack(model: nn.Module, update: Update | Sequence[Tensor], input_shape: Se
 
     outputs = num_outputs(model)
     batch, batch_source = batch_size_for(model, target, threat)
+    opts = for_batch(opts, batch)
     if threat.labels is not None:
         labels: Tensor | None = torch.as_tensor(threat.labels, dtype=torch.int64).reshape(-1)
         label_source = "granted"
@@ -261,6 +343,7 @@ def _attack(model: nn.Module, update: Update | Sequence[Tensor], input_shape: Se
     plist = list(work.parameters())
     target = [t.to(dtype) for t in target]
     scale = float(sum(float((t.double() ** 2).sum()) for t in target)) or 1.0
+    tv_weight = float(opts.tv) * scale  # the prior's weight in the objective's units
     fixed_target: Tensor | None = None
     if labels is not None:
         fixed_target = labels.to(dtype) if outputs == 1 else labels
@@ -280,7 +363,8 @@ def _attack(model: nn.Module, update: Update | Sequence[Tensor], input_shape: Se
         y = fixed_target if label_logits is None else _soft_target(label_logits, outputs)
         loss = training_loss(logits, y)
         grads = torch.autograd.grad(loss, plist, create_graph=True)
-        return gradient_distance(grads, target)
+        value = gradient_distance(grads, target)
+        return value + tv_weight * total_variation(x) if tv_weight > 0 else value
 
     history: list[float] = []
     attempts: list[dict] = []
@@ -292,6 +376,8 @@ def _attack(model: nn.Module, update: Update | Sequence[Tensor], input_shape: Se
 
     for _attempt in range(opts.max_restarts + 1):
         x = (opts.image_mean + opts.image_std * torch.randn((batch, *shape), generator=gen)).to(dtype)
+        if opts.box != "none":
+            x = x.clamp(0.0, 1.0)
         x.requires_grad_(True)
         lab = None
         if labels is None:
@@ -300,7 +386,6 @@ def _attack(model: nn.Module, update: Update | Sequence[Tensor], input_shape: Se
                 lab = label_start.clone()
             lab.requires_grad_(True)
         variables = [x] if lab is None else [x, lab]
-        opt = _optimizer(variables, opts)
 
         def closure() -> Tensor:
             nonlocal evaluations
@@ -313,50 +398,82 @@ def _attack(model: nn.Module, update: Update | Sequence[Tensor], input_shape: Se
                 v.grad = g
             return value.detach()
 
-        start_value = math.nan
-        outcome = "not_converged"
-        last = math.nan
-        moved = math.inf
-        step = 0
-        for step in range(opts.max_steps):
-            snapshot = (x.detach().clone(), None if lab is None else lab.detach().clone())
-            value = float(opt.step(closure))  # objective at the start of this step, i.e. at snapshot
+        def mismatch(value: float, image: Tensor) -> float:
+            """The gradient mismatch part of an objective value (without the prior)."""
+            return value - tv_weight * float(total_variation(image)) if tv_weight > 0 else value
+
+        state = {"start": math.nan, "last": math.nan, "moved": math.inf, "step": 0, "outcome": "not_converged"}
+
+        def check(step: int, value: float, image: Tensor, label_logits: Tensor | None, other: Tensor) -> bool:
+            """Record one step: ``value`` the objective at ``image`` (and ``label_logits``),
+            ``other`` the image at the step's other end. True when the start is over (its
+            outcome in ``state``)."""
+            nonlocal best, total_steps
             total_steps += 1
             history.append(value)
-            if step == 0:
-                start_value = value
+            state["step"] = step
+            if step == 0 and math.isnan(state["start"]):
+                state["start"] = value
             if math.isfinite(value) and (best is None or value < best[0]):
-                best = (value, snapshot[0], snapshot[1])
-            if not math.isfinite(value) or not bool(torch.isfinite(x).all()):
-                outcome = "diverged"
-                break
-            # how far the image moved in this step; the snapshot has settled when that is small
-            moved = float((x.detach() - snapshot[0]).pow(2).mean().sqrt())
-            if value / scale < opts.tol and (opts.settle == 0 or moved < opts.settle):
-                outcome = "ok"
-                break
-            if value > opts.explode * start_value:
-                outcome = "diverged"
-                break
-            if any(step + 1 == k and value > r * start_value for k, r in stall_checks):
-                outcome = "stalled"
-                break
-            if step > 0 and value == last:  # L-BFGS has stopped moving
-                outcome = "stopped" if value / scale < 100 * opts.tol else "stuck"
-                break
-            last = value
+                best = (value, image, label_logits)
+            if not math.isfinite(value) or not bool(torch.isfinite(other).all()):
+                state["outcome"] = "diverged"
+                return True
+            # how far the image moved in this step; it has settled when that is small
+            moved = state["moved"] = float((image - other).pow(2).mean().sqrt())
+            if tv_weight > 0:
+                # with a prior the objective does not fall to zero: the image's motion alone says stop
+                if opts.settle > 0 and moved < opts.settle:
+                    state["outcome"] = "ok"
+                    return True
+            elif mismatch(value, image) / scale < opts.tol and (opts.settle == 0 or moved < opts.settle):
+                state["outcome"] = "ok"
+                return True
+            if value > opts.explode * state["start"]:
+                state["outcome"] = "diverged"
+                return True
+            if any(step + 1 == k and value > r * state["start"] for k, r in stall_checks):
+                state["outcome"] = "stalled"
+                return True
+            if step > 0 and value == state["last"]:  # L-BFGS has stopped moving
+                matched = tv_weight > 0 or mismatch(value, image) / scale < 100 * opts.tol
+                state["outcome"] = "stopped" if matched else "stuck"
+                return True
+            state["last"] = value
+            return False
+
+        if opts.box == "lbfgsb":
+            finished = _run_lbfgsb(variables, closure, opts, check, state)
         else:
+            opt = _optimizer(variables, opts)
+            finished = False
+            for step in range(opts.max_steps):
+                snapshot = (x.detach().clone(), None if lab is None else lab.detach().clone())
+                value = float(opt.step(closure))  # objective at the start of this step, i.e. at snapshot
+                # the step is scored where it started (snapshot); its motion is to where it ended
+                if check(step, value, snapshot[0], snapshot[1], x.detach()):
+                    finished = True
+                    break
+        outcome = state["outcome"]
+        if not finished:
             # evaluate where the last step left the dummy
             with torch.enable_grad():
                 value = float(objective(x, lab).detach())
             if math.isfinite(value) and (best is None or value < best[0]):
                 best = (value, x.detach().clone(), None if lab is None else lab.detach().clone())
-            if math.isfinite(value) and value / scale < opts.tol:
+            if math.isfinite(value) and mismatch(value, x.detach()) / scale < opts.tol:
                 outcome = "ok"
-        attempts.append({"outcome": outcome, "steps": step + 1, "final": value, "start": start_value,
-                         "image_step": moved, "evaluations": evaluations})
+            elif math.isfinite(value) and tv_weight > 0:
+                outcome = "budget"  # still moving at max_steps: a fresh start would cost as much again
+        else:
+            value = history[-1]
+        attempts.append({"outcome": outcome, "steps": state["step"] + 1, "final": value, "start": state["start"],
+                         "image_step": state["moved"], "evaluations": evaluations})
         if outcome in ("ok", "stopped"):  # stopped: L-BFGS at its own tolerance, within 100 * tol
             status = "ok"
+            break
+        if outcome == "budget":
+            status = "not_converged"
             break
         status = "diverged" if outcome in ("diverged", "stuck") else "not_converged"
 
@@ -373,7 +490,7 @@ def _attack(model: nn.Module, update: Update | Sequence[Tensor], input_shape: Se
             rec_labels = (blab.squeeze(-1) > 0).to(torch.int64)
         else:
             rec_labels = blab.argmax(dim=-1).to(torch.int64)
-        if status != "ok" and final / scale < opts.tol:
+        if status != "ok" and tv_weight == 0 and final / scale < opts.tol:
             status = "ok"
     return AttackResult(
         attack=name,
@@ -388,6 +505,8 @@ def _attack(model: nn.Module, update: Update | Sequence[Tensor], input_shape: Se
             "evaluations": evaluations,
             "optimizer": opts.optimizer,
             "line_search": opts.line_search,
+            "box": opts.box,
+            "tv": opts.tv,
             "attempts": attempts,
             "final_objective": final,
             "relative_objective": final / scale if math.isfinite(final) else math.nan,
