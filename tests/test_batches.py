@@ -124,3 +124,20 @@ def test_batch_labels_on_cifar100(shared_data):
     for b in (4, 8):
         got = idlg_labels(model, _gradient(model, x[:b], y[:b]), batch_size=b)
         assert sorted(got.tolist()) == sorted(y[:b].tolist())
+
+
+def test_batch_labels_row_minimum_rule_on_cifar10(shared_data):
+    # CIFAR-10, model seed 1, the first 20 images in pairs: the bias gradient alone masks a
+    # present class in two pairs (18/20); the weight rows' minima find every label.
+    from collections import Counter
+
+    from fl_sim.data import read_npz
+
+    z = read_npz(str(shared_data / "cifar10_test150.npz"))
+    model = build_model("lenet", (3, 32, 32), 10, init="paper", seed=1)
+    x, y = z.images[:20].float() / 255, z.labels[:20]
+    right = 0
+    for s in range(0, 20, 2):
+        got = idlg_labels(model, _gradient(model, x[s : s + 2], y[s : s + 2]), batch_size=2).tolist()
+        right += sum((Counter(got) & Counter(y[s : s + 2].tolist())).values())
+    assert right == 20
