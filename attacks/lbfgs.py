@@ -24,7 +24,7 @@ of the step, the closure returns the objective and leaves each parameter's gradi
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -218,7 +218,8 @@ class CompactLBFGS(torch.optim.Optimizer):
     """
 
     def __init__(self, params: Iterable[Tensor], lr: float = 1.0, max_iter: int = 20, history_size: int = 300,
-                 memory_dtype: torch.dtype | None = None) -> None:
+                 memory_dtype: torch.dtype | None = None,
+                 bounds: "Sequence[tuple[float, float] | None] | None" = None) -> None:
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         if max_iter < 1 or history_size < 1:
@@ -231,6 +232,22 @@ class CompactLBFGS(torch.optim.Optimizer):
         dtypes = {p.dtype for p in self._params}
         if len(dtypes) != 1:
             raise ValueError(f"CompactLBFGS needs parameters of one dtype, got {sorted(map(str, dtypes))}")
+        self._lo: Tensor | None = None
+        self._hi: Tensor | None = None
+        if bounds is not None:
+            if len(bounds) != len(self._params):
+                raise ValueError(f"bounds: one entry per parameter ({len(self._params)}), got {len(bounds)}")
+            dtype = self._params[0].dtype
+            lo, hi = [], []
+            for p, b in zip(self._params, bounds):
+                a, z = (-math.inf, math.inf) if b is None else (float(b[0]), float(b[1]))
+                if not a < z:
+                    raise ValueError(f"bounds must have lower < upper, got {b}")
+                if bool((p.detach() < a).any() or (p.detach() > z).any()):
+                    raise ValueError(f"a parameter starts outside its bounds {b}")
+                lo.append(torch.full((p.numel(),), a, dtype=dtype))
+                hi.append(torch.full((p.numel(),), z, dtype=dtype))
+            self._lo, self._hi = torch.cat(lo), torch.cat(hi)
 
     @property
     def memory(self) -> _Memory:
@@ -248,6 +265,24 @@ class CompactLBFGS(torch.optim.Optimizer):
     def evaluations(self) -> int:
         """Closure calls so far."""
         return int(self.state[self._params[0]].get("evaluations", 0))
+
+    def _project(self, flat: Tensor) -> Tensor:
+        return flat if self._lo is None else torch.maximum(torch.minimum(flat, self._hi), self._lo)
+
+    def _direction(self, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        """The L-BFGS direction and ``W d``; with bounds, the two-metric projection's
+        (Bertsekas 1982): coordinates held at a bound by the gradient are left out of the
+        quasi-Newton step, and a coordinate at a bound does not move out of the box (``W d``
+        is then not needed: the caller recomputes ``W s``)."""
+        mem = self.memory
+        d, wd = mem.direction(g, mem.wg)
+        if self._lo is not None:
+            at_lo, at_hi = x <= self._lo, x >= self._hi
+            held = (at_lo & (g > 0)) | (at_hi & (g < 0))
+            if bool(held.any()):  # the direction on the free coordinates only
+                d, _ = mem.direction(torch.where(held, 0.0, g), mem.times_w(torch.where(held, 0.0, g)))
+            d = torch.where(held | (at_lo & (d < 0)) | (at_hi & (d > 0)), 0.0, d)
+        return d, wd
 
     def _flat(self) -> Tensor:
         return torch.cat([p.detach().reshape(-1) for p in self._params])
@@ -280,26 +315,39 @@ class CompactLBFGS(torch.optim.Optimizer):
             f, g = mem.f, mem.g
             if not math.isfinite(f):
                 break
-            d, wd = mem.direction(g, mem.wg)
+            d, wd = self._direction(x, g)
             gtd = float(g @ d)
             if not gtd < 0:  # not a descent direction: forget the memory
                 mem.order = []
-                d, wd = mem.direction(g, mem.wg)
+                d, wd = self._direction(x, g)
                 gtd = float(g @ d)
                 if not gtd < 0:
                     break
             t = group["lr"] if mem.order else min(1.0, 1.0 / max(float(g.abs().sum()), 1e-300)) * group["lr"]
 
-            def along(t_: float, x: Tensor = x, d: Tensor = d) -> tuple[float, Tensor, float]:
-                f_, g_ = self._evaluate(closure, x + t_ * d)
-                return f_, g_, float(g_ @ d)
+            if self._lo is None:
+                def along(t_: float, x: Tensor = x, d: Tensor = d) -> tuple[float, Tensor, float]:
+                    f_, g_ = self._evaluate(closure, x + t_ * d)
+                    return f_, g_, float(g_ @ d)
+            else:
+                def along(t_: float, x: Tensor = x, d: Tensor = d) -> tuple[float, Tensor, float]:
+                    # the projected path P(x + t d): a coordinate stops moving where it meets its bound
+                    free = x + t_ * d
+                    f_, g_ = self._evaluate(closure, self._project(free))
+                    moving = (free > self._lo) & (free < self._hi)
+                    return f_, g_, float((g_ * d * moving).sum())
 
             t, f_new, g_new = strong_wolfe_search(along, t, f, gtd)
             if g_new is None:  # nothing lower along d
                 break
-            s = t * d
+            if self._lo is None:
+                s = t * d
+                ws = t * wd
+            else:
+                s = self._project(x + t * d) - x
+                ws = mem.times_w(s)
             x = x + s
-            mem.wg = mem.push(s, t * wd, g_new, g_new - g)
+            mem.wg = mem.push(s, ws, g_new, g_new - g)
             mem.f, mem.g = float(f_new), g_new
             if float(s.abs().max()) <= 1e-12 or abs(float(f_new) - f) <= 1e-12 * abs(f):
                 break  # no more progress

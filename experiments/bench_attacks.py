@@ -16,6 +16,13 @@ with the prediction: the two-root case). Labels are granted to R-GAP (its paper'
 model) and to no other attack, unless ``--labels-known`` / ``--no-labels`` say otherwise; label
 accuracy is reported only where the label was not granted.
 
+With ``--batch N`` each update is the mean gradient of N consecutive images (the last batch
+may be smaller) and the attack is told the batch size, not the labels; its reconstructions are
+matched to the true images (``attacks.metrics.match_batch``) before scoring, labels after the
+same matching; an image's row carries the batch's seconds divided by N and the batch's
+objective evaluations. DLG and iDLG switch to their batch rules by themselves
+(``attacks.dlg.for_batch``: pixels kept in [0, 1], a small total-variation prior).
+
 Prints one line per image, one summary line per seed (successes at >= 30 dB, median, minimum
 and mean PSNR, labels, median seconds and objective evaluations per image) and, for several
 seeds, an overall line; ``--out`` writes the rows as CSV. ``--versus KEY=VALUE`` attacks every

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from attacks.base import ThreatModel, Update, training_loss
-from attacks.dlg import DEFAULT, FAITHFUL, DLGOptions, dlg, idlg
+from attacks.dlg import DEFAULT, FAITHFUL, SETTLE, DLGOptions, dlg, idlg
 from attacks.idlg import estimate_batch_size, idlg_labels
 from attacks.lbfgs import CompactLBFGS, strong_wolfe_search
 from attacks.metrics import psnr
@@ -45,7 +45,7 @@ def test_dlg_recovers_image_and_soft_label(setting):
     assert result.attack == "dlg" and result.status == "ok"
     # it stopped because the gradients matched and the image had settled
     last = result.diagnostics["attempts"][-1]
-    assert last["outcome"] == "ok" and last["image_step"] < DEFAULT.settle
+    assert last["outcome"] == "ok" and last["image_step"] < SETTLE
     assert result.diagnostics["relative_objective"] < DEFAULT.tol
     assert result.images.shape == (1, *SHAPE) and result.images.dtype == torch.float32
     assert 0.0 <= float(result.images.min()) and float(result.images.max()) <= 1.0
@@ -226,15 +226,16 @@ def test_single_logit_label_is_the_sign_of_the_head_gradient(bias):
             assert idlg_labels(model, grads, batch_size=3).tolist() == [y] * 3
 
 
-def test_dlg_on_a_batch_of_two_matches_the_gradient_and_finds_both_labels(setting):
-    # A batch of two 16x16 images on DLG's LeNet: the joint optimisation reaches the gradient
-    # match and the two soft labels' argmaxes are the batch's two classes (in either order).
+def test_dlg_on_a_batch_of_two_finds_both_labels(setting):
+    # A batch of two 16x16 noise images on DLG's LeNet: the batch rules apply (pixels kept in
+    # [0, 1], a small TV prior) and the two soft labels' argmaxes are the batch's two classes
+    # (in either order). Natural images: tests/test_batches.py.
     model, _, _, _ = setting
     x = torch.rand((2, *SHAPE), generator=torch.Generator().manual_seed(1))
     grads = _gradient(model, x, torch.tensor([2, 5]))
-    result = dlg(model, grads, SHAPE, ThreatModel(batch_size=2), seed=0, max_steps=100)
+    result = dlg(model, grads, SHAPE, ThreatModel(batch_size=2), seed=0, max_steps=40)
     assert result.images.shape == (2, *SHAPE) and result.diagnostics["batch_size_source"] == "granted"
-    assert result.status == "ok" and result.diagnostics["relative_objective"] < DEFAULT.tol
+    assert result.diagnostics["box"] == "project" and result.diagnostics["relative_objective"] < 1e-4
     assert sorted(result.labels.tolist()) == [2, 5]
 
 
@@ -298,7 +299,7 @@ def test_settling_rule_runs_on_where_the_mismatch_rule_alone_stops(setting):
     both = dlg(model, grads, SHAPE, seed=1, max_steps=60)
     alone = dlg(model, grads, SHAPE, seed=1, max_steps=60, settle=0.0)
     assert alone.diagnostics["evaluations"] <= both.diagnostics["evaluations"]
-    assert both.diagnostics["attempts"][-1]["image_step"] < DEFAULT.settle
+    assert both.diagnostics["attempts"][-1]["image_step"] < SETTLE
     assert psnr(both.images[0], x[0]) >= psnr(alone.images[0], x[0]) - 0.5
 
 
