@@ -189,13 +189,10 @@ def observe_curious_client(agg: RoundAggregate, own: InterceptedUpdate | None, c
     # mean of the others = (n * mean - own) / (n - 1), all weighted equally by assumption
     others = tuple((n * m - o) / (n - 1) for m, o in zip(mean, mine))
     targets = tuple(p for p in agg.partition_ids if p != curious_client)
-    # images in the update per step: FedSGD's batches are the example counts; a FedAvg step
-    # uses one batch of the configured size per client
+    # images in the update: FedSGD's batches are the example counts; under FedAvg every image
+    # each client's local steps used
     counts = [c for p, c in agg.contributors if p != curious_client]
-    if cfg.mode == "fedsgd":
-        images = sum(counts)
-    else:  # every image each client's local steps used
-        images = sum(min(c, cfg.steps_for(c) * cfg.batch_size) for c in counts)
+    images = sum(counts) if cfg.mode == "fedsgd" else sum(cfg.images_for(c) for c in counts)
     grants = (Grants(grant_labels, images, "granted") if grant_batch_size == "all"
               else Grants(grant_labels, None, "none"))
     # it assumes the others hold as many images as it does itself
@@ -209,7 +206,7 @@ def observe_secagg(agg: RoundAggregate, cfg: RunConfig, names: Sequence[str], *,
     clear-text example counts."""
     mean, kind = _mean_update(agg, cfg, names)
     counts = [c for _, c in agg.contributors]
-    images = sum(counts) if kind == "gradient" else sum(min(c, cfg.steps_for(c) * cfg.batch_size) for c in counts)
+    images = sum(counts) if kind == "gradient" else sum(cfg.images_for(c) for c in counts)
     if grant_batch_size == "none":
         grants = Grants(grant_labels, None, "none")
     else:

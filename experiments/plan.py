@@ -307,7 +307,7 @@ class ExperimentPlan:
             raise ConfigError(key, f"client {empty[0]} gets no training image under this partition")
         if self.attack is not None and c.mode == "fedavg":
             held = max(len(p) for p in parts)
-            images = min(held, c.steps_for(held) * c.batch_size)
+            images = c.images_for(held)
             if images > MAX_UPDATE_IMAGES:
                 steps = c.steps_for(held)
                 raise ConfigError("local-steps" if c.local_steps else "local-epochs",
@@ -366,7 +366,11 @@ def _rounds(text: Any, num_rounds: int) -> frozenset[int] | None:
     """``attack-rounds``: integers, ``all``, or ``spread`` (the first, middle and last round)."""
     if str(text).strip() == "spread":
         return frozenset({1, (num_rounds + 1) // 2, num_rounds})
-    return _ints("attack-rounds", text)
+    try:
+        return _ints("attack-rounds", text)
+    except ConfigError:
+        raise ConfigError("attack-rounds", f"expected comma-separated integers, 'all' or 'spread', got "
+                                           f"{str(text).strip()!r}") from None
 
 
 def _observer_list(text: Any, engine: Engine) -> list[str]:

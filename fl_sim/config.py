@@ -165,6 +165,11 @@ class RunConfig:
             return self.local_steps
         return self.local_epochs * max(1, -(-int(examples) // self.batch_size))
 
+    def images_for(self, examples: int) -> int:
+        """How many distinct images a FedAvg client's local steps use on ``examples`` images
+        (all of them once the steps pass over the data)."""
+        return min(int(examples), self.steps_for(examples) * self.batch_size)
+
     def clients_per_round(self) -> int:
         """How many clients the server samples each round when all are online (Flower's
         FedAvg: ``max(int(N * fraction_train), min_clients)``, at most N)."""

@@ -99,7 +99,7 @@ CASES = [
     (["--preset", "demo", "--attack-rounds", "200"], "--attack-rounds: round 200 is not in 1..150"),
     (["--attack", "rgap", "--clients", "2"], "--observers: the curious-client observer needs >= 3 clients per round"),
     (["--attack", "rgap", "--attack-rounds", "3"], "--attack-rounds: round 3 is not in 1..2"),
-    (["--attack", "rgap", "--attack-rounds", "x"], "--attack-rounds: expected comma-separated integers or 'all'"),
+    (["--attack", "rgap", "--attack-rounds", "x"], "--attack-rounds: expected comma-separated integers, 'all' or 'spread'"),
     (["--attack", "rgap", "--attack-clients", "7"], "--attack-clients: 7 is not a partition id (0..3)"),
     (["--attack", "rgap", "--curious-client", "9"], "--curious-client: 9 is not a partition id (0..3)"),
     (["--attack", "rgap", "--attack-workers", "-1"], "--attack-workers: must be >= 0, got -1"),
