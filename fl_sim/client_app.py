@@ -19,18 +19,11 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from .config import RunConfig
-from .defences import DPSGD, defence_mod
+from .defences import defence_mod
 from .faults import fault_mod
 from .task import (
-    batch_gradient,
-    client_batch,
-    client_indices,
-    dp_batch_gradient,
-    dp_generator,
-    dp_local_sgd,
+    client_round,
     evaluate,
-    local_schedule,
-    local_sgd,
     model_with,
     node_partition,
     parameter_names,
@@ -51,20 +44,12 @@ def _setup(msg: Message, context: Context):
 def train(msg: Message, context: Context) -> Message:
     cfg, pid, data, model = _setup(msg, context)
     server_round = int(msg.content["config"]["server-round"])
-    dp = next((d for d in cfg.defence_list if isinstance(d, DPSGD)), None)
-    gen = dp_generator(cfg, pid, server_round)
-    if cfg.mode == "fedsgd":
-        images, labels = client_batch(cfg, pid, cfg.num_clients, server_round)
-        grads, loss = (batch_gradient(model, images, labels) if dp is None else
-                       dp_batch_gradient(model, images, labels, noise=dp.noise, clip=dp.clip, generator=gen))
-        arrays = ArrayRecord(OrderedDict(zip(parameter_names(model), grads)))
-        num_examples, steps = len(labels), 1
+    done = client_round(cfg, pid, server_round, data, model)
+    if done.gradients is not None:
+        arrays = ArrayRecord(OrderedDict(zip(parameter_names(model), done.gradients)))
     else:
-        batches = local_schedule(cfg, pid, cfg.num_clients, server_round)
-        loss, steps = (local_sgd(model, data, batches, lr=cfg.lr) if dp is None else
-                       dp_local_sgd(model, data, batches, lr=cfg.lr, noise=dp.noise, clip=dp.clip, generator=gen))
         arrays = ArrayRecord(model.state_dict())
-        num_examples = len(client_indices(cfg, pid, cfg.num_clients))
+    loss, num_examples, steps = done.loss, done.num_examples, done.steps
     metrics = MetricRecord(
         {"train_loss": loss, "num-examples": num_examples, "partition-id": pid, "local-steps": steps}
     )

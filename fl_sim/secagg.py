@@ -77,7 +77,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from .config import RunConfig
 from .data import load_dataset
-from .defences import DPSGD, defend_update
+from .defences import defend_update
 from .faults import spoil
 from .intercepting_strategy import RoundAggregate
 from .models import build_model
@@ -86,15 +86,9 @@ from .server_app import FederationLog, StoppableGrid
 from .simulation import run_apps
 from .strategy import RoundFailed
 from .task import (
-    batch_gradient,
-    client_batch,
     client_indices,
-    dp_batch_gradient,
-    dp_generator,
-    dp_local_sgd,
+    client_round,
     evaluate,
-    local_schedule,
-    local_sgd,
     model_with,
     node_partition,
     parameter_names,
@@ -223,15 +217,12 @@ class SecAggClient(NumPyClient):
     def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
         cfg, pid, data, model = self._model(parameters, config)
         server_round = int(config["server-round"])
-        dp = next((d for d in cfg.defence_list if isinstance(d, DPSGD)), None)
-        if cfg.mode == "fedavg":
-            grads, loss, examples = self._local_delta(cfg, pid, server_round, data, model, dp)
-        else:
-            images, labels = client_batch(cfg, pid, cfg.num_clients, server_round)
-            grads, loss = (batch_gradient(model, images, labels) if dp is None else
-                           dp_batch_gradient(model, images, labels, noise=dp.noise, clip=dp.clip,
-                                             generator=dp_generator(cfg, pid, server_round)))
-            examples = len(labels)
+        sent = [p.detach().clone() for p in model.parameters()]
+        done = client_round(cfg, pid, server_round, data, model)
+        # FedAvg: the weight delta after the local steps is what gets masked
+        grads = done.gradients if done.gradients is not None else [
+            p.detach() - s for p, s in zip(model.parameters(), sent)]
+        loss, examples = done.loss, done.num_examples
         # the client's own update defences (pruning, noise) before masking, as the plain client's mod
         by_name = defend_update(dict(zip(parameter_names(model), grads)), cfg.defence_list, seed=cfg.seed,
                                 partition_id=pid, server_round=server_round)
@@ -244,18 +235,6 @@ class SecAggClient(NumPyClient):
         if pid in cfg.faults:
             arrays = spoil(arrays, cfg.faults[pid], cfg.round_timeout)
         return arrays, examples, {"partition-id": pid}
-
-    @staticmethod
-    def _local_delta(cfg: RunConfig, pid: int, server_round: int, data, model, dp) -> tuple[list[torch.Tensor], float, int]:
-        """FedAvg: the weight delta after the round's local steps (as ``fl_sim.client_app``),
-        one tensor per parameter, the mean training loss and the partition's size."""
-        sent = [p.detach().clone() for p in model.parameters()]
-        batches = local_schedule(cfg, pid, cfg.num_clients, server_round)
-        loss, _ = (local_sgd(model, data, batches, lr=cfg.lr) if dp is None else
-                   dp_local_sgd(model, data, batches, lr=cfg.lr, noise=dp.noise, clip=dp.clip,
-                                generator=dp_generator(cfg, pid, server_round)))
-        delta = [p.detach() - s for p, s in zip(model.parameters(), sent)]
-        return delta, loss, len(client_indices(cfg, pid, cfg.num_clients))
 
     def evaluate(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
         """Federated evaluation on the node's share of the test split (as ``fl_sim.client_app``)."""

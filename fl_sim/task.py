@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -21,6 +22,8 @@ __all__ = [
     "dp_batch_gradient",
     "dp_generator",
     "dp_local_sgd",
+    "LocalUpdate",
+    "client_round",
     "evaluate",
     "client_indices",
     "client_batch",
@@ -158,6 +161,38 @@ def dp_local_sgd(model: nn.Module, data: Dataset, batches: list[np.ndarray], *, 
         total += loss.item()
     sampled.remove_hooks()
     return total / max(len(batches), 1), len(batches)
+
+
+@dataclass
+class LocalUpdate:
+    """What a client's train round produced: FedSGD's ``gradients`` (one per parameter; the
+    model untouched), or FedAvg's model trained in place (``gradients`` None); the mean
+    training loss, the reply's ``num_examples`` (the batch, or the partition) and the steps."""
+
+    gradients: list[Tensor] | None
+    loss: float
+    num_examples: int
+    steps: int
+
+
+def client_round(cfg: RunConfig, partition_id: int, server_round: int, data: Dataset, model: nn.Module) -> LocalUpdate:
+    """One client's training in ``server_round``, as the run configures it: FedSGD's gradient
+    of its batch, or FedAvg's local SGD over its :func:`local_schedule` (in place), either
+    under Opacus's DP-SGD when the run's defences name it. Both client apps (plain and
+    SecAgg+) train through this."""
+    from .defences import DPSGD
+
+    dp = next((d for d in cfg.defence_list if isinstance(d, DPSGD)), None)
+    gen = dp_generator(cfg, partition_id, server_round)
+    if cfg.mode == "fedsgd":
+        images, labels = client_batch(cfg, partition_id, cfg.num_clients, server_round)
+        grads, loss = (batch_gradient(model, images, labels) if dp is None else
+                       dp_batch_gradient(model, images, labels, noise=dp.noise, clip=dp.clip, generator=gen))
+        return LocalUpdate(grads, loss, len(labels), 1)
+    batches = local_schedule(cfg, partition_id, cfg.num_clients, server_round)
+    loss, steps = (local_sgd(model, data, batches, lr=cfg.lr) if dp is None else
+                   dp_local_sgd(model, data, batches, lr=cfg.lr, noise=dp.noise, clip=dp.clip, generator=gen))
+    return LocalUpdate(None, loss, len(client_indices(cfg, partition_id, cfg.num_clients)), steps)
 
 
 @torch.no_grad()
