@@ -173,6 +173,9 @@ class DLGOptions(AttackOptions):
     ``tv=None`` and ``settle=None`` are decided from the batch size (:func:`for_batch`): one
     image ``"none"``, 0 and :data:`SETTLE`; a batch :data:`BATCH_BOX`, :data:`BATCH_TV` and
     :data:`PRIOR_SETTLE`.
+
+    Time: ``time_limit`` seconds (0: none) after which the attack stops with its best image so
+    far and status ``"time_limit"`` (a budgeted probe, or a bounded run on a large update).
     """
 
     max_steps: int = 300
@@ -194,6 +197,7 @@ class DLGOptions(AttackOptions):
     stall_checks: tuple[tuple[int, float], ...] | None = ((25, 1e-2), (100, 1e-5))
     box: Literal["auto", "none", "project", "lbfgsb"] = "auto"
     tv: float | None = None
+    time_limit: float = 0.0
 
     def _check(self) -> None:
         for name in ("max_steps", "max_iter", "history_size"):
@@ -201,6 +205,8 @@ class DLGOptions(AttackOptions):
                 raise ValueError(f"option {name} must be >= 1, got {getattr(self, name)}")
         if self.max_restarts < 0:
             raise ValueError(f"option max_restarts must be >= 0, got {self.max_restarts}")
+        if not (math.isfinite(self.time_limit) and self.time_limit >= 0):
+            raise ValueError(f"option time_limit must be a number of seconds >= 0, got {self.time_limit}")
         if not self.lr > 0:
             raise ValueError(f"option lr must be > 0, got {self.lr}")
         if not (math.isfinite(self.image_mean) and math.isfinite(self.image_std) and self.image_std > 0):
@@ -467,6 +473,11 @@ def _attack(model: nn.Module, update: Update | Sequence[Tensor], input_shape: Se
             outcome in ``state``)."""
             nonlocal best, total_steps
             total_steps += 1
+            if opts.time_limit > 0 and time.perf_counter() - start_time > opts.time_limit:
+                if math.isfinite(value) and (best is None or value < best[0]):
+                    best = (value, image, label_logits)
+                state["outcome"] = "time_limit"
+                return True
             history.append(value)
             state["step"] = step
             if step == 0 and math.isnan(state["start"]):
@@ -532,6 +543,9 @@ def _attack(model: nn.Module, update: Update | Sequence[Tensor], input_shape: Se
             break
         if outcome == "budget":
             status = "not_converged"
+            break
+        if outcome == "time_limit":
+            status = "time_limit"
             break
         status = "diverged" if outcome in ("diverged", "stuck") else "not_converged"
 

@@ -116,6 +116,7 @@ def inverting_gradients(
     replay: bool | None = None,
     refine_steps: int = 20,
     refine_iter: int = 20,
+    time_limit: float = 0.0,
 ) -> AttackResult:
     """Reconstruct a batch from its update with Inverting Gradients (module docstring).
 
@@ -129,6 +130,9 @@ def inverting_gradients(
     search) on the same objective after the Adam phase, pixels projected into [0, 1] after each
     step; 0 = the published method. ``max_steps`` defaults to 1000 here (with the refinement);
     the paper ran 4,800 to 24,000 Adam steps. Diagnostics count ``evaluations``.
+    ``time_limit``: seconds after which the attack stops and returns its best image so far
+    with status ``"time_limit"`` (0: no limit; a budgeted probe, or a bounded run on an update
+    too large for the full schedule).
     """
     start_time = time.perf_counter()
     upd = as_update(update)
@@ -136,6 +140,11 @@ def inverting_gradients(
     shape = check_input_shape(input_shape)
     if max_steps < 1 or restarts < 1:
         raise ValueError(f"max_steps and restarts must be >= 1, got {max_steps}, {restarts}")
+    if not (math.isfinite(time_limit) and time_limit >= 0):
+        raise ValueError(f"time_limit must be a number of seconds >= 0, got {time_limit}")
+
+    def out_of_time() -> bool:
+        return time_limit > 0 and time.perf_counter() - start_time > time_limit
     if replay is None:
         replay = upd.kind == "weight_delta" and upd.local_steps > 1
     if replay and upd.kind != "weight_delta":
@@ -181,6 +190,8 @@ def inverting_gradients(
     status = "ok"
     total_steps = 0
     for _ in range(restarts):
+        if best is not None and out_of_time():
+            break
         x = torch.rand((batch, *shape), generator=gen).to(dtype).requires_grad_(True)
         opt = torch.optim.Adam([x], lr=lr)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
@@ -193,12 +204,15 @@ def inverting_gradients(
             total_steps += 1
             if not math.isfinite(value):
                 break
+            if out_of_time():
+                status = "time_limit"
+                break
             x.grad = g.sign() if signed else g
             opt.step()
             sched.step()
             with torch.no_grad():
                 x.clamp_(0.0, 1.0)
-        if refine_steps > 0 and math.isfinite(value):
+        if refine_steps > 0 and math.isfinite(value) and not out_of_time():
             # tolerances far below PyTorch's defaults (1e-7, 1e-9): the objective is ~1e-5 here and
             # its gradient with respect to a pixel far below 1e-7
             lbfgs = torch.optim.LBFGS([x], lr=1.0, max_iter=refine_iter, history_size=100, line_search_fn="strong_wolfe",
@@ -219,6 +233,9 @@ def inverting_gradients(
                 with torch.no_grad():
                     x.clamp_(0.0, 1.0)
                 if not math.isfinite(value) or value == last:
+                    break
+                if out_of_time():
+                    status = "time_limit"
                     break
                 last = value
         with torch.enable_grad():

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 RECONSTRUCTIONS = "reconstructions"  # the run folder's subfolder of per-job image files
 # R-GAP's weights-only rank analysis costs seconds per model and the rows keep only scores.
 RUN_OPTIONS: dict[str, dict[str, Any]] = {"rgap": {"rank": False}}
+TIMED = ("dlg", "idlg", "ig")  # the optimisation attacks, which take a time limit (R-GAP is analytic)
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class AttackJob:
     observation: Observation
     attack: str
     seed: int
+    time_limit: float = 0.0  # seconds (0: none), for the attacks in TIMED
 
     @property
     def name(self) -> str:
@@ -83,8 +85,10 @@ def run_job(job: AttackJob, cfg: RunConfig) -> tuple[list[dict[str, Any]], dict[
         truth = true_batch(cfg, o.key, o.server_round)
         data, model = model_with(cfg, o.weights)
         threat = o.grants.threat(truth)
-        res = get_attack(job.attack)(model, o.update, data.input_shape, threat, seed=job.seed,
-                                     **RUN_OPTIONS.get(job.attack, {}))
+        options = dict(RUN_OPTIONS.get(job.attack, {}))
+        if job.time_limit and job.attack in TIMED:
+            options["time_limit"] = job.time_limit
+        res = get_attack(job.attack)(model, o.update, data.input_shape, threat, seed=job.seed, **options)
         clients, per_image, ordered = score(res.images, res.labels, truth)
         seconds = round(time.perf_counter() - start, 3)
         by_client = {c.client: c for c in clients}
@@ -231,7 +235,7 @@ class AttackRunner:
 
     def _submit(self, obs: Observation) -> None:
         for attack in self.attack.attacks:
-            job = AttackJob(obs, attack, seed=self.cfg.seed * 1000 + obs.server_round)
+            job = AttackJob(obs, attack, seed=self.cfg.seed * 1000 + obs.server_round, time_limit=self.plan.attack.time_limit)
             with self._lock:
                 if self._stopping:
                     continue

@@ -58,6 +58,8 @@ PLAN_FLAGS: list[Flag] = [
          "dpsgd:noise=1,clip=1)", "append", ";"),
     Flag(("--faulty-client",), "faulty-clients",
          f"fault injection, repeatable: ID:KIND makes client ID misbehave, KIND one of {', '.join(FAULTS)}", "append"),
+    Flag(("--audit",), "audit", "the clients' leakage audit of their own updates: log, block or protect, with "
+                                "options, e.g. protect:psnr=20,defence=noise (writes audit.csv)"),
     Flag(("--attack",), "attack", "gradient-inversion attack(s) on what each observer sees: a comma list of dlg, idlg, "
                                   "rgap, ig, or all; none: plain training"),
     Flag(("--observers", "--observer"), "observers",
@@ -69,6 +71,9 @@ PLAN_FLAGS: list[Flag] = [
     Flag(("--curious-client",), "curious-client", "partition id of the curious client"),
     Flag(("--attack-workers",), "attack-workers", "worker processes for the attacks (0: inline, the round waits)"),
     Flag(("--defer-attacks",), "defer-attacks", "hold the attacks until training ends", "store_true"),
+    Flag(("--attack-time-limit",), "attack-time-limit",
+         "seconds after which DLG, iDLG or Inverting Gradients stops with its best image so far (status time_limit; "
+         "0: no limit)"),
     Flag(("--grant-batch-size",), "grant-batch-size",
          f"{' | '.join(BATCH_SIZE_GRANTS)}: what attackers are told of the number of images (observed: what each observer "
          "sees; all: everyone gets the true count; none: every attack estimates it)"),

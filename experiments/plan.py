@@ -18,6 +18,8 @@ from a command line into a deployment's run config and back. Every rule lives he
 - SecAgg+ needs 2 or more clients per round and the simulation engine (its legacy
   apps are not in the deployment's app); ``observers = "all"`` (the default) means every
   observer the engine can run;
+- the clients' leakage audit (``audit``) runs on the main federation's ClientApp, not on
+  the SecAgg+ run's legacy client: ``secagg`` is refused with it (``all`` leaves it out);
 - attacked rounds and clients must exist (``attack-rounds = "spread"``: the first, middle and
   last round); a silent faulty client shortens the round timeout;
 - an attack setting (observers, attacked rounds, grants, ...) given without an attack is
@@ -129,6 +131,16 @@ def _int(key: str, value: Any, least: int) -> int:
     return number
 
 
+def _seconds(key: str, value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(key, f"must be a number of seconds, got {value!r}") from None
+    if isinstance(value, bool) or not (number >= 0 and number < float("inf")):
+        raise ConfigError(key, f"must be a number of seconds >= 0 (0: no limit), got {value!r}")
+    return number
+
+
 @dataclass(frozen=True)
 class AttackPlan:
     """What is attacked, by whom, and what the attackers are granted.
@@ -140,7 +152,10 @@ class AttackPlan:
     ``grant_batch_size``: one of :data:`BATCH_SIZE_GRANTS`; ``grant_labels``: give every
     attacker the batch's true labels (an upper bound: no observer sees them);
     ``grant_order``: give the server the order of a FedAvg client's local batches (which
-    image went into which step; the server configured the steps but not the shuffle)."""
+    image went into which step; the server configured the steps but not the shuffle).
+    ``time_limit``: seconds after which an optimisation attack (DLG, iDLG, Inverting
+    Gradients) stops with its best image so far, status ``time_limit`` (0: none; R-GAP is
+    analytic and has none)."""
 
     attacks: tuple[str, ...]
     observers: tuple[str, ...] = ("server", "client", "secagg")
@@ -153,6 +168,7 @@ class AttackPlan:
     grant_batch_size: str = "observed"
     grant_labels: bool = False
     grant_order: bool = False
+    time_limit: float = 0.0
 
     def attacked(self, server_round: int, partition_id: int | None = None) -> bool:
         """Whether updates of ``server_round`` (and of client ``partition_id``) are attacked."""
@@ -205,7 +221,7 @@ class ExperimentPlan:
         if attacks:
             attack = AttackPlan(
                 attacks=tuple(attacks),
-                observers=tuple(_observer_list(resolved["observers"], engine)),
+                observers=tuple(_observer_list(resolved["observers"], engine, audited=bool(fed.audit))),
                 rounds=_rounds(resolved["attack-rounds"], fed.num_server_rounds),
                 clients=_ints("attack-clients", resolved["attack-clients"]),
                 max_per_round=_int("max-attacks-per-round", resolved["max-attacks-per-round"], 0),
@@ -215,6 +231,7 @@ class ExperimentPlan:
                 grant_batch_size=str(resolved["grant-batch-size"]),
                 grant_labels=_bool("grant-labels", resolved["grant-labels"]),
                 grant_order=_bool("grant-batch-order", resolved["grant-batch-order"]),
+                time_limit=_seconds("attack-time-limit", resolved["attack-time-limit"]),
             )
         plan = cls(fed, attack, resume=_bool("resume", given.get("resume", False)))
         plan.validate(engine)
@@ -239,6 +256,7 @@ class ExperimentPlan:
                 "grant-batch-size": a.grant_batch_size,
                 "grant-labels": a.grant_labels,
                 "grant-batch-order": a.grant_order,
+                "attack-time-limit": a.time_limit,
             })
         else:
             out["attack"] = "none"
@@ -272,6 +290,9 @@ class ExperimentPlan:
             if not 0 <= a.curious_client < c.num_clients:
                 raise ConfigError("curious-client", f"{a.curious_client} is not a partition id (0..{c.num_clients - 1})")
         if "secagg" in a.observers:
+            if c.audit:
+                raise ConfigError("observers", "the secagg observer's SecAgg+ run uses Flower's legacy client, which has "
+                                               "no leakage audit: leave secagg out with --audit")
             if engine != "simulation":
                 raise ConfigError("observers", "the secagg observer runs only under python -m experiments.run (its "
                                                "SecAgg+ apps are Flower's legacy ones, not this deployment's app)")
@@ -373,10 +394,11 @@ def _rounds(text: Any, num_rounds: int) -> frozenset[int] | None:
                                            f"{str(text).strip()!r}") from None
 
 
-def _observer_list(text: Any, engine: Engine) -> list[str]:
-    """``all`` is every observer the engine can run (no SecAgg+ in a deployment)."""
+def _observer_list(text: Any, engine: Engine, audited: bool = False) -> list[str]:
+    """``all`` is every observer the engine can run (no SecAgg+ in a deployment, nor under the
+    clients' audit: the SecAgg+ run's legacy client has no audit mod)."""
     if str(text).strip() == "all":
-        return [o for o in OBSERVERS if engine == "simulation" or o != "secagg"]
+        return [o for o in OBSERVERS if (engine == "simulation" and not audited) or o != "secagg"]
     names = _names(text)
     bad = [n for n in names if n not in OBSERVERS]
     if bad:
@@ -396,6 +418,7 @@ _ATTACK_DEFAULTS: dict[str, Any] = {
     "grant-batch-size": "observed",
     "grant-labels": False,
     "grant-batch-order": False,
+    "attack-time-limit": 0.0,
 }
 
 

@@ -121,7 +121,7 @@ def _run(plan, data, verbose: bool) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from fl_sim.client_app import app as client_app
+    from experiments.client_app import app as client_app
     from fl_sim.simulation import run_apps
 
     from .experiment import Experiment

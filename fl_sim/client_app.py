@@ -8,6 +8,11 @@ local SGD over the batches of ``local_schedule`` (also a pure function; the whol
 the fault-injection mod (:mod:`fl_sim.faults`, outermost: it spoils what would leave) and the
 defences' mod (:mod:`fl_sim.defences`: pruning, noise, Flower's local-DP and clipping mods);
 DP-SGD changes the training itself (Opacus). Each does nothing unless the run config names it.
+
+:func:`make_client_app` builds the app with a leakage-audit mod (:mod:`fl_sim.audit`) between
+the two, so that the audit sees the update the defences made; the audit's analysis comes from
+the composing application (``experiments.client_app``, the app pyproject names), so ``app``
+here has none and refuses a run config that asks for one.
 """
 
 from __future__ import annotations
@@ -29,9 +34,6 @@ from .task import (
     parameter_names,
 )
 
-app = ClientApp()
-
-
 def _setup(msg: Message, context: Context):
     torch.set_num_threads(1)  # simulated clients share the machine's cores
     cfg = RunConfig.from_mapping(dict(msg.content["config"]))
@@ -40,7 +42,6 @@ def _setup(msg: Message, context: Context):
     return cfg, pid, data, model
 
 
-@app.train(mods=[fault_mod, defence_mod])
 def train(msg: Message, context: Context) -> Message:
     cfg, pid, data, model = _setup(msg, context)
     server_round = int(msg.content["config"]["server-round"])
@@ -56,7 +57,6 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 
-@app.evaluate()
 def evaluate_local(msg: Message, context: Context) -> Message:
     """Federated evaluation on the node's share of the held-out test split."""
     cfg, pid, data, model = _setup(msg, context)
@@ -64,3 +64,21 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     loss, acc = evaluate(model, data.test_x[share], data.test_y[share])
     metrics = MetricRecord({"eval_loss": loss, "eval_acc": acc, "num-examples": len(share)})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def _no_audit(msg: Message, context: Context, call_next) -> Message:
+    if "config" in msg.content.config_records and str(msg.content["config"].get("audit", "")).strip():
+        raise ValueError("this ClientApp has no leakage audit: run experiments.client_app:app (pyproject's clientapp)")
+    return call_next(msg, context)
+
+
+def make_client_app(audit_mod=None) -> ClientApp:
+    """The ClientApp; ``audit_mod`` (:func:`fl_sim.audit.make_audit_mod`) goes inside the fault
+    mod (which spoils what would leave) and outside the defences (whose output it audits)."""
+    client_app = ClientApp()
+    client_app.train(mods=[fault_mod, audit_mod or _no_audit, defence_mod])(train)
+    client_app.evaluate()(evaluate_local)
+    return client_app
+
+
+app = make_client_app()

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
+from .audit import AuditError, AuditPolicy
 from .data import DATASETS, PARTITIONS
 from .defences import Defence, DefenceError, parse_defences
 from .models import INITS, model_names
@@ -73,6 +74,7 @@ class RunConfig:
     seed: int = 0
     defences: str = ""
     faulty_clients: str = ""
+    audit: str = ""  # the clients' leakage audit (fl_sim/audit.py), e.g. "protect:psnr=20"; "": none
     out_dir: str = ""  # the run folder; "" lets the entry point make a new one under runs/
 
     @classmethod
@@ -142,6 +144,13 @@ class RunConfig:
             if d.needs_fedavg and c.mode != "fedavg":
                 raise bad("defences", f"{d.name} clips the weight update (reply - sent, as Flower implements it): use "
                                       "mode fedavg (one local step on one batch is FedSGD's update in weight form)")
+        try:
+            policy = AuditPolicy.parse(c.audit)
+        except AuditError as exc:
+            raise bad("audit", str(exc)) from None
+        outside = sorted(p for p in (policy.clients or ()) if p >= c.num_clients) if policy else []
+        if outside:
+            raise bad("audit", f"client {outside[0]} is not a partition id (0..{c.num_clients - 1})")
         bad_ids = [pid for pid in parse_faults(c.faulty_clients) if pid >= c.num_clients]
         if bad_ids:
             raise bad("faulty_clients", f"client {bad_ids[0]} is not a partition id (0..{c.num_clients - 1})")
@@ -151,6 +160,11 @@ class RunConfig:
     def defence_list(self) -> tuple[Defence, ...]:
         """The run's defences (:mod:`fl_sim.defences`), in the order they apply to an update."""
         return parse_defences(self.defences)
+
+    @property
+    def audit_policy(self) -> AuditPolicy | None:
+        """The clients' leakage audit (:mod:`fl_sim.audit`), or None."""
+        return AuditPolicy.parse(self.audit)
 
     @property
     def faults(self) -> dict[int, str]:

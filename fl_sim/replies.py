@@ -90,6 +90,11 @@ def check_reply(msg: Message, spec: ReplySpec) -> tuple[str, str] | None:
     """``None`` for a reply the server may aggregate, else ``(status, reason)`` with status
     ``error`` (an error reply) or ``invalid`` and a one-line reason naming what is wrong."""
     if msg.has_error():
+        from .audit import refusal_of
+
+        refused = refusal_of(msg.error.reason or "")
+        if refused is not None:
+            return "refused", f"the client's leakage audit refused to send it: {_short(refused[0])}"
         return "error", f"the client's ClientApp failed: {error_summary(msg.error.reason)}"
     content = msg.content
     if len(content.array_records) != 1 or len(content.metric_records) != 1:

@@ -11,7 +11,9 @@ The run folder (``out-dir``) gets, from :class:`FederationLog`:
   replaced atomically as each round ends, with ``final_model.json`` naming its round): an
   interrupted run leaves its last good model, and ``resume`` continues from it;
 - ``dropped.csv``, a row per train reply that was not aggregated (round, node_id, client,
-  status, reason: missing, error or invalid; see :mod:`fl_sim.replies`).
+  status, reason: missing, error, invalid or refused; see :mod:`fl_sim.replies`);
+- ``audit.csv``, under the clients' leakage audit (:mod:`fl_sim.audit`), a row per train
+  reply the audit looked at (its checks, probe, action and cost), refused ones included.
 
 A run stops cleanly when asked: :class:`StoppableGrid` raises :class:`RunStopped` while the
 server waits for replies once its ``stop`` event is set, so the round in flight is abandoned
@@ -82,6 +84,7 @@ class FederationLog:
         self.out.mkdir(parents=True, exist_ok=True)
         self.rounds_path = self.out / "rounds.csv"
         self.dropped_path = self.out / "dropped.csv"
+        self.audit_path = self.out / "audit.csv"
         self.model_path = self.out / "final_model.pt"
         self.rows: list[dict[str, Any]] = []
         self.dropped: list[DroppedReply] = []
@@ -134,6 +137,19 @@ class FederationLog:
                     w.writeheader()
                 w.writerow(reply.row())
             self.dropped.append(reply)
+
+
+    def audit(self, row: Mapping[str, Any]) -> None:
+        """Log a client's audit of its reply (a row of audit.csv)."""
+        from .audit import AUDIT_FIELDS
+
+        with self._lock:
+            new = not self.audit_path.exists()
+            with self.audit_path.open("a", newline="") as f:
+                w = csv.DictWriter(f, AUDIT_FIELDS, extrasaction="ignore")
+                if new:
+                    w.writeheader()
+                w.writerow({k: row.get(k, "") for k in AUDIT_FIELDS})
 
 
 class StoppableGrid(Grid):
@@ -211,7 +227,8 @@ class _Resumed(WrappingStrategy):
 
 
 def build_strategy(cfg: RunConfig, param_names: list[str],
-                   on_dropped: Callable[[DroppedReply], None] | None = None) -> ScreeningStrategy:
+                   on_dropped: Callable[[DroppedReply], None] | None = None,
+                   on_audit: Callable[[dict], None] | None = None) -> ScreeningStrategy:
     """The honest strategy for ``cfg.mode`` behind the server's checks of every reply, which
     compare it with the model whose parameters are ``param_names`` (FedSGD replies carry
     exactly these; FedAvg replies the whole state dict)."""
@@ -226,11 +243,11 @@ def build_strategy(cfg: RunConfig, param_names: list[str],
     if cfg.mode == "fedsgd":
         honest: HonestFedAvg = FedSGD(server_lr=cfg.server_lr, **common)
         return ScreeningStrategy(honest, honest, reply_names=param_names, max_examples=cfg.batch_size,
-                                 num_partitions=cfg.num_clients, on_dropped=on_dropped)
+                                 num_partitions=cfg.num_clients, on_dropped=on_dropped, on_audit=on_audit)
     honest = HonestFedAvg(**common)
     # central DP (Flower's wrapper) between the checks and FedAvg: it never sees a bad reply
     defended = dp_wrapper(honest, cfg.defence_list, cfg.clients_per_round())
-    return ScreeningStrategy(defended, honest, num_partitions=cfg.num_clients, on_dropped=on_dropped)
+    return ScreeningStrategy(defended, honest, num_partitions=cfg.num_clients, on_dropped=on_dropped, on_audit=on_audit)
 
 
 def run_server(
@@ -263,7 +280,7 @@ def run_server(
         if on_dropped:
             on_dropped(d)
 
-    screening = build_strategy(cfg, parameter_names(model), on_dropped=dropped)
+    screening = build_strategy(cfg, parameter_names(model), on_dropped=dropped, on_audit=log.audit)
     strategy: Strategy = wrap_strategy(screening) if wrap_strategy else screening
     if done:
         strategy = _Resumed(strategy, done)

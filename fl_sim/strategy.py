@@ -145,8 +145,10 @@ class ScreeningStrategy(WrappingStrategy):
         max_examples: int | None = None,
         num_partitions: int | None = None,
         on_dropped: Callable[[DroppedReply], None] | None = None,
+        on_audit: Callable[[dict], None] | None = None,
     ) -> None:
         super().__init__(inner)
+        self.on_audit = on_audit
         self.honest = honest
         self.reply_names = list(reply_names) if reply_names is not None else None
         self.max_examples = max_examples
@@ -183,11 +185,17 @@ class ScreeningStrategy(WrappingStrategy):
             node = int(msg.metadata.src_node_id)
             answered.add(node)
             verdict = ("invalid", "no train message was sent in this round") if spec is None else check_reply(msg, spec)
+            self._audit(server_round, node, msg, verdict)
             if verdict is None:
                 self.partition_of[node] = _partition(msg)
                 accepted.append(msg)
             else:
                 pid = self.partition_of.get(node, -1)
+                if msg.has_error() and pid < 0:
+                    from .audit import audit_row
+
+                    claimed = (audit_row(msg) or {}).get("client")
+                    pid = claimed if isinstance(claimed, int) and not isinstance(claimed, bool) else pid
                 if not msg.has_error() and "metrics" in msg.content.metric_records:
                     claimed = msg.content.metric_records["metrics"].get("partition-id")
                     pid = int(claimed) if isinstance(claimed, (int, float)) and claimed == int(claimed) else pid
@@ -198,6 +206,24 @@ class ScreeningStrategy(WrappingStrategy):
                                             "no reply before the round timed out"))
         accepted.sort(key=_partition)
         return ScreenedRound(server_round, accepted, dropped)
+
+    def _audit(self, server_round: int, node: int, msg: Message, verdict: tuple[str, str] | None) -> None:
+        """Pass on the record of the client's own audit (:mod:`fl_sim.audit`) a reply carries."""
+        if self.on_audit is None:
+            return
+        from .audit import audit_row
+
+        try:
+            row = audit_row(msg)
+            if row is None:
+                return
+            pid = _partition(msg) if verdict is None else self.partition_of.get(node, -1)
+            claimed = row.get("client")
+            if pid < 0 and isinstance(claimed, int) and not isinstance(claimed, bool):
+                pid = claimed  # a refused reply names its client only in the audit's record
+            self.on_audit({**row, "round": server_round, "node_id": node, "client": pid})
+        except Exception:  # noqa: BLE001 - bookkeeping must not break a round
+            log.exception("on_audit hook failed")
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

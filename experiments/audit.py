@@ -1,0 +1,134 @@
+"""The leakage audit's analysis: :class:`fl_sim.audit.Auditor` from the attack library.
+
+The federation's audit mod (:mod:`fl_sim.audit`) knows the policy, the tampering checks and
+the defences; it asks this class two questions through a narrow interface, so that
+``fl_sim`` imports no attack:
+
+- :meth:`LeakageAuditor.assess`, no optimisation: is the label readable from the last layer
+  (iDLG's rule, checked against the client's own labels), how many distinct labels the rule
+  reads, the batch size estimated from the last layer (a lower bound: the classes with a
+  negative signal), and R-GAP's rank analysis of the model received (is a one-sample update
+  algebraically invertible: every layer's system of full rank). R-GAP's rank is generic in the
+  weights: it is computed on the first model of an architecture a client receives and reused
+  (it costs seconds on CNN6; a tampered model is the tampering checks' concern). The verdict
+  ``flagged`` says the update is likely recoverable, by the limits this testbed measured
+  (README, Results): one-step updates of up to :data:`FLAG_BATCH` images (DLG recovers
+  batches of 8 on LeNet at about 26 dB, one image at 40 dB and more), one-sample gradients
+  R-GAP can invert, and multi-step updates of at most :data:`FLAG_STEPS_IMAGES` images in at
+  most :data:`FLAG_STEPS` steps (Inverting Gradients' replay recovered two-step updates of one
+  image, nothing at five).
+- :meth:`LeakageAuditor.probe`: a short real attack on the update, scored against the
+  client's own batch (the client holds the ground truth, so the PSNR is measured, not
+  guessed). R-GAP where the update is one sample's gradient and the model one R-GAP solves;
+  then, unless that already reached the bar, bounded DLG (one-step updates) and Inverting
+  Gradients (with the local steps replayed on a FedAvg update), each within the budget. The
+  probe grants itself the labels and the true order of the local batches: the worst case a
+  client should plan for (a server reads a single label off the last layer anyway).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+
+from attacks import ThreatModel, Update, get_attack, score_batch
+from attacks.idlg import estimate_batch_size, idlg_labels
+from fl_sim.audit import Probe, UpdateView
+
+__all__ = ["LeakageAuditor", "FLAG_BATCH", "FLAG_STEPS", "FLAG_STEPS_IMAGES"]
+
+FLAG_BATCH = 8
+FLAG_STEPS = 2
+FLAG_STEPS_IMAGES = 4
+
+
+def _update(view: UpdateView) -> Update:
+    if view.kind == "gradient":
+        return Update(tensors=view.tensors)
+    return Update(tensors=view.tensors, kind="weight_delta", lr=view.lr, local_steps=view.local_steps)
+
+
+def _rank_key(view: UpdateView) -> str:
+    """The memory key of R-GAP's rank for the view's architecture."""
+    shapes = ";".join("x".join(map(str, p.shape)) for p in view.model.parameters())
+    return f"rgap-deficit:{type(view.model).__name__}:{'x'.join(map(str, view.input_shape))}:{shapes}"
+
+
+class LeakageAuditor:
+    """The analysis behind a client's audit (module docstring). Stateless: what it keeps
+    across rounds (R-GAP's rank per architecture) lives in the ``memory`` it is handed."""
+
+    # ---- the analytic checks ----------------------------------------------------------------
+
+    @staticmethod
+    def _rgap_rank(view: UpdateView, memory: dict[str, Any]) -> tuple[bool, int | str]:
+        """(invertible, total deficit) of R-GAP's system for the view's model; deficit -1 in
+        the memory: a layer R-GAP cannot invert (e.g. max pooling)."""
+        key = _rank_key(view)
+        if key not in memory:
+            from attacks.rgap import rank_analysis
+
+            try:
+                memory[key] = sum(int(row["deficit"]) for row in rank_analysis(view.model, view.input_shape))
+            except ValueError:
+                memory[key] = -1
+        deficit = int(memory[key])
+        return (deficit == 0, deficit) if deficit >= 0 else (False, "")
+
+    @staticmethod
+    def one_sample(view: UpdateView) -> bool:
+        return view.labels.numel() == 1 and (view.kind == "gradient" or view.local_steps == 1)
+
+    def assess(self, view: UpdateView, memory: dict[str, Any]) -> dict[str, Any]:
+        upd = _update(view)
+        n = int(view.labels.numel())
+        read = idlg_labels(view.model, upd, batch_size=n)
+        readable = sorted(read.tolist()) == sorted(view.labels.tolist())
+        one_step = view.kind == "gradient" or view.local_steps == 1
+        invertible, deficit = self._rgap_rank(view, memory) if self.one_sample(view) else ("", "")
+        if one_step:
+            flagged = n <= FLAG_BATCH or invertible is True
+        else:
+            flagged = n <= FLAG_STEPS_IMAGES and view.local_steps <= FLAG_STEPS
+        return {
+            "label_readable": readable,
+            "labels_distinct": int(torch.unique(read).numel()),
+            "batch_size_estimate": estimate_batch_size(view.model, upd),
+            "rgap_invertible": invertible,
+            "rgap_deficit": deficit,
+            "flagged": bool(flagged),
+        }
+
+    # ---- the probe ----------------------------------------------------------------------------
+
+    def probe(self, view: UpdateView, budget: float, bar: float, memory: dict[str, Any]) -> Probe:
+        upd = _update(view)
+        one_step = view.kind == "gradient" or view.local_steps == 1
+        threat = ThreatModel(labels=view.labels, schedule=None if one_step else view.schedule)
+        plan: list[tuple[str, dict[str, Any]]] = []
+        if self.one_sample(view) and self._rgap_rank(view, memory)[0] is True:
+            plan.append(("rgap", {"rank": False}))
+        if one_step:
+            plan.append(("dlg", {"time_limit": budget}))
+        plan.append(("ig", {"time_limit": budget}))
+        best = Probe(psnr=-math.inf, attack="", seconds=0.0, status="none")
+        spent = 0.0
+        for name, options in plan:
+            start = time.perf_counter()
+            try:
+                res = get_attack(name)(view.model, upd, view.input_shape, threat, seed=0, **options)
+                rows = score_batch(res.images, view.images)
+                value = float(torch.tensor([r["psnr"] for r in rows]).median())
+                status = res.status
+            except ValueError as exc:  # an attack that does not apply to this update
+                value, status = -math.inf, f"error: {' '.join(str(exc).split())[:80]}"
+            spent += time.perf_counter() - start
+            if value > best.psnr:
+                best = Probe(psnr=value, attack=name, seconds=spent, status=status)
+            if value >= bar:
+                break
+        return Probe(psnr=best.psnr if math.isfinite(best.psnr) else 0.0, attack=best.attack, seconds=spent,
+                     status=best.status)

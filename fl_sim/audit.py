@@ -1,0 +1,450 @@
+"""A client's check of its own update before it leaves: the leakage-audit mod.
+
+Every attack in this testbed works from the server's side. This mod gives a client the other
+view: on its train handler, after the defences' mods (so it sees the final update, the one
+that leaves), it asks how much of its own data the update reveals and whether the model it was
+sent is built to extract it, then acts on a policy (run config ``audit``, the flag
+``--audit``):
+
+- ``log``: record the checks and the probe's PSNR (the reply carries them in a ConfigRecord
+  ``audit``; the server writes them to ``audit.csv``; the node keeps them in its context);
+- ``block``: refuse to send an update at risk (an error reply the server records as
+  ``refused``, with the reason); training goes on without it;
+- ``protect``: apply a defence of increasing strength (Gaussian noise relative to the
+  update's RMS, or pruning) until the probe falls below the PSNR bar, then send; refuse if
+  the strongest step does not bring it there.
+
+Options: ``protect:psnr=20,defence=noise,budget=5,probe=true,clients=0+2`` (``psnr``: the
+probe's bar in dB; ``budget``: seconds per probe attack; ``probe=false``: the analytic checks
+alone decide, by their ``flagged`` verdict; ``clients``: the partition ids that run the audit,
+joined by ``+``, default all: a federation where only some clients installed it).
+
+What a client can check without knowing any attack lives here: the update's kind and its
+images, and the **tampering checks** on the model it was sent (its entries and shapes
+against the ClientApp's own model, non-finite weights, and weight statistics of known
+malicious-server constructions: many identical rows in a layer, most telling with distinct
+biases, the bins of an imprint or trap layer). What needs the attack library (iDLG's label
+rule, the batch-size estimate, R-GAP's rank analysis, the probe, which is a real attack
+scored against the client's own batch) comes through one narrow interface,
+:class:`Auditor`, which the composing application supplies (``experiments.audit`` does,
+from ``attacks/``): the federation imports no attack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Protocol
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "AUDIT_ACTIONS",
+    "AUDIT_DEFENCES",
+    "AUDIT_FIELDS",
+    "REFUSAL",
+    "AuditPolicy",
+    "AuditError",
+    "UpdateView",
+    "Probe",
+    "Auditor",
+    "tampering",
+    "protection_ladder",
+    "make_audit_mod",
+    "audit_row",
+    "refusal_of",
+]
+
+AUDIT_ACTIONS = ("log", "block", "protect")
+# protect's defences, each a ladder of strengths tried in order (noise: sigma as a multiple of
+# the update's RMS entry, so one ladder fits every model; prune: the fraction zeroed per tensor)
+AUDIT_DEFENCES: dict[str, tuple[float, ...]] = {
+    "noise": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
+    "prune": (0.1, 0.2, 0.3, 0.5, 0.7, 0.9),
+}
+REFUSAL = "refused by the client's leakage audit"
+MEMORY = "audit-memory"  # the auditor's memory in the node's context state
+# audit.csv's columns, in order (the server adds round, node_id, client; the rest come from the client)
+AUDIT_FIELDS = [
+    "round", "node_id", "client", "policy", "kind", "images", "local_steps", "update_norm", "update_zeros",
+    "label_readable", "labels_distinct",
+    "batch_size_estimate", "rgap_invertible", "rgap_deficit", "flagged", "tampered", "tamper_reason",
+    "probe_attack", "probe_psnr", "probe_seconds", "probe_status", "action", "defence", "protected_psnr",
+    "checks_seconds", "train_seconds", "seconds", "reason",
+]
+
+
+class AuditError(ValueError):
+    """An ``audit`` setting that cannot be used; the message is one line."""
+
+
+@dataclass(frozen=True)
+class AuditPolicy:
+    """What the audit does with a reply (see the module docstring)."""
+
+    action: str
+    psnr: float = 20.0
+    budget: float = 5.0
+    probe: bool = True
+    defence: str = "noise"
+    clients: frozenset[int] | None = None  # None: every client audits
+
+    def audits(self, partition_id: int) -> bool:
+        return self.clients is None or partition_id in self.clients
+
+    @classmethod
+    def parse(cls, text: str) -> "AuditPolicy | None":
+        """``""`` -> None (no audit); ``"protect:psnr=20,defence=prune"`` -> a policy."""
+        text = str(text).strip()
+        if not text:
+            return None
+        action, _, rest = text.partition(":")
+        action = action.strip()
+        if action not in AUDIT_ACTIONS:
+            raise AuditError(f"unknown audit action {action!r}: choose one of {', '.join(AUDIT_ACTIONS)} "
+                             "(e.g. protect:psnr=20)")
+        values: dict[str, Any] = {}
+        for item in (t.strip() for t in rest.split(",")):
+            if not item:
+                continue
+            key, sep, value = item.partition("=")
+            key, value = key.strip(), value.strip()
+            if not sep or key not in ("psnr", "budget", "probe", "defence", "clients"):
+                raise AuditError(f"{action}: expected KEY=VALUE with KEY one of psnr, budget, probe, defence, clients, "
+                                 f"got {item!r}")
+            if key in ("psnr", "budget"):
+                try:
+                    values[key] = float(value)
+                except ValueError:
+                    raise AuditError(f"{action}: {key} must be a number, got {value!r}") from None
+            elif key == "clients":
+                ids = [v.strip() for v in value.split("+") if v.strip()]
+                if not ids or not all(v.isdigit() for v in ids):
+                    raise AuditError(f"{action}: clients must be partition ids joined by +, e.g. 0+2, got {value!r}")
+                values[key] = frozenset(int(v) for v in ids)
+            elif key == "probe":
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise AuditError(f"{action}: probe must be true or false, got {value!r}")
+                values[key] = value.lower() in ("true", "1", "yes")
+            else:
+                values[key] = value
+        policy = cls(action, **values)
+        policy.validate()
+        return policy
+
+    def validate(self) -> None:
+        if not (math.isfinite(self.psnr) and self.psnr > 0):
+            raise AuditError(f"{self.action}: psnr must be a number of dB > 0, got {self.psnr}")
+        if not (math.isfinite(self.budget) and self.budget > 0):
+            raise AuditError(f"{self.action}: budget must be a number of seconds > 0, got {self.budget}")
+        if self.defence not in AUDIT_DEFENCES:
+            raise AuditError(f"{self.action}: unknown defence {self.defence!r}: choose one of {', '.join(AUDIT_DEFENCES)}")
+        if self.action == "protect" and not self.probe:
+            raise AuditError("protect: needs the probe (it strengthens the defence until the probe fails)")
+
+    def spec(self) -> str:
+        who = "" if self.clients is None else ",clients=" + "+".join(map(str, sorted(self.clients)))
+        return (f"{self.action}:psnr={self.psnr:g},budget={self.budget:g},probe={str(self.probe).lower()},"
+                f"defence={self.defence}{who}")
+
+
+@dataclass(frozen=True)
+class UpdateView:
+    """A client's update as the audit sees it, with the client's own ground truth.
+
+    ``model``: the ClientApp's model holding the weights it was sent; ``tensors``: the update,
+    one tensor per parameter in ``model.parameters()`` order (FedSGD: the gradient; FedAvg:
+    the weight delta, reply - sent); ``kind``: ``"gradient"`` or ``"weight_delta"``; ``lr``,
+    ``local_steps``: FedAvg's local training; ``images`` (float in [0, 1]) and ``labels``: the
+    distinct samples the update used, in the order of first use; ``schedule``: per local step,
+    the indices into ``images`` of its batch.
+    """
+
+    model: nn.Module
+    tensors: tuple[Tensor, ...]
+    kind: str
+    lr: float
+    local_steps: int
+    images: Tensor
+    labels: Tensor
+    schedule: tuple[tuple[int, ...], ...]
+    input_shape: tuple[int, int, int]
+
+    def with_tensors(self, tensors: tuple[Tensor, ...]) -> "UpdateView":
+        return dataclasses.replace(self, tensors=tuple(tensors))
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A probe's outcome: the best PSNR of the attacks it ran against the client's own batch
+    (median over the batch's images), which attack reached it, and its cost."""
+
+    psnr: float
+    attack: str
+    seconds: float
+    status: str = "ok"
+
+
+class Auditor(Protocol):
+    """The analysis an audit needs from outside the federation (``experiments.audit``).
+    ``memory``: what the auditor keeps for this node across rounds (str, int, float or bool
+    values; the node's Context state holds it, since a simulated ClientApp is a fresh copy
+    for every message)."""
+
+    def assess(self, view: UpdateView, memory: dict[str, Any]) -> dict[str, Any]:
+        """Analytic risk checks, no optimisation: keys ``label_readable``, ``labels_distinct``,
+        ``batch_size_estimate``, ``rgap_invertible``, ``rgap_deficit`` and ``flagged`` (the
+        checks' verdict: this update is likely recoverable)."""
+
+    def probe(self, view: UpdateView, budget: float, bar: float, memory: dict[str, Any]) -> Probe:
+        """A short attack on ``view``'s update, scored against ``view.images``; ``budget``
+        seconds per attack; may stop early once an attack reaches ``bar`` dB."""
+
+
+# ---- tampering: what a client can see in the model it was sent -------------------------------
+
+DUPLICATE_COS = 0.999  # rows this aligned are copies: random or trained rows are nowhere near
+DUPLICATE_SHARE = 0.25  # a layer with at least this share of its rows in duplicate groups ...
+DUPLICATE_LEAST = 4  # ... and at least this many such rows is a constructed layer
+
+
+def _duplicate_rows(weight: Tensor) -> int:
+    """How many rows of ``weight`` (rows = output units) have a near-copy among the others."""
+    rows = weight.detach().double().reshape(weight.shape[0], -1)
+    norms = rows.norm(dim=1)
+    live = norms > 1e-12
+    if int(live.sum()) < 2:
+        return 0
+    unit = rows[live] / norms[live, None]
+    cos = unit @ unit.T
+    cos.fill_diagonal_(0.0)
+    return int((cos.abs() > DUPLICATE_COS).any(dim=1).sum())
+
+
+def tampering(own: Mapping[str, Tensor], sent: Mapping[str, Tensor]) -> str:
+    """``""`` when the model sent looks honest, else a one-line reason: entries or shapes
+    that differ from the ClientApp's own model (``own``, a state dict), non-finite weights,
+    or a layer whose rows are mostly copies of one another (an imprint or trap construction:
+    honest initialisations and trained layers have no such rows)."""
+    missing = [k for k in own if k not in sent]
+    extra = [k for k in sent if k not in own]
+    if missing or extra:
+        parts = ([f"missing {', '.join(missing[:3])}"] if missing else []) + ([f"unexpected {', '.join(extra[:3])}"] if extra else [])
+        return f"the model sent is not this ClientApp's model: {'; '.join(parts)}"
+    for name, ref in own.items():
+        if tuple(sent[name].shape) != tuple(ref.shape):
+            return f"the model sent is not this ClientApp's model: {name} has shape {tuple(sent[name].shape)}, expected {tuple(ref.shape)}"
+    for name, value in sent.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return f"the model sent holds non-finite weights in {name}"
+    for name, value in sent.items():
+        if not name.endswith("weight") or value.dim() < 2 or value.shape[0] < DUPLICATE_LEAST:
+            continue
+        copies = _duplicate_rows(value)
+        if copies >= DUPLICATE_LEAST and copies >= DUPLICATE_SHARE * value.shape[0]:
+            bias = sent.get(name[: -len("weight")] + "bias")
+            ladder = ""
+            if bias is not None and bias.numel() == value.shape[0]:
+                ladder = f", {int(torch.unique(bias.detach()).numel())} distinct biases"
+            return f"{name}: {copies} of {value.shape[0]} rows are copies of one another{ladder} (a constructed layer)"
+    return ""
+
+
+def protection_ladder(defence: str) -> tuple[float, ...]:
+    return AUDIT_DEFENCES[defence]
+
+
+def _protect(tensors: tuple[Tensor, ...], defence: str, strength: float, *, seed: int, partition_id: int,
+             server_round: int) -> tuple[Tensor, ...]:
+    """The update under ``defence`` at ``strength`` (noise: sigma = strength x the update's RMS
+    entry; prune: the smallest-magnitude fraction of each tensor zeroed), through the same
+    functions the run's own defences use (:func:`fl_sim.defences.defend_update`)."""
+    from .defences import GaussianNoise, Prune, defend_update
+
+    named = {str(i): t for i, t in enumerate(tensors)}
+    if defence == "noise":
+        count = sum(t.numel() for t in tensors)
+        rms = math.sqrt(sum(float((t.double() ** 2).sum()) for t in tensors) / max(count, 1))
+        spec: Any = GaussianNoise(sigma=strength * rms)
+    else:
+        spec = Prune(ratio=strength)
+    out = defend_update(named, (spec,), seed=seed, partition_id=partition_id, server_round=server_round)
+    return tuple(out[str(i)] for i in range(len(tensors)))
+
+
+def _config_value(value: Any) -> Any:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value if isinstance(value, (int, float, str)) else str(value)
+
+
+def refusal_of(reason: str) -> tuple[str, dict[str, Any]] | None:
+    """An error reply's reason as ``(why, audit row)`` if the client's audit refused the
+    update (the inverse of the reason :func:`make_audit_mod` writes), else None."""
+    text = str(reason)
+    if REFUSAL not in text:
+        return None
+    body = text[text.index(REFUSAL) + len(REFUSAL):].lstrip(": ")
+    why, sep, row = body.partition(" | audit ")
+    try:
+        values = json.loads(row) if sep else {}
+    except json.JSONDecodeError:
+        values = {}
+    return why.strip(), values if isinstance(values, dict) else {}
+
+
+def audit_row(msg) -> dict[str, Any] | None:
+    """The audit record a train reply carries (its ConfigRecord ``audit``, or the refusal in
+    its error), or None."""
+    if msg.has_error():
+        refused = refusal_of(msg.error.reason or "")
+        return None if refused is None else {**refused[1], "action": "refused", "reason": refused[0]}
+    if "audit" not in msg.content.config_records:
+        return None
+    return dict(msg.content.config_records["audit"])
+
+
+# ---- the mod ---------------------------------------------------------------------------------
+
+
+def _view(cfg, pid: int, server_round: int, model: nn.Module, sent: Mapping[str, Tensor],
+          reply: Mapping[str, Tensor], input_shape) -> UpdateView:
+    """The update the reply carries and the client's own batch behind it."""
+    from .data import load_dataset, to_float
+    from .task import client_batch, local_schedule, parameter_names
+
+    names = parameter_names(model)
+    if cfg.mode == "fedsgd":
+        tensors = tuple(reply[n].detach().clone() for n in names)
+        images, labels = client_batch(cfg, pid, cfg.num_clients, server_round)
+        schedule = (tuple(range(len(labels))),)
+        return UpdateView(model, tensors, "gradient", cfg.lr, 1, images, labels, schedule, tuple(input_shape))
+    tensors = tuple((reply[n] - sent[n]).detach().clone() for n in names)
+    batches = local_schedule(cfg, pid, cfg.num_clients, server_round)
+    order: dict[int, int] = {}
+    for batch in batches:
+        for i in batch.tolist():
+            order.setdefault(int(i), len(order))
+    data = load_dataset(cfg.dataset, cfg.data_root)
+    idx = torch.tensor(list(order))
+    schedule = tuple(tuple(order[int(i)] for i in batch.tolist()) for batch in batches)
+    return UpdateView(model, tensors, "weight_delta", cfg.lr, len(batches), to_float(data.train_x[idx]),
+                      data.train_y[idx], schedule, tuple(input_shape))
+
+
+def make_audit_mod(auditor: Auditor) -> Callable:
+    """The leakage-audit mod for a ClientApp's train handler, with ``auditor``'s analysis.
+    Place it outside (before, in the mods list) the defences' mods so that it sees the update
+    that leaves. It does nothing unless the run config sets ``audit``."""
+
+    def audit_mod(msg, context, call_next):
+        from flwr.app import ArrayRecord, ConfigRecord, Error, Message
+        from flwr.app.message_type import MessageType
+
+        from .config import RunConfig
+        from .data import load_dataset
+        from .models import build_model
+        from .task import node_partition, parameter_names
+
+        if msg.metadata.message_type != MessageType.TRAIN or "config" not in msg.content.config_records:
+            return call_next(msg, context)
+        cfg = RunConfig.from_mapping(dict(msg.content["config"]))
+        policy = cfg.audit_policy
+        pid = node_partition(cfg, context.node_config)
+        if policy is None or not policy.audits(pid):
+            return call_next(msg, context)
+        start = time.perf_counter()
+        server_round = int(msg.content["config"].get("server-round", 0))
+        data = load_dataset(cfg.dataset, cfg.data_root)
+        own = build_model(cfg.model, data.input_shape, data.num_classes)
+        sent = msg.content["arrays"].to_torch_state_dict()
+        row: dict[str, Any] = {k: "" for k in AUDIT_FIELDS if k not in ("round", "node_id")}
+        row.update(client=pid, policy=policy.spec(), kind="gradient" if cfg.mode == "fedsgd" else "weight_delta")
+        row["tamper_reason"] = tampered = tampering(own.state_dict(), sent)
+        row["tampered"] = bool(tampered)
+
+        def refuse(why: str) -> Message:
+            row.update(action="refused", reason=why, seconds=round(time.perf_counter() - start, 4))
+            _remember(context, server_round, row)
+            record = json.dumps({k: _config_value(v) for k, v in row.items()})
+            return Message(error=Error(code=0, reason=f"{REFUSAL}: {why} | audit {record}"), reply_to=msg)
+
+        if tampered and policy.action != "log":
+            return refuse(tampered)  # never train on, or answer, a model built to extract data
+        t0 = time.perf_counter()
+        reply = call_next(msg, context)
+        row["train_seconds"] = round(time.perf_counter() - t0, 4)
+        if reply.has_error():
+            return reply
+        arrays = reply.content["arrays"].to_torch_state_dict()
+        if tampered:  # log: record, and send as the handler made it
+            row.update(action="sent", seconds=round(time.perf_counter() - start, 4))
+            return _attach(reply, context, server_round, row, ConfigRecord)
+        own.load_state_dict(sent)
+        view = _view(cfg, pid, server_round, own, sent, arrays, data.input_shape)
+        count = sum(t.numel() for t in view.tensors)
+        row.update(images=int(view.labels.numel()), local_steps=view.local_steps,
+                   update_norm=round(math.sqrt(sum(float((t.double() ** 2).sum()) for t in view.tensors)), 6),
+                   update_zeros=round(sum(int((t == 0).sum()) for t in view.tensors) / max(count, 1), 4))
+        memory = dict(context.state[MEMORY]) if MEMORY in context.state.config_records else {}
+        t0 = time.perf_counter()
+        checks = auditor.assess(view, memory)
+        row["checks_seconds"] = round(time.perf_counter() - t0, 4)
+        row.update({k: checks.get(k, "") for k in ("label_readable", "labels_distinct", "batch_size_estimate",
+                                                   "rgap_invertible", "rgap_deficit", "flagged")})
+        probe = auditor.probe(view, policy.budget, policy.psnr, memory) if policy.probe else None
+        context.state[MEMORY] = ConfigRecord(memory)
+        if probe is not None:
+            row.update(probe_attack=probe.attack, probe_psnr=round(probe.psnr, 3), probe_seconds=round(probe.seconds, 3),
+                       probe_status=probe.status)
+        at_risk = (probe.psnr >= policy.psnr) if probe is not None else bool(checks.get("flagged"))
+        if not at_risk or policy.action == "log":
+            row["action"] = "sent"
+        elif policy.action == "block":
+            why = (f"the probe's {probe.attack} reconstructs this update at {probe.psnr:.1f} dB (bar {policy.psnr:g})"
+                   if probe is not None else "the analytic checks flag this update as recoverable")
+            return refuse(why)
+        else:  # protect
+            for strength in protection_ladder(policy.defence):
+                tensors = _protect(view.tensors, policy.defence, strength, seed=cfg.seed, partition_id=pid,
+                                   server_round=server_round)
+                again = auditor.probe(view.with_tensors(tensors), policy.budget, policy.psnr, memory)
+                row["probe_seconds"] = round(float(row["probe_seconds"] or 0) + again.seconds, 3)
+                if again.psnr < policy.psnr:
+                    names = parameter_names(own)
+                    new = dict(arrays)
+                    for n, t in zip(names, tensors):
+                        new[n] = (t if cfg.mode == "fedsgd" else sent[n] + t).to(arrays[n].dtype).contiguous()
+                    reply.content["arrays"] = ArrayRecord(new)
+                    row.update(action="protected", defence=f"{policy.defence}:{strength:g}",
+                               protected_psnr=round(again.psnr, 3))
+                    break
+            else:
+                return refuse(f"the strongest {policy.defence} ({protection_ladder(policy.defence)[-1]:g}) leaves the "
+                              f"probe above {policy.psnr:g} dB")
+        row["seconds"] = round(time.perf_counter() - start, 4)
+        return _attach(reply, context, server_round, row, ConfigRecord)
+
+    return audit_mod
+
+
+def _remember(context, server_round: int, row: dict[str, Any]) -> None:
+    """The node's own record of its audits (its context's state persists across rounds)."""
+    from flwr.app import ConfigRecord
+
+    try:
+        context.state[f"audit-{server_round}"] = ConfigRecord({k: _config_value(v) for k, v in row.items()})
+    except Exception:  # noqa: BLE001 - a context that cannot hold it must not lose the reply
+        pass
+
+
+def _attach(reply, context, server_round: int, row: dict[str, Any], config_record) -> Any:
+    _remember(context, server_round, row)
+    reply.content["audit"] = config_record({k: _config_value(v) for k, v in row.items()})
+    return reply
