@@ -212,17 +212,19 @@ DUPLICATE_SHARE = 0.25  # a layer with at least this share of its rows in duplic
 DUPLICATE_LEAST = 4  # ... and at least this many such rows is a constructed layer
 
 
-def _duplicate_rows(weight: Tensor) -> int:
-    """How many rows of ``weight`` (rows = output units) have a near-copy among the others."""
+def _duplicate_rows(weight: Tensor) -> Tensor:
+    """Which rows of ``weight`` (rows = output units) have a near-copy among the others."""
     rows = weight.detach().double().reshape(weight.shape[0], -1)
     norms = rows.norm(dim=1)
     live = norms > 1e-12
+    copies = torch.zeros(weight.shape[0], dtype=torch.bool)
     if int(live.sum()) < 2:
-        return 0
+        return copies
     unit = rows[live] / norms[live, None]
     cos = unit @ unit.T
     cos.fill_diagonal_(0.0)
-    return int((cos.abs() > DUPLICATE_COS).any(dim=1).sum())
+    copies[live] = (cos.abs() > DUPLICATE_COS).any(dim=1)
+    return copies
 
 
 def tampering(own: Mapping[str, Tensor], sent: Mapping[str, Tensor]) -> str:
@@ -244,12 +246,13 @@ def tampering(own: Mapping[str, Tensor], sent: Mapping[str, Tensor]) -> str:
     for name, value in sent.items():
         if not name.endswith("weight") or value.dim() < 2 or value.shape[0] < DUPLICATE_LEAST:
             continue
-        copies = _duplicate_rows(value)
+        mask = _duplicate_rows(value)
+        copies = int(mask.sum())
         if copies >= DUPLICATE_LEAST and copies >= DUPLICATE_SHARE * value.shape[0]:
             bias = sent.get(name[: -len("weight")] + "bias")
             ladder = ""
             if bias is not None and bias.numel() == value.shape[0]:
-                ladder = f", {int(torch.unique(bias.detach()).numel())} distinct biases"
+                ladder = f", {int(torch.unique(bias.detach()[mask]).numel())} distinct biases among them"
             return f"{name}: {copies} of {value.shape[0]} rows are copies of one another{ladder} (a constructed layer)"
     return ""
 
