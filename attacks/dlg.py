@@ -473,17 +473,15 @@ def _attack(model: nn.Module, update: Update | Sequence[Tensor], input_shape: Se
             outcome in ``state``)."""
             nonlocal best, total_steps
             total_steps += 1
-            if opts.time_limit > 0 and time.perf_counter() - start_time > opts.time_limit:
-                if math.isfinite(value) and (best is None or value < best[0]):
-                    best = (value, image, label_logits)
-                state["outcome"] = "time_limit"
-                return True
             history.append(value)
             state["step"] = step
             if step == 0 and math.isnan(state["start"]):
                 state["start"] = value
             if math.isfinite(value) and (best is None or value < best[0]):
                 best = (value, image, label_logits)
+            if opts.time_limit > 0 and time.perf_counter() - start_time > opts.time_limit:
+                state["outcome"] = "time_limit"
+                return True
             if not math.isfinite(value) or not bool(torch.isfinite(other).all()):
                 state["outcome"] = "diverged"
                 return True

@@ -347,13 +347,13 @@ def make_audit_mod(auditor: Auditor) -> Callable:
     that leaves. It does nothing unless the run config sets ``audit``."""
 
     def audit_mod(msg, context, call_next):
-        from flwr.app import ArrayRecord, ConfigRecord, Error, Message
+        from flwr.app import ConfigRecord, Error, Message
         from flwr.app.message_type import MessageType
 
         from .config import RunConfig
         from .data import load_dataset
         from .models import build_model
-        from .task import node_partition, parameter_names
+        from .task import node_partition
 
         if msg.metadata.message_type != MessageType.TRAIN or "config" not in msg.content.config_records:
             return call_next(msg, context)
@@ -389,52 +389,71 @@ def make_audit_mod(auditor: Auditor) -> Callable:
         if tampered:  # log: record, and send as the handler made it
             row.update(action="sent", seconds=round(time.perf_counter() - start, 4))
             return _attach(reply, context, server_round, row, ConfigRecord)
-        own.load_state_dict(sent)
-        view = _view(cfg, pid, server_round, own, sent, arrays, data.input_shape)
-        count = sum(t.numel() for t in view.tensors)
-        row.update(images=int(view.labels.numel()), local_steps=view.local_steps,
-                   update_norm=round(math.sqrt(sum(float((t.double() ** 2).sum()) for t in view.tensors)), 6),
-                   update_zeros=round(sum(int((t == 0).sum()) for t in view.tensors) / max(count, 1), 4))
-        memory = dict(context.state[MEMORY]) if MEMORY in context.state.config_records else {}
-        t0 = time.perf_counter()
-        checks = auditor.assess(view, memory)
-        row["checks_seconds"] = round(time.perf_counter() - t0, 4)
-        row.update({k: checks.get(k, "") for k in ("label_readable", "labels_distinct", "batch_size_estimate",
-                                                   "rgap_invertible", "rgap_deficit", "flagged")})
-        probe = auditor.probe(view, policy.budget, policy.psnr, memory) if policy.probe else None
-        context.state[MEMORY] = ConfigRecord(memory)
-        if probe is not None:
-            row.update(probe_attack=probe.attack, probe_psnr=round(probe.psnr, 3), probe_seconds=round(probe.seconds, 3),
-                       probe_status=probe.status)
-        at_risk = (probe.psnr >= policy.psnr) if probe is not None else bool(checks.get("flagged"))
-        if not at_risk or policy.action == "log":
-            row["action"] = "sent"
-        elif policy.action == "block":
-            why = (f"the probe's {probe.attack} reconstructs this update at {probe.psnr:.1f} dB (bar {policy.psnr:g})"
-                   if probe is not None else "the analytic checks flag this update as recoverable")
-            return refuse(why)
-        else:  # protect
-            for strength in protection_ladder(policy.defence):
-                tensors = _protect(view.tensors, policy.defence, strength, seed=cfg.seed, partition_id=pid,
-                                   server_round=server_round)
-                again = auditor.probe(view.with_tensors(tensors), policy.budget, policy.psnr, memory)
-                row["probe_seconds"] = round(float(row["probe_seconds"] or 0) + again.seconds, 3)
-                if again.psnr < policy.psnr:
-                    names = parameter_names(own)
-                    new = dict(arrays)
-                    for n, t in zip(names, tensors):
-                        new[n] = (t if cfg.mode == "fedsgd" else sent[n] + t).to(arrays[n].dtype).contiguous()
-                    reply.content["arrays"] = ArrayRecord(new)
-                    row.update(action="protected", defence=f"{policy.defence}:{strength:g}",
-                               protected_psnr=round(again.psnr, 3))
-                    break
-            else:
-                return refuse(f"the strongest {policy.defence} ({protection_ladder(policy.defence)[-1]:g}) leaves the "
-                              f"probe above {policy.psnr:g} dB")
-        row["seconds"] = round(time.perf_counter() - start, 4)
-        return _attach(reply, context, server_round, row, ConfigRecord)
+        try:
+            return _audit_reply(auditor, policy, cfg, pid, server_round, own, sent, reply, arrays, data.input_shape,
+                                context, row, start, refuse)
+        except Exception as exc:  # noqa: BLE001 - an audit that fails must not lose the reply silently
+            why = f"the audit failed: {' '.join(f'{type(exc).__name__}: {exc}'.split())[:200]}"
+            if policy.action == "log":  # log sends what it could not check, and says so
+                row.update(action="sent", reason=why, seconds=round(time.perf_counter() - start, 4))
+                return _attach(reply, context, server_round, row, ConfigRecord)
+            return refuse(why)  # block and protect fail closed
 
     return audit_mod
+
+
+def _audit_reply(auditor: Auditor, policy: AuditPolicy, cfg, pid: int, server_round: int, own: nn.Module,
+                 sent: Mapping[str, Tensor], reply, arrays: dict[str, Tensor], input_shape, context,
+                 row: dict[str, Any], start: float, refuse: Callable):
+    """The checks, the probe and the policy's action on one reply the handler made."""
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from .task import parameter_names
+
+    own.load_state_dict(sent)
+    view = _view(cfg, pid, server_round, own, sent, arrays, input_shape)
+    count = sum(t.numel() for t in view.tensors)
+    row.update(images=int(view.labels.numel()), local_steps=view.local_steps,
+               update_norm=round(math.sqrt(sum(float((t.double() ** 2).sum()) for t in view.tensors)), 6),
+               update_zeros=round(sum(int((t == 0).sum()) for t in view.tensors) / max(count, 1), 4))
+    memory = dict(context.state[MEMORY]) if MEMORY in context.state.config_records else {}
+    t0 = time.perf_counter()
+    checks = auditor.assess(view, memory)
+    row["checks_seconds"] = round(time.perf_counter() - t0, 4)
+    row.update({k: checks.get(k, "") for k in ("label_readable", "labels_distinct", "batch_size_estimate",
+                                               "rgap_invertible", "rgap_deficit", "flagged")})
+    probe = auditor.probe(view, policy.budget, policy.psnr, memory) if policy.probe else None
+    context.state[MEMORY] = ConfigRecord(memory)
+    if probe is not None:
+        row.update(probe_attack=probe.attack, probe_psnr=round(probe.psnr, 3), probe_seconds=round(probe.seconds, 3),
+                   probe_status=probe.status)
+    at_risk = (probe.psnr >= policy.psnr) if probe is not None else bool(checks.get("flagged"))
+    if not at_risk or policy.action == "log":
+        row["action"] = "sent"
+    elif policy.action == "block":
+        why = (f"the probe's {probe.attack} reconstructs this update at {probe.psnr:.1f} dB (bar {policy.psnr:g})"
+               if probe is not None else "the analytic checks flag this update as recoverable")
+        return refuse(why)
+    else:  # protect
+        for strength in protection_ladder(policy.defence):
+            tensors = _protect(view.tensors, policy.defence, strength, seed=cfg.seed, partition_id=pid,
+                               server_round=server_round)
+            again = auditor.probe(view.with_tensors(tensors), policy.budget, policy.psnr, memory)
+            row["probe_seconds"] = round(float(row["probe_seconds"] or 0) + again.seconds, 3)
+            if again.psnr < policy.psnr:
+                names = parameter_names(own)
+                new = dict(arrays)
+                for n, t in zip(names, tensors):
+                    new[n] = (t if cfg.mode == "fedsgd" else sent[n] + t).to(arrays[n].dtype).contiguous()
+                reply.content["arrays"] = ArrayRecord(new)
+                row.update(action="protected", defence=f"{policy.defence}:{strength:g}",
+                           protected_psnr=round(again.psnr, 3))
+                break
+        else:
+            return refuse(f"the strongest {policy.defence} ({protection_ladder(policy.defence)[-1]:g}) leaves the "
+                          f"probe above {policy.psnr:g} dB")
+    row["seconds"] = round(time.perf_counter() - start, 4)
+    return _attach(reply, context, server_round, row, ConfigRecord)
 
 
 def _remember(context, server_round: int, row: dict[str, Any]) -> None:

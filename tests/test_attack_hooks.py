@@ -1,7 +1,6 @@
 """The malicious server's hooks, through real Flower simulations (Ray)."""
 
 import csv
-from pathlib import Path
 
 import pytest
 import torch

@@ -68,7 +68,7 @@ def test_deploy_survives_a_killed_supernode(tmp_path):
     res = _deploy("--clients", "3", "--rounds", "2", "--attack", "rgap", "--observers", "server",
                   "--attack-rounds", "2", "--kill-node", "2", "--kill-node-after-round", "1",
                   "--round-timeout", "30", "--out", str(out), "--run-config", "attack-workers=0",
-                  "--timeout", "300")
+                  "--audit", "log:probe=false", "--timeout", "300")
     record = json.loads((out / "deploy.json").read_text())
     _assert_no_leftovers(record)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -83,6 +83,10 @@ def test_deploy_survives_a_killed_supernode(tmp_path):
     for pid in (0, 1):
         assert rows[pid]["status"] == "ok" and float(rows[pid]["psnr"]) > PSNR_OK, rows[pid]
     assert "Replies of the federation that were not aggregated" in (out / "summary.md").read_text()
+    # the SuperNodes load pyproject's ClientApp, the one with the clients' audit
+    audit = _rows(out / "audit.csv")
+    assert sorted((int(a["round"]), int(a["client"])) for a in audit) == [(1, 0), (1, 1), (1, 2), (2, 0), (2, 1)]
+    assert all(a["flagged"] == "True" and a["action"] == "sent" for a in audit)
     assert time.monotonic() - start < 300
 
 
