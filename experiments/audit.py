@@ -17,13 +17,15 @@ the defences; it asks this class two questions through a narrow interface, so th
   R-GAP can invert, and multi-step updates of at most :data:`FLAG_STEPS_IMAGES` images in at
   most :data:`FLAG_STEPS` steps (Inverting Gradients' replay recovered two-step updates of one
   image, nothing at five).
-- :meth:`LeakageAuditor.probe`: a short real attack on the update, scored against the
-  client's own batch (the client holds the ground truth, so the PSNR is measured, not
-  guessed). R-GAP where the update is one sample's gradient and the model one R-GAP solves;
-  then, unless that already reached the bar, bounded DLG (one-step updates) and Inverting
-  Gradients (with the local steps replayed on a FedAvg update), each within the budget. The
-  probe grants itself the labels and the true order of the local batches: the worst case a
-  client should plan for (a server reads a single label off the last layer anyway).
+- :meth:`LeakageAuditor.probe`: a real attack on the update, scored against the client's own
+  batch (the client holds the ground truth, so the PSNR is measured, not guessed). R-GAP
+  where the update is one sample's gradient and the model one R-GAP solves; then, unless that
+  already reached the bar, DLG (one-step updates) and Inverting Gradients (with the local
+  steps replayed on a FedAvg update), at the settings the server's runner uses, each capped at
+  the budget's seconds (a cap, not a plan: a probe weaker than the server's attack passes
+  updates the server recovers). The probe grants itself the labels and the true order of the
+  local batches: the worst case a client should plan for (a server reads a single label off
+  the last layer anyway). It does not cover a stronger attacker (more restarts, other priors).
 """
 
 from __future__ import annotations
