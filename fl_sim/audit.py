@@ -271,12 +271,7 @@ def _protect(tensors: tuple[Tensor, ...], defence: str, strength: float, *, seed
     from .defences import GaussianNoise, Prune, defend_update
 
     named = {str(i): t for i, t in enumerate(tensors)}
-    if defence == "noise":
-        count = sum(t.numel() for t in tensors)
-        rms = math.sqrt(sum(float((t.double() ** 2).sum()) for t in tensors) / max(count, 1))
-        spec: Any = GaussianNoise(sigma=strength * rms)
-    else:
-        spec = Prune(ratio=strength)
+    spec: Any = GaussianNoise(rms=strength) if defence == "noise" else Prune(ratio=strength)
     out = defend_update(named, (spec,), seed=seed, partition_id=partition_id, server_round=server_round)
     return tuple(out[str(i)] for i in range(len(tensors)))
 

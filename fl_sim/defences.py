@@ -8,7 +8,9 @@ against, and the testbed measures that rather than assumes it:
   smallest-magnitude fraction ``p`` of each tensor of its update (gradient compression), in a
   ClientApp mod, so every observer sees the pruned update.
 - ``noise:sigma=s`` (DLG's other defence): the client adds Gaussian noise of standard deviation
-  ``s`` to every entry of its update (DLG's paper gives the variance, ``s**2``), in a mod.
+  ``s`` to every entry of its update (DLG's paper gives the variance, ``s**2``), in a mod;
+  ``noise:rms=k``: of ``k`` times the update's RMS entry (relative, as the clients' audit
+  applies it).
 - ``ldp:clip=C,epsilon=e[,delta=d,sensitivity=S]``: Flower's ``LocalDpMod`` on the ClientApp:
   the update is clipped to norm C and Gaussian noise calibrated to (e, d) for sensitivity S
   (default C) is added before it leaves the client; (e, d) per round.
@@ -117,13 +119,38 @@ class Prune(Defence):
 
 @dataclass(frozen=True)
 class GaussianNoise(Defence):
-    sigma: float
+    """N(0, s^2) on every entry of the update, s = ``sigma`` + ``rms`` x the update's RMS entry
+    (``rms``: noise relative to the update, one setting for any model or round; the clients'
+    audit strengthens it this way)."""
+
+    sigma: float = 0.0
+    rms: float = 0.0
     name: ClassVar[str] = "noise"
     strength_key: ClassVar[str] = "sigma"
 
     def validate(self) -> None:
-        if not (math.isfinite(self.sigma) and self.sigma >= 0):
-            raise DefenceError(f"noise: sigma must be a finite number >= 0, got {self.sigma}")
+        for key in ("sigma", "rms"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0):
+                raise DefenceError(f"noise: {key} must be a finite number >= 0, got {value}")
+        if self.sigma == 0 and self.rms == 0:
+            raise DefenceError("noise: needs sigma=... (absolute) or rms=... (relative to the update's RMS entry)")
+
+    def spec(self) -> str:
+        parts = [f"sigma={self.sigma}"] if self.sigma or not self.rms else []
+        return "noise:" + ",".join(parts + ([f"rms={self.rms}"] if self.rms else []))
+
+    @property
+    def strength(self) -> float:
+        return self.sigma if self.sigma or not self.rms else self.rms
+
+    def scale(self, update: dict[str, torch.Tensor]) -> float:
+        """The noise's standard deviation for ``update``."""
+        if not self.rms:
+            return self.sigma
+        count = sum(v.numel() for v in update.values())
+        rms = math.sqrt(sum(float((v.double() ** 2).sum()) for v in update.values()) / max(count, 1))
+        return self.sigma + self.rms * rms
 
 
 @dataclass(frozen=True)
@@ -255,9 +282,10 @@ def defend_update(update: dict[str, torch.Tensor], defences: tuple[Defence, ...]
     for i, d in enumerate(defences):
         if isinstance(d, Prune):
             out = {k: _prune(v, d.ratio) for k, v in out.items()}
-        elif isinstance(d, GaussianNoise) and d.sigma > 0:
+        elif isinstance(d, GaussianNoise):
             gen = _generator(seed, partition_id, server_round, 1000 + i)
-            out = {k: v + d.sigma * torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in out.items()}
+            sigma = d.scale(out)
+            out = {k: v + sigma * torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in out.items()}
     return out
 
 
