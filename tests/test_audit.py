@@ -184,3 +184,56 @@ def test_bad_audit_flag_exits_2_with_one_line():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "--audit: protect: psnr must be" in proc.stderr
+
+
+class _TamperingServer:
+    """A real Flower strategy wrapper that sends a constructed model in chosen rounds (what an
+    active server does; the test's own, since the testbed's active server is not built yet)."""
+
+    def __init__(self, rounds):
+        self.rounds = set(rounds)
+
+    def __call__(self, screening):
+        from flwr.app import ArrayRecord
+
+        from fl_sim.strategy import WrappingStrategy
+
+        rounds = self.rounds
+
+        class Tampering(WrappingStrategy):
+            def configure_train(self, server_round, arrays, config, grid):
+                messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+                if server_round in rounds:
+                    state = {k: v.clone() for k, v in arrays.to_torch_state_dict().items()}
+                    head = [k for k in state if k.endswith("weight") and state[k].dim() == 2][-1]
+                    state[head][:6] = state[head][0]
+                    state[head[: -len("weight")] + "bias"][:6] = torch.linspace(-1, 1, 6)
+                    for m in messages:
+                        m.content["arrays"] = ArrayRecord(state)
+                return messages
+
+        return Tampering(screening)
+
+
+@pytest.mark.slow
+def test_a_constructed_model_is_detected_in_the_rounds_it_is_sent(tmp_path):
+    from experiments.client_app import app as audited_app
+    from fl_sim.simulation import simulate
+
+    out = tmp_path / "run"
+    # FedSGD on batches of 32: not flagged, so block sends every honest round's update; and the
+    # server steps its own model by the gradients, so the constructed one does not persist (under
+    # FedAvg the unaudited client's weights, trained from it, carry its copied rows into round 3)
+    cfg = RunConfig(mode="fedsgd", batch_size=32, num_clients=3, num_server_rounds=3, model="lenet",
+                    init="paper", audit="block:clients=0+1,probe=false", out_dir=str(out)).validated()
+    simulate(cfg, client_app=audited_app, wrap_strategy=_TamperingServer({2}))
+    audit = _rows(out / "audit.csv")
+    assert sorted((int(a["round"]), int(a["client"])) for a in audit) == [(r, c) for r in (1, 2, 3) for c in (0, 1)]
+    for a in audit:
+        assert (a["tampered"] == "True") == (a["round"] == "2"), a
+    tampered = [a for a in audit if a["round"] == "2"]
+    assert all(a["action"] == "refused" and "rows are copies of one another" in a["reason"] for a in tampered)
+    # the client without the audit answered the constructed model; training went on
+    rounds = _rows(out / "rounds.csv")
+    assert [(r["round"], r["aggregated"], r["dropped"]) for r in rounds[1:]] == [("1", "3", "0"), ("2", "1", "2"),
+                                                                                ("3", "3", "0")]
