@@ -232,8 +232,8 @@ def _duplicate_rows(weight: Tensor) -> Tensor:
 def tampering(own: Mapping[str, Tensor], sent: Mapping[str, Tensor]) -> str:
     """``""`` when the model sent looks honest, else a one-line reason: entries or shapes
     that differ from the ClientApp's own model (``own``, a state dict), non-finite weights,
-    or a layer whose rows are mostly copies of one another (an imprint or trap construction:
-    honest initialisations and trained layers have no such rows)."""
+    or a linear layer whose rows are mostly copies of one another (an imprint or trap
+    construction: honest initialisations and trained layers have no such rows)."""
     missing = [k for k in own if k not in sent]
     extra = [k for k in sent if k not in own]
     if missing or extra:
@@ -246,7 +246,9 @@ def tampering(own: Mapping[str, Tensor], sent: Mapping[str, Tensor]) -> str:
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             return f"the model sent holds non-finite weights in {name}"
     for name, value in sent.items():
-        if not name.endswith("weight") or value.dim() < 2 or value.shape[0] < DUPLICATE_LEAST:
+        # linear layers: where the published constructions sit (an imprint's bins, trap weights,
+        # fishing's head); a convolution's filters are not checked (and would cost most of the time)
+        if not name.endswith("weight") or value.dim() != 2 or value.shape[0] < DUPLICATE_LEAST:
             continue
         mask = _duplicate_rows(value)
         copies = int(mask.sum())
