@@ -85,6 +85,9 @@ def analytic(out: Path, rounds: int) -> None:
           f"final accuracy {acc:.3f})")
     print(f"   per reply after round 1: checks {later['checks_seconds'].median() * 1e3:.2f} ms, the client's handler "
           f"{later['train_seconds'].median() * 1e3:.2f} ms: ratio {ratio:.2f} (median over {len(later)} replies)")
+    round_s = pd.read_csv(folder / "rounds.csv")["seconds"].iloc[2:].median()
+    print(f"   against the round's wall time ({round_s * 1e3:.0f} ms median): "
+          f"{later['checks_seconds'].median() / round_s:.3f}")
     first = audit[audit["round"] == 1]["checks_seconds"]
     print(f"   round 1 (with R-GAP's rank analysis): median {first.median():.2f} s")
     print(f"   flagged {int(audit['flagged'].sum())}/{len(audit)}; label readable {int(audit['label_readable'].sum())}"
@@ -126,6 +129,8 @@ def ranking(out: Path, attacked: Path | None, dataset: str) -> None:
     audit = pd.read_csv(folder / "audit.csv")
     print(f"\n4. risk ranking, Flower's quickstart configuration on {dataset} (FedAvg, 3 epochs, batch 32, 10 clients, "
           "2 rounds)")
+    print(f"   checks {audit['checks_seconds'].median() * 1e3:.2f} ms per reply, the handler "
+          f"{audit['train_seconds'].median() * 1e3:.1f} ms: ratio {(audit['checks_seconds'] / audit['train_seconds']).median():.3f}")
     print(f"   flagged {int(audit['flagged'].sum())}/{len(audit)} updates ({audit['images'].median():.0f} images, "
           f"{audit['local_steps'].median():.0f} local steps each); label set readable "
           f"{int(audit['label_readable'].sum())}/{len(audit)}")
