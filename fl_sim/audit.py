@@ -57,6 +57,10 @@ __all__ = [
     "tampering",
     "protection_ladder",
     "make_audit_mod",
+    "Audit",
+    "AuditOutcome",
+    "update_view",
+    "refusal_reason",
     "audit_row",
     "refusal_of",
 ]
@@ -312,22 +316,21 @@ def audit_row(msg) -> dict[str, Any] | None:
     return dict(msg.content.config_records["audit"])
 
 
-# ---- the mod ---------------------------------------------------------------------------------
+# ---- the audit of one update (both clients) ---------------------------------------------------
 
 
-def _view(cfg, pid: int, server_round: int, model: nn.Module, sent: Mapping[str, Tensor],
-          reply: Mapping[str, Tensor], input_shape) -> UpdateView:
-    """The update the reply carries and the client's own batch behind it."""
+def update_view(cfg, pid: int, server_round: int, model: nn.Module, update: Mapping[str, Tensor],
+                input_shape) -> UpdateView:
+    """The audit's view of ``update`` (by parameter name: FedSGD's gradient, or FedAvg's
+    weight delta) of a model holding the weights sent, with the client's own batch behind it."""
     from .data import load_dataset, to_float
     from .task import client_batch, local_schedule, parameter_names
 
-    names = parameter_names(model)
+    tensors = tuple(update[n].detach().clone() for n in parameter_names(model))
     if cfg.mode == "fedsgd":
-        tensors = tuple(reply[n].detach().clone() for n in names)
         images, labels = client_batch(cfg, pid, cfg.num_clients, server_round)
         schedule = (tuple(range(len(labels))),)
         return UpdateView(model, tensors, "gradient", cfg.lr, 1, images, labels, schedule, tuple(input_shape))
-    tensors = tuple((reply[n] - sent[n]).detach().clone() for n in names)
     batches = local_schedule(cfg, pid, cfg.num_clients, server_round)
     order: dict[int, int] = {}
     for batch in batches:
@@ -340,18 +343,139 @@ def _view(cfg, pid: int, server_round: int, model: nn.Module, sent: Mapping[str,
                       data.train_y[idx], schedule, tuple(input_shape))
 
 
+@dataclass
+class AuditOutcome:
+    """What the audit decided for one update: ``action`` ``sent``, ``protected`` (send
+    ``update`` instead, by parameter name) or ``refused`` (``reason``); ``row`` its audit.csv
+    record."""
+
+    action: str
+    row: dict[str, Any]
+    update: dict[str, Tensor] | None = None
+    reason: str = ""
+
+
+class Audit:
+    """One client's audit of one train round, in the order a client meets it: :meth:`check_model`
+    on the weights it was sent (before training), :meth:`check_update` on the update it would
+    send. Used by the Message-API mod (:func:`make_audit_mod`) and the SecAgg+ client."""
+
+    def __init__(self, auditor: Auditor, cfg, pid: int, server_round: int, memory: dict[str, Any]) -> None:
+        from .data import load_dataset
+        from .models import build_model
+
+        self.auditor, self.cfg, self.pid, self.server_round = auditor, cfg, pid, server_round
+        self.policy: AuditPolicy = cfg.audit_policy
+        self.memory = memory
+        self.start = time.perf_counter()
+        self.data = load_dataset(cfg.dataset, cfg.data_root)
+        self.own = build_model(cfg.model, self.data.input_shape, self.data.num_classes)
+        self.row: dict[str, Any] = {k: "" for k in AUDIT_FIELDS if k not in ("round", "node_id")}
+        self.row.update(client=pid, policy=self.policy.spec(),
+                        kind="gradient" if cfg.mode == "fedsgd" else "weight_delta")
+        self.tamper_seconds = 0.0
+
+    def _done(self, action: str, update: dict[str, Tensor] | None = None, reason: str = "") -> AuditOutcome:
+        self.row.update(action=action, reason=reason, seconds=round(time.perf_counter() - self.start, 4))
+        return AuditOutcome(action, self.row, update, reason)
+
+    def check_model(self, sent: Mapping[str, Tensor]) -> AuditOutcome | None:
+        """The tampering checks on the model sent; a refusal (block, protect) or None (go on)."""
+        t0 = time.perf_counter()
+        reason = tampering(self.own.state_dict(), sent)
+        self.tamper_seconds = time.perf_counter() - t0
+        self.row.update(tampered=bool(reason), tamper_reason=reason, checks_seconds=round(self.tamper_seconds, 5))
+        if reason and self.policy.action != "log":
+            return self._done("refused", reason=reason)  # never train on, or answer, a model built to extract data
+        if not reason:
+            self.own.load_state_dict(sent)
+        return None
+
+    def check_update(self, update: Mapping[str, Tensor], train_seconds: float) -> AuditOutcome:
+        """The analytic checks, the probe and the policy's action on the update to be sent.
+        Never raises: a failing audit sends under ``log`` and refuses otherwise (fails closed)."""
+        self.row["train_seconds"] = round(train_seconds, 4)
+        if self.row["tampered"]:  # log: recorded, sent as the handler made it
+            return self._done("sent")
+        try:
+            return self._check_update(update)
+        except Exception as exc:  # noqa: BLE001 - an audit that fails must not lose the reply silently
+            why = f"the audit failed: {' '.join(f'{type(exc).__name__}: {exc}'.split())[:200]}"
+            return self._done("sent", reason=why) if self.policy.action == "log" else self._done("refused", reason=why)
+
+    def _check_update(self, update: Mapping[str, Tensor]) -> AuditOutcome:
+        from .task import parameter_names
+
+        policy, row, auditor, memory = self.policy, self.row, self.auditor, self.memory
+        view = update_view(self.cfg, self.pid, self.server_round, self.own, update, self.data.input_shape)
+        count = sum(t.numel() for t in view.tensors)
+        row.update(images=int(view.labels.numel()), local_steps=view.local_steps,
+                   update_norm=round(math.sqrt(sum(float((t.double() ** 2).sum()) for t in view.tensors)), 6),
+                   update_zeros=round(sum(int((t == 0).sum()) for t in view.tensors) / max(count, 1), 4))
+        t0 = time.perf_counter()
+        checks = auditor.assess(view, memory)
+        row["checks_seconds"] = round(self.tamper_seconds + time.perf_counter() - t0, 5)
+        row.update({k: checks.get(k, "") for k in ("label_readable", "labels_distinct", "batch_size_estimate",
+                                                   "rgap_invertible", "rgap_deficit", "flagged")})
+        probe = auditor.probe(view, policy.budget, policy.psnr, memory) if policy.probe else None
+        if probe is not None:
+            row.update(probe_attack=probe.attack, probe_psnr=round(probe.psnr, 3), probe_seconds=round(probe.seconds, 3),
+                       probe_status=probe.status)
+        at_risk = (probe.psnr >= policy.psnr) if probe is not None else bool(checks.get("flagged"))
+        if not at_risk or policy.action == "log":
+            return self._done("sent")
+        if policy.action == "block":
+            return self._done("refused", reason=(
+                f"the probe's {probe.attack} reconstructs this update at {probe.psnr:.1f} dB (bar {policy.psnr:g})"
+                if probe is not None else "the analytic checks flag this update as recoverable"))
+        for strength in protection_ladder(policy.defence):
+            tensors = _protect(view.tensors, policy.defence, strength, seed=self.cfg.seed, partition_id=self.pid,
+                               server_round=self.server_round)
+            again = auditor.probe(view.with_tensors(tensors), policy.budget, policy.psnr, memory)
+            row["probe_seconds"] = round(float(row["probe_seconds"] or 0) + again.seconds, 3)
+            if again.psnr < policy.psnr:
+                row.update(defence=f"{policy.defence}:{strength:g}", protected_psnr=round(again.psnr, 3))
+                return self._done("protected", dict(zip(parameter_names(self.own), tensors)))
+        return self._done("refused", reason=f"the strongest {policy.defence} ({protection_ladder(policy.defence)[-1]:g}) "
+                                            f"leaves the probe above {policy.psnr:g} dB")
+
+
+def refusal_reason(outcome: AuditOutcome) -> str:
+    """The error reason of a refused update: the why, then the record (see :func:`refusal_of`)."""
+    record = json.dumps({k: _config_value(v) for k, v in outcome.row.items()})
+    return f"{REFUSAL}: {outcome.reason} | audit {record}"
+
+
+def _memory(context) -> dict[str, Any]:
+    return dict(context.state[MEMORY]) if MEMORY in context.state.config_records else {}
+
+
+def _remember(context, server_round: int, audit: Audit) -> None:
+    """The auditor's memory and the node's own record of its audits (its context's state
+    persists across rounds)."""
+    from flwr.app import ConfigRecord
+
+    try:
+        context.state[MEMORY] = ConfigRecord(audit.memory)
+        context.state[f"audit-{server_round}"] = ConfigRecord({k: _config_value(v) for k, v in audit.row.items()})
+    except Exception:  # noqa: BLE001 - a context that cannot hold it must not lose the reply
+        pass
+
+
+# ---- the mod (Message-API ClientApp) -------------------------------------------------------
+
+
 def make_audit_mod(auditor: Auditor) -> Callable:
     """The leakage-audit mod for a ClientApp's train handler, with ``auditor``'s analysis.
     Place it outside (before, in the mods list) the defences' mods so that it sees the update
-    that leaves. It does nothing unless the run config sets ``audit``."""
+    that leaves. It does nothing unless the run config sets ``audit``. The reply carries the
+    record in a ConfigRecord ``audit``; a refusal is an error reply whose reason carries it."""
 
     def audit_mod(msg, context, call_next):
-        from flwr.app import ConfigRecord, Error, Message
+        from flwr.app import ArrayRecord, ConfigRecord, Error, Message
         from flwr.app.message_type import MessageType
 
         from .config import RunConfig
-        from .data import load_dataset
-        from .models import build_model
         from .task import node_partition
 
         if msg.metadata.message_type != MessageType.TRAIN or "config" not in msg.content.config_records:
@@ -361,115 +485,38 @@ def make_audit_mod(auditor: Auditor) -> Callable:
         pid = node_partition(cfg, context.node_config)
         if policy is None or not policy.audits(pid):
             return call_next(msg, context)
-        start = time.perf_counter()
         server_round = int(msg.content["config"].get("server-round", 0))
-        data = load_dataset(cfg.dataset, cfg.data_root)
-        own = build_model(cfg.model, data.input_shape, data.num_classes)
+        audit = Audit(auditor, cfg, pid, server_round, _memory(context))
         sent = msg.content["arrays"].to_torch_state_dict()
-        row: dict[str, Any] = {k: "" for k in AUDIT_FIELDS if k not in ("round", "node_id")}
-        row.update(client=pid, policy=policy.spec(), kind="gradient" if cfg.mode == "fedsgd" else "weight_delta")
-        t0 = time.perf_counter()
-        row["tamper_reason"] = tampered = tampering(own.state_dict(), sent)
-        row["tampered"] = bool(tampered)
-        tamper_seconds = time.perf_counter() - t0
-        row["checks_seconds"] = round(tamper_seconds, 5)
 
-        def refuse(why: str) -> Message:
-            row.update(action="refused", reason=why, seconds=round(time.perf_counter() - start, 4))
-            _remember(context, server_round, row)
-            record = json.dumps({k: _config_value(v) for k, v in row.items()})
-            return Message(error=Error(code=0, reason=f"{REFUSAL}: {why} | audit {record}"), reply_to=msg)
+        def refuse(outcome: AuditOutcome) -> Message:
+            _remember(context, server_round, audit)
+            return Message(error=Error(code=0, reason=refusal_reason(outcome)), reply_to=msg)
 
-        if tampered and policy.action != "log":
-            return refuse(tampered)  # never train on, or answer, a model built to extract data
+        early = audit.check_model(sent)
+        if early is not None:
+            return refuse(early)
         t0 = time.perf_counter()
         reply = call_next(msg, context)
-        row["train_seconds"] = round(time.perf_counter() - t0, 4)
+        train_seconds = time.perf_counter() - t0
         if reply.has_error():
             return reply
         arrays = reply.content["arrays"].to_torch_state_dict()
-        if tampered:  # log: record, and send as the handler made it
-            row.update(action="sent", seconds=round(time.perf_counter() - start, 4))
-            return _attach(reply, context, server_round, row, ConfigRecord)
-        try:
-            return _audit_reply(auditor, policy, cfg, pid, server_round, own, sent, reply, arrays, data.input_shape,
-                                context, row, start, refuse, tamper_seconds)
-        except Exception as exc:  # noqa: BLE001 - an audit that fails must not lose the reply silently
-            why = f"the audit failed: {' '.join(f'{type(exc).__name__}: {exc}'.split())[:200]}"
-            if policy.action == "log":  # log sends what it could not check, and says so
-                row.update(action="sent", reason=why, seconds=round(time.perf_counter() - start, 4))
-                return _attach(reply, context, server_round, row, ConfigRecord)
-            return refuse(why)  # block and protect fail closed
+        from .task import parameter_names
+
+        names = parameter_names(audit.own)
+        update = ({n: arrays[n] for n in names} if cfg.mode == "fedsgd" else
+                  {n: arrays[n] - sent[n] for n in names} if not audit.row["tampered"] else {})
+        outcome = audit.check_update(update, train_seconds)
+        if outcome.action == "refused":
+            return refuse(outcome)
+        if outcome.update is not None:
+            new = dict(arrays)
+            for n, t in outcome.update.items():
+                new[n] = (t if cfg.mode == "fedsgd" else sent[n] + t).to(arrays[n].dtype).contiguous()
+            reply.content["arrays"] = ArrayRecord(new)
+        _remember(context, server_round, audit)
+        reply.content["audit"] = ConfigRecord({k: _config_value(v) for k, v in outcome.row.items()})
+        return reply
 
     return audit_mod
-
-
-def _audit_reply(auditor: Auditor, policy: AuditPolicy, cfg, pid: int, server_round: int, own: nn.Module,
-                 sent: Mapping[str, Tensor], reply, arrays: dict[str, Tensor], input_shape, context,
-                 row: dict[str, Any], start: float, refuse: Callable, tamper_seconds: float):
-    """The checks, the probe and the policy's action on one reply the handler made;
-    ``checks_seconds`` counts the tampering checks' ``tamper_seconds`` and the analytic ones."""
-    from flwr.app import ArrayRecord, ConfigRecord
-
-    from .task import parameter_names
-
-    own.load_state_dict(sent)
-    view = _view(cfg, pid, server_round, own, sent, arrays, input_shape)
-    count = sum(t.numel() for t in view.tensors)
-    row.update(images=int(view.labels.numel()), local_steps=view.local_steps,
-               update_norm=round(math.sqrt(sum(float((t.double() ** 2).sum()) for t in view.tensors)), 6),
-               update_zeros=round(sum(int((t == 0).sum()) for t in view.tensors) / max(count, 1), 4))
-    memory = dict(context.state[MEMORY]) if MEMORY in context.state.config_records else {}
-    t0 = time.perf_counter()
-    checks = auditor.assess(view, memory)
-    row["checks_seconds"] = round(tamper_seconds + time.perf_counter() - t0, 5)
-    row.update({k: checks.get(k, "") for k in ("label_readable", "labels_distinct", "batch_size_estimate",
-                                               "rgap_invertible", "rgap_deficit", "flagged")})
-    probe = auditor.probe(view, policy.budget, policy.psnr, memory) if policy.probe else None
-    context.state[MEMORY] = ConfigRecord(memory)
-    if probe is not None:
-        row.update(probe_attack=probe.attack, probe_psnr=round(probe.psnr, 3), probe_seconds=round(probe.seconds, 3),
-                   probe_status=probe.status)
-    at_risk = (probe.psnr >= policy.psnr) if probe is not None else bool(checks.get("flagged"))
-    if not at_risk or policy.action == "log":
-        row["action"] = "sent"
-    elif policy.action == "block":
-        why = (f"the probe's {probe.attack} reconstructs this update at {probe.psnr:.1f} dB (bar {policy.psnr:g})"
-               if probe is not None else "the analytic checks flag this update as recoverable")
-        return refuse(why)
-    else:  # protect
-        for strength in protection_ladder(policy.defence):
-            tensors = _protect(view.tensors, policy.defence, strength, seed=cfg.seed, partition_id=pid,
-                               server_round=server_round)
-            again = auditor.probe(view.with_tensors(tensors), policy.budget, policy.psnr, memory)
-            row["probe_seconds"] = round(float(row["probe_seconds"] or 0) + again.seconds, 3)
-            if again.psnr < policy.psnr:
-                names = parameter_names(own)
-                new = dict(arrays)
-                for n, t in zip(names, tensors):
-                    new[n] = (t if cfg.mode == "fedsgd" else sent[n] + t).to(arrays[n].dtype).contiguous()
-                reply.content["arrays"] = ArrayRecord(new)
-                row.update(action="protected", defence=f"{policy.defence}:{strength:g}",
-                           protected_psnr=round(again.psnr, 3))
-                break
-        else:
-            return refuse(f"the strongest {policy.defence} ({protection_ladder(policy.defence)[-1]:g}) leaves the "
-                          f"probe above {policy.psnr:g} dB")
-    row["seconds"] = round(time.perf_counter() - start, 4)
-    return _attach(reply, context, server_round, row, ConfigRecord)
-
-
-def _remember(context, server_round: int, row: dict[str, Any]) -> None:
-    """The node's own record of its audits (its context's state persists across rounds)."""
-    from flwr.app import ConfigRecord
-
-    try:
-        context.state[f"audit-{server_round}"] = ConfigRecord({k: _config_value(v) for k, v in row.items()})
-    except Exception:  # noqa: BLE001 - a context that cannot hold it must not lose the reply
-        pass
-
-
-def _attach(reply, context, server_round: int, row: dict[str, Any], config_record) -> Any:
-    _remember(context, server_round, row)
-    reply.content["audit"] = config_record({k: _config_value(v) for k, v in row.items()})
-    return reply

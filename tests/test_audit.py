@@ -17,7 +17,7 @@ import torch
 
 from experiments.audit import LeakageAuditor
 from experiments.run import main as run_main
-from fl_sim.audit import AuditError, AuditPolicy, UpdateView, _view, refusal_of, tampering
+from fl_sim.audit import AuditError, AuditPolicy, UpdateView, refusal_of, tampering, update_view
 from fl_sim.config import ConfigError, RunConfig
 from fl_sim.data import load_dataset
 from fl_sim.models import INITS, build_model, model_names
@@ -97,7 +97,7 @@ def _fedsgd_view(batch: int) -> UpdateView:
     model = build_model("lenet", data.input_shape, data.num_classes, init="paper", seed=0)
     images, labels = client_batch(cfg, 0, 4, 1)
     grads, _ = batch_gradient(model, images, labels)
-    return _view(cfg, 0, 1, model, model.state_dict(), dict(zip(parameter_names(model), grads)), data.input_shape)
+    return update_view(cfg, 0, 1, model, dict(zip(parameter_names(model), grads)), data.input_shape)
 
 
 def test_one_image_gradient_is_flagged_invertible_and_label_readable():
@@ -116,8 +116,10 @@ def test_quickstart_fedavg_update_is_not_flagged():
     model = build_model("lenet", data.input_shape, data.num_classes, init="paper", seed=0)
     sent = {k: v.clone() for k, v in model.state_dict().items()}
     local_sgd(model, data, local_schedule(cfg, 0, cfg.num_clients, 1), lr=cfg.lr)
-    view = _view(cfg, 0, 1, build_model("lenet", data.input_shape, data.num_classes, init="paper", seed=0), sent,
-                 model.state_dict(), data.input_shape)
+    trained = model.state_dict()
+    delta = {n: trained[n] - sent[n] for n in parameter_names(model)}
+    view = update_view(cfg, 0, 1, build_model("lenet", data.input_shape, data.num_classes, init="paper", seed=0), delta,
+                       data.input_shape)
     assert view.kind == "weight_delta" and view.local_steps == 6 and view.labels.numel() == 40
     checks = LeakageAuditor().assess(view, {})
     assert not checks["flagged"] and checks["rgap_invertible"] == ""
