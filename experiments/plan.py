@@ -18,8 +18,6 @@ from a command line into a deployment's run config and back. Every rule lives he
 - SecAgg+ needs 2 or more clients per round and the simulation engine (its legacy
   apps are not in the deployment's app); ``observers = "all"`` (the default) means every
   observer the engine can run;
-- the clients' leakage audit (``audit``) runs on the main federation's ClientApp, not on
-  the SecAgg+ run's legacy client: ``secagg`` is refused with it (``all`` leaves it out);
 - attacked rounds and clients must exist (``attack-rounds = "spread"``: the first, middle and
   last round); a silent faulty client shortens the round timeout;
 - an attack setting (observers, attacked rounds, grants, ...) given without an attack is
@@ -221,7 +219,7 @@ class ExperimentPlan:
         if attacks:
             attack = AttackPlan(
                 attacks=tuple(attacks),
-                observers=tuple(_observer_list(resolved["observers"], engine, audited=bool(fed.audit))),
+                observers=tuple(_observer_list(resolved["observers"], engine)),
                 rounds=_rounds(resolved["attack-rounds"], fed.num_server_rounds),
                 clients=_ints("attack-clients", resolved["attack-clients"]),
                 max_per_round=_int("max-attacks-per-round", resolved["max-attacks-per-round"], 0),
@@ -290,9 +288,6 @@ class ExperimentPlan:
             if not 0 <= a.curious_client < c.num_clients:
                 raise ConfigError("curious-client", f"{a.curious_client} is not a partition id (0..{c.num_clients - 1})")
         if "secagg" in a.observers:
-            if c.audit:
-                raise ConfigError("observers", "the secagg observer's SecAgg+ run uses Flower's legacy client, which has "
-                                               "no leakage audit: leave secagg out with --audit")
             if engine != "simulation":
                 raise ConfigError("observers", "the secagg observer runs only under python -m experiments.run (its "
                                                "SecAgg+ apps are Flower's legacy ones, not this deployment's app)")
@@ -394,11 +389,10 @@ def _rounds(text: Any, num_rounds: int) -> frozenset[int] | None:
                                            f"{str(text).strip()!r}") from None
 
 
-def _observer_list(text: Any, engine: Engine, audited: bool = False) -> list[str]:
-    """``all`` is every observer the engine can run (no SecAgg+ in a deployment, nor under the
-    clients' audit: the SecAgg+ run's legacy client has no audit mod)."""
+def _observer_list(text: Any, engine: Engine) -> list[str]:
+    """``all`` is every observer the engine can run (no SecAgg+ in a deployment)."""
     if str(text).strip() == "all":
-        return [o for o in OBSERVERS if (engine == "simulation" and not audited) or o != "secagg"]
+        return [o for o in OBSERVERS if engine == "simulation" or o != "secagg"]
     names = _names(text)
     bad = [n for n in names if n not in OBSERVERS]
     if bad:

@@ -168,7 +168,7 @@ def _run(plan, data, verbose: bool) -> int:
             if plan.runs_main:
                 run_apps(experiment.server_app(), client_app, c.num_clients, verbose=verbose)
             if plan.runs_secagg and not experiment.stopped and experiment.failure is None:
-                from fl_sim.secagg import client_app as secagg_client_app
+                from experiments.client_app import secagg_app as secagg_client_app
 
                 progress.update(task, completed=0, description="secagg", status="starting the SecAgg+ run ...")
                 run_apps(experiment.secagg_server_app(), secagg_client_app, c.num_clients, verbose=verbose)

@@ -83,7 +83,8 @@ class RunFolder:
         if mode == "new" and busy:
             raise RunFolderError(f"run folder {folder} is not empty: pass --resume to continue the run in it, "
                                  "--overwrite to replace it, or another --out")
-        if mode == "overwrite" and busy and not is_run:
+        # a run of the SecAgg+ observer alone keeps its config in secagg/ (experiment.SECAGG_DIR)
+        if mode == "overwrite" and busy and not (is_run or (folder / "secagg" / "config.json").is_file()):
             raise RunFolderError(f"{folder} is not empty and holds no run (no config.json): not deleting it")
         if mode == "resume":
             if not is_run:

@@ -61,6 +61,7 @@ __all__ = [
     "AuditOutcome",
     "update_view",
     "refusal_reason",
+    "write_audit_row",
     "audit_row",
     "refusal_of",
 ]
@@ -438,6 +439,26 @@ class Audit:
                 return self._done("protected", dict(zip(parameter_names(self.own), tensors)))
         return self._done("refused", reason=f"the strongest {policy.defence} ({protection_ladder(policy.defence)[-1]:g}) "
                                             f"leaves the probe above {policy.psnr:g} dB")
+
+
+def write_audit_row(path, row: Mapping[str, Any]) -> None:
+    """Append ``row`` to the audit.csv at ``path`` (header first if new), under a file lock:
+    the server writes the rows its replies carry, SecAgg+ clients write their own."""
+    import csv
+    import fcntl
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", newline="") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            w = csv.DictWriter(f, AUDIT_FIELDS, extrasaction="ignore")
+            if f.tell() == 0:
+                w.writeheader()
+            w.writerow({k: row.get(k, "") for k in AUDIT_FIELDS})
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def refusal_reason(outcome: AuditOutcome) -> str:

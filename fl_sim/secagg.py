@@ -49,7 +49,9 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -99,6 +101,7 @@ __all__ = [
     "secagg_settings",
     "SecAggClient",
     "client_app",
+    "make_secagg_client_app",
     "SecAggStrategy",
     "make_secagg_server_app",
     "serve_secagg",
@@ -204,8 +207,10 @@ class SecAggClient(NumPyClient):
     arrays before masking (:func:`fl_sim.faults.spoil`), as the Message-API client does.
     """
 
-    def __init__(self, node_config) -> None:
+    def __init__(self, node_config, auditor=None, context: Context | None = None) -> None:
         self.node_config = dict(node_config)
+        self.auditor = auditor  # fl_sim.audit.Auditor: the clients' leakage audit, before masking
+        self.node_context = context
 
     def _model(self, parameters: NDArrays, config: dict[str, Scalar]):
         torch.set_num_threads(1)  # simulated clients share the machine's cores
@@ -214,7 +219,46 @@ class SecAggClient(NumPyClient):
         data, model = model_with(cfg, [torch.as_tensor(np.asarray(a)) for a in parameters])
         return cfg, pid, data, model
 
+    def _audit(self, parameters: NDArrays, config: dict[str, Scalar]):
+        """The clients' leakage audit of this round (None when the run has none for this client)."""
+        from .audit import Audit, _memory
+
+        cfg = RunConfig.from_mapping(dict(config))
+        pid = node_partition(cfg, self.node_config)
+        policy = cfg.audit_policy
+        if policy is None or not policy.audits(pid):
+            return None
+        if self.auditor is None:
+            raise ValueError("this SecAgg+ ClientApp has no leakage audit: run experiments.client_app:secagg_app")
+        audit = Audit(self.auditor, cfg, pid, int(config["server-round"]),
+                      _memory(self.node_context) if self.node_context is not None else {})
+        keys = list(audit.own.state_dict())
+        if len(keys) != len(parameters):
+            sent = {f"array-{i}": torch.as_tensor(np.asarray(a)) for i, a in enumerate(parameters)}
+        else:
+            sent = {k: torch.as_tensor(np.asarray(a)) for k, a in zip(keys, parameters)}
+        return audit, audit.check_model(sent)
+
+    def _record(self, audit, outcome) -> None:
+        """SecAgg+ hides each client's reply from the server, so the client writes its own
+        audit.csv row (into the run's folder) and keeps it in its context."""
+        from .audit import _remember, write_audit_row
+
+        node = int(self.node_context.node_id) if self.node_context is not None else ""
+        if self.node_context is not None:
+            _remember(self.node_context, audit.server_round, audit)
+        if audit.cfg.out_dir:
+            write_audit_row(Path(audit.cfg.out_dir) / "audit.csv",
+                            {**outcome.row, "round": audit.server_round, "node_id": node})
+
     def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
+        from .audit import refusal_reason
+
+        audited = self._audit(parameters, config)
+        if audited is not None and audited[1] is not None:
+            self._record(audited[0], audited[1])
+            raise RuntimeError(refusal_reason(audited[1]))  # never train on a model built to extract data
+        start = time.perf_counter()
         cfg, pid, data, model = self._model(parameters, config)
         server_round = int(config["server-round"])
         sent = [p.detach().clone() for p in model.parameters()]
@@ -226,6 +270,14 @@ class SecAggClient(NumPyClient):
         # the client's own update defences (pruning, noise) before masking, as the plain client's mod
         by_name = defend_update(dict(zip(parameter_names(model), grads)), cfg.defence_list, seed=cfg.seed,
                                 partition_id=pid, server_round=server_round)
+        if audited is not None:  # the audit sees the update the defences made, before masking
+            audit = audited[0]
+            outcome = audit.check_update(by_name, time.perf_counter() - start)
+            self._record(audit, outcome)
+            if outcome.action == "refused":
+                raise RuntimeError(refusal_reason(outcome))
+            if outcome.update is not None:
+                by_name = {**by_name, **outcome.update}
         arrays = [
             # float64: SecAgg+ quantises in the arrays' dtype, and float32 cannot resolve 2**28 levels
             (by_name[k] if k in by_name else torch.zeros_like(v)).detach().cpu().double().numpy()
@@ -244,11 +296,17 @@ class SecAggClient(NumPyClient):
         return float(loss), len(share), {"eval_acc": float(acc)}
 
 
-def _client_fn(context: Context):
-    return SecAggClient(context.node_config).to_client()
+def make_secagg_client_app(auditor=None) -> ClientApp:
+    """The SecAgg+ ClientApp; ``auditor`` (:class:`fl_sim.audit.Auditor`) for the clients'
+    leakage audit, which runs inside ``fit`` on the update before ``secaggplus_mod`` masks it."""
+
+    def client_fn(context: Context):
+        return SecAggClient(context.node_config, auditor, context).to_client()
+
+    return ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
 
 
-client_app = ClientApp(client_fn=_client_fn, mods=[secaggplus_mod])
+client_app = make_secagg_client_app()
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,11 +389,26 @@ class SecAggStrategy(FedAvg):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         server_round += self.round_offset
-        # SecAgg+ may list one failure twice; record each once, first line only.
-        reasons = list(dict.fromkeys(str(f).strip().splitlines()[0] if str(f).strip() else repr(f) for f in failures))
-        for reason in reasons:
-            self._drop(server_round, "missing", f"a client failed or dropped out under SecAgg+: {reason[:300]}")
-        self.round_counts[server_round] = (len(results), len(reasons))
+        from .audit import refusal_of
+        from .replies import error_summary
+
+        # SecAgg+ may list one failure twice; record each once, in one line.
+        seen: dict[str, str] = {}
+        for f in failures:
+            text = str(getattr(f, "reason", None) or f).strip() or repr(f)
+            summary = error_summary(text).replace("\\'", "'")  # Ray's repr escapes the quotes
+            refused = refusal_of(summary)
+            if refused is not None:
+                seen.setdefault(f"refused:{refused[0]}", "refused")
+            else:
+                seen.setdefault(summary, "missing")
+        for reason, status in seen.items():
+            if status == "refused":
+                self._drop(server_round, "refused", "the client's leakage audit refused to send it: "
+                                                    f"{reason.split(':', 1)[1][:300]}")
+            else:
+                self._drop(server_round, "missing", f"a client failed or dropped out under SecAgg+: {reason[:300]}")
+        self.round_counts[server_round] = (len(results), len(seen))
         before = self._before.pop(server_round, None)
         if not results or before is None:
             raise RoundFailed(f"round {server_round}: nothing to aggregate under SecAgg+ ({len(results)} results)")

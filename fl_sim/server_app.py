@@ -141,15 +141,10 @@ class FederationLog:
 
     def audit(self, row: Mapping[str, Any]) -> None:
         """Log a client's audit of its reply (a row of audit.csv)."""
-        from .audit import AUDIT_FIELDS
+        from .audit import write_audit_row
 
         with self._lock:
-            new = not self.audit_path.exists()
-            with self.audit_path.open("a", newline="") as f:
-                w = csv.DictWriter(f, AUDIT_FIELDS, extrasaction="ignore")
-                if new:
-                    w.writeheader()
-                w.writerow({k: row.get(k, "") for k in AUDIT_FIELDS})
+            write_audit_row(self.audit_path, row)
 
 
 class StoppableGrid(Grid):

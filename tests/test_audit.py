@@ -239,3 +239,19 @@ def test_a_constructed_model_is_detected_in_the_rounds_it_is_sent(tmp_path):
     rounds = _rows(out / "rounds.csv")
     assert [(r["round"], r["aggregated"], r["dropped"]) for r in rounds[1:]] == [("1", "3", "0"), ("2", "1", "2"),
                                                                                 ("3", "3", "0")]
+
+
+@pytest.mark.slow
+def test_under_secagg_the_audit_sees_the_plaintext_update_and_block_drops_out(tmp_path):
+    out = tmp_path / "run"
+    assert run_main(["--attack", "rgap", "--observers", "secagg", "--clients", "3", "--rounds", "1",
+                     "--defence", "prune:ratio=0.1", "--audit", "block:clients=0", "--out", str(out)]) == 0
+    # SecAgg+ hides each reply from the server: the clients write their own rows, before masking
+    audit = {int(a["client"]): a for a in _rows(out / "secagg" / "audit.csv")}
+    assert sorted(audit) == [0]  # only client 0 runs the audit
+    # 10% pruning leaves DLG and Inverting Gradients near 40 dB (the defences table): refused
+    assert audit[0]["action"] == "refused" and float(audit[0]["probe_psnr"]) > 30
+    assert float(audit[0]["update_zeros"]) >= 0.1  # the pruned plaintext, not the masked vector
+    dropped = _rows(out / "secagg" / "dropped.csv")
+    assert [d["status"] for d in dropped] == ["refused"] and "leakage audit refused" in dropped[0]["reason"]
+    assert _rows(out / "secagg" / "rounds.csv")[1]["aggregated"] == "2"
