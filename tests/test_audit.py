@@ -255,3 +255,15 @@ def test_under_secagg_the_audit_sees_the_plaintext_update_and_block_drops_out(tm
     dropped = _rows(out / "secagg" / "dropped.csv")
     assert [d["status"] for d in dropped] == ["refused"] and "leakage audit refused" in dropped[0]["reason"]
     assert _rows(out / "secagg" / "rounds.csv")[1]["aggregated"] == "2"
+
+
+def test_time_limit_stops_the_optimisation_attacks_with_their_best_image():
+    from attacks import ThreatModel
+    from attacks.dlg import dlg
+    from attacks.inverting import inverting_gradients
+
+    view = _fedsgd_view(4)
+    for attack in (dlg, inverting_gradients):
+        res = attack(view.model, list(view.tensors), view.input_shape, ThreatModel(batch_size=4), time_limit=0.3)
+        assert res.status == "time_limit" and res.images.shape == (4, 1, 28, 28) and res.seconds < 5
+        assert torch.isfinite(res.images).all()

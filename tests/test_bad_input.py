@@ -93,6 +93,10 @@ CASES = [
     # the plan's rules
     (["--attack", "rgap", "--mode", "fedavg"], "--attack: rgap inverts one sample's gradient"),
     (["--attack", "ig", "--grant-batch-order"], "--grant-batch-order: a FedSGD update is one batch"),
+    (["--attack", "ig", "--attack-time-limit", "-1"], "--attack-time-limit: must be a number of seconds >= 0"),
+    (["--attack", "ig", "--attack-time-limit", "soon"], "--attack-time-limit: must be a number of seconds"),
+    (["--attack", "none", "--attack-time-limit", "10"], "--attack-time-limit: has no effect without an attack"),
+    (["--audit", "protect:defence=blur"], "--audit: protect: unknown defence 'blur'"),
     (["--attack", "ig", "--mode", "fedavg"], "--local-epochs: a client's FedAvg update would hold 1000 images (1000 local"),
     (["--attack", "ig", "--mode", "fedavg", "--local-steps", "20", "--batch-size", "4"],
      "--local-steps: a client's FedAvg update would hold 80 images"),
