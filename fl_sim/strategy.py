@@ -185,21 +185,13 @@ class ScreeningStrategy(WrappingStrategy):
             node = int(msg.metadata.src_node_id)
             answered.add(node)
             verdict = ("invalid", "no train message was sent in this round") if spec is None else check_reply(msg, spec)
-            self._audit(server_round, node, msg, verdict)
+            pid = _partition(msg) if verdict is None else self._claimed(node, msg)
             if verdict is None:
-                self.partition_of[node] = _partition(msg)
+                self.partition_of[node] = pid
                 accepted.append(msg)
             else:
-                pid = self.partition_of.get(node, -1)
-                if msg.has_error() and pid < 0:
-                    from .audit import audit_row
-
-                    claimed = (audit_row(msg) or {}).get("client")
-                    pid = claimed if isinstance(claimed, int) and not isinstance(claimed, bool) else pid
-                if not msg.has_error() and "metrics" in msg.content.metric_records:
-                    claimed = msg.content.metric_records["metrics"].get("partition-id")
-                    pid = int(claimed) if isinstance(claimed, (int, float)) and claimed == int(claimed) else pid
                 dropped.append(DroppedReply(server_round, node, pid, verdict[0], verdict[1]))
+            self._audit(server_round, node, pid, msg)
         for node in targets:
             if node not in answered:
                 dropped.append(DroppedReply(server_round, node, self.partition_of.get(node, -1), "missing",
@@ -207,7 +199,23 @@ class ScreeningStrategy(WrappingStrategy):
         accepted.sort(key=_partition)
         return ScreenedRound(server_round, accepted, dropped)
 
-    def _audit(self, server_round: int, node: int, msg: Message, verdict: tuple[str, str] | None) -> None:
+    def _claimed(self, node: int, msg: Message) -> int:
+        """The partition a dropped reply is put down to: the node's, learnt from an earlier
+        valid reply; else what the reply claims (its metrics, or a refusal's audit record);
+        else -1."""
+        pid = self.partition_of.get(node, -1)
+        if msg.has_error():
+            if pid < 0:
+                from .audit import audit_row
+
+                claimed = (audit_row(msg) or {}).get("client")  # a refusal names its client only there
+                pid = claimed if isinstance(claimed, int) and not isinstance(claimed, bool) else pid
+        elif "metrics" in msg.content.metric_records:
+            claimed = msg.content.metric_records["metrics"].get("partition-id")
+            pid = int(claimed) if isinstance(claimed, (int, float)) and claimed == int(claimed) else pid
+        return pid
+
+    def _audit(self, server_round: int, node: int, pid: int, msg: Message) -> None:
         """Pass on the record of the client's own audit (:mod:`fl_sim.audit`) a reply carries."""
         if self.on_audit is None:
             return
@@ -215,13 +223,8 @@ class ScreeningStrategy(WrappingStrategy):
 
         try:
             row = audit_row(msg)
-            if row is None:
-                return
-            pid = _partition(msg) if verdict is None else self.partition_of.get(node, -1)
-            claimed = row.get("client")
-            if pid < 0 and isinstance(claimed, int) and not isinstance(claimed, bool):
-                pid = claimed  # a refused reply names its client only in the audit's record
-            self.on_audit({**row, "round": server_round, "node_id": node, "client": pid})
+            if row is not None:
+                self.on_audit({**row, "round": server_round, "node_id": node, "client": pid})
         except Exception:  # noqa: BLE001 - bookkeeping must not break a round
             log.exception("on_audit hook failed")
 
