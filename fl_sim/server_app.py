@@ -56,6 +56,7 @@ __all__ = [
     "ResumeError",
 ]
 
+NODE_WAIT = 60.0  # seconds the server waits at the start for every node of the run to connect
 ROUND_FIELDS = ["round", "train_loss", "test_loss", "test_accuracy", "aggregated", "dropped", "seconds"]
 
 
@@ -298,6 +299,7 @@ def run_server(
             on_round(row)
         return MetricRecord({"test_loss": loss, "test_accuracy": acc})
 
+    _wait_for_nodes(grid, cfg.num_clients, min(cfg.round_timeout, NODE_WAIT), stop)
     return strategy.start(
         grid=StoppableGrid(grid, stop) if stop is not None else grid,
         initial_arrays=ArrayRecord(model.state_dict()),
@@ -307,6 +309,18 @@ def run_server(
         evaluate_config=ConfigRecord(cfg.to_flower()),
         evaluate_fn=central_evaluate,
     )
+
+
+def _wait_for_nodes(grid: Grid, expected: int, timeout: float, stop: threading.Event | None) -> None:
+    """Wait (at most ``timeout`` seconds) until the run's ``expected`` nodes are connected:
+    Flower samples among the nodes connected when a round starts, so a round that starts while
+    one is still connecting leaves it out without a trace (seen when a resumed simulation's first
+    round sampled 2 of 3 nodes). A node that never comes is the rounds' business (missing)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and not (stop is not None and stop.is_set()):
+        if len(list(grid.get_node_ids())) >= expected:
+            return
+        time.sleep(0.2)
 
 
 def make_server_app(overrides: Mapping[str, Any] | None = None, **run_kwargs: Any) -> ServerApp:
