@@ -9,6 +9,7 @@ from .metrics import SUCCESS_PSNR, label_accuracy, match_batch, mse, psnr, score
 
 __all__ = [
     "ATTACKS",
+    "ACTIVE",
     "get_attack",
     "AttackResult",
     "ThreatModel",
@@ -36,9 +37,18 @@ ATTACKS: dict[str, str] = {
 }
 
 
+# The active server's inversions, same calling convention; each reads an update of a model
+# the server built for it (attacks.imprint.construct), so none of them is in ATTACKS, which
+# attack what an honest server's round shows.
+ACTIVE: dict[str, str] = {
+    "imprint": "attacks.imprint:imprint",
+}
+
+
 def get_attack(name: str) -> Callable[..., AttackResult]:
-    """The attack function registered as ``name``."""
-    if name not in ATTACKS:
+    """The attack function registered as ``name`` (in ``ATTACKS`` or ``ACTIVE``)."""
+    where = ATTACKS.get(name) or ACTIVE.get(name)
+    if where is None:
         raise ValueError(f"unknown attack {name!r}: choose one of {', '.join(ATTACKS)}")
-    module, func = ATTACKS[name].split(":")
+    module, func = where.split(":")
     return getattr(importlib.import_module(module), func)

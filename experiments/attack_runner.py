@@ -31,7 +31,14 @@ from fl_sim.config import RunConfig
 from fl_sim.intercepting_strategy import InterceptedUpdate, RoundAggregate
 from fl_sim.replies import DroppedReply
 
-from .observe import Observation, observe_curious_client, observe_secagg, observe_server
+from .observe import (
+    Observation,
+    observe_active,
+    observe_active_secagg,
+    observe_curious_client,
+    observe_secagg,
+    observe_server,
+)
 from .plan import ExperimentPlan
 from .results import ResultsWriter, blank_row
 
@@ -93,7 +100,8 @@ def run_job(job: AttackJob, cfg: RunConfig) -> tuple[list[dict[str, Any]], dict[
         seconds = round(time.perf_counter() - start, 3)
         by_client = {c.client: c for c in clients}
         rows = []
-        for row in _rows(job, seconds=seconds, status=res.status, batch_size_used=int(res.images.shape[0])):
+        for row in _rows(job, seconds=seconds, status=res.status, batch_size_used=int(res.images.shape[0]),
+                         bins=res.diagnostics.get("bins", "")):
             c = by_client[row["client"]]
             row.update(psnr=c.psnr, ssim=c.ssim, mse=c.mse, label_acc=c.label_acc, images=c.images, recovered=c.recovered)
             rows.append(row)
@@ -134,7 +142,7 @@ class AttackRunner:
 
     Hooks: ``on_update`` (every reply the server aggregated), ``on_aggregate`` (each round's
     aggregate, for the curious client and the SecAgg+ server), ``on_dropped`` (a reply the
-    server did not aggregate). ``workers=0`` in the plan runs each job inline, in the hook
+    server did not aggregate), and for the active server ``swap``, the model it sends. ``workers=0`` in the plan runs each job inline, in the hook
     (the round waits); more runs them in that many spawned processes at the lowest priority.
     ``close()`` runs what was deferred and waits; ``stop()`` abandons what has not finished
     (rows with status ``interrupted``) and stops the workers.
@@ -184,8 +192,32 @@ class AttackRunner:
     def _grants(self) -> dict[str, Any]:
         return {"grant_batch_size": self.attack.grant_batch_size, "grant_labels": self.attack.grant_labels}
 
+    def swap(self, server_round: int, honest: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """The model the active server sends in ``server_round`` instead of the honest one
+        (:data:`fl_sim.strategy.ModelSwap`): in an attacked round, the construction
+        ``attack.active`` with ``attack.active_bins`` bins placed on the server's own held-out
+        images; None otherwise."""
+        from attacks.imprint import construct
+        from fl_sim.data import load_dataset, to_float
+        from fl_sim.models import build_model
+
+        if not self.attack.is_active or not self.attack.attacked(server_round):
+            return None
+        data = load_dataset(self.cfg.dataset, self.cfg.data_root)
+        model = build_model(self.cfg.model, data.input_shape, data.num_classes)
+        model.load_state_dict(honest)
+        built = construct(self.attack.active, model, data.input_shape, to_float(data.test_x), self.attack.active_bins,
+                          seed=self.cfg.seed)
+        return built.state_dict()
+
     def on_update(self, update: InterceptedUpdate) -> None:
-        """The server aggregated this client's reply."""
+        """The server aggregated this client's reply (or, in a round that sent the active
+        server's model, received it)."""
+        if update.replaced:
+            if self.attack.is_active and self._wanted(update.server_round, update.partition_id, "active"):
+                self._submit(observe_active(update, self.cfg, self.param_names, grant_labels=self.attack.grant_labels),
+                             (self.attack.active,))
+            return
         if update.partition_id == self.attack.curious_client:
             self._own = {update.server_round: update}
         if "server" in self.attack.observers and self._wanted(update.server_round, update.partition_id, "server"):
@@ -193,7 +225,13 @@ class AttackRunner:
                                         grant_order=self.attack.grant_order))
 
     def on_aggregate(self, agg: RoundAggregate, observer: str) -> None:
-        """A round's aggregate, seen by ``observer`` (``client`` or ``secagg``)."""
+        """A round's aggregate, seen by ``observer`` (``client`` or ``secagg``); a SecAgg+ round
+        that sent the active server's model goes to the active server (``active-secagg``)."""
+        if agg.replaced:
+            if observer == "secagg" and self.attack.is_active and self._count(agg.server_round, "active-secagg"):
+                self._submit(observe_active_secagg(agg, self.cfg, self.param_names, grant_labels=self.attack.grant_labels),
+                             (self.attack.active,))
+            return
         if observer not in self.attack.observers or not self.attack.attacked(agg.server_round):
             return
         if observer == "client":
@@ -215,11 +253,15 @@ class AttackRunner:
     def on_dropped(self, d: DroppedReply) -> None:
         """A reply the server did not aggregate: in an attacked round, a row per server-side
         attack saying so (nothing to attack)."""
-        if "server" not in self.attack.observers or not self.attack.attacked(d.server_round, d.partition_id):
+        if not self.attack.attacked(d.server_round, d.partition_id):
+            return
+        # an attacked round is the active server's when it is named (it sent its own model)
+        observer, attacks = ("active", (self.attack.active,)) if self.attack.is_active else ("server", self.attack.attacks)
+        if observer not in self.attack.observers:
             return
         status = "missing" if d.status == "missing" else "invalid"
-        self._record([blank_row(d.server_round, d.partition_id, "server", a, status=status,
-                                reason=f"node {d.node_id}: {d.status}: {d.reason}") for a in self.attack.attacks])
+        self._record([blank_row(d.server_round, d.partition_id, observer, a, status=status,
+                                reason=f"node {d.node_id}: {d.status}: {d.reason}") for a in attacks])
 
     # ---- jobs ----------------------------------------------------------------------------
 
@@ -233,8 +275,8 @@ class AttackRunner:
     def _wanted(self, server_round: int, partition_id: int, observer: str) -> bool:
         return self.attack.attacked(server_round, partition_id) and self._count(server_round, observer)
 
-    def _submit(self, obs: Observation) -> None:
-        for attack in self.attack.attacks:
+    def _submit(self, obs: Observation, attacks: tuple[str, ...] | None = None) -> None:
+        for attack in self.attack.attacks if attacks is None else attacks:
             job = AttackJob(obs, attack, seed=self.cfg.seed * 1000 + obs.server_round, time_limit=self.plan.attack.time_limit)
             with self._lock:
                 if self._stopping:

@@ -16,7 +16,7 @@ from fl_sim.config import FAULTS
 from fl_sim.defences import DEFENCES
 from fl_sim.models import model_names
 
-from .plan import ATTACK_PRESET, BATCH_SIZE_GRANTS, DEMO_PRESET, OBSERVERS, ConfigError, ExperimentPlan, default_mapping
+from .plan import ACTIVE_ATTACKS, ATTACK_PRESET, BATCH_SIZE_GRANTS, DEMO_PRESET, OBSERVERS, ConfigError, ExperimentPlan, default_mapping
 
 __all__ = ["Flag", "PLAN_FLAGS", "Parser", "add_plan_arguments", "given", "plan_from_args", "flag_for", "say_error"]
 
@@ -64,7 +64,12 @@ PLAN_FLAGS: list[Flag] = [
                                   "rgap, ig, or all; none: plain training"),
     Flag(("--observers", "--observer"), "observers",
          f"comma list of {', '.join(OBSERVERS)} (server: sees each client's update; client: a curious client that sees "
-         "only global models; secagg: the server under SecAgg+, a second run), or all"),
+         "only global models; secagg: the server under SecAgg+, a second run; active: a malicious server that sends a "
+         "model built to leak in the attacked rounds, in the SecAgg+ run too with secagg), or all (the passive ones)"),
+    Flag(("--active-attack",), "active-attack",
+         f"the active server's construction: {', '.join(ACTIVE_ATTACKS)} (a linear layer's rows set to one "
+         "measurement, biases at its quantiles: Robbing the Fed, weights only; needs --model mlp)"),
+    Flag(("--active-bins",), "active-bins", "the active server's number of bins"),
     Flag(("--attack-rounds",), "attack-rounds", "rounds to attack, e.g. 1,2, all, or spread (the first, middle and last)"),
     Flag(("--attack-clients",), "attack-clients", "partition ids to attack, e.g. 0,2, or all"),
     Flag(("--max-attacks-per-round",), "max-attacks-per-round", "cap on attacked updates per round and observer (0: none)"),
@@ -111,7 +116,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser, *, skip: Sequence[str] =
         if flag.key in skip:
             continue
         group = att if flag.key in ("attack", "observers", "grant-labels") or flag.key.startswith(
-            ("attack-", "max-attacks", "curious", "defer", "grant")) else fed
+            ("attack-", "max-attacks", "curious", "defer", "grant", "active-")) else fed
         default = defaults[flag.key]
         shown = ""
         if flag.action == "store":

@@ -129,6 +129,11 @@ class Experiment:
     def _config(self) -> dict[str, Any]:
         return self.plan.to_mapping()
 
+    def _swap(self):
+        """The active server's model swap (None for an honest server)."""
+        a = self.plan.attack
+        return self.runner.swap if a is not None and a.is_active and self.runner is not None else None
+
     def serve(self, grid: Grid) -> Outcome:
         """The main federation on ``grid``: the honest server, wrapped by the spying strategy
         when the plan intercepts (server or curious-client observers)."""
@@ -143,7 +148,7 @@ class Experiment:
             log_ = self.logs["main"] = FederationLog(self.out, self._config(), resume=plan.resume)
             run_server(grid, plan.fed, log_, wrap_strategy=wrap if plan.intercepts else None,
                        on_round=self._round_hook("main"), on_dropped=runner.on_dropped if runner else None,
-                       stop=self.stop)
+                       replace_model=self._swap(), stop=self.stop)
 
         return self._phase("main", body)
 
@@ -171,7 +176,7 @@ class Experiment:
             log_ = self.logs["secagg"] = FederationLog(cfg.out_dir, {**self._config(), "out-dir": cfg.out_dir},
                                                        resume=self.plan.resume)
             serve_secagg(grid, context, cfg, log_, on_aggregate=partial(runner.on_aggregate, observer="secagg"),
-                         on_round=self._round_hook("secagg"), stop=self.stop)
+                         on_round=self._round_hook("secagg"), replace_model=self._swap(), stop=self.stop)
 
         @app.main()
         def main(grid: Grid, context: Context) -> None:

@@ -21,6 +21,11 @@ Observers and what they are entitled to (``grant-batch-size = "observed"``, the 
 - ``secagg`` (the server under SecAgg+) sees only the aggregate, but each client's
   ``num_examples`` travels in the clear under Flower's SecAgg+, so it knows the total number
   of images in the aggregate.
+- ``active`` (a malicious server) chose the model it sent in an attacked round (the one the
+  update was computed on, which is what its attack reads); it sees each client's own reply
+  like ``server``. ``active-secagg``: the same server under SecAgg+, with the round's
+  aggregate (the decoded mean it holds) and the clear-text example counts. Neither needs
+  labels or a batch size, and neither is told them unless granted.
 
 ``grant-batch-size = "all"`` grants every observer the true number of images (an upper
 bound), ``"none"`` grants it to none (every attack estimates: a lower bound);
@@ -51,6 +56,8 @@ __all__ = [
     "observe_server",
     "observe_curious_client",
     "observe_secagg",
+    "observe_active",
+    "observe_active_secagg",
 ]
 
 if TYPE_CHECKING:
@@ -214,3 +221,29 @@ def observe_secagg(agg: RoundAggregate, cfg: RunConfig, names: Sequence[str], *,
     update = _as_update(mean, kind, cfg, max(counts, default=1))
     return Observation("secagg", agg.server_round, _weights(agg.before), update, grants,
                        RefereeKey(agg.partition_ids, "post-hoc"))
+
+
+def observe_active(u: InterceptedUpdate, cfg: RunConfig, names: Sequence[str], *, grant_labels: bool) -> Observation:
+    """The active server's view of one client's reply to the model it built (``u.sent``)."""
+    steps = 1 if u.kind == "gradient" else cfg.steps_for(u.num_examples)
+    update = update_of(u.sent, u.reply, u.kind, names, lr=cfg.lr, local_steps=steps)
+    images = u.num_examples if u.kind == "gradient" else cfg.images_for(u.num_examples)
+    return Observation("active", u.server_round, _weights(u.sent), update,
+                       Grants(grant_labels, images, "reply" if u.kind == "gradient" else "config"),
+                       RefereeKey((u.partition_id,), "direct"))
+
+
+def observe_active_secagg(agg: RoundAggregate, cfg: RunConfig, names: Sequence[str], *,
+                          grant_labels: bool) -> Observation:
+    """The active server's view of a SecAgg+ round that sent its model (``agg.before``): the
+    decoded mean update (``agg.update``; from the model step when it has none)."""
+    if agg.update is not None:
+        tensors = tuple(agg.update[n].detach().clone() for n in names)
+        kind = "gradient" if cfg.mode == "fedsgd" else "weight_delta"
+    else:
+        tensors, kind = _mean_update(agg, cfg, names)
+    counts = [c for _, c in agg.contributors]
+    images = sum(counts) if kind == "gradient" else sum(cfg.images_for(c) for c in counts)
+    update = _as_update(tensors, kind, cfg, max(counts, default=1))
+    return Observation("active-secagg", agg.server_round, _weights(agg.before), update,
+                       Grants(grant_labels, images, "clear-counts"), RefereeKey(agg.partition_ids, "post-hoc"))

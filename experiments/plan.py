@@ -21,7 +21,11 @@ from a command line into a deployment's run config and back. Every rule lives he
 - attacked rounds and clients must exist (``attack-rounds = "spread"``: the first, middle and
   last round); a silent faulty client shortens the round timeout;
 - an attack setting (observers, attacked rounds, grants, ...) given without an attack is
-  refused rather than ignored;
+  refused rather than ignored, unless the ``active`` observer is named: the active server
+  (``active-attack``, ``active-bins``) replaces the model in the attacked rounds and inverts
+  what comes back (with ``secagg`` also in the SecAgg+ run), with or without passive attacks;
+  ``observers = "all"`` means the passive ones; the weights-only imprint needs a model whose
+  first layer is linear on the image (``mlp``) with at least ``active-bins`` units;
 - what the data allows (``check_data``): the dataset loads and the partition is feasible,
   and an attacked FedAvg update holds at most :data:`MAX_UPDATE_IMAGES` images (a client with
   1,000 images and one local epoch of batch 1 would ask for 1,000 dummy images), checked
@@ -38,10 +42,16 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any, Literal, Mapping
 
+import torch
+
+from attacks import ACTIVE
+
 from fl_sim.config import ConfigError, RunConfig
 
 __all__ = [
     "OBSERVERS",
+    "PASSIVE_OBSERVERS",
+    "ACTIVE_ATTACKS",
     "BATCH_SIZE_GRANTS",
     "ATTACK_PRESET",
     "ATTACK_KEYS",
@@ -53,7 +63,10 @@ __all__ = [
     "attack_names",
 ]
 
-OBSERVERS = ("server", "client", "secagg")
+OBSERVERS = ("server", "client", "secagg", "active")
+PASSIVE_OBSERVERS = ("server", "client", "secagg")  # what "all" means: the servers that send the honest model
+# The active server's constructions (attacks.ACTIVE, built by attacks.imprint.construct).
+ACTIVE_ATTACKS = tuple(ACTIVE)
 # What the attackers are told of the number of images in the update they attack:
 # observed: what each observer sees (the server: the reply's num-examples; SecAgg+: the sum of
 #           the clients' clear-text num-examples; the curious client: nothing, it estimates);
@@ -73,7 +86,12 @@ ATTACK_PRESET: dict[str, Any] = {"mode": "fedsgd", "batch-size": 1, "num-clients
 DEMO_PRESET: dict[str, Any] = {"attack": "rgap", "mode": "fedsgd", "batch-size": 1, "num-clients": 10,
                                "num-server-rounds": 150, "server-lr": 0.1, "model": "cnn6", "init": "kaiming",
                                "attack-rounds": "spread", "observers": "server,client"}
-PRESETS = {"paper": ATTACK_PRESET, "demo": DEMO_PRESET}
+# With the active observer named, keys left unset take the setting of the issue's target: FedSGD
+# with 16 images per client and 4 clients (64 images in a SecAgg+ aggregate), on the fully
+# connected model whose first layer holds the weights-only imprint.
+ACTIVE_PRESET: dict[str, Any] = {"mode": "fedsgd", "batch-size": 16, "num-clients": 4, "num-server-rounds": 2,
+                                 "model": "mlp", "init": "torch"}
+PRESETS = {"paper": ATTACK_PRESET, "demo": DEMO_PRESET, "active": ACTIVE_PRESET}
 # The most images one attacked update may hold: an attack optimises one dummy image per image
 # (Inverting Gradients on 32 CIFAR images in 3 local steps: 200 s on one core).
 MAX_UPDATE_IMAGES = 64
@@ -167,6 +185,17 @@ class AttackPlan:
     grant_labels: bool = False
     grant_order: bool = False
     time_limit: float = 0.0
+    active: str = "imprint"
+    active_bins: int = 500
+
+    @property
+    def passive(self) -> tuple[str, ...]:
+        """The observers that attack what the honest server's round shows them."""
+        return tuple(o for o in self.observers if o != "active")
+
+    @property
+    def is_active(self) -> bool:
+        return "active" in self.observers
 
     def attacked(self, server_round: int, partition_id: int | None = None) -> bool:
         """Whether updates of ``server_round`` (and of client ``partition_id``) are attacked."""
@@ -198,10 +227,11 @@ class ExperimentPlan:
             raise ConfigError(unknown[0], "not a setting of this app (the keys are those of [tool.flwr.app.config])")
         if preset is not None and preset not in PRESETS:
             raise ConfigError("preset", f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
-        chosen = PRESETS[preset] if preset else ATTACK_PRESET
+        active = "active" in _names(given.get("observers", PRESETS.get(preset or "", {}).get("observers", "")))
+        chosen = PRESETS[preset] if preset else ACTIVE_PRESET if active else ATTACK_PRESET
         named = given.get("attack", chosen.get("attack", "none"))
         resolved = dict(default_mapping())
-        if _names(named) not in ([], ["none"]):  # a preset is an attacked setting; plain training has none
+        if _names(named) not in ([], ["none"]) or active:  # a preset is an attacked setting; plain training has none
             resolved.update(chosen)
         if "silent" in str(given.get("faulty-clients", "")) and "round-timeout" not in given:
             resolved["round-timeout"] = SILENT_ROUND_TIMEOUT
@@ -210,13 +240,14 @@ class ExperimentPlan:
         fed = RunConfig.from_mapping(resolved)
         attacks = _attack_list(named, fed)
         attack = None
-        if not attacks:
+        active = "active" in _names(resolved["observers"])
+        if not attacks and not active:
             # an attack setting given without an attack has no effect: say so rather than ignore it
             for key, default in _ATTACK_DEFAULTS.items():
                 if key != "attack" and key in given and str(given[key]).strip().lower() != str(default).strip().lower():
                     raise ConfigError(key, "has no effect without an attack: name one (attack = rgap, dlg, idlg, ig "
                                            "or all) or leave it out")
-        if attacks:
+        if attacks or active:
             attack = AttackPlan(
                 attacks=tuple(attacks),
                 observers=tuple(_observer_list(resolved["observers"], engine)),
@@ -230,6 +261,8 @@ class ExperimentPlan:
                 grant_labels=_bool("grant-labels", resolved["grant-labels"]),
                 grant_order=_bool("grant-batch-order", resolved["grant-batch-order"]),
                 time_limit=_seconds("attack-time-limit", resolved["attack-time-limit"]),
+                active=str(resolved["active-attack"]).strip(),
+                active_bins=_int("active-bins", resolved["active-bins"], 1),
             )
         plan = cls(fed, attack, resume=_bool("resume", given.get("resume", False)))
         plan.validate(engine)
@@ -255,6 +288,8 @@ class ExperimentPlan:
                 "grant-labels": a.grant_labels,
                 "grant-batch-order": a.grant_order,
                 "attack-time-limit": a.time_limit,
+                "active-attack": a.active,
+                "active-bins": a.active_bins,
             })
         else:
             out["attack"] = "none"
@@ -273,6 +308,14 @@ class ExperimentPlan:
             return
         if not a.observers:
             raise ConfigError("observers", "name at least one observer")
+        if a.attacks and not a.passive:
+            raise ConfigError("attack", f"{a.attacks[0]} attacks what a passive observer sees, and the only observer is "
+                                        "the active server: add server, client or secagg, or use --attack none")
+        if a.active not in ACTIVE_ATTACKS:
+            raise ConfigError("active-attack", f"unknown active attack {a.active!r}: choose from {', '.join(ACTIVE_ATTACKS)}")
+        if not a.is_active and (a.active, a.active_bins) != (_ATTACK_DEFAULTS["active-attack"], _ATTACK_DEFAULTS["active-bins"]):
+            raise ConfigError("active-attack" if a.active != _ATTACK_DEFAULTS["active-attack"] else "active-bins",
+                              "has no effect without the active observer (--observers active)")
         if a.grant_order and c.mode != "fedavg":
             raise ConfigError("grant-batch-order", "a FedSGD update is one batch: there is no order of local batches to "
                                                    "grant (use mode fedavg)")
@@ -321,7 +364,18 @@ class ExperimentPlan:
         empty = [i for i, p in enumerate(parts) if len(p) == 0]
         if empty:
             raise ConfigError(key, f"client {empty[0]} gets no training image under this partition")
-        if self.attack is not None and c.mode == "fedavg":
+        if self.attack is not None and self.attack.is_active:
+            from attacks.imprint import construct
+            from fl_sim.models import build_model
+
+            model = build_model(c.model, data.input_shape, data.num_classes)
+            try:  # the construction on stand-in public images: does the model hold it?
+                construct(self.attack.active, model, data.input_shape, torch.rand(4, *data.input_shape),
+                          self.attack.active_bins)
+            except ValueError as exc:
+                key = "active-bins" if "bins do not fit" in str(exc) else "model"
+                raise ConfigError(key, f"the active server's imprint: {exc}") from None
+        if self.attack is not None and self.attack.passive and c.mode == "fedavg":
             held = max(len(p) for p in parts)
             images = c.images_for(held)
             if images > MAX_UPDATE_IMAGES:
@@ -342,7 +396,7 @@ class ExperimentPlan:
     def intercepts(self) -> bool:
         """Whether the main federation's server wraps its strategy to spy (a server or
         curious-client observer)."""
-        return self.attack is not None and bool({"server", "client"} & set(self.attack.observers))
+        return self.attack is not None and bool({"server", "client", "active"} & set(self.attack.observers))
 
     @property
     def runs_main(self) -> bool:
@@ -392,7 +446,7 @@ def _rounds(text: Any, num_rounds: int) -> frozenset[int] | None:
 def _observer_list(text: Any, engine: Engine) -> list[str]:
     """``all`` is every observer the engine can run (no SecAgg+ in a deployment)."""
     if str(text).strip() == "all":
-        return [o for o in OBSERVERS if engine == "simulation" or o != "secagg"]
+        return [o for o in PASSIVE_OBSERVERS if engine == "simulation" or o != "secagg"]
     names = _names(text)
     bad = [n for n in names if n not in OBSERVERS]
     if bad:
@@ -413,6 +467,8 @@ _ATTACK_DEFAULTS: dict[str, Any] = {
     "grant-labels": False,
     "grant-batch-order": False,
     "attack-time-limit": 0.0,
+    "active-attack": "imprint",
+    "active-bins": 500,
 }
 
 

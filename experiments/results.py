@@ -8,7 +8,8 @@ reconstructed (``batch_size_used``) and how the row was tied to its client
 (``attribution``: ``direct`` for an observer that saw the client's own update, ``post-hoc``
 for one that saw an aggregate and was matched to the clients' images afterwards). ``psnr``,
 ``ssim`` and ``mse`` are medians over the client's images, ``recovered`` of ``images`` were
-at >= 30 dB (:mod:`experiments.scoring`).
+at >= 30 dB (:mod:`experiments.scoring`). ``bins``: the number of bins of the active server's
+imprint (empty for the passive observers).
 
 ``status`` is the attack's own (``ok``, ``blend``, ``diverged``, ``not_converged``,
 ``inconsistent``, ...) for a scored row, or why there is no score: ``error`` (the attack
@@ -30,7 +31,7 @@ __all__ = ["RESULT_FIELDS", "UNSCORED", "ResultsWriter", "blank_row", "read_resu
 RESULT_FIELDS = [
     "round", "client", "observer", "attack", "psnr", "ssim", "mse", "label_acc", "images", "recovered",
     "batch_size_used", "labels_granted", "batch_size_granted", "batch_size_source", "local_steps", "order_granted",
-    "attribution", "seconds", "status", "reason",
+    "attribution", "bins", "seconds", "status", "reason",
 ]
 UNSCORED = ("error", "missing", "invalid", "skipped", "interrupted")
 
@@ -52,15 +53,19 @@ class ResultsWriter:
         self.path = Path(path)
         self.rows: list[dict[str, Any]] = []
         self._lock = threading.Lock()
+        self.fields = list(RESULT_FIELDS)
         if not self.path.exists():
             with self.path.open("w", newline="") as f:
                 csv.writer(f).writerow(RESULT_FIELDS)
+        else:  # a resumed run keeps its file's columns (one written before a column was added)
+            with self.path.open(newline="") as f:
+                self.fields = next(csv.reader(f), None) or self.fields
 
     def write(self, rows: Iterable[dict[str, Any]]) -> None:
         rows = list(rows)
         with self._lock:
             with self.path.open("a", newline="") as f:
-                w = csv.DictWriter(f, RESULT_FIELDS, extrasaction="ignore")
+                w = csv.DictWriter(f, self.fields, extrasaction="ignore")
                 for row in rows:
                     w.writerow(row)
             self.rows += rows

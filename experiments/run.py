@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     mode = "resume" if args.resume else "overwrite" if args.overwrite else "new"
     try:
         base = _saved_config(args.out) if args.resume else {}
-        preset = args.preset or (None if args.resume or args.plan_attack else "demo")
+        active = "active" in str(args.plan_observers or "")
+        preset = args.preset or (None if args.resume or args.plan_attack or active else "demo")
         plan = plan_from_args(args, engine="simulation", base=base, resume=args.resume, preset=preset)
         data = plan.check_data()  # before Ray starts
         folder = RunFolder.claim(args.out, mode, plan.to_mapping())
@@ -136,7 +137,9 @@ def _run(plan, data, verbose: bool) -> int:
         f"[bold]{c.mode}[/] on [bold]{c.dataset}[/] ({len(data.train_y)} train / {len(data.test_y)} test images, "
         f"{data.input_shape}), model [bold]{c.model}[/], {c.num_clients} clients, batch size {c.batch_size}, "
         f"{c.partition} partition, {c.num_server_rounds} rounds"
-        + (f"; attacks {', '.join(a.attacks)} for observers {', '.join(a.observers)}" if a else "")
+        + (f"; attacks {', '.join(a.attacks)} for observers {', '.join(a.passive)}" if a and a.attacks else "")
+        + (f"; an active server ({a.active}, {a.active_bins} bins) in rounds "
+           f"{'all' if a.rounds is None else ','.join(map(str, sorted(a.rounds)))}" if a and a.is_active else "")
         + (f"; faulty clients {c.faulty_clients}" if c.faulty_clients else "")
         + (" (resumed)" if plan.resume else "") + f" -> {c.out_dir}"
     )

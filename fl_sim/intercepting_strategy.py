@@ -8,7 +8,9 @@ then hands each reply that was aggregated (round, node, partition, the weights t
 sent, the update that came back, as it came back: before any server-side defence, such as
 central DP's clipping, touched it) to ``on_update``, and the round's aggregate (global model
 before and after, and who contributed) to ``on_aggregate``. The replies pass to the honest
-server untouched, so training is identical with and without it. What the hooks do with the updates (run attacks,
+server untouched, so training is identical with and without it (a round in which the
+honest server's ``replace_model`` hook sent another model is reported with ``replaced`` set,
+and has no aggregate). What the hooks do with the updates (run attacks,
 say) is not this module's business: they are plain callables, and one that raises is logged
 and ignored, so spying never breaks a round.
 """
@@ -48,6 +50,7 @@ class InterceptedUpdate:
     kind: Literal["gradient", "weights"]
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    replaced: bool = False  # ``sent`` was a replaced model (``ScreeningStrategy.replace_model``), not the global one
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,11 @@ class RoundAggregate:
     before: StateDict
     after: StateDict
     contributors: tuple[tuple[int, int], ...]
+    # a round that sent a replaced model (not aggregated into the global model): ``before`` is
+    # the model sent, ``after`` the step its replies would have made, ``update`` the aggregate
+    # itself where the server holds it (SecAgg+'s decoded sum: no float32 weights in between)
+    replaced: bool = False
+    update: StateDict | None = None
 
     @property
     def partition_ids(self) -> tuple[int, ...]:
@@ -98,6 +106,7 @@ class InterceptingStrategy(WrappingStrategy):
         # What came back, before the server's own processing (a defence may change it in place)
         raw = {id(m): m.content.array_records.get("arrays") for m in replies if not m.has_error()}
         raw = {k: _state(v) for k, v in raw.items() if v is not None}
+        replaced = bool(getattr(self.inner, "replaced", lambda r: False)(server_round))
         try:
             arrays, metrics = self.inner.aggregate_train(server_round, replies)
         finally:  # a failed round still shows the spy whatever valid replies it had
@@ -115,8 +124,10 @@ class InterceptingStrategy(WrappingStrategy):
                         kind=self.kind,
                         num_examples=int(m.get("num-examples", 0)),
                         metrics=m,
+                        replaced=replaced,
                     ))
-        if arrays is not None and sent is not None and screened is not None:
+        # a replaced round leaves the global model as it was: there is no aggregate to observe
+        if arrays is not None and sent is not None and screened is not None and not replaced:
             contributors = tuple((int(msg.content["metrics"].get("partition-id", -1)),
                                   int(msg.content["metrics"]["num-examples"])) for msg in screened.accepted)
             self._call(self.on_aggregate, RoundAggregate(server_round, _state(sent), _state(arrays), contributors))

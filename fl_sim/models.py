@@ -98,8 +98,20 @@ class ModelSpec:
     summary: str
 
 
+MLP_WIDTH = 1024
+
+
+def mlp(input_shape: tuple[int, int, int], num_classes: int) -> nn.Sequential:
+    """A fully connected network: the flattened image, one hidden layer of ``MLP_WIDTH`` ReLU
+    units, a linear head. The testbed's model whose first layer is linear on the input, where
+    an active server's weights-only imprint fits (up to ``MLP_WIDTH`` bins)."""
+    c, h, w = input_shape
+    return nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, MLP_WIDTH), nn.ReLU(), nn.Linear(MLP_WIDTH, num_classes))
+
+
 MODELS: dict[str, ModelSpec] = {
     "lenet": ModelSpec(lenet, "uniform", "DLG's LeNet: 3 conv 5x5 + sigmoid, linear head"),
+    "mlp": ModelSpec(mlp, "torch", f"fully connected: {MLP_WIDTH} ReLU units, linear head (first layer linear)"),
     "cnn6": ModelSpec(_cnn6_family(_CNN6_SPECS), "torch", "R-GAP's CNN6: 6 bias-free conv + LeakyReLU(0.2)"),
     "cnn6d": ModelSpec(_cnn6_family(_CNN6D_SPECS), "torch", "CNN6-d: rank-deficient second layer (20 channels)"),
     **{f"cnn6_{kind}{after}": ModelSpec(_cnn6_family(_pooled(kind, after)), "torch",

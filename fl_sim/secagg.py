@@ -86,7 +86,7 @@ from .models import build_model
 from .replies import DroppedReply
 from .server_app import FederationLog, StoppableGrid
 from .simulation import run_apps
-from .strategy import RoundFailed
+from .strategy import ModelSwap, RoundFailed, swapped_model
 from .task import (
     client_indices,
     client_round,
@@ -349,6 +349,7 @@ class SecAggStrategy(FedAvg):
         on_dropped: Callable[[DroppedReply], None] | None = None,
         round_offset: int = 0,
         initial: NDArrays,
+        replace_model: ModelSwap | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(initial_parameters=ndarrays_to_parameters(initial), **kwargs)
@@ -363,11 +364,23 @@ class SecAggStrategy(FedAvg):
         self.round_counts: dict[int, tuple[int, int]] = {}  # round -> (aggregated, dropped)
         self.current: NDArrays = [np.asarray(a) for a in initial]  # the latest global weights
         self._before: dict[int, NDArrays] = {}
+        self.replace_model = replace_model
+        self._honest: dict[int, NDArrays] = {}  # a replaced round's honest global weights
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
         server_round += self.round_offset
+        honest = parameters_to_ndarrays(parameters)
+        swapped = swapped_model(self.replace_model, server_round, _state_dict(self.param_names, honest))
+        self._honest = {}
+        if swapped is not None:
+            if list(swapped) != self.param_names:
+                log.error("round %s: a replaced model must keep the entries of the model under SecAgg+ (the "
+                          "clients build it from the run config); the honest model is sent", server_round)
+            else:
+                self._honest = {server_round: honest}
+                parameters = ndarrays_to_parameters([v.cpu().numpy() for v in swapped.values()])
         self._before = {server_round: parameters_to_ndarrays(parameters)}
         return super().configure_fit(server_round, parameters, client_manager)
 
@@ -429,17 +442,19 @@ class SecAggStrategy(FedAvg):
         # FedAvg's example-weighted mean of the clients' weights
         step = -self.server_lr if self.mode == "fedsgd" else 1.0
         after = [np.asarray(w + step * g).astype(w.dtype, copy=False) for w, g in zip(before, mean)]
-        self.current = after
+        honest = self._honest.pop(server_round, None)
+        self.current = after if honest is None else honest  # a replaced round is not aggregated
         self.train_history[server_round] = {"train_loss": loss}
         if self.on_aggregate is not None:
             contributors = tuple(sorted((int(res.metrics.get("partition-id", -1)), int(res.num_examples)) for _, res in results))
             aggregate = RoundAggregate(server_round, _state_dict(self.param_names, before),
-                                       _state_dict(self.param_names, after), contributors)
+                                       _state_dict(self.param_names, after), contributors, replaced=honest is not None,
+                                       update=_state_dict(self.param_names, mean) if honest is not None else None)
             try:
                 self.on_aggregate(aggregate)
             except Exception:  # noqa: BLE001 - a broken hook must not break training
                 log.exception("on_aggregate hook failed on round %s; training goes on", server_round)
-        return ndarrays_to_parameters(after), {"train_loss": loss}
+        return ndarrays_to_parameters(self.current), {"train_loss": loss}
 
 
 class _LoggedSecAggPlusWorkflow(SecAggPlusWorkflow):
@@ -481,6 +496,7 @@ def serve_secagg(
     on_round: Callable[[dict[str, Any]], None] | None = None,
     on_dropped: Callable[[DroppedReply], None] | None = None,
     settings: SecAggSettings | None = None,
+    replace_model: ModelSwap | None = None,
     stop: threading.Event | None = None,
 ) -> None:
     """Run ``cfg`` (FedSGD or FedAvg) with SecAgg+ on ``grid``, logged to ``log_`` (see
@@ -536,6 +552,7 @@ def serve_secagg(
         on_dropped=dropped,
         round_offset=done,
         initial=initial,
+        replace_model=replace_model,
         fraction_fit=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         min_fit_clients=max(2, least),

@@ -41,7 +41,7 @@ from .data import load_dataset
 from .defences import dp_wrapper
 from .models import build_model
 from .replies import DROPPED_FIELDS, DroppedReply
-from .strategy import FedSGD, HonestFedAvg, ScreeningStrategy, WrappingStrategy
+from .strategy import FedSGD, HonestFedAvg, ModelSwap, ScreeningStrategy, WrappingStrategy
 from .task import evaluate, parameter_names
 
 __all__ = [
@@ -224,7 +224,8 @@ class _Resumed(WrappingStrategy):
 
 def build_strategy(cfg: RunConfig, param_names: list[str],
                    on_dropped: Callable[[DroppedReply], None] | None = None,
-                   on_audit: Callable[[dict], None] | None = None) -> ScreeningStrategy:
+                   on_audit: Callable[[dict], None] | None = None,
+                   replace_model: ModelSwap | None = None) -> ScreeningStrategy:
     """The honest strategy for ``cfg.mode`` behind the server's checks of every reply, which
     compare it with the model whose parameters are ``param_names`` (FedSGD replies carry
     exactly these; FedAvg replies the whole state dict)."""
@@ -239,11 +240,13 @@ def build_strategy(cfg: RunConfig, param_names: list[str],
     if cfg.mode == "fedsgd":
         honest: HonestFedAvg = FedSGD(server_lr=cfg.server_lr, **common)
         return ScreeningStrategy(honest, honest, reply_names=param_names, max_examples=cfg.batch_size,
-                                 num_partitions=cfg.num_clients, on_dropped=on_dropped, on_audit=on_audit)
+                                 num_partitions=cfg.num_clients, on_dropped=on_dropped, on_audit=on_audit,
+                                 replace_model=replace_model)
     honest = HonestFedAvg(**common)
     # central DP (Flower's wrapper) between the checks and FedAvg: it never sees a bad reply
     defended = dp_wrapper(honest, cfg.defence_list, cfg.clients_per_round())
-    return ScreeningStrategy(defended, honest, num_partitions=cfg.num_clients, on_dropped=on_dropped, on_audit=on_audit)
+    return ScreeningStrategy(defended, honest, num_partitions=cfg.num_clients, on_dropped=on_dropped, on_audit=on_audit,
+                             replace_model=replace_model)
 
 
 def run_server(
@@ -254,12 +257,14 @@ def run_server(
     wrap_strategy: Callable[[ScreeningStrategy], Strategy] | None = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
     on_dropped: Callable[[DroppedReply], None] | None = None,
+    replace_model: ModelSwap | None = None,
     stop: threading.Event | None = None,
 ) -> Result | None:
     """Run ``cfg.num_server_rounds`` rounds on ``grid``, logging to ``log`` (continuing after
     ``log.last_round`` when it was opened to resume). ``wrap_strategy`` lets a caller put a
     strategy around the honest one (e.g. one that intercepts replies); ``on_round`` is called
-    with each round's row, ``on_dropped`` with each dropped reply. With ``stop`` set, the run
+    with each round's row, ``on_dropped`` with each dropped reply; ``replace_model`` may replace
+    the model a round sends (:data:`fl_sim.strategy.ModelSwap`). With ``stop`` set, the run
     raises :class:`RunStopped` at the next wait for replies. Raises
     :class:`fl_sim.strategy.RoundFailed` when a round has no valid reply."""
     data = load_dataset(cfg.dataset, cfg.data_root)
@@ -276,7 +281,8 @@ def run_server(
         if on_dropped:
             on_dropped(d)
 
-    screening = build_strategy(cfg, parameter_names(model), on_dropped=dropped, on_audit=log.audit)
+    screening = build_strategy(cfg, parameter_names(model), on_dropped=dropped, on_audit=log.audit,
+                               replace_model=replace_model)
     strategy: Strategy = wrap_strategy(screening) if wrap_strategy else screening
     if done:
         strategy = _Resumed(strategy, done)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -28,9 +28,29 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from .replies import DroppedReply, ReplySpec, check_reply
 
-__all__ = ["HonestFedAvg", "FedSGD", "ScreeningStrategy", "WrappingStrategy", "RoundFailed", "ScreenedRound"]
+__all__ = ["HonestFedAvg", "FedSGD", "ScreeningStrategy", "WrappingStrategy", "RoundFailed", "ScreenedRound",
+           "ModelSwap", "swapped_model"]
 
 log = logging.getLogger(__name__)
+
+# A caller's hook to replace the model a round sends: (round, the honest global weights) -> the
+# weights to send instead, or None to send the honest ones. A round whose model was replaced is
+# not aggregated: its replies were computed on other weights, so the global model stays as it
+# was and training continues from it. What the replacement is for is the caller's business.
+ModelSwap = Callable[[int, Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor] | None]
+
+
+def swapped_model(swap: ModelSwap | None, server_round: int, honest: Mapping[str, torch.Tensor]):
+    """``swap``'s replacement for this round (None: send the honest model). A hook that fails
+    is logged and the honest model goes out: a broken hook must not break a round."""
+    if swap is None:
+        return None
+    try:
+        out = swap(server_round, {k: v.detach().clone() for k, v in honest.items()})
+    except Exception:  # noqa: BLE001
+        log.exception("round %s: the model-swap hook failed; the honest model is sent", server_round)
+        return None
+    return None if out is None else OrderedDict((k, torch.as_tensor(v).detach()) for k, v in out.items())
 
 
 class RoundFailed(RuntimeError):
@@ -134,6 +154,8 @@ class ScreeningStrategy(WrappingStrategy):
     ``max_examples``: a bound on ``num-examples`` if the server knows one; ``num_partitions``:
     the number of data partitions, so a claimed ``partition-id`` can be checked. ``honest``:
     the honest strategy under any wrappers, whose ``train_history`` this exposes.
+    ``replace_model``: a :data:`ModelSwap` hook; a replaced round's replies are screened (and
+    the audit records passed on) but the global model it returns is the honest one it held.
     """
 
     def __init__(
@@ -146,9 +168,12 @@ class ScreeningStrategy(WrappingStrategy):
         num_partitions: int | None = None,
         on_dropped: Callable[[DroppedReply], None] | None = None,
         on_audit: Callable[[dict], None] | None = None,
+        replace_model: ModelSwap | None = None,
     ) -> None:
         super().__init__(inner)
         self.on_audit = on_audit
+        self.replace_model = replace_model
+        self._honest: tuple[int, ArrayRecord] | None = None  # a replaced round's honest global weights
         self.honest = honest
         self.reply_names = list(reply_names) if reply_names is not None else None
         self.max_examples = max_examples
@@ -166,9 +191,16 @@ class ScreeningStrategy(WrappingStrategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
-        self._sent = (server_round, arrays, [int(m.metadata.dst_node_id) for m in messages])
+        swapped = swapped_model(self.replace_model, server_round, arrays.to_torch_state_dict())
+        self._honest = (server_round, arrays) if swapped is not None else None
+        sent = ArrayRecord(swapped) if swapped is not None else arrays
+        messages = list(self.inner.configure_train(server_round, sent, config, grid))
+        self._sent = (server_round, sent, [int(m.metadata.dst_node_id) for m in messages])
         return messages
+
+    def replaced(self, server_round: int) -> bool:
+        """Whether ``server_round`` sent a replaced model (see ``replace_model``)."""
+        return self._honest is not None and self._honest[0] == server_round
 
     def sent_weights(self, server_round: int) -> ArrayRecord | None:
         """The global weights sent in ``server_round`` (None if no train message went out)."""
@@ -178,7 +210,8 @@ class ScreeningStrategy(WrappingStrategy):
         """Split a round's replies into those to aggregate and those to drop."""
         sent = self.sent_weights(server_round)
         targets = self._sent[2] if sent is not None else []
-        spec = ReplySpec.like(sent, self.reply_names, max_examples=self.max_examples,
+        names = None if self.replaced(server_round) else self.reply_names  # a replaced model has its own entries
+        spec = ReplySpec.like(sent, names, max_examples=self.max_examples,
                               num_partitions=self.num_partitions) if sent is not None else None
         accepted, dropped, answered = [], [], set()
         for msg in replies:
@@ -247,6 +280,9 @@ class ScreeningStrategy(WrappingStrategy):
             why = f"client {first.partition_id} (node {first.node_id}): {first.status}: {first.reason}" if first else "no client was sampled"
             raise RoundFailed(f"round {server_round}: no reply could be aggregated ({len(screened.dropped)} dropped); first: {why}")
         arrays, metrics = self.inner.aggregate_train(server_round, screened.accepted)
+        if self.replaced(server_round):
+            log.info("round %s sent a replaced model: its replies are not aggregated", server_round)
+            return self._honest[1], metrics
         if arrays is not None and not all(torch.isfinite(v).all() for v in arrays.to_torch_state_dict().values()):
             log.error("round %s: the aggregate is not finite; the global model stays as it was", server_round)
             return None, metrics

@@ -1,0 +1,146 @@
+"""The active malicious server: its imprint (attacks.imprint), and in a federation, with and
+without SecAgg+."""
+
+import csv
+import json
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from attacks import SUCCESS_PSNR, Update, score_batch
+from attacks.imprint import construct, expected_recovery, imprint, imprint_block_model, plan_imprint, plant_imprint
+from fl_sim.data import load_dataset, to_float
+from fl_sim.models import build_model
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("mnist5k", "")
+
+
+def _batch(data, n, seed):
+    idx = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(seed))[:n]
+    return to_float(data.train_x[idx]), data.train_y[idx]
+
+
+def _psnrs(recon, truth):
+    return torch.tensor([s["psnr"] for s in score_batch(recon, truth)])
+
+
+def test_weights_only_imprint_keeps_the_model_and_reads_back_a_batch(digits):
+    honest = build_model("mlp", digits.input_shape, digits.num_classes, seed=0)
+    public = to_float(digits.test_x)
+    mal = plant_imprint(honest, digits.input_shape, plan_imprint(public, 500, seed=0))
+    # same entries, shapes and dtypes: an unmodified ClientApp loads it
+    assert {k: (v.shape, v.dtype) for k, v in mal.state_dict().items()} == \
+           {k: (v.shape, v.dtype) for k, v in honest.state_dict().items()}
+    assert not torch.equal(mal[1].weight, honest[1].weight)
+    x, y = _batch(digits, 16, seed=3)
+    grads = torch.autograd.grad(F.cross_entropy(mal(x), y), list(mal.parameters()))
+    res = imprint(mal, Update(tuple(grads)), digits.input_shape)
+    psnr = _psnrs(res.images, x)
+    assert res.diagnostics["bins"] == 500
+    assert (psnr >= SUCCESS_PSNR).sum() >= 14  # 16 images in 500 bins: about 0.5 collisions expected
+    assert psnr.median() > 100
+    # a one-step FedAvg delta (-lr x the gradient) reads the same
+    delta = Update(tuple(-0.1 * g for g in grads), "weight_delta", lr=0.1)
+    assert torch.allclose(imprint(mal, delta, digits.input_shape).images, res.images, atol=1e-4)
+
+
+def test_imprint_reads_an_aggregate_of_64_images(digits):
+    """The SecAgg+ case without the protocol: the example-weighted mean of 4 clients' batch
+    gradients is the gradient of their 64 images, and the imprint separates them."""
+    model = construct("imprint", build_model("mlp", digits.input_shape, digits.num_classes, seed=1),
+                      digits.input_shape, to_float(digits.test_x), 500, seed=1)
+    batches = [_batch(digits, 16, seed=10 + k) for k in range(4)]
+    mean = None
+    for x, y in batches:
+        g = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+        mean = [gi / 4 for gi in g] if mean is None else [m + gi / 4 for m, gi in zip(mean, g)]
+    truth = torch.cat([x for x, _ in batches])
+    psnr = _psnrs(imprint(model, Update(tuple(mean)), digits.input_shape).images, truth)
+    assert (psnr >= SUCCESS_PSNR).float().mean() >= 0.8
+    assert expected_recovery(500, 64) == pytest.approx((500 / 501) ** 64, rel=1e-12)
+
+
+def test_imprint_block_in_front_of_a_cnn(digits):
+    base = build_model("cnn6", digits.input_shape, digits.num_classes, init="kaiming", seed=0)
+    model = imprint_block_model(base, digits.input_shape, plan_imprint(to_float(digits.test_x), 200, seed=0))
+    assert list(model.state_dict())[:3] == ["0.enc.weight", "0.enc.bias", "0.dec.weight"]
+    x, y = _batch(digits, 8, seed=5)
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    psnr = _psnrs(imprint(model, Update(tuple(grads)), digits.input_shape).images, x)
+    assert (psnr >= SUCCESS_PSNR).sum() >= 7
+
+
+@pytest.mark.parametrize("name, bins, message", [
+    ("lenet", 100, "first layer is linear"),
+    ("mlp", 5000, "do not fit"),
+])
+def test_construction_refuses_what_it_cannot_build(digits, name, bins, message):
+    model = build_model(name, digits.input_shape, digits.num_classes)
+    with pytest.raises(ValueError, match=message):
+        construct("imprint", model, digits.input_shape, to_float(digits.test_x[:50]), bins)
+
+
+# ---- in a federation ---------------------------------------------------------------------
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_active_round_is_accepted_seen_by_the_audit_and_training_continues_from_the_honest_model(tmp_path):
+    """Round 2 of 3 sends the imprinted mlp: the unmodified ClientApp trains on it (every reply
+    accepted), the server reads each client's batch back, the clients' own tampering check
+    flags that round only, and the final model is the honest run's with round 2 left out."""
+    from experiments.plan import ExperimentPlan
+    from experiments.run import main
+    from fl_sim.simulation import simulate
+
+    out = tmp_path / "active"
+    code = main(["--attack", "none", "--observers", "active", "--clients", "3", "--batch-size", "4", "--rounds", "3",
+                 "--attack-rounds", "2", "--audit", "log:probe=false", "--attack-workers", "0", "--out", str(out)])
+    assert code == 0
+    rounds = _rows(out / "rounds.csv")
+    assert [int(r["aggregated"]) for r in rounds[1:]] == [3, 3, 3] and all(r["dropped"] == "0" for r in rounds[1:])
+    assert rounds[2]["test_accuracy"] == rounds[1]["test_accuracy"]  # round 2 left the global model as it was
+    rows = _rows(out / "results.csv")
+    assert sorted(int(r["client"]) for r in rows) == [0, 1, 2]
+    assert all(r["observer"] == "active" and r["attack"] == "imprint" and r["round"] == "2" and r["bins"] == "500"
+               for r in rows)
+    assert all(float(r["psnr"]) > 60 and r["recovered"] == "4" for r in rows)
+    audit = _rows(out / "audit.csv")
+    flagged = {(int(a["round"]), int(a["client"])) for a in audit if a["tampered"] in ("True", "true")}
+    assert flagged == {(2, 0), (2, 1), (2, 2)}
+
+    # the reference: the honest federation whose round 2 is sent the honest model and not aggregated
+    plan = ExperimentPlan.from_mapping(json.loads((out / "config.json").read_text()))
+    final = torch.load(out / "final_model.pt")
+    skipped, plain = tmp_path / "skipped", tmp_path / "plain"
+    simulate(plan.fed.replace(out_dir=str(skipped), audit=""), replace_model=lambda r, honest: honest if r == 2 else None)
+    simulate(plan.fed.replace(out_dir=str(plain), audit=""))
+    reference = torch.load(skipped / "final_model.pt")
+    assert all(torch.equal(final[k], reference[k]) for k in final)
+    unattacked = torch.load(plain / "final_model.pt")
+    assert not all(torch.equal(final[k], unattacked[k]) for k in final)
+
+
+@pytest.mark.slow
+def test_active_server_reads_images_through_secagg(tmp_path):
+    from experiments.run import main
+
+    out = tmp_path / "secagg"
+    code = main(["--attack", "none", "--observers", "active,secagg", "--clients", "2", "--batch-size", "4",
+                 "--rounds", "1", "--attack-workers", "0", "--out", str(out)])
+    assert code == 0
+    rows = _rows(out / "results.csv")
+    through = [r for r in rows if r["observer"] == "active-secagg"]
+    assert sorted(int(r["client"]) for r in through) == [0, 1]
+    assert all(r["attribution"] == "post-hoc" and r["batch_size_source"] == "clear-counts" for r in through)
+    assert sum(int(r["recovered"]) for r in through) >= 7  # of 8 images
+    assert min(float(r["psnr"]) for r in through) > SUCCESS_PSNR
+    assert _rows(out / "secagg" / "rounds.csv")[1]["aggregated"] == "2"
