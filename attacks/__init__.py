@@ -42,6 +42,7 @@ ATTACKS: dict[str, str] = {
 # attack what an honest server's round shows.
 ACTIVE: dict[str, str] = {
     "imprint": "attacks.imprint:imprint",
+    "imprint-block": "attacks.imprint:imprint",
 }
 
 

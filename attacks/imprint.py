@@ -66,6 +66,8 @@ __all__ = [
     "expected_recovery",
     "trap_layer",
     "construct",
+    "load_model",
+    "BLOCK_KEYS",
 ]
 
 
@@ -209,10 +211,29 @@ def imprint_block_model(model: nn.Module, input_shape, plan: ImprintPlan) -> nn.
 def construct(name: str, model: nn.Module, input_shape, public: Tensor, bins: int, *, seed: int = 0) -> nn.Module:
     """The model the active server sends instead of ``model`` (the honest global one): the
     construction ``name`` of :data:`attacks.ACTIVE` with ``bins`` bins placed on ``public``
-    images. ``imprint``: the weights-only imprint (:func:`plant_imprint`)."""
+    images. ``imprint``: the weights-only imprint (:func:`plant_imprint`); ``imprint-block``:
+    the block in front of the model (:func:`imprint_block_model`)."""
     if name == "imprint":
         return plant_imprint(model, input_shape, plan_imprint(public, bins, seed=seed))
+    if name == "imprint-block":
+        return imprint_block_model(model, input_shape, plan_imprint(public, bins, seed=seed))
     raise ValueError(f"unknown active attack {name!r}")
+
+
+BLOCK_KEYS = ("0.enc.weight", "0.enc.bias", "0.dec.weight")  # an imprint block's entries in front of a model
+
+
+def load_model(base: nn.Module, state, input_shape) -> nn.Module:
+    """The model ``state`` describes: ``base`` holding it, or, when ``state`` carries an
+    imprint block (:data:`BLOCK_KEYS`), the block in front of ``base`` (its entries under
+    ``1.``), holding it. What a ClientApp shipped by the server builds from the weights it
+    is sent, and what the server's attack builds from the weights it sent."""
+    if not all(k in state for k in BLOCK_KEYS):
+        base.load_state_dict(state)
+        return base
+    model = nn.Sequential(ImprintBlock(input_shape, int(state["0.enc.weight"].shape[0])), base)
+    model.load_state_dict(state)
+    return model
 
 
 def trap_layer(model: nn.Module, input_shape) -> tuple[int, nn.Linear]:

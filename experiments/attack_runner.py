@@ -77,11 +77,25 @@ def _rows(job: AttackJob, **values: Any) -> list[dict[str, Any]]:
     return [blank_row(o.server_round, pid, o.observer, job.attack, **common, **values) for pid in o.key.targets]
 
 
+def _model(cfg: RunConfig, o: Observation):
+    """The dataset and the model an observation's update was computed on: the run's model, or
+    for the active server the one it built (which may carry an imprint block)."""
+    from fl_sim.task import model_with
+
+    if not o.observer.startswith("active"):
+        return model_with(cfg, o.weights)
+    from attacks.imprint import load_model
+    from fl_sim.data import load_dataset
+    from fl_sim.models import build_model
+
+    data = load_dataset(cfg.dataset, cfg.data_root)
+    return data, load_model(build_model(cfg.model, data.input_shape, data.num_classes), o.weights, data.input_shape)
+
+
 def run_job(job: AttackJob, cfg: RunConfig) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
     """Run one job; never raises. Returns one row per target client and the images for the
     figures (``truth``, ``recon`` in the truth's order, ``owners``, ``psnr`` per image)."""
     from attacks import get_attack
-    from fl_sim.task import model_with
 
     from .scoring import score, true_batch
 
@@ -90,7 +104,7 @@ def run_job(job: AttackJob, cfg: RunConfig) -> tuple[list[dict[str, Any]], dict[
     start = time.perf_counter()
     try:
         truth = true_batch(cfg, o.key, o.server_round)
-        data, model = model_with(cfg, o.weights)
+        data, model = _model(cfg, o)
         threat = o.grants.threat(truth)
         options = dict(RUN_OPTIONS.get(job.attack, {}))
         if job.time_limit and job.attack in TIMED:

@@ -67,8 +67,9 @@ PLAN_FLAGS: list[Flag] = [
          "only global models; secagg: the server under SecAgg+, a second run; active: a malicious server that sends a "
          "model built to leak in the attacked rounds, in the SecAgg+ run too with secagg), or all (the passive ones)"),
     Flag(("--active-attack",), "active-attack",
-         f"the active server's construction: {', '.join(ACTIVE_ATTACKS)} (a linear layer's rows set to one "
-         "measurement, biases at its quantiles: Robbing the Fed, weights only; needs --model mlp)"),
+         f"the active server's construction: {', '.join(ACTIVE_ATTACKS)} (imprint: the rows of the model's first "
+         "linear layer set to one measurement, biases at its quantiles, Robbing the Fed with weights only, needs "
+         "--model mlp; imprint-block: the paper's block in front of any model, with the server's ClientApp)"),
     Flag(("--active-bins",), "active-bins", "the active server's number of bins"),
     Flag(("--attack-rounds",), "attack-rounds", "rounds to attack, e.g. 1,2, all, or spread (the first, middle and last)"),
     Flag(("--attack-clients",), "attack-clients", "partition ids to attack, e.g. 0,2, or all"),

@@ -2,13 +2,28 @@
 from the attack library (:class:`experiments.audit.LeakageAuditor`) behind
 :func:`fl_sim.audit.make_audit_mod`. pyproject's ``clientapp`` names it; the audit does nothing
 unless the run config sets ``audit``. ``secagg_app``: the SecAgg+ run's legacy client with the
-same audit, before masking."""
+same audit, before masking. ``imprint_app``: the app a malicious server ships with its bundle
+for ``active-attack = "imprint-block"``: the same, except that it builds the imprint block in
+front of the model when the weights it is sent carry one (:func:`attacks.imprint.load_model`);
+an honest ClientApp refuses such weights."""
 
 from fl_sim.audit import make_audit_mod
+from fl_sim.config import RunConfig
 from fl_sim.client_app import make_client_app
 from fl_sim.secagg import make_secagg_client_app
 
 from .audit import LeakageAuditor
 
+
+def _with_imprint_block(cfg: RunConfig, state):
+    from attacks.imprint import load_model
+    from fl_sim.data import load_dataset
+    from fl_sim.models import build_model
+
+    data = load_dataset(cfg.dataset, cfg.data_root)
+    return data, load_model(build_model(cfg.model, data.input_shape, data.num_classes), state, data.input_shape)
+
+
 app = make_client_app(make_audit_mod(LeakageAuditor()))
+imprint_app = make_client_app(make_audit_mod(LeakageAuditor()), build=_with_imprint_block)
 secagg_app = make_secagg_client_app(LeakageAuditor())  # the SecAgg+ observer's run (simulation only)

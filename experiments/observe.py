@@ -224,7 +224,9 @@ def observe_secagg(agg: RoundAggregate, cfg: RunConfig, names: Sequence[str], *,
 
 
 def observe_active(u: InterceptedUpdate, cfg: RunConfig, names: Sequence[str], *, grant_labels: bool) -> Observation:
-    """The active server's view of one client's reply to the model it built (``u.sent``)."""
+    """The active server's view of one client's reply to the model it built (``u.sent``, whose
+    entries, not ``names``, the update follows: an imprint block adds its own)."""
+    names = [n for n in u.sent if n in u.reply] if set(u.sent) != set(names) else names
     steps = 1 if u.kind == "gradient" else cfg.steps_for(u.num_examples)
     update = update_of(u.sent, u.reply, u.kind, names, lr=cfg.lr, local_steps=steps)
     images = u.num_examples if u.kind == "gradient" else cfg.images_for(u.num_examples)

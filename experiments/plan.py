@@ -313,6 +313,14 @@ class ExperimentPlan:
                                         "the active server: add server, client or secagg, or use --attack none")
         if a.active not in ACTIVE_ATTACKS:
             raise ConfigError("active-attack", f"unknown active attack {a.active!r}: choose from {', '.join(ACTIVE_ATTACKS)}")
+        if a.is_active and a.active == "imprint-block":
+            if engine != "simulation":
+                raise ConfigError("active-attack", "imprint-block changes the model's architecture, so the clients must run "
+                                                   "the server's ClientApp (experiments.client_app:imprint_app), which "
+                                                   "python -m experiments.run ships; a deployment runs pyproject's clientapp")
+            if "secagg" in a.observers:
+                raise ConfigError("active-attack", "imprint-block under SecAgg+ is not built: its legacy clients receive "
+                                                   "unnamed arrays of the run's model; use imprint (weights only, mlp)")
         if not a.is_active and (a.active, a.active_bins) != (_ATTACK_DEFAULTS["active-attack"], _ATTACK_DEFAULTS["active-bins"]):
             raise ConfigError("active-attack" if a.active != _ATTACK_DEFAULTS["active-attack"] else "active-bins",
                               "has no effect without the active observer (--observers active)")

@@ -122,7 +122,7 @@ def _run(plan, data, verbose: bool) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from experiments.client_app import app as client_app
+    from experiments.client_app import app, imprint_app
     from fl_sim.simulation import run_apps
 
     from .experiment import Experiment
@@ -133,6 +133,8 @@ def _run(plan, data, verbose: bool) -> int:
     for note in data.notes:
         console.print(f"note: {note}")
     c, a = plan.fed, plan.attack
+    # an imprint block changes the architecture: the clients run the ClientApp the server ships
+    client_app = imprint_app if a is not None and a.is_active and a.active == "imprint-block" else app
     console.print(
         f"[bold]{c.mode}[/] on [bold]{c.dataset}[/] ({len(data.train_y)} train / {len(data.test_y)} test images, "
         f"{data.input_shape}), model [bold]{c.model}[/], {c.num_clients} clients, batch size {c.batch_size}, "

@@ -526,7 +526,8 @@ def make_audit_mod(auditor: Auditor) -> Callable:
         from .task import parameter_names
 
         names = parameter_names(audit.own)
-        update = ({n: arrays[n] for n in names} if cfg.mode == "fedsgd" else
+        foreign = not all(n in arrays and n in sent for n in names)  # another architecture (logged): nothing to analyse
+        update = ({} if foreign else {n: arrays[n] for n in names} if cfg.mode == "fedsgd" else
                   {n: arrays[n] - sent[n] for n in names} if not audit.row["tampered"] else {})
         outcome = audit.check_update(update, train_seconds)
         if outcome.action == "refused":

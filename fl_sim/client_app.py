@@ -18,6 +18,7 @@ here has none and refuses a run config that asks for one.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Callable, Mapping
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -34,16 +35,19 @@ from .task import (
     parameter_names,
 )
 
-def _setup(msg: Message, context: Context):
+Builder = Callable[[RunConfig, Mapping[str, torch.Tensor]], tuple]  # (cfg, weights) -> (dataset, model)
+
+
+def _setup(msg: Message, context: Context, build: Builder):
     torch.set_num_threads(1)  # simulated clients share the machine's cores
     cfg = RunConfig.from_mapping(dict(msg.content["config"]))
     pid = node_partition(cfg, context.node_config)
-    data, model = model_with(cfg, msg.content["arrays"].to_torch_state_dict())
+    data, model = build(cfg, msg.content["arrays"].to_torch_state_dict())
     return cfg, pid, data, model
 
 
-def train(msg: Message, context: Context) -> Message:
-    cfg, pid, data, model = _setup(msg, context)
+def train(msg: Message, context: Context, build: Builder = model_with) -> Message:
+    cfg, pid, data, model = _setup(msg, context, build)
     server_round = int(msg.content["config"]["server-round"])
     done = client_round(cfg, pid, server_round, data, model)
     if done.gradients is not None:
@@ -57,9 +61,9 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 
-def evaluate_local(msg: Message, context: Context) -> Message:
+def evaluate_local(msg: Message, context: Context, build: Builder = model_with) -> Message:
     """Federated evaluation on the node's share of the held-out test split."""
-    cfg, pid, data, model = _setup(msg, context)
+    cfg, pid, data, model = _setup(msg, context, build)
     share = torch.arange(pid, len(data.test_y), cfg.num_clients)
     loss, acc = evaluate(model, data.test_x[share], data.test_y[share])
     metrics = MetricRecord({"eval_loss": loss, "eval_acc": acc, "num-examples": len(share)})
@@ -72,12 +76,22 @@ def _no_audit(msg: Message, context: Context, call_next) -> Message:
     return call_next(msg, context)
 
 
-def make_client_app(audit_mod=None) -> ClientApp:
+def make_client_app(audit_mod=None, build: Builder = model_with) -> ClientApp:
     """The ClientApp; ``audit_mod`` (:func:`fl_sim.audit.make_audit_mod`) goes inside the fault
-    mod (which spoils what would leave) and outside the defences (whose output it audits)."""
+    mod (which spoils what would leave) and outside the defences (whose output it audits).
+    ``build(cfg, state) -> (dataset, model)`` makes the model of the weights received
+    (:func:`fl_sim.task.model_with`: the run config's model; an app that builds another
+    architecture from the weights is another party's code, such as a malicious server's)."""
     client_app = ClientApp()
-    client_app.train(mods=[fault_mod, audit_mod or _no_audit, defence_mod])(train)
-    client_app.evaluate()(evaluate_local)
+
+    def train_handler(msg: Message, context: Context) -> Message:
+        return train(msg, context, build)
+
+    def evaluate_handler(msg: Message, context: Context) -> Message:
+        return evaluate_local(msg, context, build)
+
+    client_app.train(mods=[fault_mod, audit_mod or _no_audit, defence_mod])(train_handler)
+    client_app.evaluate()(evaluate_handler)
     return client_app
 
 

@@ -144,3 +144,31 @@ def test_active_server_reads_images_through_secagg(tmp_path):
     assert sum(int(r["recovered"]) for r in through) >= 7  # of 8 images
     assert min(float(r["psnr"]) for r in through) > SUCCESS_PSNR
     assert _rows(out / "secagg" / "rounds.csv")[1]["aggregated"] == "2"
+
+
+@pytest.mark.slow
+def test_imprint_block_needs_and_gets_the_servers_clientapp(tmp_path):
+    """The block changes the architecture: the run ships the server's ClientApp, which builds
+    it; the honest ClientApp's model cannot hold those weights; the clients' tampering check
+    names the foreign entries."""
+    from experiments.plan import ExperimentPlan
+    from experiments.run import main
+    from fl_sim.task import model_with
+
+    out = tmp_path / "block"
+    code = main(["--attack", "none", "--observers", "active", "--active-attack", "imprint-block", "--model", "cnn6",
+                 "--init", "kaiming", "--active-bins", "200", "--clients", "2", "--batch-size", "4", "--rounds", "2",
+                 "--audit", "log:probe=false", "--attack-workers", "0", "--out", str(out)])
+    assert code == 0
+    rows = _rows(out / "results.csv")
+    assert [r["attack"] for r in rows] == ["imprint-block"] * 2
+    assert all(r["recovered"] == "4" and float(r["psnr"]) > 60 for r in rows)
+    assert _rows(out / "rounds.csv")[2]["aggregated"] == "2"  # round 2: the honest model again, trained on
+    audit = {(int(a["round"]), a["tampered"]): a["tamper_reason"] for a in _rows(out / "audit.csv")}
+    assert "unexpected 0.enc.weight" in audit[(1, "True")] and (2, "False") in audit
+    plan = ExperimentPlan.from_mapping(json.loads((out / "config.json").read_text()))
+    data = load_dataset("mnist5k", "")
+    block = construct("imprint-block", build_model("cnn6", data.input_shape, 10), data.input_shape,
+                      to_float(data.test_x), 200)
+    with pytest.raises(RuntimeError, match="0.enc.weight"):
+        model_with(plan.fed, block.state_dict())
