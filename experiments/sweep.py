@@ -28,7 +28,8 @@ The sweep folder holds ``sweep.json`` (the spec and its cells), ``runs/`` (each 
 folder), ``cells.csv`` (a row per cell: its parameters, the defence family and strength, final
 test accuracy, epsilon where defined, seconds, status, reason), ``results.csv`` (every attack
 row of every cell, tagged with the cell's parameters), the figures ``privacy_utility.png``,
-``psnr_vs_epsilon.png`` and ``psnr_vs_strength.png``, and ``summary.md``.
+``psnr_vs_epsilon.png`` and ``psnr_vs_strength.png``, ``summary.md`` and ``report.html`` (one
+self-contained page; ``python -m experiments.report FOLDER`` writes them again from the runs).
 
 Resumable: started again on the same folder, a sweep runs only what has not finished (a run
 that was killed half-way starts over). Runs are named by a digest of their settings, so an
@@ -69,7 +70,7 @@ from .cli import Parser, argv_for
 from .plan import ATTACK_KEYS, ExperimentPlan, default_mapping
 from .sweep_report import CELL_FIELDS
 
-__all__ = ["SweepSpec", "Cell", "SweepError", "PRESETS", "load_spec", "run_sweep", "main"]
+__all__ = ["SweepSpec", "Cell", "SweepError", "PRESETS", "load_spec", "run_sweep", "report_sweep", "main"]
 
 PRESETS = Path(__file__).resolve().parent / "sweeps"
 
@@ -149,7 +150,7 @@ class SweepSpec:
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "attack": self.attack, "train": self.train,
-                "grid": self.grid, "source": self.source}
+                "grid": self.grid, "source": self.source, "notes": self.notes}
 
 
 def load_spec(spec: str) -> SweepSpec:
@@ -448,7 +449,8 @@ def tables(sweep: Sweep) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def write_outputs(sweep: Sweep) -> tuple[pd.DataFrame, pd.DataFrame]:
-    from .sweep_report import write_figures, write_summary
+    from .html_report import write_sweep_page
+    from .sweep_report import leakage_table, stops_at, write_figures, write_summary
 
     cells, results = tables(sweep)
     cells.to_csv(sweep.out / "cells.csv", index=False)
@@ -459,7 +461,22 @@ def write_outputs(sweep: Sweep) -> tuple[pd.DataFrame, pd.DataFrame]:
         sweep.console.print(f"[red]figures not drawn[/]: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
         figures = []
     write_summary(sweep.out, sweep.spec, cells, results, figures, total=len(sweep.cells))
+    write_sweep_page(sweep.out, sweep.spec, cells, results, figures, total=len(sweep.cells),
+                     leakage=leakage_table(cells, results), stops=stops_at(cells, results))
     return cells, results
+
+
+def report_sweep(out: Path) -> Path:
+    """Write the tables, figures, summary.md and report.html of the sweep folder ``out`` again
+    from sweep.json and the runs it holds (a sweep that was killed gets its report too)."""
+    from rich.console import Console
+
+    record = json.loads((Path(out) / "sweep.json").read_text())
+    spec = SweepSpec(**{k: record.get(k, d) for k, d in (("name", ""), ("description", ""), ("attack", {}),
+                                                         ("train", None), ("grid", []), ("source", ""),
+                                                         ("notes", []))})
+    write_outputs(Sweep(spec, Path(out), 1, Console(stderr=True)))
+    return Path(out) / "report.html"
 
 
 # ---- the command -------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ tables: the same tables give the same report).
 - ``psnr_vs_strength.png``: each family against its own strength setting.
 - ``summary.md``: the cell table, the attack-by-cell table, and where each attack stops
   (the weakest setting of each family at which it recovers no image).
+- ``report.html`` (:func:`experiments.html_report.write_sweep_page`): the same figures and
+  tables on one self-contained page.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import pandas as pd
 from .plan import default_mapping
 from .scoring import SUCCESS_PSNR
 
-__all__ = ["CELL_FIELDS", "leakage", "stops_at", "rank_table", "write_figures", "write_summary"]
+__all__ = ["CELL_FIELDS", "leakage", "leakage_table", "stops_at", "rank_table", "write_figures", "write_summary"]
 
 # cells.csv's own columns (not grid axes)
 CELL_FIELDS = ("cell", "family", "strength", "strength_key", "epsilon", "delta", "epsilon_level", "epsilon_train",
@@ -324,6 +326,27 @@ def rank_table(cells: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def leakage_table(cells: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
+    """A row per (family, strength, other grid keys): the accuracy and epsilon, then per
+    (observer, attack) the median PSNR and the images recovered of those attacked."""
+    j = _joined(cells, results) if not cells.empty else pd.DataFrame()
+    if j.empty:
+        return pd.DataFrame()
+    j["value"] = [f"{p:.1f} ({int(r)}/{int(n)})" if not math.isnan(p) else "no reconstruction"
+                  for p, r, n in zip(j["psnr"], j["recovered"], j["images"])]
+    index = ["family", "strength", *_other_axes(cells)]
+    for k in index:
+        j[k] = j[k].fillna("")
+    table = j.pivot_table(index=index, columns=["observer", "attack"], values="value", aggfunc="first")
+    table.columns = [f"{o}/{a}" for o, a in table.columns]
+    table = table.reset_index()
+    c = cells.copy()
+    for k in index:
+        c[k] = c[k].fillna("")
+    acc = c.groupby(index).agg(accuracy=("test_accuracy", "median"), epsilon=("epsilon", "median")).reset_index()
+    return acc.merge(table, on=index, how="right")
+
+
 def write_summary(out: Path, spec, cells: pd.DataFrame, results: pd.DataFrame, figures: list[Path], *,
                   total: int) -> Path:
     lines = [f"# Sweep `{spec.name}`", "", spec.description.strip(), "",
@@ -336,21 +359,8 @@ def write_summary(out: Path, spec, cells: pd.DataFrame, results: pd.DataFrame, f
     if not cells.empty:
         shown = cells.drop(columns=[c for c in ("cell", "attack_run", "delta", "strength_key") if c in cells.columns])
         lines += ["", "## Cells", ""] + _md(shown)
-        j = _joined(cells, results)
-        if not j.empty:
-            j["value"] = [f"{p:.1f} ({int(r)}/{int(n)})" if not math.isnan(p) else "no reconstruction"
-                          for p, r, n in zip(j["psnr"], j["recovered"], j["images"])]
-            index = ["family", "strength", *_other_axes(cells)]
-            for k in index:
-                j[k] = j[k].fillna("")
-            table = j.pivot_table(index=index, columns=["observer", "attack"], values="value", aggfunc="first")
-            table.columns = [f"{o}/{a}" for o, a in table.columns]
-            table = table.reset_index()
-            c = cells.copy()
-            for k in index:
-                c[k] = c[k].fillna("")
-            acc = c.groupby(index).agg(accuracy=("test_accuracy", "median"), epsilon=("epsilon", "median")).reset_index()
-            table = acc.merge(table, on=index, how="right")
+        table = leakage_table(cells, results)
+        if not table.empty:
             lines += ["", f"## Leakage: median PSNR in dB (images recovered at >= {SUCCESS_PSNR:g} dB)", ""] + _md(table)
             stops = stops_at(cells, results)
             lines += ["", "## Where each attack stops", "",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -171,6 +172,11 @@ def test_dp_small_grid_client_side_central_dp_hinders_the_curious_client_not_the
     assert defended["server"] > 60  # the server sees the clipped, un-noised update
     assert defended["client"] < 20  # the curious client sees the noised aggregate
     assert (out / "psnr_vs_epsilon.png").exists()
+    page = (out / "report.html").read_text()  # the sweep's page: its figures and tables, each run's page linked
+    for shown in ('id="cells-table"', 'id="leakage-table"', "privacy_utility.png", "psnr_vs_epsilon.png"):
+        assert shown in page
+    runs = set(re.findall(r'href="runs/([\w-]+)/report.html"', page))
+    assert len(runs) == 2 and all((out / "runs" / r / "report.html").exists() for r in runs)
 
 
 @pytest.mark.slow
