@@ -45,6 +45,10 @@ OBSERVER_VIEWS = {
               "subtracts its own and attacks its estimate of the others' mean, not knowing who took part",
     "secagg": "the server under SecAgg+: sees only the round's aggregate, and each client's number of examples, which "
               "Flower's SecAgg+ sends in the clear",
+    "active": "a malicious server that chose the model it sent in the attacked round (a constructed imprint layer) and "
+              "sees each client's own reply to it",
+    "active-secagg": "the same malicious server under SecAgg+: it sent its constructed model and sees only the round's "
+                     "aggregate and the clear-text example counts",
 }
 _BATCH_SOURCE = {
     "reply": "from the reply's num-examples",
@@ -258,7 +262,7 @@ def _grants(rows: pd.DataFrame) -> str:
 
     labels = values("labels_granted")
     said = ["the true labels <b>granted</b> (no observer sees them: an upper bound)" if labels == ["True"] else
-            "labels <b>not granted</b>: recovered by the attack" if labels == ["False"] else
+            "labels <b>not granted</b>" if labels == ["False"] else
             f"labels granted: {esc(', '.join(labels))}"]
     sources = values("batch_size_source")
     if sources:
@@ -280,9 +284,10 @@ def _grants(rows: pd.DataFrame) -> str:
 
 def _threat_model(folder: Path, config: Mapping[str, Any], results: pd.DataFrame) -> str:
     items = []
-    if attacked(config):
+    if attacked(config, folder):
         rounds, clients = config.get("attack-rounds", ""), config.get("attack-clients", "")
-        items.append(f"Attacks <b>{esc(config.get('attack'))}</b> on round(s) {esc(rounds)}, clients {esc(clients)}"
+        names = ", ".join(sorted({str(a) for a in results["attack"]})) if not results.empty else config.get("attack")
+        items.append(f"Attacks <b>{esc(names)}</b> on round(s) {esc(rounds)}, clients {esc(clients)}"
                      + (f", at most {esc(config.get('max-attacks-per-round'))} per round and observer"
                         if _number(config.get("max-attacks-per-round")) else "")
                      + (f"; optimisation attacks stopped after {esc(config.get('attack-time-limit'))} s with their best "
@@ -460,7 +465,7 @@ def write_run_page(folder: Path, config: Mapping[str, Any], outcomes: Mapping[st
         ("threat", "Setting and threat model", _threat_model(folder, config, results) + _config_table(config, folder)),
         ("training", "Central evaluation", _training(folder)),
     ]
-    if attacked(config):
+    if attacked(config, folder):
         sections += [
             ("observers", "Who reconstructs what", _observer_table(summary)),
             ("per-round", "PSNR per round", figure(folder / "psnr_per_round.png", "Test accuracy per round (attacked "

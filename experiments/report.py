@@ -288,8 +288,11 @@ def setting(config: Mapping[str, Any]) -> str:
             + (f", faulty clients {c['faulty-clients']}" if c.get("faulty-clients") else "") + ".")
 
 
-def attacked(config: Mapping[str, Any]) -> bool:
-    return str(config.get("attack", "none")).strip().lower() not in ("", "none")
+def attacked(config: Mapping[str, Any], folder: Path) -> bool:
+    """Whether the run attacks: it names an attack, or it has attack rows (an observer that
+    brings its own attack, such as the active server, may run with ``attack = "none"``)."""
+    return (str(config.get("attack", "none")).strip().lower() not in ("", "none")
+            or (Path(folder) / "results.csv").is_file())
 
 
 def write_summary(folder: Path, config: Mapping[str, Any], outcomes: Mapping[str, Mapping[str, str]],
@@ -320,7 +323,7 @@ def write_summary(folder: Path, config: Mapping[str, Any], outcomes: Mapping[str
             lines += ["", f"Replies of the {name} that were not aggregated:", ""]
             lines += [f"- round {d['round']}, client {d['client']} (node {d['node_id']}): {d['status']}: {d['reason']}"
                       for d in dropped]
-    if attacked(config):
+    if attacked(config, folder):
         lines += [
             "", "## What each observer reconstructs", "",
             f"Median over the scored (round, client) rows; success = images at >= {SUCCESS_PSNR:.0f} dB. "
@@ -392,8 +395,8 @@ def finish(folder: str | Path, plan: Any, outcomes: Mapping[str, Any] | None = N
     summary = summarise(results)
     ended = outcomes_of(folder, outcomes)
     training = plot_training(folder)
-    figures = save_grids(folder) if attacked(config) else []
-    per_round = plot_per_round(results, folder) if attacked(config) else None
+    figures = save_grids(folder) if attacked(config, folder) else []
+    per_round = plot_per_round(results, folder) if attacked(config, folder) else None
     figures += [p for p in (per_round, training) if p]
     write_summary(folder, config, ended, results, summary, figures)
     try:

@@ -55,10 +55,11 @@ def test_psnr_over_many_attacked_rounds_is_a_line_per_observer():
 
 
 def _folder(tmp_path: Path) -> Path:
-    """A run folder written by hand: a known and two unknown observers, a dropped reply."""
+    """A run folder written by hand: a known and two unknown observers, a dropped reply; no
+    attack named (an observer such as the active server brings its own)."""
     run = tmp_path / "run"
     run.mkdir()
-    config = {"attack": "rgap", "observers": "server", "mode": "fedsgd", "dataset": "mnist5k", "model": "lenet",
+    config = {"attack": "none", "observers": "server,active", "mode": "fedsgd", "dataset": "mnist5k", "model": "lenet",
               "num-clients": 3, "num-server-rounds": 2, "batch-size": 1, "seed": 0, "attack-rounds": "1"}
     (run / "config.json").write_text(json.dumps(config))
     (run / "rounds.csv").write_text("round,train_loss,test_loss,test_accuracy,aggregated,dropped,seconds\n"
