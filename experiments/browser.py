@@ -185,10 +185,11 @@ def _errors(events: Iterable[dict[str, Any]]) -> list[str]:
 
 def check_page(path: str | Path, *, selectors: Iterable[str] = (), screenshot: str | Path | None = None,
                width: int = 1280, height: int = 900, full_page: bool = True, max_height: int = 12000,
-               timeout: float = 60.0, binary: str | None = None) -> PageCheck:
+               scale: float = 1.0, timeout: float = 60.0, binary: str | None = None) -> PageCheck:
     """Load ``path`` in headless Chromium at ``width`` x ``height`` CSS pixels, let its images
     decode, and report; with ``screenshot``, write a PNG of the page (the whole page up to
-    ``max_height`` pixels when ``full_page``, else the first screen). Raises
+    ``max_height`` pixels when ``full_page``, else the first screen), ``scale`` times the page's
+    size. Raises
     :class:`BrowserError` when there is no Chromium or it does not load the page in time."""
     binary = binary or find_chromium()
     if binary is None:
@@ -217,7 +218,7 @@ def check_page(path: str | Path, *, selectors: Iterable[str] = (), screenshot: s
                 b.send("Emulation.setDeviceMetricsOverride", {**metrics, "height": h}, session=s)
                 shot = b.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True,
                                                          "clip": {"x": 0, "y": 0, "width": width, "height": h,
-                                                                  "scale": 1}}, session=s)
+                                                                  "scale": scale}}, session=s)
                 Path(screenshot).write_bytes(base64.b64decode(shot["data"]))
             requests = [e["params"]["request"]["url"][:100] for e in b.events
                         if e.get("method") == "Network.requestWillBeSent"]

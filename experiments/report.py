@@ -180,7 +180,7 @@ def draw_per_round(results: pd.DataFrame, accuracy: Mapping[int, float]):
                  marker="o" if len(accuracy) <= 30 else None, markersize=3)
         hit = [r for r in hit_rounds if r in accuracy]
         top.plot(hit, [accuracy[r] for r in hit], "o", color="tab:red", markersize=5, label="attacked round")
-        top.legend(fontsize=7, loc="lower right")
+        top.legend(fontsize=7, loc="best")
     top.set_ylabel("test accuracy")
     top.set_ylim(0, 1)
     top.set_xlabel("round" if few else "")
@@ -432,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=1280, help="the screenshot's width in CSS pixels (default: 1280)")
     p.add_argument("--height", type=int, default=0,
                    help="the screenshot's height (default 0: the whole page, at most 12,000 pixels)")
+    p.add_argument("--scale", type=float, default=1.0, help="the screenshot's size relative to the page (default: 1)")
     args = p.parse_args(argv)
     try:
         page = report_folder(args.folder)
@@ -444,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             check = check_page(page, screenshot=args.screenshot, width=args.width, height=args.height or 900,
-                               full_page=not args.height)
+                               full_page=not args.height, scale=args.scale)
         except BrowserError as exc:
             print(f"{p.prog}: error: {exc}", file=sys.stderr)
             return 1
