@@ -275,6 +275,10 @@ class ScreeningStrategy(WrappingStrategy):
                     self.on_dropped(d)
                 except Exception:  # noqa: BLE001 - bookkeeping must not break a round
                     log.exception("on_dropped hook failed")
+        if not screened.accepted and self.replaced(server_round):
+            # the replaced model was refused by all: nothing was to be aggregated anyway
+            log.warning("round %s sent a replaced model and no reply came back valid", server_round)
+            return self._honest[1], None
         if not screened.accepted:
             first = screened.dropped[0] if screened.dropped else None
             why = f"client {first.partition_id} (node {first.node_id}): {first.status}: {first.reason}" if first else "no client was sampled"

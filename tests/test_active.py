@@ -172,3 +172,19 @@ def test_imprint_block_needs_and_gets_the_servers_clientapp(tmp_path):
                       to_float(data.test_x), 200)
     with pytest.raises(RuntimeError, match="0.enc.weight"):
         model_with(plan.fed, block.state_dict())
+
+
+@pytest.mark.slow
+def test_clients_that_block_the_constructed_model_leave_the_server_nothing(tmp_path):
+    from experiments.run import main
+
+    out = tmp_path / "blocked"
+    # batch 16: the honest round-2 update is not one the analytic checks flag (batches of 8 or fewer are)
+    code = main(["--attack", "none", "--observers", "active", "--clients", "2", "--batch-size", "16", "--rounds", "2",
+                 "--audit", "block:probe=false", "--attack-workers", "0", "--out", str(out)])
+    assert code == 0  # a refused active round is not a failed federation: nothing was to be aggregated
+    rounds = _rows(out / "rounds.csv")
+    assert (rounds[1]["aggregated"], rounds[1]["dropped"]) == ("0", "2")
+    assert (rounds[2]["aggregated"], rounds[2]["dropped"]) == ("2", "0")
+    rows = _rows(out / "results.csv")
+    assert len(rows) == 2 and all(r["status"] == "invalid" and "constructed layer" in r["reason"] for r in rows)
