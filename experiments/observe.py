@@ -239,6 +239,7 @@ def observe_active_secagg(agg: RoundAggregate, cfg: RunConfig, names: Sequence[s
                           grant_labels: bool) -> Observation:
     """The active server's view of a SecAgg+ round that sent its model (``agg.before``): the
     decoded mean update (``agg.update``; from the model step when it has none)."""
+    names = list(agg.before) if set(agg.before) != set(names) else names  # an imprint block adds entries
     if agg.update is not None:
         tensors = tuple(agg.update[n].detach().clone() for n in names)
         kind = "gradient" if cfg.mode == "fedsgd" else "weight_delta"

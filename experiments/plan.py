@@ -25,7 +25,8 @@ from a command line into a deployment's run config and back. Every rule lives he
   (``active-attack``, ``active-bins``) replaces the model in the attacked rounds and inverts
   what comes back (with ``secagg`` also in the SecAgg+ run), with or without passive attacks;
   ``observers = "all"`` means the passive ones; the weights-only imprint needs a model whose
-  first layer is linear on the image (``mlp``) with at least ``active-bins`` units;
+  first layer is linear on the image (``mlp``) with at least ``active-bins`` units, the
+  imprint block the simulation engine (the clients run the server's ClientApp);
 - what the data allows (``check_data``): the dataset loads and the partition is feasible,
   and an attacked FedAvg update holds at most :data:`MAX_UPDATE_IMAGES` images (a client with
   1,000 images and one local epoch of batch 1 would ask for 1,000 dummy images), checked
@@ -318,9 +319,6 @@ class ExperimentPlan:
                 raise ConfigError("active-attack", "imprint-block changes the model's architecture, so the clients must run "
                                                    "the server's ClientApp (experiments.client_app:imprint_app), which "
                                                    "python -m experiments.run ships; a deployment runs pyproject's clientapp")
-            if "secagg" in a.observers:
-                raise ConfigError("active-attack", "imprint-block under SecAgg+ is not built: its legacy clients receive "
-                                                   "unnamed arrays of the run's model; use imprint (weights only, mlp)")
         if not a.is_active and (a.active, a.active_bins) != (_ATTACK_DEFAULTS["active-attack"], _ATTACK_DEFAULTS["active-bins"]):
             raise ConfigError("active-attack" if a.active != _ATTACK_DEFAULTS["active-attack"] else "active-bins",
                               "has no effect without the active observer (--observers active)")

@@ -6,6 +6,7 @@ spying server.
     python -m experiments.run --preset demo --attack all --observers server   # every attack in the demo's setting
     python -m experiments.run --mode fedavg --local-steps 5 --attack ig       # a FedAvg update of 5 local steps
     python -m experiments.run --attack none         # plain training: 10 clients, FedAvg
+    python -m experiments.run --attack none --observers active,secagg   # a malicious server's imprint, through SecAgg+ too
     python -m experiments.run --faulty-client 1:nan --faulty-client 2:shape   # what a run survives
     python -m experiments.run --out runs/x --resume # continue a run that was stopped
 
@@ -173,7 +174,9 @@ def _run(plan, data, verbose: bool) -> int:
             if plan.runs_main:
                 run_apps(experiment.server_app(), client_app, c.num_clients, verbose=verbose)
             if plan.runs_secagg and not experiment.stopped and experiment.failure is None:
-                from experiments.client_app import secagg_app as secagg_client_app
+                from experiments.client_app import imprint_secagg_app, secagg_app
+
+                secagg_client_app = imprint_secagg_app if client_app is imprint_app else secagg_app
 
                 progress.update(task, completed=0, description="secagg", status="starting the SecAgg+ run ...")
                 run_apps(experiment.secagg_server_app(), secagg_client_app, c.num_clients, verbose=verbose)

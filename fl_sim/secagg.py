@@ -207,16 +207,17 @@ class SecAggClient(NumPyClient):
     arrays before masking (:func:`fl_sim.faults.spoil`), as the Message-API client does.
     """
 
-    def __init__(self, node_config, auditor=None, context: Context | None = None) -> None:
+    def __init__(self, node_config, auditor=None, context: Context | None = None, build=model_with) -> None:
         self.node_config = dict(node_config)
         self.auditor = auditor  # fl_sim.audit.Auditor: the clients' leakage audit, before masking
         self.node_context = context
+        self.build = build  # (cfg, arrays in state_dict order) -> (dataset, model); see make_secagg_client_app
 
     def _model(self, parameters: NDArrays, config: dict[str, Scalar]):
         torch.set_num_threads(1)  # simulated clients share the machine's cores
         cfg = RunConfig.from_mapping(dict(config))
         pid = node_partition(cfg, self.node_config)
-        data, model = model_with(cfg, [torch.as_tensor(np.asarray(a)) for a in parameters])
+        data, model = self.build(cfg, [torch.as_tensor(np.asarray(a)) for a in parameters])
         return cfg, pid, data, model
 
     def _audit(self, parameters: NDArrays, config: dict[str, Scalar]):
@@ -296,12 +297,14 @@ class SecAggClient(NumPyClient):
         return float(loss), len(share), {"eval_acc": float(acc)}
 
 
-def make_secagg_client_app(auditor=None) -> ClientApp:
+def make_secagg_client_app(auditor=None, build=model_with) -> ClientApp:
     """The SecAgg+ ClientApp; ``auditor`` (:class:`fl_sim.audit.Auditor`) for the clients'
-    leakage audit, which runs inside ``fit`` on the update before ``secaggplus_mod`` masks it."""
+    leakage audit, which runs inside ``fit`` on the update before ``secaggplus_mod`` masks it;
+    ``build(cfg, arrays) -> (dataset, model)`` makes the model of the arrays received, in
+    ``state_dict()`` order (:func:`fl_sim.task.model_with`: the run config's model)."""
 
     def client_fn(context: Context):
-        return SecAggClient(context.node_config, auditor, context).to_client()
+        return SecAggClient(context.node_config, auditor, context, build).to_client()
 
     return ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
 
@@ -366,6 +369,7 @@ class SecAggStrategy(FedAvg):
         self._before: dict[int, NDArrays] = {}
         self.replace_model = replace_model
         self._honest: dict[int, NDArrays] = {}  # a replaced round's honest global weights
+        self._names: dict[int, list[str]] = {}  # a replaced round's entries (a model of its own may have others)
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
@@ -373,14 +377,11 @@ class SecAggStrategy(FedAvg):
         server_round += self.round_offset
         honest = parameters_to_ndarrays(parameters)
         swapped = swapped_model(self.replace_model, server_round, _state_dict(self.param_names, honest))
-        self._honest = {}
+        self._honest, self._names = {}, {}
         if swapped is not None:
-            if list(swapped) != self.param_names:
-                log.error("round %s: a replaced model must keep the entries of the model under SecAgg+ (the "
-                          "clients build it from the run config); the honest model is sent", server_round)
-            else:
-                self._honest = {server_round: honest}
-                parameters = ndarrays_to_parameters([v.cpu().numpy() for v in swapped.values()])
+            self._honest = {server_round: honest}
+            self._names = {server_round: list(swapped)}
+            parameters = ndarrays_to_parameters([v.cpu().numpy() for v in swapped.values()])
         self._before = {server_round: parameters_to_ndarrays(parameters)}
         return super().configure_fit(server_round, parameters, client_manager)
 
@@ -443,13 +444,14 @@ class SecAggStrategy(FedAvg):
         step = -self.server_lr if self.mode == "fedsgd" else 1.0
         after = [np.asarray(w + step * g).astype(w.dtype, copy=False) for w, g in zip(before, mean)]
         honest = self._honest.pop(server_round, None)
+        names = self._names.pop(server_round, self.param_names)
         self.current = after if honest is None else honest  # a replaced round is not aggregated
         self.train_history[server_round] = {"train_loss": loss}
         if self.on_aggregate is not None:
             contributors = tuple(sorted((int(res.metrics.get("partition-id", -1)), int(res.num_examples)) for _, res in results))
-            aggregate = RoundAggregate(server_round, _state_dict(self.param_names, before),
-                                       _state_dict(self.param_names, after), contributors, replaced=honest is not None,
-                                       update=_state_dict(self.param_names, mean) if honest is not None else None)
+            aggregate = RoundAggregate(server_round, _state_dict(names, before), _state_dict(names, after), contributors,
+                                       replaced=honest is not None,
+                                       update=_state_dict(names, mean) if honest is not None else None)
             try:
                 self.on_aggregate(aggregate)
             except Exception:  # noqa: BLE001 - a broken hook must not break training

@@ -148,21 +148,23 @@ def test_active_server_reads_images_through_secagg(tmp_path):
 
 @pytest.mark.slow
 def test_imprint_block_needs_and_gets_the_servers_clientapp(tmp_path):
-    """The block changes the architecture: the run ships the server's ClientApp, which builds
-    it; the honest ClientApp's model cannot hold those weights; the clients' tampering check
-    names the foreign entries."""
+    """The block changes the architecture: the run ships the server's ClientApp (plain and
+    SecAgg+), which builds it; the honest ClientApp's model cannot hold those weights; the
+    clients' tampering check names the foreign entries."""
     from experiments.plan import ExperimentPlan
     from experiments.run import main
     from fl_sim.task import model_with
 
     out = tmp_path / "block"
-    code = main(["--attack", "none", "--observers", "active", "--active-attack", "imprint-block", "--model", "cnn6",
-                 "--init", "kaiming", "--active-bins", "200", "--clients", "2", "--batch-size", "4", "--rounds", "2",
-                 "--audit", "log:probe=false", "--attack-workers", "0", "--out", str(out)])
+    code = main(["--attack", "none", "--observers", "active,secagg", "--active-attack", "imprint-block", "--model",
+                 "cnn6", "--init", "kaiming", "--active-bins", "200", "--clients", "2", "--batch-size", "4", "--rounds",
+                 "2", "--audit", "log:probe=false", "--attack-workers", "0", "--out", str(out)])
     assert code == 0
     rows = _rows(out / "results.csv")
-    assert [r["attack"] for r in rows] == ["imprint-block"] * 2
-    assert all(r["recovered"] == "4" and float(r["psnr"]) > 60 for r in rows)
+    assert sorted((r["observer"], r["attack"]) for r in rows) == \
+           [("active", "imprint-block")] * 2 + [("active-secagg", "imprint-block")] * 2
+    assert all(r["recovered"] == "4" and float(r["psnr"]) > 60 for r in rows if r["observer"] == "active")
+    assert sum(int(r["recovered"]) for r in rows if r["observer"] == "active-secagg") >= 7  # of 8, through SecAgg+
     assert _rows(out / "rounds.csv")[2]["aggregated"] == "2"  # round 2: the honest model again, trained on
     audit = {(int(a["round"]), a["tampered"]): a["tamper_reason"] for a in _rows(out / "audit.csv")}
     assert "unexpected 0.enc.weight" in audit[(1, "True")] and (2, "False") in audit

@@ -104,8 +104,6 @@ CASES = [
     (["--observers", "active", "--active-bins", "0"], "--active-bins: must be >= 1, got 0"),
     (["--attack", "rgap", "--observers", "active"], "--attack: rgap attacks what a passive observer sees"),
     (["--attack", "rgap", "--active-bins", "100"], "--active-bins: has no effect without the active observer"),
-    (["--observers", "active,secagg", "--active-attack", "imprint-block", "--model", "cnn6"],
-     "--active-attack: imprint-block under SecAgg+ is not built"),
     (["--attack", "ig", "--mode", "fedavg"], "--local-epochs: a client's FedAvg update would hold 1000 images (1000 local"),
     (["--attack", "ig", "--mode", "fedavg", "--local-steps", "20", "--batch-size", "4"],
      "--local-steps: a client's FedAvg update would hold 80 images"),
@@ -163,6 +161,8 @@ def test_run_refuses_with_one_line(argv, message, files, capsys):
 # The deployment shares the plan, its flags and its checks: the same lines, before any process starts.
 DEPLOY_CASES = [c for c in CASES if c[0][:1] != ["--dataset"] or "{" not in c[0][1]][:20] + [
     (["--attack", "rgap", "--observers", "secagg"], "--observers: the secagg observer runs only under python -m experiments.run"),
+    (["--observers", "active", "--active-attack", "imprint-block", "--model", "cnn6"],
+     "--active-attack: imprint-block changes the model's architecture, so the clients must run the server's ClientApp"),
     (["--kill-node", "1"], "--kill-node and --kill-node-after-round go together"),
     (["--kill-node", "5", "--kill-node-after-round", "1"], "--kill-node: partition id must lie in 0..2"),
     (["--run-config", "no-such-key=1"], "no-such-key: not a setting of this app"),
