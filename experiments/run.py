@@ -218,7 +218,8 @@ def _print_tables(experiment, summary, console) -> None:
         table.add_column(col, justify="right")
     for r in summary.itertuples():
         table.add_row(r.observer, r.attack, str(r.n), f"{r.median_psnr:.1f}", f"{r.median_ssim:.3f}",
-                      "granted" if r.labels == "granted" else f"{r.label_acc:.2f}", f"{r.recovered}/{r.images}",
+                      "granted" if r.labels == "granted" else "-" if r.label_acc != r.label_acc else f"{r.label_acc:.2f}",
+                      f"{r.recovered}/{r.images}",
                       r.batch_size, str(r.errors + r.unscored))
     console.print(table)
     console.print(f"results: {experiment.runner.csv_path}, summary: {experiment.out / 'summary.md'}")
