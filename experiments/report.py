@@ -202,8 +202,8 @@ def draw_per_round(results: pd.DataFrame, accuracy: Mapping[int, float]):
             ax.plot(med.index, med.values, marker="o", color=colour, label=f"{observer} / {attack}")
             ax.scatter(g["round"], g["psnr"], color=colour, alpha=0.35, s=10, linewidths=0)
     ax.axhline(SUCCESS_PSNR, color="grey", linestyle="--", linewidth=0.8, label=f"{SUCCESS_PSNR:.0f} dB")
-    top_db = float(df["psnr"].max()) if df["psnr"].notna().any() else SUCCESS_PSNR
-    ax.set_ylim(0, max(top_db, SUCCESS_PSNR) * 1.12)
+    top_db = max(float(df["psnr"].max()) if df["psnr"].notna().any() else 0.0, SUCCESS_PSNR)
+    ax.set_ylim(0, top_db * 1.4)  # room above the bars for the legend
     if few:
         ax.set_xticks(range(len(hit_rounds)), [f"round {r}" for r in hit_rounds])
         ax.set_xlabel("attacked round (bars: median over its updates; dots: each update)")
@@ -211,7 +211,7 @@ def draw_per_round(results: pd.DataFrame, accuracy: Mapping[int, float]):
         ax.set_xlabel("round (red: attacked)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("PSNR (dB)" + ("" if few else ": median, each update"))
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=min(4, len(series) + 1), loc="upper center")
     ax.grid(alpha=0.3, axis="y" if few else "both")
     fig.tight_layout()
     return fig

@@ -83,6 +83,8 @@ def test_deploy_survives_a_killed_supernode(tmp_path):
     for pid in (0, 1):
         assert rows[pid]["status"] == "ok" and float(rows[pid]["psnr"]) > PSNR_OK, rows[pid]
     assert "Replies of the federation that were not aggregated" in (out / "summary.md").read_text()
+    page = (out / "report.html").read_text()  # the ServerApp ends with the run's page, as a simulation does
+    assert 'id="observer-table"' in page and "<td>missing</td>" in page
     # the SuperNodes load pyproject's ClientApp, the one with the clients' audit
     audit = _rows(out / "audit.csv")
     assert sorted((int(a["round"]), int(a["client"])) for a in audit) == [(1, 0), (1, 1), (1, 2), (2, 0), (2, 1)]
