@@ -98,6 +98,8 @@ footer { margin-top: 40px; color: var(--mute); font-size: 0.85em; }
 @media print {
   body { font-size: 11pt; } main { max-width: none; padding: 0; } nav { display: none; }
   thead th { position: static; } figure, tr, .round { break-inside: avoid; } h2 { break-after: avoid; }
+  .scroll { overflow: visible; } table { font-size: 8pt; } th, td { padding: 2px 4px; }
+  table.grid img { max-width: 0.75in; height: auto; } table.grid .cap { white-space: normal; }
   a { color: inherit; text-decoration: none; }
 }
 """

@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 
 from experiments.plan import ExperimentPlan
+from experiments.report import main as report_main
 from experiments.sweep import PRESETS, load_spec, main as sweep_main, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,6 +178,8 @@ def test_dp_small_grid_client_side_central_dp_hinders_the_curious_client_not_the
         assert shown in page
     runs = set(re.findall(r'href="runs/([\w-]+)/report.html"', page))
     assert len(runs) == 2 and all((out / "runs" / r / "report.html").exists() for r in runs)
+    (out / "report.html").unlink()  # made again from the sweep folder alone
+    assert report_main([str(out)]) == 0 and 'id="leakage-table"' in (out / "report.html").read_text()
 
 
 @pytest.mark.slow
