@@ -253,6 +253,9 @@ def _phases(folder: Path, config: Mapping[str, Any], outcomes: Mapping[str, Mapp
                  + (f' <span class=mute>({esc(o["reason"])})</span>' if o.get("reason") else "")
                  for phase, o in outcomes.items()]
         return "; ".join(parts) + f"; {done}."
+    if _number(total) is not None and len(rounds) >= int(float(total)):
+        return (f'<span class="status">ending not recorded</span> {done}; the run wrote no outcome.json (made '
+                "before it existed, or stopped while its attacks ran): this page is drawn from its files.")
     return (f'<span class="status killed">no ending recorded</span> the run was killed or is still going: this page '
             f"shows what it wrote; {done}.")
 

@@ -158,6 +158,10 @@ def _strength_plot(out: Path, j: pd.DataFrame) -> Path | None:
         positive = g["strength"] > 0
         if positive.all() and g["strength"].max() / g["strength"].min() > 20:
             ax.set_xscale("log")
+        strengths = sorted(set(g["strength"]))
+        if len(strengths) <= 6:  # ticks at the settings swept, not at fractions around a single one
+            ax.set_xticks(strengths, [f"{v:g}" for v in strengths])
+            ax.minorticks_off()
         ax.set_title(f"{family} (dotted: undefended)", fontsize=9)
         ax.set_xlabel(key + (" (smaller is stronger)" if family == "ldp" else ""), fontsize=8)
         ax.set_ylabel("median PSNR (dB)", fontsize=8)
