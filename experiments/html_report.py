@@ -22,6 +22,7 @@ import io
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -161,16 +162,19 @@ def fmt(v: Any, spec: str = ".3g") -> str:
     return str(v)
 
 
+@dataclass(frozen=True)
 class Cell:
-    """A table cell whose text is not its sort key (``html``: markup, already escaped)."""
+    """A table cell whose text is not its sort key (``html``: markup, already escaped);
+    ``numeric``: right-aligned."""
 
-    def __init__(self, html_: str, sort: Any = None, numeric: bool = False, cls: str = "") -> None:
-        self.html, self.sort, self.numeric, self.cls = html_, sort, numeric, cls
+    html: str
+    sort: Any = None
+    numeric: bool = False
 
 
 def _td(v: Any) -> str:
     if isinstance(v, Cell):
-        attrs = ' class="n"' if v.numeric else (f' class="{v.cls}"' if v.cls else "")
+        attrs = ' class="n"' if v.numeric else ""
         sort = "" if v.sort is None else f' data-v="{esc(fmt(v.sort, ".6g"))}"'
         return f"<td{attrs}{sort}>{v.html}</td>"
     n = _number(v) if not isinstance(v, (str, bool)) else None
@@ -208,8 +212,8 @@ def page(title: str, subtitle: str, nav: Sequence[tuple[str, str]], sections: Se
 <body><main>
 <header><h1>{esc(title)}</h1><div>{subtitle}</div><nav>{links}</nav></header>
 {chr(10).join(s for s in sections if s)}
-<footer>Written by <code>{esc(made_by)}</code> on {time.strftime("%Y-%m-%d %H:%M:%S")}; everything shown is
-inside this file (its figures are also in the folder as PNG files).</footer>
+<footer>Made on {time.strftime("%Y-%m-%d %H:%M:%S")}; <code>{esc(made_by)}</code> makes it again from the folder's
+files. Everything shown is inside this file (its figures are also in the folder as PNG files).</footer>
 </main><script>{_SCRIPT}</script></body></html>
 """
 
