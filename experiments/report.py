@@ -69,14 +69,16 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
         images = int(pd.to_numeric(scored["images"], errors="coerce").fillna(0).sum())
         recovered = int(pd.to_numeric(scored["recovered"], errors="coerce").fillna(0).sum())
         free = scored[~scored["labels_granted"].astype(str).isin(["True", "true", "1"])]
+        free_acc = pd.to_numeric(free["label_acc"], errors="coerce")
         out.append({
             "observer": observer, "attack": attack, "n": len(scored),
             "median_psnr": float(scored["psnr"].median()) if len(scored) else math.nan,
             "median_ssim": float(pd.to_numeric(scored["ssim"], errors="coerce").median()) if len(scored) else math.nan,
-            "label_acc": float(pd.to_numeric(free["label_acc"], errors="coerce").mean()) if len(free) else math.nan,
+            "label_acc": float(free_acc.mean()) if len(free) else math.nan,
             "recovered": recovered, "images": images, "success": recovered / images if images else math.nan,
             "batch_size": ", ".join(sorted({str(v) for v in scored["batch_size_source"].dropna()})) or "-",
-            "labels": "granted" if len(scored) and len(free) == 0 else "recovered",
+            # an attack that returns no labels (the imprint reads images only) recovers none
+            "labels": "granted" if len(scored) and len(free) == 0 else "recovered" if free_acc.notna().any() else "none",
             "attribution": ", ".join(sorted({str(v) for v in scored["attribution"].dropna()})) or "-",
             "errors": int((g["status"] == "error").sum()),
             "unscored": int(g["status"].isin([s for s in UNSCORED if s != "error"]).sum()),
