@@ -495,6 +495,20 @@ def deploy(args: argparse.Namespace, plan) -> dict[str, Any]:
             shutil.copytree(topo.logs, out / "logs", dirs_exist_ok=True)
         (out / "deploy.json").write_text(json.dumps(record, indent=2) + "\n")
         shutil.rmtree(work, ignore_errors=True)
+        _report_again(out)
+
+
+def _report_again(out: Path) -> None:
+    """The ServerApp wrote report.html before the deployment ended; made again now that
+    deploy.json says how it ended (a folder the run never wrote to has none)."""
+    if not (out / "config.json").exists():
+        return
+    try:
+        from .report import report_folder
+
+        report_folder(out)
+    except Exception as exc:  # noqa: BLE001 - the report must not hide the deployment's outcome
+        print(f"note: report.html of {out} not made again: {type(exc).__name__}: {exc}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
