@@ -156,8 +156,9 @@ class AttackRunner:
 
     Hooks: ``on_update`` (every reply the server aggregated), ``on_aggregate`` (each round's
     aggregate, for the curious client and the SecAgg+ server), ``on_dropped`` (a reply the
-    server did not aggregate), and for the active server ``swap``, the model it sends. ``workers=0`` in the plan runs each job inline, in the hook
-    (the round waits); more runs them in that many spawned processes at the lowest priority.
+    server did not aggregate), and for the active server ``swap``, the model it sends.
+    ``workers=0`` in the plan runs each job inline, in the hook (the round waits); more runs
+    them in that many spawned processes at the lowest priority.
     ``close()`` runs what was deferred and waits; ``stop()`` abandons what has not finished
     (rows with status ``interrupted``) and stops the workers.
     """
