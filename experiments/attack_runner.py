@@ -84,12 +84,9 @@ def _model(cfg: RunConfig, o: Observation):
 
     if not o.observer.startswith("active"):
         return model_with(cfg, o.weights)
-    from attacks.imprint import load_model
-    from fl_sim.data import load_dataset
-    from fl_sim.models import build_model
+    from .client_app import with_imprint_block
 
-    data = load_dataset(cfg.dataset, cfg.data_root)
-    return data, load_model(build_model(cfg.model, data.input_shape, data.num_classes), o.weights, data.input_shape)
+    return with_imprint_block(cfg, o.weights)
 
 
 def run_job(job: AttackJob, cfg: RunConfig) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:

@@ -17,9 +17,10 @@ from fl_sim.secagg import make_secagg_client_app
 from .audit import LeakageAuditor
 
 
-def _with_imprint_block(cfg: RunConfig, state):
-    """The run's model holding ``state`` (a state dict, or SecAgg+'s arrays in order), with the
-    imprint block in front when the server sent one."""
+def with_imprint_block(cfg: RunConfig, state):
+    """The dataset and the run's model holding ``state`` (a state dict, or SecAgg+'s arrays in
+    order), with the imprint block in front when the server sent one: what the server's
+    ClientApp builds, and what its attack reads the update with."""
     from attacks.imprint import BLOCK_KEYS, load_model
     from fl_sim.data import load_dataset
     from fl_sim.models import build_model
@@ -34,6 +35,6 @@ def _with_imprint_block(cfg: RunConfig, state):
 
 
 app = make_client_app(make_audit_mod(LeakageAuditor()))
-imprint_app = make_client_app(make_audit_mod(LeakageAuditor()), build=_with_imprint_block)
-imprint_secagg_app = make_secagg_client_app(LeakageAuditor(), build=_with_imprint_block)
+imprint_app = make_client_app(make_audit_mod(LeakageAuditor()), build=with_imprint_block)
+imprint_secagg_app = make_secagg_client_app(LeakageAuditor(), build=with_imprint_block)
 secagg_app = make_secagg_client_app(LeakageAuditor())  # the SecAgg+ observer's run (simulation only)

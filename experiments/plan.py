@@ -241,7 +241,6 @@ class ExperimentPlan:
         fed = RunConfig.from_mapping(resolved)
         attacks = _attack_list(named, fed)
         attack = None
-        active = "active" in _names(resolved["observers"])
         if not attacks and not active:
             # an attack setting given without an attack has no effect: say so rather than ignore it
             for key, default in _ATTACK_DEFAULTS.items():
