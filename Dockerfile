@@ -23,7 +23,7 @@ COPY attacks ./attacks
 COPY experiments ./experiments
 COPY scripts ./scripts
 RUN pip install . \
-    && python -c "import torch, flwr, fl_sim.client_app, experiments.spy_server_app; from fl_sim.data import load_dataset; load_dataset('mnist5k', 'data')" \
+    && python -c "import torch, flwr, fl_sim.client_app, experiments.apps.server_app; from fl_sim.data import load_dataset; load_dataset('mnist5k', 'data')" \
     && flower-superlink --version
 
 # /app holds pyproject.toml, so `flwr run /app` (the submit job) builds the app bundle here.

@@ -50,7 +50,7 @@ quasi-Newton method, and change:
   a worse image while the image is still moving (at a relative mismatch of 1e-8 the images
   were anywhere from 27 to 57 dB over the benchmark's CIFAR-100 and CIFAR-10 images and model
   seeds); the image's own motion is measured in the units of the score. Measured with
-  ``experiments.bench_attacks --seeds ... --versus settle=0.0`` (DLG's LeNet, paper
+  ``experiments.bench.attacks --seeds ... --versus settle=0.0`` (DLG's LeNet, paper
   initialisation, 20 images per seed, labels not granted): on CIFAR-100, model seeds 0-4
   (where ``settle`` was chosen), the lowest per-seed median went from 44.1 to 49.1 dB, the
   old rule needing 0.86 times the new one's evaluations (median per image); on images and
@@ -96,8 +96,8 @@ images, model seed 0: 20/20, median 50.40 dB, before and after).
   PSNR had stopped rising there on the batch of 4), or at ``max_steps`` (outcome
   ``"budget"``: no restart, since a fresh start would cost as much again).
 
-Measured with these rules (``python -m experiments.bench_attacks --attack dlg --model lenet
---data npz:../shared/data/FILE --images 20 --batch N``, model seed 0, labels not granted; the
+Measured with these rules (``python -m experiments.bench.attacks --attack dlg --model lenet
+--data npz:data/FILE --images 20 --batch N``, model seed 0, labels not granted; the
 seconds on a 2-core machine shared with another heavy job, so about 2-4 times the unloaded
 cost, which the evaluations per batch give: about 2.5 / 4.6 / 9 ms each for 2 / 4 / 8 images):
 CIFAR-100, pairs 18/20 at >= 30 dB, median 36.2 dB (min 23.6), 2,842 evaluations per pair;
@@ -288,7 +288,7 @@ def _run_lbfgsb(variables: list[Tensor], closure: Any, opts: DLGOptions, check: 
     ``max_steps * max_iter`` iterations with ``history_size`` pairs, the attack's rule applied
     every ``max_iter`` iterations (``check``, as after a step of the other optimisers). True
     when ``check`` ended the start; False when L-BFGS-B stopped by itself or ran out."""
-    from scipy.optimize import minimize
+    from scipy.optimize import minimize  # lazy: only the optional L-BFGS-B box optimiser uses SciPy
 
     sizes = [v.numel() for v in variables]
     x = variables[0]

@@ -5,8 +5,8 @@ whose objective evaluation costs about 2 ms here. PyTorch's two-loop recursion w
 pairs in a Python loop (a few small tensor operations per pair and iteration), which at 300
 pairs costs about as much as the evaluation itself. Measured on CIFAR-100 with DLG's LeNet,
 model seeds 0-4, 20 images each, every image attacked by both in the same process
-(``python -m experiments.bench_attacks --attack dlg --model lenet --data
-npz:../shared/data/cifar100_test20.npz --images 20 --seeds 0-4 --versus optimizer="'torch'"``):
+(``python -m experiments.bench.attacks --attack dlg --model lenet --data
+npz:data/cifar100_test20.npz --images 20 --seeds 0-4 --versus optimizer="'torch'"``):
 ``torch.optim.LBFGS(history_size=300, line_search_fn="strong_wolfe")`` reached the same
 images (100/100 at >= 30 dB, median PSNR 51.8 against 52.1 dB, median per-image difference
 +0.05 dB) with 5% more objective evaluations and 2.2 times the seconds per image (median of

@@ -55,7 +55,7 @@ This implementation
   architecture, every parameter and the input shape). :func:`rgap`, the registered attack,
   makes a fresh solver per call, so nothing outlives a call; a caller attacking several updates
   on the same weights (the clients of one FedSGD round) can hold one solver and call it.
-  Measured with ``experiments.bench_attacks --attack rgap --option rank=False --versus
+  Measured with ``experiments.bench.attacks --attack rgap --option rank=False --versus
   fresh-solver`` (20 images, each attacked by a held and by a fresh solver in one process):
   CNN6 on CIFAR-10, 1.8 s per image held against 3.0 s fresh (median per-image ratio 1.6;
   2.8 with the rank analysis in the diagnostics); DLG's LeNet on MNIST, 0.17 s against

@@ -9,14 +9,24 @@ the plan's defaults and presets (:mod:`experiments.plan`). Errors are one line a
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 from fl_sim.config import FAULTS
-from fl_sim.defences import DEFENCES
 from fl_sim.models import model_names
+from fl_sim.settings import DEFENCES
 
-from .plan import ACTIVE_ATTACKS, ATTACK_PRESET, BATCH_SIZE_GRANTS, DEMO_PRESET, OBSERVERS, ConfigError, ExperimentPlan, default_mapping
+from .plan import (
+    ACTIVE_ATTACKS,
+    ATTACK_PRESET,
+    BATCH_SIZE_GRANTS,
+    DEMO_PRESET,
+    OBSERVERS,
+    ConfigError,
+    ExperimentPlan,
+    default_mapping,
+)
 
 __all__ = ["Flag", "PLAN_FLAGS", "Parser", "add_plan_arguments", "given", "plan_from_args", "flag_for", "say_error"]
 
@@ -93,7 +103,6 @@ _BY_KEY = {f.key: f for f in PLAN_FLAGS}
 
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors (exit code 2) instead of the usage block."""
-
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
@@ -172,8 +181,6 @@ def flag_for(key: str) -> str:
 
 def say_error(prog: str, exc: Exception) -> int:
     """Print a one-line error naming the flag at fault; returns exit code 2."""
-    import sys
-
     text = f"{flag_for(exc.key)}: {exc.problem}" if isinstance(exc, ConfigError) else str(exc)
     print(f"{prog}: error: {' '.join(text.split())}", file=sys.stderr)
     return 2

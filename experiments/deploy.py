@@ -49,7 +49,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .cli import Parser, add_plan_arguments, plan_from_args, say_error
+import psutil
+from flwr.common.config import parse_config_args
+
+from fl_sim.data import DatasetError
+
+from .cli import Parser, add_plan_arguments, given, plan_from_args, say_error
+from .plan import ConfigError
+from .report.summary import report_run
+from .run_folder import RunFolder, RunFolderError
+from .stopping import terminate
 
 # The Flower app to submit: this repository (pyproject.toml with [tool.flwr.app]); when the
 # package is installed elsewhere (a container's site-packages), the working directory.
@@ -64,7 +73,6 @@ KILL_NODE_ROUND_TIMEOUT = 60.0  # seconds a round waits when a node is to be kil
 
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM; ``signum`` decides the exit code (128 + signum)."""
-
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
@@ -72,7 +80,6 @@ class Interrupted(Exception):
 
 class DeployError(RuntimeError):
     """A failure reported as one line; exit code 1."""
-
 
 def _positive(kind):
     def parse(text: str):
@@ -129,14 +136,6 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser):
     """Check the flags and build the plan (parser.error or a one-line exit 2 on a bad one);
     returns the plan and its folder (claimed and locked)."""
-    from flwr.common.config import parse_config_args
-
-    from fl_sim.data import DatasetError
-
-    from .cli import given
-    from .plan import ConfigError
-    from .run_folder import RunFolder, RunFolderError
-
     if (args.kill_node is None) != (args.kill_node_after_round is None):
         parser.error("--kill-node and --kill-node-after-round go together")
     if args.port is not None and not 0 < args.port < 65536:
@@ -221,7 +220,6 @@ def _cli_bin(name: str) -> str:
 
 class Topology:
     """The processes started here, and how to stop them all."""
-
     def __init__(self, work: Path, env: dict[str, str]) -> None:
         self.work = work
         self.env = env
@@ -256,8 +254,6 @@ class Topology:
     def _tree(pid: int) -> list:
         """The process, its descendants, and processes Flower detached from it (SuperExec is
         started in its own session with ``--parent-pid PID``), with theirs."""
-        import psutil
-
         try:
             root = psutil.Process(pid)
         except psutil.NoSuchProcess:
@@ -275,8 +271,6 @@ class Topology:
 
     def kill(self, name: str) -> None:
         """SIGKILL one process and everything it started (fault injection)."""
-        import psutil
-
         proc = self.procs[name]
         tree = self._tree(proc.pid)
         for p in tree:
@@ -289,8 +283,6 @@ class Topology:
 
     def stop_all(self, grace: float = 5.0) -> None:
         """SIGTERM everything (SuperNodes first), wait ``grace`` seconds, SIGKILL the rest."""
-        from .stopping import terminate
-
         names = [n for n in self.procs if n != "superlink"] + (["superlink"] if "superlink" in self.procs else [])
         tree = []
         for name in names:  # gather every tree before anything dies and gets re-parented
@@ -317,7 +309,6 @@ def wait_port(host: str, port: int, timeout: float, alive=lambda: None) -> None:
 
 class Flwr:
     """The ``flwr`` CLI against the private FLWR_HOME's connection."""
-
     def __init__(self, env: dict[str, str], cwd: Path) -> None:
         self.bin = _cli_bin("flwr")
         self.env = env
@@ -504,9 +495,7 @@ def _report_again(out: Path) -> None:
     if not (out / "config.json").exists():
         return
     try:
-        from .report import report_folder
-
-        report_folder(out)
+        report_run(out)
     except Exception as exc:  # noqa: BLE001 - the report must not hide the deployment's outcome
         print(f"note: report.html of {out} not made again: {type(exc).__name__}: {exc}", file=sys.stderr)
 

@@ -3,7 +3,7 @@
 Every entry point runs a plan through this class, so a rule of the plan holds on every path:
 ``python -m experiments.run`` hands :meth:`Experiment.server_app` (and, for the SecAgg+
 observer, :meth:`Experiment.secagg_server_app`) to Flower's simulation engine; the spying
-ServerApp that a deployment loads (``experiments.spy_server_app``) calls
+ServerApp that a deployment loads (``experiments.apps.server_app``) calls
 :meth:`Experiment.serve` on the grid it is given. Both write the same files with the same
 writers.
 
@@ -28,10 +28,15 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fl_sim.intercepting_strategy import InterceptingStrategy
+from fl_sim.privacy import privacy_spent
+from fl_sim.secagg import serve_secagg
 from fl_sim.server_app import FederationLog, RunStopped, run_server
 from fl_sim.strategy import RoundFailed
+from fl_sim.task import client_indices, local_schedule
 
-from .plan import ExperimentPlan
+from .plan import ConfigError, ExperimentPlan
+from .report.summary import finish as report
+from .runner import AttackRunner
 
 __all__ = ["Experiment", "Outcome", "SECAGG_DIR", "PRIVACY", "privacy_report"]
 
@@ -43,10 +48,7 @@ PRIVACY = "privacy.json"  # the run's defences and the formal guarantee of each,
 
 def privacy_report(plan: ExperimentPlan) -> dict[str, Any]:
     """The plan's defences and what each guarantees after all its rounds
-    (:func:`fl_sim.defences.privacy_spent`: Opacus's and Flower's accountants)."""
-    from fl_sim.defences import privacy_spent
-    from fl_sim.task import client_indices, local_schedule
-
+    (:func:`fl_sim.privacy.privacy_spent`: Opacus's and Flower's accountants)."""
     c = plan.fed
     defences = c.defence_list
     sizes, steps = [], 1
@@ -65,7 +67,6 @@ def privacy_report(plan: ExperimentPlan) -> dict[str, Any]:
 @dataclass(frozen=True)
 class Outcome:
     """How a phase ended: ``completed``, ``stopped`` or ``failed`` (with the reason)."""
-
     status: str
     reason: str = ""
 
@@ -76,7 +77,6 @@ class Experiment:
     ``stop``: when set, the phase running stops at its next wait for replies and no further
     phase starts. ``on_round(phase, row)`` gets each rounds.csv row; ``on_row`` each
     results.csv row (progress display)."""
-
     def __init__(
         self,
         plan: ExperimentPlan,
@@ -85,10 +85,6 @@ class Experiment:
         on_round: Callable[[str, dict[str, Any]], None] | None = None,
         on_row: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
-        from .attack_runner import AttackRunner
-
-        from .plan import ConfigError
-
         self.plan = plan
         self.out = Path(plan.fed.out_dir)
         if not plan.fed.out_dir:
@@ -166,8 +162,6 @@ class Experiment:
         """The SecAgg+ run: same seed, model and batches, Flower's SecAgg+ workflow; its
         federation files go to ``secagg/`` in the run folder, its attack rows to the run's
         results.csv (observer ``secagg``)."""
-        from fl_sim.secagg import serve_secagg
-
         runner = self.runner
         cfg = self.plan.fed.replace(out_dir=str(self.out / SECAGG_DIR))
         app = ServerApp()
@@ -198,8 +192,6 @@ class Experiment:
     def finish(self):
         """Let the attacks finish (after a stop: mark them interrupted and stop the workers),
         then write the figures and summary.md. Returns the summary table (observer x attack)."""
-        from .report import finish as report
-
         if self.runner is not None:
             if self.stopped:
                 self.runner.stop()

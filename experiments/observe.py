@@ -38,16 +38,20 @@ client cannot tell whose image is whose.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Mapping, Sequence
+from typing import Literal, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from attacks import ThreatModel, Update
+from attacks.imprint import BLOCK_KEYS, load_model
 from fl_sim.config import RunConfig
+from fl_sim.data import load_dataset
 from fl_sim.intercepting_strategy import InterceptedUpdate, RoundAggregate
+from fl_sim.models import build_model
 
 __all__ = [
+    "Truth",
     "Grants",
     "assumed_schedule",
     "RefereeKey",
@@ -58,12 +62,22 @@ __all__ = [
     "observe_secagg",
     "observe_active",
     "observe_active_secagg",
+    "with_imprint_block",
 ]
 
-if TYPE_CHECKING:
-    from .scoring import Truth
-
 StateDict = Mapping[str, Tensor]
+
+
+@dataclass(frozen=True)
+class Truth:
+    """The true batch behind an update: images in [0, 1], labels, each image's owner and, for
+    one client's FedAvg update, its true local schedule (per step, the indices into
+    ``images`` of that step's batch)."""
+
+    images: Tensor
+    labels: Tensor
+    owners: tuple[int, ...]
+    schedule: tuple[tuple[int, ...], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -85,7 +99,7 @@ class Grants:
     schedule: tuple[tuple[int, ...], ...] | None = None
     order: bool = False
 
-    def threat(self, truth: "Truth") -> ThreatModel:
+    def threat(self, truth: Truth) -> ThreatModel:
         """The :class:`attacks.ThreatModel` of these grants. What goes beyond the observation
         comes from the referee's ``truth``: the true labels (in the true order of the images
         when the batch order is granted, sorted otherwise, so that they do not reveal it)
@@ -250,3 +264,16 @@ def observe_active_secagg(agg: RoundAggregate, cfg: RunConfig, names: Sequence[s
     update = _as_update(tensors, kind, cfg, max(counts, default=1))
     return Observation("active-secagg", agg.server_round, _weights(agg.before), update,
                        Grants(grant_labels, images, "clear-counts"), RefereeKey(agg.partition_ids, "post-hoc"))
+
+
+def with_imprint_block(cfg: RunConfig, state):
+    """The dataset and the run's model holding ``state`` (a state dict, or SecAgg+'s arrays in
+    order), with the imprint block in front when the server sent one: what the server's
+    ClientApp builds, and what its attack reads the update with."""
+    data = load_dataset(cfg.dataset, cfg.data_root)
+    base = build_model(cfg.model, data.input_shape, data.num_classes)
+    if not isinstance(state, Mapping):  # unnamed arrays: the block's three come first when they are there
+        keys = list(base.state_dict())
+        keys = ([*BLOCK_KEYS, *(f"1.{k}" for k in keys)] if len(state) == len(keys) + len(BLOCK_KEYS) else keys)
+        state = dict(zip(keys, state))
+    return data, load_model(base, state, data.input_shape)

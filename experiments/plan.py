@@ -45,9 +45,11 @@ from typing import Any, Literal, Mapping
 
 import torch
 
-from attacks import ACTIVE
-
+from attacks import ACTIVE, ATTACKS
+from attacks.imprint import construct
 from fl_sim.config import ConfigError, RunConfig
+from fl_sim.data import load_dataset, partition
+from fl_sim.models import build_model
 
 __all__ = [
     "OBSERVERS",
@@ -102,8 +104,6 @@ Engine = Literal["simulation", "deployment"]
 
 def attack_names() -> list[str]:
     """The registered attacks (read at call time, so that a registry entry added later counts)."""
-    from attacks import ATTACKS
-
     return list(ATTACKS)
 
 
@@ -173,7 +173,6 @@ class AttackPlan:
     ``time_limit``: seconds after which an optimisation attack (DLG, iDLG, Inverting
     Gradients) stops with its best image so far, status ``time_limit`` (0: none; R-GAP is
     analytic and has none)."""
-
     attacks: tuple[str, ...]
     observers: tuple[str, ...] = ("server", "client", "secagg")
     rounds: frozenset[int] | None = frozenset({1})
@@ -208,7 +207,6 @@ class AttackPlan:
 @dataclass(frozen=True)
 class ExperimentPlan:
     """The federation's settings and, for an attacked run, the :class:`AttackPlan`."""
-
     fed: RunConfig
     attack: AttackPlan | None = None
     resume: bool = False  # continue the run in ``fed.out_dir`` (an invocation setting, not the experiment's)
@@ -316,7 +314,7 @@ class ExperimentPlan:
         if a.is_active and a.active == "imprint-block":
             if engine != "simulation":
                 raise ConfigError("active-attack", "imprint-block changes the model's architecture, so the clients must run "
-                                                   "the server's ClientApp (experiments.client_app:imprint_app), which "
+                                                   "the server's ClientApp (experiments.apps.client_app:imprint_app), which "
                                                    "python -m experiments.run ships; a deployment runs pyproject's clientapp")
         if not a.is_active and (a.active, a.active_bins) != (_ATTACK_DEFAULTS["active-attack"], _ATTACK_DEFAULTS["active-bins"]):
             raise ConfigError("active-attack" if a.active != _ATTACK_DEFAULTS["active-attack"] else "active-bins",
@@ -354,8 +352,6 @@ class ExperimentPlan:
         """What needs the data, checked before any process starts: the dataset loads (a
         :class:`fl_sim.data.DatasetError` otherwise) and the partition is feasible (a
         ConfigError naming the setting). Returns the dataset."""
-        from fl_sim.data import load_dataset, partition
-
         c = self.fed
         data = load_dataset(c.dataset, c.data_root)
         if c.num_clients > len(data.train_y):
@@ -370,9 +366,6 @@ class ExperimentPlan:
         if empty:
             raise ConfigError(key, f"client {empty[0]} gets no training image under this partition")
         if self.attack is not None and self.attack.is_active:
-            from attacks.imprint import construct
-            from fl_sim.models import build_model
-
             model = build_model(c.model, data.input_shape, data.num_classes)
             try:  # the construction on stand-in public images: does the model hold it?
                 construct(self.attack.active, model, data.input_shape, torch.rand(4, *data.input_shape),

@@ -26,6 +26,8 @@ import threading
 from pathlib import Path
 from typing import Any, Iterable
 
+import pandas as pd
+
 __all__ = ["RESULT_FIELDS", "UNSCORED", "ResultsWriter", "blank_row", "read_results"]
 
 RESULT_FIELDS = [
@@ -73,8 +75,6 @@ class ResultsWriter:
 
 def read_results(path: str | Path):
     """results.csv as a pandas DataFrame (empty, with the columns, when there is none)."""
-    import pandas as pd
-
     p = Path(path)
     if not p.exists():
         return pd.DataFrame(columns=RESULT_FIELDS)

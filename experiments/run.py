@@ -38,8 +38,21 @@ import sys
 import warnings
 from pathlib import Path
 
+from flwr.supercore.logger import update_console_handler
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from experiments.apps.client_app import app, imprint_app, imprint_secagg_app, secagg_app
+from fl_sim.data import DatasetError
+from fl_sim.simulation import run_apps
+
 from .cli import Parser, add_plan_arguments, plan_from_args, say_error
-from .plan import PRESETS
+from .experiment import Experiment
+from .plan import PRESETS, ConfigError
+from .run_folder import RunFolder, RunFolderError
+from .stopping import StopOnSignal
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,8 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _quiet(verbose: bool, console) -> None:
     """Our warnings (a dropped reply, a skipped observer) in one line each above the progress
     bars; Flower's and Ray's logs only with --verbose."""
-    from rich.logging import RichHandler
-
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     handler = RichHandler(console=console, show_time=False, show_path=False, markup=False, rich_tracebacks=False)
     handler.setLevel(logging.WARNING)
@@ -79,7 +90,6 @@ def _quiet(verbose: bool, console) -> None:
         return
     warnings.filterwarnings("ignore")
     os.environ["PYTHONWARNINGS"] = "ignore"  # reaches Ray's worker processes
-    from flwr.supercore.logger import update_console_handler
 
     # Flower logs every client failure with its traceback; the run reports each dropped reply
     # in one line of its own (and in dropped.csv), so Flower's console stays for --verbose.
@@ -99,10 +109,7 @@ def _saved_config(out: str | None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from fl_sim.data import DatasetError
 
-    from .plan import ConfigError
-    from .run_folder import RunFolder, RunFolderError
 
     mode = "resume" if args.resume else "overwrite" if args.overwrite else "new"
     try:
@@ -120,15 +127,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(plan, data, verbose: bool) -> int:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from experiments.client_app import app, imprint_app
-    from fl_sim.simulation import run_apps
-
-    from .experiment import Experiment
-    from .stopping import StopOnSignal
-
     console = Console(stderr=True)
     _quiet(verbose, console)
     for note in data.notes:
@@ -174,8 +172,6 @@ def _run(plan, data, verbose: bool) -> int:
             if plan.runs_main:
                 run_apps(experiment.server_app(), client_app, c.num_clients, verbose=verbose)
             if plan.runs_secagg and not experiment.stopped and experiment.failure is None:
-                from experiments.client_app import imprint_secagg_app, secagg_app
-
                 secagg_client_app = imprint_secagg_app if client_app is imprint_app else secagg_app
 
                 progress.update(task, completed=0, description="secagg", status="starting the SecAgg+ run ...")
@@ -200,8 +196,6 @@ def _run(plan, data, verbose: bool) -> int:
 
 
 def _print_tables(experiment, summary, console) -> None:
-    from rich.table import Table
-
     rows = experiment.logs["main"].rows if "main" in experiment.logs else []
     if rows:
         table = Table(title="Central evaluation per round")

@@ -30,21 +30,9 @@ from fl_sim.config import RunConfig
 from fl_sim.data import load_dataset, to_float
 from fl_sim.task import client_batch, local_schedule
 
-from .observe import RefereeKey
+from .observe import RefereeKey, Truth
 
 __all__ = ["Truth", "ClientScore", "true_batch", "score"]
-
-
-@dataclass(frozen=True)
-class Truth:
-    """The true batch behind an update: images in [0, 1], labels, each image's owner and, for
-    one client's FedAvg update, its true local schedule (per step, the indices into
-    ``images`` of that step's batch)."""
-
-    images: Tensor
-    labels: Tensor
-    owners: tuple[int, ...]
-    schedule: tuple[tuple[int, ...], ...] | None = None
 
 
 @dataclass(frozen=True)

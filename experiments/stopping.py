@@ -18,13 +18,13 @@ import sys
 import threading
 from typing import Callable
 
+import psutil
+
 __all__ = ["StopOnSignal", "kill_descendants", "terminate"]
 
 
 def terminate(processes: list, grace: float = 3.0) -> None:
     """SIGTERM every psutil process in ``processes``, then SIGKILL those left after ``grace`` s."""
-    import psutil
-
     for p in processes:
         try:
             p.terminate()
@@ -41,8 +41,6 @@ def terminate(processes: list, grace: float = 3.0) -> None:
 
 def kill_descendants(grace: float = 3.0) -> None:
     """Stop every descendant of this process (:func:`terminate`)."""
-    import psutil
-
     try:
         terminate(psutil.Process().children(recursive=True), grace)
     except psutil.Error:
@@ -52,7 +50,6 @@ def kill_descendants(grace: float = 3.0) -> None:
 class StopOnSignal:
     """Within the block, SIGINT and SIGTERM set ``event`` (and call ``on_signal(signum)``);
     a second signal kills the run's processes and exits. ``signum`` is the first signal."""
-
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, event: threading.Event | None = None, on_signal: Callable[[int], None] | None = None) -> None:

@@ -5,13 +5,13 @@ of partition, round and seed), one array per model parameter. ``fedavg``: the we
 local SGD over the batches of ``local_schedule`` (also a pure function; the whole state dict). The run's settings arrive from the server in the message's
 ``config`` record; the partition comes from the node's own ``partition-id`` /
 ``num-partitions``, which must agree with the run's ``num-clients``. The train handler carries
-the fault-injection mod (:mod:`fl_sim.faults`, outermost: it spoils what would leave) and the
-defences' mod (:mod:`fl_sim.defences`: pruning, noise, Flower's local-DP and clipping mods);
+the fault-injection mod (:mod:`fl_sim.mods.faults`, outermost: it spoils what would leave) and the
+defences' mod (:mod:`fl_sim.mods.defences`: pruning, noise, Flower's local-DP and clipping mods);
 DP-SGD changes the training itself (Opacus). Each does nothing unless the run config names it.
 
-:func:`make_client_app` builds the app with a leakage-audit mod (:mod:`fl_sim.audit`) between
+:func:`make_client_app` builds the app with a leakage-audit mod (:mod:`fl_sim.mods.audit`) between
 the two, so that the audit sees the update the defences made; the audit's analysis comes from
-the composing application (``experiments.client_app``, the app pyproject names), so ``app``
+the composing application (``experiments.apps.client_app``, the app pyproject names), so ``app``
 here has none and refuses a run config that asks for one.
 """
 
@@ -25,8 +25,8 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from .config import RunConfig
-from .defences import defence_mod
-from .faults import fault_mod
+from .mods.defences import defence_mod
+from .mods.faults import fault_mod
 from .task import (
     client_round,
     evaluate,
@@ -72,12 +72,12 @@ def evaluate_local(msg: Message, context: Context, build: Builder = model_with) 
 
 def _no_audit(msg: Message, context: Context, call_next) -> Message:
     if "config" in msg.content.config_records and str(msg.content["config"].get("audit", "")).strip():
-        raise ValueError("this ClientApp has no leakage audit: run experiments.client_app:app (pyproject's clientapp)")
+        raise ValueError("this ClientApp has no leakage audit: run experiments.apps.client_app:app (pyproject's clientapp)")
     return call_next(msg, context)
 
 
 def make_client_app(audit_mod=None, build: Builder = model_with) -> ClientApp:
-    """The ClientApp; ``audit_mod`` (:func:`fl_sim.audit.make_audit_mod`) goes inside the fault
+    """The ClientApp; ``audit_mod`` (:func:`fl_sim.mods.audit.make_audit_mod`) goes inside the fault
     mod (which spoils what would leave) and outside the defences (whose output it audits).
     ``build(cfg, state) -> (dataset, model)`` makes the model of the weights received
     (:func:`fl_sim.task.model_with`: the run config's model; an app that builds another

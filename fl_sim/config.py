@@ -11,10 +11,9 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-from .audit import AuditError, AuditPolicy
 from .data import DATASETS, PARTITIONS
-from .defences import Defence, DefenceError, parse_defences
 from .models import INITS, model_names
+from .settings import AuditError, AuditPolicy, Defence, DefenceError, parse_defences
 
 __all__ = ["RunConfig", "ConfigError", "MODES", "FAULTS", "parse_faults"]
 
@@ -107,13 +106,16 @@ class RunConfig:
                 coerced[f.name] = kind(value)
             except (TypeError, ValueError, OverflowError):
                 raise ConfigError(key, f"must be {kind.__name__}, got {value!r}") from None
+        if coerced["dataset"].lower().endswith(".npz") and not coerced["dataset"].startswith("npz:"):
+            coerced["dataset"] = f"npz:{coerced['dataset']}"  # a bare path to an .npz file is that file
         c = dataclasses.replace(self, **coerced)
 
         def bad(name: str, problem: str) -> ConfigError:
             return ConfigError(name.replace("_", "-"), problem)
 
         if not (c.dataset in DATASETS or c.dataset.startswith("npz:")):
-            raise bad("dataset", f"unknown dataset {c.dataset!r}: choose one of {', '.join(DATASETS)} or npz:PATH")
+            raise bad("dataset", f"unknown dataset {c.dataset!r}: choose one of {', '.join(DATASETS)}, "
+                                 "npz:PATH or a path ending in .npz")
         if c.model not in model_names():
             raise bad("model", f"unknown model {c.model!r}: choose one of {', '.join(model_names())}")
         if c.init not in INITS:
@@ -158,12 +160,12 @@ class RunConfig:
 
     @property
     def defence_list(self) -> tuple[Defence, ...]:
-        """The run's defences (:mod:`fl_sim.defences`), in the order they apply to an update."""
+        """The run's defences (:mod:`fl_sim.mods.defences`), in the order they apply to an update."""
         return parse_defences(self.defences)
 
     @property
     def audit_policy(self) -> AuditPolicy | None:
-        """The clients' leakage audit (:mod:`fl_sim.audit`), or None."""
+        """The clients' leakage audit (:mod:`fl_sim.mods.audit`), or None."""
         return AuditPolicy.parse(self.audit)
 
     @property

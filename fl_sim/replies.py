@@ -18,6 +18,8 @@ from typing import Literal, Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 
+from .mods.audit import refusal_of
+
 __all__ = ["DroppedReply", "ReplySpec", "check_reply", "error_summary", "DROPPED_FIELDS"]
 
 DROPPED_FIELDS = ["round", "node_id", "client", "status", "reason"]
@@ -90,8 +92,6 @@ def check_reply(msg: Message, spec: ReplySpec) -> tuple[str, str] | None:
     """``None`` for a reply the server may aggregate, else ``(status, reason)`` with status
     ``error`` (an error reply) or ``invalid`` and a one-line reason naming what is wrong."""
     if msg.has_error():
-        from .audit import refusal_of
-
         refused = refusal_of(msg.error.reason or "")
         if refused is not None:
             return "refused", f"the client's leakage audit refused to send it: {_short(refused[0])}"

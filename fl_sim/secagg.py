@@ -79,11 +79,12 @@ from flwr.serverapp import Grid, ServerApp
 
 from .config import RunConfig
 from .data import load_dataset
-from .defences import defend_update
-from .faults import spoil
 from .intercepting_strategy import RoundAggregate
 from .models import build_model
-from .replies import DroppedReply
+from .mods.audit import Audit, node_memory, refusal_of, refusal_reason, remember, write_audit_row
+from .mods.defences import defend_update
+from .mods.faults import spoil
+from .replies import DroppedReply, error_summary
 from .server_app import FederationLog, StoppableGrid
 from .simulation import run_apps
 from .strategy import ModelSwap, RoundFailed, swapped_model
@@ -204,12 +205,12 @@ class SecAggClient(NumPyClient):
     that are not parameters) followed by one array ``[loss * loss_scale]``, ``num_examples`` =
     batch size (FedSGD) or partition size (FedAvg), and metrics holding only the partition
     id. ``secaggplus_mod`` masks everything in the parameters before it leaves. A client named in ``faulty-clients`` spoils its
-    arrays before masking (:func:`fl_sim.faults.spoil`), as the Message-API client does.
+    arrays before masking (:func:`fl_sim.mods.faults.spoil`), as the Message-API client does.
     """
 
     def __init__(self, node_config, auditor=None, context: Context | None = None, build=model_with) -> None:
         self.node_config = dict(node_config)
-        self.auditor = auditor  # fl_sim.audit.Auditor: the clients' leakage audit, before masking
+        self.auditor = auditor  # fl_sim.mods.audit.Auditor: the clients' leakage audit, before masking
         self.node_context = context
         self.build = build  # (cfg, arrays in state_dict order) -> (dataset, model); see make_secagg_client_app
 
@@ -222,7 +223,6 @@ class SecAggClient(NumPyClient):
 
     def _audit(self, parameters: NDArrays, config: dict[str, Scalar]):
         """The clients' leakage audit of this round (None when the run has none for this client)."""
-        from .audit import Audit, _memory
 
         cfg = RunConfig.from_mapping(dict(config))
         pid = node_partition(cfg, self.node_config)
@@ -230,9 +230,9 @@ class SecAggClient(NumPyClient):
         if policy is None or not policy.audits(pid):
             return None
         if self.auditor is None:
-            raise ValueError("this SecAgg+ ClientApp has no leakage audit: run experiments.client_app:secagg_app")
+            raise ValueError("this SecAgg+ ClientApp has no leakage audit: run experiments.apps.client_app:secagg_app")
         audit = Audit(self.auditor, cfg, pid, int(config["server-round"]),
-                      _memory(self.node_context) if self.node_context is not None else {})
+                      node_memory(self.node_context) if self.node_context is not None else {})
         keys = list(audit.own.state_dict())
         if len(keys) != len(parameters):
             sent = {f"array-{i}": torch.as_tensor(np.asarray(a)) for i, a in enumerate(parameters)}
@@ -243,18 +243,15 @@ class SecAggClient(NumPyClient):
     def _record(self, audit, outcome) -> None:
         """SecAgg+ hides each client's reply from the server, so the client writes its own
         audit.csv row (into the run's folder) and keeps it in its context."""
-        from .audit import _remember, write_audit_row
 
         node = int(self.node_context.node_id) if self.node_context is not None else ""
         if self.node_context is not None:
-            _remember(self.node_context, audit.server_round, audit)
+            remember(self.node_context, audit.server_round, audit)
         if audit.cfg.out_dir:
             write_audit_row(Path(audit.cfg.out_dir) / "audit.csv",
                             {**outcome.row, "round": audit.server_round, "node_id": node})
 
     def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
-        from .audit import refusal_reason
-
         audited = self._audit(parameters, config)
         if audited is not None and audited[1] is not None:
             self._record(audited[0], audited[1])
@@ -298,7 +295,7 @@ class SecAggClient(NumPyClient):
 
 
 def make_secagg_client_app(auditor=None, build=model_with) -> ClientApp:
-    """The SecAgg+ ClientApp; ``auditor`` (:class:`fl_sim.audit.Auditor`) for the clients'
+    """The SecAgg+ ClientApp; ``auditor`` (:class:`fl_sim.mods.audit.Auditor`) for the clients'
     leakage audit, which runs inside ``fit`` on the update before ``secaggplus_mod`` masks it;
     ``build(cfg, arrays) -> (dataset, model)`` makes the model of the arrays received, in
     ``state_dict()`` order (:func:`fl_sim.task.model_with`: the run config's model)."""
@@ -403,8 +400,6 @@ class SecAggStrategy(FedAvg):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         server_round += self.round_offset
-        from .audit import refusal_of
-        from .replies import error_summary
 
         # SecAgg+ may list one failure twice; record each once, in one line.
         seen: dict[str, str] = {}

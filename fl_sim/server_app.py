@@ -12,7 +12,7 @@ The run folder (``out-dir``) gets, from :class:`FederationLog`:
   interrupted run leaves its last good model, and ``resume`` continues from it;
 - ``dropped.csv``, a row per train reply that was not aggregated (round, node_id, client,
   status, reason: missing, error, invalid or refused; see :mod:`fl_sim.replies`);
-- ``audit.csv``, under the clients' leakage audit (:mod:`fl_sim.audit`), a row per train
+- ``audit.csv``, under the clients' leakage audit (:mod:`fl_sim.mods.audit`), a row per train
   reply the audit looked at (its checks, probe, action and cost), refused ones included.
 
 A run stops cleanly when asked: :class:`StoppableGrid` raises :class:`RunStopped` while the
@@ -38,8 +38,9 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from .config import RunConfig
 from .data import load_dataset
-from .defences import dp_wrapper
 from .models import build_model
+from .mods.audit import write_audit_row
+from .privacy import dp_wrapper
 from .replies import DROPPED_FIELDS, DroppedReply
 from .strategy import FedSGD, HonestFedAvg, ModelSwap, ScreeningStrategy, WrappingStrategy
 from .task import evaluate, parameter_names
@@ -142,8 +143,6 @@ class FederationLog:
 
     def audit(self, row: Mapping[str, Any]) -> None:
         """Log a client's audit of its reply (a row of audit.csv)."""
-        from .audit import write_audit_row
-
         with self._lock:
             write_audit_row(self.audit_path, row)
 

@@ -6,7 +6,9 @@ import logging
 import os
 from typing import Any
 
+from .client_app import app as default_client_app
 from .config import RunConfig
+from .server_app import make_server_app
 
 __all__ = ["backend_config", "run_apps", "simulate"]
 
@@ -27,7 +29,7 @@ def backend_config(verbose: bool = False) -> dict[str, Any]:
 def run_apps(server_app, client_app, num_supernodes: int, *, verbose: bool = False) -> None:
     """``server_app`` and ``client_app`` on Flower's simulation engine with ``num_supernodes``
     SuperNodes (partition ids 0..N-1, ``num-partitions`` N)."""
-    from flwr.simulation import run_simulation
+    from flwr.simulation import run_simulation  # imports Ray (seconds): only runs on Ray's engine pay it
 
     run_simulation(
         server_app=server_app,
@@ -41,8 +43,5 @@ def run_apps(server_app, client_app, num_supernodes: int, *, verbose: bool = Fal
 def simulate(cfg: RunConfig, *, verbose: bool = False, client_app=None, **run_kwargs: Any) -> None:
     """Run ``cfg`` with the honest Message-API apps; ``run_kwargs`` (``wrap_strategy``,
     ``on_round``, ``on_dropped``, ``stop``) go to :func:`fl_sim.server_app.run_server`."""
-    from .client_app import app as default_client_app
-    from .server_app import make_server_app
-
     run_apps(make_server_app(cfg.to_flower(), **run_kwargs), client_app or default_client_app, cfg.num_clients,
              verbose=verbose)

@@ -26,6 +26,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
+from .mods.audit import audit_row
 from .replies import DroppedReply, ReplySpec, check_reply
 
 __all__ = ["HonestFedAvg", "FedSGD", "ScreeningStrategy", "WrappingStrategy", "RoundFailed", "ScreenedRound",
@@ -239,8 +240,6 @@ class ScreeningStrategy(WrappingStrategy):
         pid = self.partition_of.get(node, -1)
         if msg.has_error():
             if pid < 0:
-                from .audit import audit_row
-
                 claimed = (audit_row(msg) or {}).get("client")  # a refusal names its client only there
                 pid = claimed if isinstance(claimed, int) and not isinstance(claimed, bool) else pid
         elif "metrics" in msg.content.metric_records:
@@ -249,10 +248,9 @@ class ScreeningStrategy(WrappingStrategy):
         return pid
 
     def _audit(self, server_round: int, node: int, pid: int, msg: Message) -> None:
-        """Pass on the record of the client's own audit (:mod:`fl_sim.audit`) a reply carries."""
+        """Pass on the record of the client's own audit (:mod:`fl_sim.mods.audit`) a reply carries."""
         if self.on_audit is None:
             return
-        from .audit import audit_row
 
         try:
             row = audit_row(msg)

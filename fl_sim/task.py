@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -14,6 +15,7 @@ from torch.nn import functional as F
 from .config import RunConfig
 from .data import Dataset, batch_indices, load_dataset, partition, to_float
 from .models import build_model
+from .settings import DPSGD
 
 __all__ = [
     "loss_fn",
@@ -110,10 +112,9 @@ def _dp_optimizer(model: nn.Module, lr: float, noise: float, clip: float, batch_
     """Opacus's sample-level DP-SGD around ``model``: per-sample gradients (GradSampleModule),
     clipped to ``clip``, summed, noised with standard deviation ``noise * clip`` and divided by
     ``batch_size`` (DPOptimizer)."""
-    import warnings
-
+    # Opacus is a heavy import (~1 s): only DP-SGD clients pay it
     from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
+    from opacus.optimizers import DPOptimizer  # heavy, as above
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -127,8 +128,6 @@ def dp_batch_gradient(model: nn.Module, images: Tensor, labels: Tensor, *, noise
                       generator: torch.Generator) -> tuple[list[Tensor], float]:
     """FedSGD under DP-SGD: the batch's gradient as Opacus makes it private (per-sample
     clipping, Gaussian noise), one tensor per parameter, and the (non-private) loss."""
-    import warnings
-
     model.train()  # Opacus records activations in training mode only (the models have no dropout or batch norm)
     sampled, opt = _dp_optimizer(model, 0.0, noise, clip, len(labels), generator)
     with warnings.catch_warnings():
@@ -145,8 +144,6 @@ def dp_local_sgd(model: nn.Module, data: Dataset, batches: list[np.ndarray], *, 
                  generator: torch.Generator) -> tuple[float, int]:
     """FedAvg under DP-SGD: :func:`local_sgd` with Opacus's private optimizer (every step's
     gradient clipped per sample and noised)."""
-    import warnings
-
     model.train()
     sampled, opt = _dp_optimizer(model, lr, noise, clip, len(batches[0]) if batches else 1, generator)
     total = 0.0
@@ -180,7 +177,6 @@ def client_round(cfg: RunConfig, partition_id: int, server_round: int, data: Dat
     of its batch, or FedAvg's local SGD over its :func:`local_schedule` (in place), either
     under Opacus's DP-SGD when the run's defences name it. Both client apps (plain and
     SecAgg+) train through this."""
-    from .defences import DPSGD
 
     dp = next((d for d in cfg.defence_list if isinstance(d, DPSGD)), None)
     gen = dp_generator(cfg, partition_id, server_round)

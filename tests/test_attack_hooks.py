@@ -6,13 +6,13 @@ import pytest
 import torch
 
 import attacks
-from experiments.attack_runner import AttackRunner
 from experiments.plan import ExperimentPlan
-from fl_sim.simulation import simulate
+from experiments.runner import AttackRunner
 from fl_sim.config import RunConfig
 from fl_sim.data import load_dataset
 from fl_sim.intercepting_strategy import InterceptingStrategy
 from fl_sim.models import build_model
+from fl_sim.simulation import simulate
 from fl_sim.task import batch_gradient, client_batch
 
 pytestmark = pytest.mark.slow

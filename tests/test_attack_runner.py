@@ -4,8 +4,8 @@ import csv
 
 import torch
 
-from experiments.attack_runner import AttackRunner
 from experiments.plan import ExperimentPlan
+from experiments.runner import AttackRunner
 from fl_sim.data import load_dataset
 from fl_sim.intercepting_strategy import InterceptedUpdate, RoundAggregate
 from fl_sim.models import build_model

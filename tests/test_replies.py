@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, Re
 from flwr.app.message_type import MessageType
 from flwr.supercore.task_identity import TaskIdentity
 
-from fl_sim.faults import spoil
+from fl_sim.mods.faults import spoil
 from fl_sim.replies import ReplySpec, check_reply
 from fl_sim.strategy import FedSGD, RoundFailed, ScreeningStrategy
 
@@ -118,5 +118,5 @@ def test_a_simulated_clients_traceback_is_summed_up_by_its_own_exception():
                  "flwr.clientapp.client_app.ClientAppException: \nException ClientAppException occurred. Message: bad "
                  "partition'>")
     assert error_summary(ray_style) == "bad partition"
-    assert error_summary("Traceback ...\n  File x\nfl_sim.faults.InjectedFault: it broke") == "InjectedFault: it broke"
+    assert error_summary("Traceback ...\n  File x\nfl_sim.mods.faults.InjectedFault: it broke") == "InjectedFault: it broke"
     assert error_summary("plain words") == "plain words"

@@ -15,8 +15,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from experiments import report
-from experiments.browser import check_page, find_chromium
+from experiments.report.__main__ import main as report_main
+from experiments.report.browser import check_page, find_chromium
+from experiments.report.folder import draw_per_round
 from experiments.results import RESULT_FIELDS, blank_row
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +38,7 @@ def _scored(rnd: int, client: int, observer: str, psnr: float) -> dict:
 
 def test_psnr_of_one_attacked_round_is_a_bar_per_observer_on_a_round_axis_from_zero():
     results = _rows(_scored(1, 0, "server", 108.7), _scored(1, 1, "server", 107.1), _scored(1, 1, "client", 5.4))
-    fig = report.draw_per_round(results, {0: 0.1, 1: 0.1})
+    fig = draw_per_round(results, {0: 0.1, 1: 0.1})
     _, ax = fig.axes
     assert len(ax.patches) == 2  # one bar for server/rgap, one for client/rgap
     assert [t.get_text() for t in ax.get_xticklabels()] == ["round 1"]
@@ -47,7 +48,7 @@ def test_psnr_of_one_attacked_round_is_a_bar_per_observer_on_a_round_axis_from_z
 
 def test_psnr_over_many_attacked_rounds_is_a_line_per_observer():
     results = _rows(*[_scored(r, 0, "server", 100.0 + r) for r in range(1, 11)])
-    fig = report.draw_per_round(results, {r: 0.1 * r for r in range(11)})
+    fig = draw_per_round(results, {r: 0.1 * r for r in range(11)})
     _, ax = fig.axes
     assert not ax.patches
     line = next(ln for ln in ax.get_lines() if len(ln.get_xdata()) == 10)
@@ -73,7 +74,7 @@ def _folder(tmp_path: Path) -> Path:
 
 def test_report_of_a_folder_orders_known_observers_first_and_shows_new_ones_and_reasons(tmp_path, capsys):
     run = _folder(tmp_path)
-    assert report.main([str(run)]) == 0
+    assert report_main([str(run)]) == 0
     assert capsys.readouterr().out.strip() == str(run / "report.html")
     page = (run / "report.html").read_text()
     table = page[page.index('id="observer-table"'):]
@@ -87,7 +88,7 @@ def test_report_of_a_folder_orders_known_observers_first_and_shows_new_ones_and_
 
 
 def test_report_of_a_folder_with_no_run_is_one_line_and_exit_2(tmp_path, capsys):
-    assert report.main([str(tmp_path / "nothing")]) == 2
+    assert report_main([str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds no run (no config.json) and no sweep (no sweep.json)" in err
 
@@ -156,7 +157,7 @@ def test_report_of_a_run_killed_mid_way_shows_the_rows_that_finished(tmp_path):
     rounds = pd.read_csv(out / "rounds.csv")
     assert 1 <= len(rows) and rounds["round"].max() < 30  # killed mid-way
 
-    assert report.main([str(out)]) == 0
+    assert report_main([str(out)]) == 0
     text = (out / "report.html").read_text()
     assert "no ending recorded" in text and f"{rounds['round'].max()} of 30 rounds finished" in text
     table = text[text.index('id="observer-table"'):]

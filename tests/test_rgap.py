@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
+import attacks.rgap as rgap_module
 from attacks.base import ThreatModel, Update, training_loss
 from attacks.metrics import psnr
-import attacks.rgap as rgap_module
 from attacks.rgap import RGAP, RGAPOptions, ra_index, rank_analysis, rgap
 from fl_sim.models import build_model
 

@@ -5,10 +5,10 @@ import csv
 import pytest
 import torch
 
-from fl_sim.simulation import simulate
 from fl_sim.config import RunConfig
 from fl_sim.data import load_dataset
 from fl_sim.models import build_model
+from fl_sim.simulation import simulate
 from fl_sim.task import batch_gradient, client_batch
 
 pytestmark = pytest.mark.slow

@@ -18,8 +18,10 @@ import pandas as pd
 import pytest
 
 from experiments.plan import ExperimentPlan
-from experiments.report import main as report_main
-from experiments.sweep import PRESETS, load_spec, main as sweep_main, run_sweep
+from experiments.report.__main__ import main as report_main
+from experiments.sweep.__main__ import main as sweep_main
+from experiments.sweep.runner import run_sweep
+from experiments.sweep.spec import PRESETS, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10_test150.npz"

@@ -1,6 +1,6 @@
 """What the clients' leakage audit costs and whether it keeps its promise (figures for the README).
 
-    python -m experiments.bench_audit [--out runs/bench-audit] [--quick]
+    python -m experiments.bench.audit [--out runs/bench-audit] [--quick]
 
 Five measurements, each a real run of ``python -m experiments.run`` in its own folder:
 
@@ -16,7 +16,7 @@ Five measurements, each a real run of ``python -m experiments.run`` in its own f
    of an imprint's bins) in each round's honest global model of run 2, checked by the same
    function the mod uses: detected in how many rounds.
 4. **risk ranking**: Flower's quickstart configuration (FedAvg, 3 local epochs, batches of
-   32, 10 clients, CIFAR-10 from ../shared/data when present) with ``--audit log:probe=false``
+   32, 10 clients, CIFAR-10 from data/cifar10_train400.npz when present: ``scripts/make_npz.py`` makes it) with ``--audit log:probe=false``
    for the flags; what the server's attacks recover on the same updates comes from a
    finished realistic-row run folder (``--attacked FOLDER``, optional): the confusion table
    of flagged against recovered (>= 30 dB).
@@ -34,7 +34,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .run import main as run_main
+from ..run import main as run_main
+from fl_sim.mods.audit import tampering
+from fl_sim.data import load_dataset
+from fl_sim.models import build_model
 
 
 def _run(args: list[str], out: Path) -> tuple[float, Path]:
@@ -96,10 +99,6 @@ def analytic(out: Path, rounds: int) -> None:
 
 
 def tampering_check(folder: Path) -> None:
-    from fl_sim.audit import tampering
-    from fl_sim.data import load_dataset
-    from fl_sim.models import build_model
-
     data = load_dataset("mnist5k", "data")
     own = build_model("cnn6", data.input_shape, data.num_classes).state_dict()
     final = torch.load(folder / "final_model.pt")
@@ -165,7 +164,7 @@ def accuracy_cost(out: Path, strengths: tuple[float, ...] = (0.1, 0.3)) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.bench_audit", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.bench.audit", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/bench-audit")
     p.add_argument("--rounds", type=int, default=100, help="rounds of the honest federation (2.)")
     p.add_argument("--budget", type=float, default=30.0, help="the probe's cap in seconds per attack")
@@ -174,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parts", default="1,2,3,4,5", help="which measurements, e.g. 1,4 (3 needs 2's folder)")
     args = p.parse_args(argv)
     out = Path(args.out)
-    shared = Path("../shared/data/cifar10_train400.npz")
-    dataset = f"npz:{shared}" if shared.exists() else "mnist5k"
+    cifar = Path("data/cifar10_train400.npz")  # made by scripts/make_npz.py (docs/data.md)
+    dataset = f"npz:{cifar}" if cifar.exists() else "mnist5k"
     parts = {p.strip() for p in args.parts.split(",")}
     if "1" in parts:
         protect(out, args.budget)

@@ -27,9 +27,14 @@ from typing import Any, Callable
 
 import torch
 
+from attacks import get_attack
+from attacks.imprint import construct
 from fl_sim.config import RunConfig
+from fl_sim.data import load_dataset, to_float
 from fl_sim.intercepting_strategy import InterceptedUpdate, RoundAggregate
+from fl_sim.models import build_model
 from fl_sim.replies import DroppedReply
+from fl_sim.task import model_with, parameter_names
 
 from .observe import (
     Observation,
@@ -38,9 +43,11 @@ from .observe import (
     observe_curious_client,
     observe_secagg,
     observe_server,
+    with_imprint_block,
 )
 from .plan import ExperimentPlan
 from .results import ResultsWriter, blank_row
+from .scoring import score, true_batch
 
 __all__ = ["AttackJob", "AttackRunner", "run_job", "RECONSTRUCTIONS"]
 
@@ -55,7 +62,6 @@ TIMED = ("dlg", "idlg", "ig")  # the optimisation attacks, which take a time lim
 @dataclass(frozen=True)
 class AttackJob:
     """One attack on one observation."""
-
     observation: Observation
     attack: str
     seed: int
@@ -80,11 +86,8 @@ def _rows(job: AttackJob, **values: Any) -> list[dict[str, Any]]:
 def _model(cfg: RunConfig, o: Observation):
     """The dataset and the model an observation's update was computed on: the run's model, or
     for the active server the one it built (which may carry an imprint block)."""
-    from fl_sim.task import model_with
-
     if not o.observer.startswith("active"):
         return model_with(cfg, o.weights)
-    from .client_app import with_imprint_block
 
     return with_imprint_block(cfg, o.weights)
 
@@ -92,10 +95,6 @@ def _model(cfg: RunConfig, o: Observation):
 def run_job(job: AttackJob, cfg: RunConfig) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
     """Run one job; never raises. Returns one row per target client and the images for the
     figures (``truth``, ``recon`` in the truth's order, ``owners``, ``psnr`` per image)."""
-    from attacks import get_attack
-
-    from .scoring import score, true_batch
-
     torch.set_num_threads(1)
     o = job.observation
     start = time.perf_counter()
@@ -159,13 +158,8 @@ class AttackRunner:
     ``close()`` runs what was deferred and waits; ``stop()`` abandons what has not finished
     (rows with status ``interrupted``) and stops the workers.
     """
-
     def __init__(self, plan: ExperimentPlan, out_dir: str | Path,
                  on_row: Callable[[dict[str, Any]], None] | None = None, stop: threading.Event | None = None) -> None:
-        from fl_sim.data import load_dataset
-        from fl_sim.models import build_model
-        from fl_sim.task import parameter_names
-
         if plan.attack is None:
             raise ValueError("an attack runner needs a plan with attacks")
         self.plan = plan
@@ -209,10 +203,6 @@ class AttackRunner:
         (:data:`fl_sim.strategy.ModelSwap`): in an attacked round, the construction
         ``attack.active`` with ``attack.active_bins`` bins placed on the server's own held-out
         images; None otherwise."""
-        from attacks.imprint import construct
-        from fl_sim.data import load_dataset, to_float
-        from fl_sim.models import build_model
-
         if not self.attack.is_active or not self.attack.attacked(server_round):
             return None
         data = load_dataset(self.cfg.dataset, self.cfg.data_root)

@@ -1,26 +1,17 @@
-"""Figures and tables of a run folder: image grids, PSNR per round, training curves,
-summary.md and report.html (:mod:`experiments.html_report`).
+"""Reading a run folder, and the figures drawn from it: the observer x attack table, image
+grids, PSNR per round, training curves.
 
-Everything is drawn from the files in the folder (config.json, rounds.csv, dropped.csv,
+Everything comes from the files in the folder (config.json, rounds.csv, dropped.csv,
 results.csv and the per-job image files under ``reconstructions/``), so a run that stopped
-early, or was killed, gets its report from what finished::
-
-    python -m experiments.report FOLDER                 # a run folder or a sweep folder
-    python -m experiments.report FOLDER --screenshot report.png   # and a picture of the page
-
-``finish`` (called at the end of every run and deployment) records how each phase ended in
-``outcome.json``, so a report made again later says the same; without one (a killed run) the
-page says how many rounds finished.
+early, or was killed, is read from what finished. :mod:`experiments.report.summary` writes
+summary.md and report.html from these; ``python -m experiments.report FOLDER`` does it again
+for any folder.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
-import json
-import logging
 import math
-import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -30,16 +21,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator
 from torchvision.utils import make_grid  # noqa: E402
 
 from attacks import SUCCESS_PSNR  # noqa: E402
 
-from .results import UNSCORED, read_results  # noqa: E402
+from ..results import UNSCORED  # noqa: E402
 
-__all__ = ["summarise", "save_grids", "plot_per_round", "draw_per_round", "plot_training", "write_summary", "finish", "setting",
-           "observer_rank", "main"]
-
-log = logging.getLogger(__name__)
+__all__ = ["summarise", "save_grids", "plot_per_round", "draw_per_round", "plot_training", "setting", "attacked",
+           "observer_rank", "tile", "load_jobs", "csv_rows", "as_float", "num", "accuracy_by_round", "OUTCOME"]
 
 _ORDER = {"server": 0, "client": 1, "secagg": 2}  # the observers this testbed knows; any other comes after
 OUTCOME = "outcome.json"
@@ -88,13 +78,13 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
                              key=lambda c: c.map(lambda o: "%03d %s" % observer_rank(o)) if c.name == "observer" else c)
 
 
-def _tile(images: torch.Tensor) -> Any:
+def tile(images: torch.Tensor) -> Any:
     """(B, C, H, W) in [0, 1] -> one (H', W', 3) array for imshow."""
     grid = make_grid(images.clamp(0, 1), nrow=min(len(images), 8), padding=1, pad_value=1.0)
     return grid.permute(1, 2, 0).numpy()
 
 
-def _load_jobs(folder: Path) -> list[dict[str, Any]]:
+def load_jobs(folder: Path) -> list[dict[str, Any]]:
     jobs = []
     for path in sorted((folder / "reconstructions").glob("*.pt")):
         try:
@@ -111,7 +101,7 @@ def save_grids(folder: Path) -> list[Path]:
     """One PNG per attacked round: a row per client, its true batch, then what each
     (observer, attack) reconstructed of it, titled with the median PSNR of its images."""
     folder = Path(folder)
-    jobs = _load_jobs(folder)
+    jobs = load_jobs(folder)
     paths = []
     for r in sorted({int(j["round"]) for j in jobs}):
         mine = [j for j in jobs if int(j["round"]) == r]
@@ -131,13 +121,13 @@ def save_grids(folder: Path) -> list[Path]:
                     continue
                 sel = match[0]["owners"] == pid
                 truth = match[0]["truth"][sel]
-                ax.imshow(_tile(match[0]["recon"][sel]), cmap="gray")
+                ax.imshow(tile(match[0]["recon"][sel]), cmap="gray")
                 psnr = match[0]["psnr"][sel].clamp(max=300).median().item()
                 ax.set_title(f"{observer}/{attack}\n{psnr:.1f} dB", fontsize=7)
             ax = axes[i][0]
             ax.axis("off")
             if truth is not None:
-                ax.imshow(_tile(truth), cmap="gray")
+                ax.imshow(tile(truth), cmap="gray")
             ax.set_title(f"client {pid}\ntrue batch", fontsize=7)
         fig.suptitle(f"Round {r}: what each observer reconstructs", fontsize=9)
         fig.tight_layout()
@@ -150,7 +140,7 @@ def save_grids(folder: Path) -> list[Path]:
 
 def plot_per_round(results: pd.DataFrame, out_dir: Path) -> Path | None:
     """psnr_per_round.png (:func:`draw_per_round`), or None when no row has a score."""
-    fig = draw_per_round(results, _accuracy(Path(out_dir) / "rounds.csv"))
+    fig = draw_per_round(results, accuracy_by_round(Path(out_dir) / "rounds.csv"))
     if fig is None:
         return None
     path = Path(out_dir) / "psnr_per_round.png"
@@ -169,7 +159,6 @@ def draw_per_round(results: pd.DataFrame, accuracy: Mapping[int, float]):
     df = results[~results["status"].isin(UNSCORED)].copy() if not results.empty else results
     if df.empty:
         return None
-    from matplotlib.ticker import MaxNLocator
 
     df["psnr"] = pd.to_numeric(df["psnr"], errors="coerce").clip(upper=150.0)
     df["round"] = pd.to_numeric(df["round"], errors="coerce").astype(int)
@@ -222,17 +211,15 @@ def draw_per_round(results: pd.DataFrame, accuracy: Mapping[int, float]):
 def plot_training(folder: Path) -> Path | None:
     """``training.png``: the central test accuracy and loss per round of the federation and,
     where it ran, of the SecAgg+ federation (rounds.csv, secagg/rounds.csv)."""
-    from matplotlib.ticker import MaxNLocator
-
     folder = Path(folder)
-    runs = [(name, _csv(sub / "rounds.csv")) for name, sub in (("federation", folder), ("SecAgg+", folder / "secagg"))]
+    runs = [(name, csv_rows(sub / "rounds.csv")) for name, sub in (("federation", folder), ("SecAgg+", folder / "secagg"))]
     runs = [(name, rows) for name, rows in runs if rows]
     if not runs:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(8.0, 3.0))
     for (name, rows), style in zip(runs, ("o-", "s--")):
         for ax, key in zip(axes, ("test_accuracy", "test_loss")):
-            pts = [(int(r["round"]), _float(r.get(key))) for r in rows if _float(r.get(key)) is not None]
+            pts = [(int(r["round"]), as_float(r.get(key))) for r in rows if as_float(r.get(key)) is not None]
             if pts:
                 ax.plot(*zip(*pts), style, markersize=3 if len(pts) <= 30 else 0, linewidth=1.2, label=name)
     for ax, label in zip(axes, ("test accuracy", "test loss")):
@@ -251,10 +238,10 @@ def plot_training(folder: Path) -> Path | None:
     return path
 
 
-def _accuracy(path: Path) -> dict[int, float]:
+def accuracy_by_round(path: Path) -> dict[int, float]:
     """Central test accuracy by round from a rounds.csv (empty when there is none)."""
     out = {}
-    for row in _csv(path):
+    for row in csv_rows(path):
         try:
             out[int(row["round"])] = float(row["test_accuracy"])
         except (KeyError, TypeError, ValueError):
@@ -262,22 +249,22 @@ def _accuracy(path: Path) -> dict[int, float]:
     return out
 
 
-def _csv(path: Path) -> list[dict[str, str]]:
+def csv_rows(path: Path) -> list[dict[str, str]]:
     if not path.exists():
         return []
     with path.open(newline="") as f:
         return list(csv.DictReader(f))
 
 
-def _float(text: Any) -> float | None:
+def as_float(text: Any) -> float | None:
     try:
         return float(text)
     except (TypeError, ValueError):
         return None
 
 
-def _num(text: Any, fmt: str) -> str:
-    value = _float(text)
+def num(text: Any, fmt: str) -> str:
+    value = as_float(text)
     return "-" if value is None else format(value, fmt)
 
 
@@ -297,166 +284,3 @@ def attacked(config: Mapping[str, Any], folder: Path) -> bool:
             or (Path(folder) / "results.csv").is_file())
 
 
-def write_summary(folder: Path, config: Mapping[str, Any], outcomes: Mapping[str, Mapping[str, str]],
-                  results: pd.DataFrame, summary: pd.DataFrame, figures: list[Path]) -> Path:
-    """summary.md; ``outcomes``: phase -> {"status", "reason"} (:func:`outcomes_of`)."""
-    folder = Path(folder)
-    lines = ["# Run summary", "", setting(config), ""]
-    for phase, o in outcomes.items():
-        lines.append(f"- {phase} federation: **{o['status']}**" + (f" ({o['reason']})" if o.get("reason") else ""))
-    privacy = json.loads((folder / "privacy.json").read_text()) if (folder / "privacy.json").exists() else {}
-    if privacy.get("defences"):
-        lines += ["", "## Defences", "", "Applied in this order: " + "; ".join(f"`{d}`" for d in privacy["defences"]) + "."]
-        for g in privacy.get("guarantees", []):
-            lines.append(f"- `{g['defence']}`: epsilon {g['epsilon']:.4g} at delta {g['delta']:.2g} ({g['level']} level; "
-                         f"{g['accountant']}; {g['note']})")
-        if not privacy.get("guarantees"):
-            lines.append("- no formal guarantee (pruning and plain noise are not differential privacy)")
-    for name, sub in (("federation", folder), ("SecAgg+ federation", folder / "secagg")):
-        rows = _csv(sub / "rounds.csv")
-        if not rows:
-            continue
-        lines += ["", f"## Central evaluation of the {name}", "",
-                  "| round | test accuracy | test loss | replies aggregated | dropped |", "|---|---|---|---|---|"]
-        lines += [f"| {r['round']} | {_num(r['test_accuracy'], '.3f')} | {_num(r['test_loss'], '.4f')} | "
-                  f"{r.get('aggregated') or '-'} | {r.get('dropped') or '-'} |" for r in rows]
-        dropped = _csv(sub / "dropped.csv")
-        if dropped:
-            lines += ["", f"Replies of the {name} that were not aggregated:", ""]
-            lines += [f"- round {d['round']}, client {d['client']} (node {d['node_id']}): {d['status']}: {d['reason']}"
-                      for d in dropped]
-    if attacked(config, folder):
-        lines += [
-            "", "## What each observer reconstructs", "",
-            f"Median over the scored (round, client) rows; success = images at >= {SUCCESS_PSNR:.0f} dB. "
-            "Batch size: what the attacker was told (reply: the reply's num-examples; clear-counts: SecAgg+'s clear-text "
-            "counts; granted: beyond what it sees; none: estimated). Attribution post-hoc: matched to clients afterwards.",
-            "",
-            "| observer | attack | rows | median PSNR (dB) | median SSIM | label acc | recovered | batch size | labels | "
-            "attribution | errors | unscored |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in summary.itertuples():
-            lines.append(f"| {r.observer} | {r.attack} | {r.n} | {r.median_psnr:.2f} | {r.median_ssim:.3f} | "
-                         f"{r.label_acc:.2f} | {r.recovered}/{r.images} | {r.batch_size} | {r.labels} | "
-                         f"{r.attribution} | {r.errors} | {r.unscored} |")
-        unscored = results[results["status"].isin(UNSCORED)] if not results.empty else results
-        if len(unscored):
-            lines += ["", "## Rows with no score", ""]
-            lines += [f"- round {e.round}, client {e.client}, {e.observer}/{e.attack}: {e.status}: {e.reason}"
-                      for e in unscored.itertuples()]
-    if figures:
-        lines += ["", "## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures]
-    path = folder / "summary.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def outcomes_of(folder: Path, outcomes: Mapping[str, Any] | None) -> dict[str, dict[str, str]]:
-    """How each phase ended: from ``outcomes`` (the run's own, which are then kept in
-    outcome.json), else from outcome.json if it belongs to the rounds on disk (a run resumed
-    and killed since has more rounds than it names), else nothing (a killed run)."""
-    folder = Path(folder)
-    last = _last_round(folder / "rounds.csv")
-    if outcomes:
-        out = {k: _ending(o) for k, o in outcomes.items()}
-        (folder / OUTCOME).write_text(json.dumps({"phases": out, "last_round": last}, indent=2) + "\n")
-        return out
-    try:
-        saved = json.loads((folder / OUTCOME).read_text())
-    except (OSError, ValueError):
-        return {}
-    return saved.get("phases", {}) if saved.get("last_round") == last else {}
-
-
-def _ending(o: Any) -> dict[str, str]:
-    if isinstance(o, Mapping):
-        return {"status": str(o["status"]), "reason": str(o.get("reason") or "")}
-    return {"status": str(o.status), "reason": str(o.reason or "")}
-
-
-def _last_round(path: Path) -> int | None:
-    rounds = [int(r["round"]) for r in _csv(path) if str(r.get("round", "")).isdigit()]
-    return max(rounds) if rounds else None
-
-
-def finish(folder: str | Path, plan: Any, outcomes: Mapping[str, Any] | None = None, *,
-           strict: bool = False) -> pd.DataFrame:
-    """Draw the figures and write summary.md and report.html from the files in ``folder``;
-    returns the observer x attack table (empty for a run without attacks). ``plan``: the
-    run's :class:`~experiments.plan.ExperimentPlan` or its run config (config.json's
-    mapping); ``outcomes``: how each phase ended (phase -> an object or mapping with
-    ``status`` and ``reason``), None when a report is made after the run. A failure to write
-    report.html is logged at a run's end, and raised when ``strict`` (the command line)."""
-    from .html_report import write_run_page
-
-    folder = Path(folder)
-    config = plan.to_mapping() if hasattr(plan, "to_mapping") else dict(plan)
-    results = read_results(folder / "results.csv")
-    results = results[results["status"].notna()]  # a row cut short by a kill has no status: not a row
-    summary = summarise(results)
-    ended = outcomes_of(folder, outcomes)
-    training = plot_training(folder)
-    figures = save_grids(folder) if attacked(config, folder) else []
-    per_round = plot_per_round(results, folder) if attacked(config, folder) else None
-    figures += [p for p in (per_round, training) if p]
-    write_summary(folder, config, ended, results, summary, figures)
-    try:
-        write_run_page(folder, config, ended, results, summary)
-    except Exception as exc:  # noqa: BLE001 - the tables and summary.md are on disk; the page must not take them down
-        if strict:
-            raise
-        log.warning("report.html not written: %s: %s", type(exc).__name__, " ".join(str(exc).split())[:200])
-    return summary
-
-
-def report_folder(folder: str | Path) -> Path:
-    """Write the report of a finished, stopped or killed run folder, or of a sweep folder,
-    from its files; returns report.html. Raises FileNotFoundError for a folder that holds
-    neither (no config.json, no sweep.json)."""
-    folder = Path(folder)
-    if (folder / "sweep.json").is_file():
-        from .sweep import report_sweep
-
-        return report_sweep(folder)
-    if (folder / "config.json").is_file():
-        finish(folder, json.loads((folder / "config.json").read_text()), strict=True)
-        return folder / "report.html"
-    raise FileNotFoundError(f"{folder} holds no run (no config.json) and no sweep (no sweep.json)")
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.report",
-                                description="Write report.html (and summary.md, the figures) of a run folder or a sweep "
-                                            "folder from its files: finished, stopped or killed.")
-    p.add_argument("folder", help="a run folder (config.json) or a sweep folder (sweep.json)")
-    p.add_argument("--screenshot", metavar="PNG", help="also load the page in headless Chromium and save a screenshot")
-    p.add_argument("--width", type=int, default=1280, help="the screenshot's width in CSS pixels (default: 1280)")
-    p.add_argument("--height", type=int, default=0,
-                   help="the screenshot's height (default 0: the whole page, at most 12,000 pixels)")
-    p.add_argument("--scale", type=float, default=1.0, help="the screenshot's size relative to the page (default: 1)")
-    args = p.parse_args(argv)
-    try:
-        page = report_folder(args.folder)
-    except FileNotFoundError as exc:
-        print(f"{p.prog}: error: {exc}", file=sys.stderr)
-        return 2
-    print(page)
-    if args.screenshot:
-        from .browser import BrowserError, check_page
-
-        try:
-            check = check_page(page, screenshot=args.screenshot, width=args.width, height=args.height or 900,
-                               full_page=not args.height, scale=args.scale)
-        except BrowserError as exc:
-            print(f"{p.prog}: error: {exc}", file=sys.stderr)
-            return 1
-        for problem in check.errors + [f"image not decoded: {alt}" for alt in check.broken_images]:
-            print(f"{p.prog}: {problem}", file=sys.stderr)
-        print(args.screenshot)
-        return 1 if check.errors or check.broken_images else 0
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

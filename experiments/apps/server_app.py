@@ -18,17 +18,16 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from ..experiment import Experiment
+from ..plan import ExperimentPlan
+from ..run_folder import default_run_dir
+from ..stopping import StopOnSignal
+
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    from .experiment import Experiment
-    from .plan import ExperimentPlan
-    from .stopping import StopOnSignal
-
-    from .run_folder import default_run_dir
-
     plan = ExperimentPlan.from_mapping(dict(context.run_config), engine="deployment")
     plan.check_data()
     if not plan.fed.out_dir:

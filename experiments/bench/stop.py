@@ -2,7 +2,7 @@
 middle of training, of its attacks, of its SecAgg+ phase, and of a deployment, with what it
 left behind.
 
-    python -m experiments.bench_stop [--repeats 3] [--only training,attacks,secagg,deploy]
+    python -m experiments.bench.stop [--repeats 3] [--only training,attacks,secagg,deploy]
 
 Each run is started in its own session and sent SIGINT (SIGTERM for the deployment, as
 ``docker stop`` would) to its whole process group, as a terminal's Ctrl-C is. Printed per
@@ -78,7 +78,7 @@ def stop_once(name: str, out: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.bench_stop", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.bench.stop", description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--only", default=",".join(SCENARIOS), help=f"comma list of {', '.join(SCENARIOS)}")
     args = p.parse_args(argv)

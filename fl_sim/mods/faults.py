@@ -25,7 +25,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message
 from flwr.app.message_type import MessageType
 
-from .config import RunConfig
+from ..config import RunConfig
 
 __all__ = ["fault_mod", "spoil", "InjectedFault"]
 

@@ -1,7 +1,7 @@
 """Benchmark the federation: seconds per round and peak memory, 10 and 100 simulated clients,
 FedSGD and FedAvg, on Flower's simulation engine.
 
-    python -m experiments.bench_fl [--clients 10 100] [--modes fedsgd fedavg] [--rounds 3]
+    python -m experiments.bench.fl [--clients 10 100] [--modes fedsgd fedavg] [--rounds 3]
 
 Each setting runs in its own process; peak memory is the largest resident set of that whole
 process tree (driver, Ray and its workers; proportional set size, so shared libraries count
@@ -66,7 +66,7 @@ def run_one(mode: str, clients: int, rounds: int, out: Path, extra: list[str]) -
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m experiments.bench_fl", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.bench.fl", description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", type=int, nargs="+", default=[10, 100])
     p.add_argument("--modes", nargs="+", default=["fedsgd", "fedavg"], choices=["fedsgd", "fedavg"])
     p.add_argument("--rounds", type=int, default=3)

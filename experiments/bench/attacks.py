@@ -1,9 +1,9 @@
 """Benchmark one attack on real images, one row per image (or batch), over one or more model seeds.
 
-    python -m experiments.bench_attacks --attack dlg --model lenet \\
-        --data npz:../shared/data/cifar100_test20.npz --images 20 --seeds 0-4
-    python -m experiments.bench_attacks --attack rgap --model cnn6 \\
-        --data npz:../shared/data/cifar10_test150.npz --images 20 --label random --no-labels
+    python -m experiments.bench.attacks --attack dlg --model lenet \\
+        --data npz:data/cifar100_test20.npz --images 20 --seeds 0-4
+    python -m experiments.bench.attacks --attack rgap --model cnn6 \\
+        --data npz:data/cifar10_test150.npz --images 20 --label random --no-labels
 
 For each seed the model is initialised as the attack's paper did (``init="paper"``, seeded by
 the seed); the attack's own draws are seeded by the seed plus the image's position. Each
@@ -74,11 +74,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m experiments.bench_attacks", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="python -m experiments.bench.attacks", description=__doc__.split("\n\n")[0])
     p.add_argument("--attack", required=True, choices=list(ATTACKS))
     p.add_argument("--model", required=True, choices=model_names())
     p.add_argument("--data", required=True,
-                   help="npz:PATH (keys images, labels), e.g. npz:../shared/data/cifar10_test150.npz, or mnist5k")
+                   help="npz:PATH (keys images, labels), e.g. npz:data/cifar10_test150.npz, or mnist5k")
     p.add_argument("--images", type=int, default=20, help="attack the first N images (default: 20)")
     p.add_argument("--batch", type=int, default=1, help="images per update (default: 1)")
     seeds = p.add_mutually_exclusive_group()

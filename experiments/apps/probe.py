@@ -1,6 +1,6 @@
-"""The leakage audit's analysis: :class:`fl_sim.audit.Auditor` from the attack library.
+"""The leakage audit's analysis: :class:`fl_sim.mods.audit.Auditor` from the attack library.
 
-The federation's audit mod (:mod:`fl_sim.audit`) knows the policy, the tampering checks and
+The federation's audit mod (:mod:`fl_sim.mods.audit`) knows the policy, the tampering checks and
 the defences; it asks this class two questions through a narrow interface, so that
 ``fl_sim`` imports no attack:
 
@@ -38,7 +38,8 @@ import torch
 
 from attacks import ThreatModel, Update, get_attack, score_batch
 from attacks.idlg import estimate_batch_size, idlg_labels
-from fl_sim.audit import Probe, UpdateView
+from attacks.rgap import rank_analysis
+from fl_sim.mods.audit import Probe, UpdateView
 
 __all__ = ["LeakageAuditor", "FLAG_BATCH", "FLAG_STEPS", "FLAG_STEPS_IMAGES"]
 
@@ -62,7 +63,6 @@ def _rank_key(view: UpdateView) -> str:
 class LeakageAuditor:
     """The analysis behind a client's audit (module docstring). Stateless: what it keeps
     across rounds (R-GAP's rank per architecture) lives in the ``memory`` it is handed."""
-
     # ---- the analytic checks ----------------------------------------------------------------
 
     @staticmethod
@@ -71,8 +71,6 @@ class LeakageAuditor:
         the memory: a layer R-GAP cannot invert (e.g. max pooling)."""
         key = _rank_key(view)
         if key not in memory:
-            from attacks.rgap import rank_analysis
-
             try:
                 memory[key] = sum(int(row["deficit"]) for row in rank_analysis(view.model, view.input_shape))
             except ValueError:

@@ -28,29 +28,37 @@ malicious-server constructions: many identical rows in a layer, most telling wit
 biases, the bins of an imprint or trap layer). What needs the attack library (iDLG's label
 rule, the batch-size estimate, R-GAP's rank analysis, the probe, which is a real attack
 scored against the client's own batch) comes through one narrow interface,
-:class:`Auditor`, which the composing application supplies (``experiments.audit`` does,
+:class:`Auditor`, which the composing application supplies (``experiments.apps.probe`` does,
 from ``attacks/``): the federation imports no attack.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import fcntl
 import json
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message
+from flwr.app.message_type import MessageType
 from torch import Tensor, nn
 
+from ..config import RunConfig
+from ..data import load_dataset, to_float
+from ..models import build_model
+from ..settings import AUDIT_DEFENCES, AuditPolicy, GaussianNoise, Prune
+from ..task import client_batch, local_schedule, node_partition, parameter_names
+from .defences import defend_update
+
 __all__ = [
-    "AUDIT_ACTIONS",
-    "AUDIT_DEFENCES",
     "AUDIT_FIELDS",
     "REFUSAL",
-    "AuditPolicy",
-    "AuditError",
     "UpdateView",
     "Probe",
     "Auditor",
@@ -64,15 +72,10 @@ __all__ = [
     "write_audit_row",
     "audit_row",
     "refusal_of",
+    "node_memory",
+    "remember",
 ]
 
-AUDIT_ACTIONS = ("log", "block", "protect")
-# protect's defences, each a ladder of strengths tried in order (noise: sigma as a multiple of
-# the update's RMS entry, so one ladder fits every model; prune: the fraction zeroed per tensor)
-AUDIT_DEFENCES: dict[str, tuple[float, ...]] = {
-    "noise": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
-    "prune": (0.1, 0.2, 0.3, 0.5, 0.7, 0.9),
-}
 REFUSAL = "refused by the client's leakage audit"
 MEMORY = "audit-memory"  # the auditor's memory in the node's context state
 # audit.csv's columns, in order (the server adds round, node_id, client; the rest come from the client)
@@ -84,79 +87,6 @@ AUDIT_FIELDS = [
     "checks_seconds", "train_seconds", "seconds", "reason",
 ]
 
-
-class AuditError(ValueError):
-    """An ``audit`` setting that cannot be used; the message is one line."""
-
-
-@dataclass(frozen=True)
-class AuditPolicy:
-    """What the audit does with a reply (see the module docstring)."""
-
-    action: str
-    psnr: float = 20.0
-    budget: float = 30.0
-    probe: bool = True
-    defence: str = "noise"
-    clients: frozenset[int] | None = None  # None: every client audits
-
-    def audits(self, partition_id: int) -> bool:
-        return self.clients is None or partition_id in self.clients
-
-    @classmethod
-    def parse(cls, text: str) -> "AuditPolicy | None":
-        """``""`` -> None (no audit); ``"protect:psnr=20,defence=prune"`` -> a policy."""
-        text = str(text).strip()
-        if not text:
-            return None
-        action, _, rest = text.partition(":")
-        action = action.strip()
-        if action not in AUDIT_ACTIONS:
-            raise AuditError(f"unknown audit action {action!r}: choose one of {', '.join(AUDIT_ACTIONS)} "
-                             "(e.g. protect:psnr=20)")
-        values: dict[str, Any] = {}
-        for item in (t.strip() for t in rest.split(",")):
-            if not item:
-                continue
-            key, sep, value = item.partition("=")
-            key, value = key.strip(), value.strip()
-            if not sep or key not in ("psnr", "budget", "probe", "defence", "clients"):
-                raise AuditError(f"{action}: expected KEY=VALUE with KEY one of psnr, budget, probe, defence, clients, "
-                                 f"got {item!r}")
-            if key in ("psnr", "budget"):
-                try:
-                    values[key] = float(value)
-                except ValueError:
-                    raise AuditError(f"{action}: {key} must be a number, got {value!r}") from None
-            elif key == "clients":
-                ids = [v.strip() for v in value.split("+") if v.strip()]
-                if not ids or not all(v.isdigit() for v in ids):
-                    raise AuditError(f"{action}: clients must be partition ids joined by +, e.g. 0+2, got {value!r}")
-                values[key] = frozenset(int(v) for v in ids)
-            elif key == "probe":
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise AuditError(f"{action}: probe must be true or false, got {value!r}")
-                values[key] = value.lower() in ("true", "1", "yes")
-            else:
-                values[key] = value
-        policy = cls(action, **values)
-        policy.validate()
-        return policy
-
-    def validate(self) -> None:
-        if not (math.isfinite(self.psnr) and self.psnr > 0):
-            raise AuditError(f"{self.action}: psnr must be a number of dB > 0, got {self.psnr}")
-        if not (math.isfinite(self.budget) and self.budget > 0):
-            raise AuditError(f"{self.action}: budget must be a number of seconds > 0, got {self.budget}")
-        if self.defence not in AUDIT_DEFENCES:
-            raise AuditError(f"{self.action}: unknown defence {self.defence!r}: choose one of {', '.join(AUDIT_DEFENCES)}")
-        if self.action == "protect" and not self.probe:
-            raise AuditError("protect: needs the probe (it strengthens the defence until the probe fails)")
-
-    def spec(self) -> str:
-        who = "" if self.clients is None else ",clients=" + "+".join(map(str, sorted(self.clients)))
-        return (f"{self.action}:psnr={self.psnr:g},budget={self.budget:g},probe={str(self.probe).lower()},"
-                f"defence={self.defence}{who}")
 
 
 @dataclass(frozen=True)
@@ -197,7 +127,7 @@ class Probe:
 
 
 class Auditor(Protocol):
-    """The analysis an audit needs from outside the federation (``experiments.audit``).
+    """The analysis an audit needs from outside the federation (``experiments.apps.probe``).
     ``memory``: what the auditor keeps for this node across rounds (str, int, float or bool
     values; the node's Context state holds it, since a simulated ClientApp is a fresh copy
     for every message)."""
@@ -274,9 +204,7 @@ def _protect(tensors: tuple[Tensor, ...], defence: str, strength: float, *, seed
              server_round: int) -> tuple[Tensor, ...]:
     """The update under ``defence`` at ``strength`` (noise: sigma = strength x the update's RMS
     entry; prune: the smallest-magnitude fraction of each tensor zeroed), through the same
-    functions the run's own defences use (:func:`fl_sim.defences.defend_update`)."""
-    from .defences import GaussianNoise, Prune, defend_update
-
+    functions the run's own defences use (:func:`fl_sim.mods.defences.defend_update`)."""
     named = {str(i): t for i, t in enumerate(tensors)}
     spec: Any = GaussianNoise(rms=strength) if defence == "noise" else Prune(ratio=strength)
     out = defend_update(named, (spec,), seed=seed, partition_id=partition_id, server_round=server_round)
@@ -324,9 +252,6 @@ def update_view(cfg, pid: int, server_round: int, model: nn.Module, update: Mapp
                 input_shape) -> UpdateView:
     """The audit's view of ``update`` (by parameter name: FedSGD's gradient, or FedAvg's
     weight delta) of a model holding the weights sent, with the client's own batch behind it."""
-    from .data import load_dataset, to_float
-    from .task import client_batch, local_schedule, parameter_names
-
     tensors = tuple(update[n].detach().clone() for n in parameter_names(model))
     if cfg.mode == "fedsgd":
         images, labels = client_batch(cfg, pid, cfg.num_clients, server_round)
@@ -362,9 +287,6 @@ class Audit:
     send. Used by the Message-API mod (:func:`make_audit_mod`) and the SecAgg+ client."""
 
     def __init__(self, auditor: Auditor, cfg, pid: int, server_round: int, memory: dict[str, Any]) -> None:
-        from .data import load_dataset
-        from .models import build_model
-
         self.auditor, self.cfg, self.pid, self.server_round = auditor, cfg, pid, server_round
         self.policy: AuditPolicy = cfg.audit_policy
         self.memory = memory
@@ -405,8 +327,6 @@ class Audit:
             return self._done("sent", reason=why) if self.policy.action == "log" else self._done("refused", reason=why)
 
     def _check_update(self, update: Mapping[str, Tensor]) -> AuditOutcome:
-        from .task import parameter_names
-
         policy, row, auditor, memory = self.policy, self.row, self.auditor, self.memory
         view = update_view(self.cfg, self.pid, self.server_round, self.own, update, self.data.input_shape)
         count = sum(t.numel() for t in view.tensors)
@@ -444,10 +364,6 @@ class Audit:
 def write_audit_row(path, row: Mapping[str, Any]) -> None:
     """Append ``row`` to the audit.csv at ``path`` (header first if new), under a file lock:
     the server writes the rows its replies carry, SecAgg+ clients write their own."""
-    import csv
-    import fcntl
-    from pathlib import Path
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", newline="") as f:
@@ -467,14 +383,13 @@ def refusal_reason(outcome: AuditOutcome) -> str:
     return f"{REFUSAL}: {outcome.reason} | audit {record}"
 
 
-def _memory(context) -> dict[str, Any]:
+def node_memory(context) -> dict[str, Any]:
     return dict(context.state[MEMORY]) if MEMORY in context.state.config_records else {}
 
 
-def _remember(context, server_round: int, audit: Audit) -> None:
+def remember(context, server_round: int, audit: Audit) -> None:
     """The auditor's memory and the node's own record of its audits (its context's state
     persists across rounds)."""
-    from flwr.app import ConfigRecord
 
     try:
         context.state[MEMORY] = ConfigRecord(audit.memory)
@@ -493,12 +408,6 @@ def make_audit_mod(auditor: Auditor) -> Callable:
     record in a ConfigRecord ``audit``; a refusal is an error reply whose reason carries it."""
 
     def audit_mod(msg, context, call_next):
-        from flwr.app import ArrayRecord, ConfigRecord, Error, Message
-        from flwr.app.message_type import MessageType
-
-        from .config import RunConfig
-        from .task import node_partition
-
         if msg.metadata.message_type != MessageType.TRAIN or "config" not in msg.content.config_records:
             return call_next(msg, context)
         cfg = RunConfig.from_mapping(dict(msg.content["config"]))
@@ -507,11 +416,11 @@ def make_audit_mod(auditor: Auditor) -> Callable:
         if policy is None or not policy.audits(pid):
             return call_next(msg, context)
         server_round = int(msg.content["config"].get("server-round", 0))
-        audit = Audit(auditor, cfg, pid, server_round, _memory(context))
+        audit = Audit(auditor, cfg, pid, server_round, node_memory(context))
         sent = msg.content["arrays"].to_torch_state_dict()
 
         def refuse(outcome: AuditOutcome) -> Message:
-            _remember(context, server_round, audit)
+            remember(context, server_round, audit)
             return Message(error=Error(code=0, reason=refusal_reason(outcome)), reply_to=msg)
 
         early = audit.check_model(sent)
@@ -523,8 +432,6 @@ def make_audit_mod(auditor: Auditor) -> Callable:
         if reply.has_error():
             return reply
         arrays = reply.content["arrays"].to_torch_state_dict()
-        from .task import parameter_names
-
         names = parameter_names(audit.own)
         foreign = not all(n in arrays and n in sent for n in names)  # another architecture (logged): nothing to analyse
         update = ({} if foreign else {n: arrays[n] for n in names} if cfg.mode == "fedsgd" else
@@ -537,7 +444,7 @@ def make_audit_mod(auditor: Auditor) -> Callable:
             for n, t in outcome.update.items():
                 new[n] = (t if cfg.mode == "fedsgd" else sent[n] + t).to(arrays[n].dtype).contiguous()
             reply.content["arrays"] = ArrayRecord(new)
-        _remember(context, server_round, audit)
+        remember(context, server_round, audit)
         reply.content["audit"] = ConfigRecord({k: _config_value(v) for k, v in outcome.row.items()})
         return reply
 

@@ -1,13 +1,14 @@
-"""report.html: one self-contained page per run folder and per sweep folder.
+"""report.html: one self-contained page per run folder, and the building blocks of any page
+(the sweep's page, :mod:`experiments.sweep.page`, is made of them).
 
 The page a person opens to see a run: its setting and threat model in words (who observes
 what, what each attacker was granted), the central accuracy and loss per round, the observer
 x attack table, every attacked round's images (each client's true batch beside what each
 observer reconstructed of it, PSNR under each), PSNR per round, and the updates that were
-missing, refused or failed with their reasons; for a sweep, its figures and tables.
+missing, refused or failed with their reasons.
 
-It is drawn from the folder's files and the tables :mod:`experiments.report` and
-:mod:`experiments.sweep_report` compute from them, so a killed run's page shows what
+It is drawn from the folder's files and the tables :mod:`experiments.report.folder`
+computes from them, so a killed run's page shows what
 finished. Everything it shows is inside it: the figures and images as base64 PNG data URIs,
 the style inline, and a few lines of inline script that sort a table by the column clicked
 (the page reads the same without script, and in print, where folded sections open). No
@@ -27,13 +28,15 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
+from PIL import Image
 
 from attacks import SUCCESS_PSNR
 
-from .report import _csv, _load_jobs, _tile, attacked, observer_rank, setting
-from .results import UNSCORED
+from ..results import UNSCORED
+from .folder import attacked, csv_rows, load_jobs, observer_rank, setting, tile
 
-__all__ = ["write_run_page", "write_sweep_page", "OBSERVER_VIEWS"]
+__all__ = ["write_run_page", "write_page", "OBSERVER_VIEWS", "PAGE", "Cell", "esc", "figure", "fmt", "frame", "page",
+           "section", "table"]
 
 PAGE = "report.html"
 
@@ -218,7 +221,7 @@ files. Everything shown is inside this file (its figures are also in the folder 
 """
 
 
-def _write(folder: Path, text: str) -> Path:
+def write_page(folder: Path, text: str) -> Path:
     path = Path(folder) / PAGE
     tmp = path.with_suffix(".html.tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -228,9 +231,7 @@ def _write(folder: Path, text: str) -> Path:
 
 def _tile_uri(images) -> tuple[str, int, int]:
     """(B, C, H, W) in [0, 1] -> a PNG data URI of their tile, its width and height."""
-    from PIL import Image
-
-    arr = (_tile(images) * 255).round().astype("uint8")
+    arr = (tile(images) * 255).round().astype("uint8")
     img = Image.fromarray(arr)
     if images.shape[1] == 1:
         img = img.convert("L")
@@ -249,7 +250,7 @@ def _img(images, alt: str, title: str = "") -> str:
 # ---- a run ---------------------------------------------------------------------------------
 
 def _phases(folder: Path, config: Mapping[str, Any], outcomes: Mapping[str, Mapping[str, str]]) -> str:
-    rounds = [r for r in _csv(folder / "rounds.csv") if str(r.get("round", "")).isdigit() and int(r["round"]) > 0]
+    rounds = [r for r in csv_rows(folder / "rounds.csv") if str(r.get("round", "")).isdigit() and int(r["round"]) > 0]
     total = config.get("num-server-rounds")
     done = f"{len(rounds)} of {total} rounds finished"
     if outcomes:
@@ -355,7 +356,7 @@ def _training(folder: Path) -> str:
     parts = [figure(folder / "training.png", "Central test accuracy and loss of the global model after each round "
                                              "(round 0: before training).")]
     for name, sub in (("federation", folder), ("SecAgg+ federation", folder / "secagg")):
-        rows = _csv(sub / "rounds.csv")
+        rows = csv_rows(sub / "rounds.csv")
         if rows:
             body = [[Cell(esc(r["round"]), int(r["round"]), True), _number(r.get("test_accuracy")),
                      _number(r.get("test_loss")), _number(r.get("train_loss")), r.get("aggregated", ""),
@@ -391,7 +392,7 @@ def _observer_table(summary: pd.DataFrame) -> str:
 
 
 def _grids(folder: Path, config: Mapping[str, Any], results: pd.DataFrame) -> str:
-    jobs = _load_jobs(folder)
+    jobs = load_jobs(folder)
     if not jobs:
         return '<p class="mute">No reconstruction saved yet.</p>'
     status = {}  # (round, client, observer, attack) -> why there is no image
@@ -438,7 +439,7 @@ def _grids(folder: Path, config: Mapping[str, Any], results: pd.DataFrame) -> st
 def _no_score(folder: Path, results: pd.DataFrame) -> str:
     rows = []
     for name, sub in (("federation", folder), ("SecAgg+", folder / "secagg")):
-        for d in _csv(sub / "dropped.csv"):
+        for d in csv_rows(sub / "dropped.csv"):
             rows.append([Cell(esc(d.get("round", "")), _number(d.get("round")), True), d.get("client", ""),
                          f"{name}: reply not aggregated (node {d.get('node_id', '')})", d.get("status", ""),
                          d.get("reason", "")])
@@ -446,7 +447,7 @@ def _no_score(folder: Path, results: pd.DataFrame) -> str:
         for e in results[results["status"].isin(UNSCORED)].itertuples():
             rows.append([Cell(esc(e.round), e.round, True), e.client, f"{e.observer}/{e.attack}", e.status,
                          fmt(e.reason)])
-    audit = _csv(folder / "audit.csv") + _csv(folder / "secagg" / "audit.csv")
+    audit = csv_rows(folder / "audit.csv") + csv_rows(folder / "secagg" / "audit.csv")
     acted = {}
     for a in audit:
         acted[a.get("action", "")] = acted.get(a.get("action", ""), 0) + 1
@@ -485,53 +486,6 @@ def write_run_page(folder: Path, config: Mapping[str, Any], outcomes: Mapping[st
                  ("files", "Files", _files(folder))]
     text = page(f"Run {folder.name}", subtitle, [(a, t) for a, t, _ in sections],
                 [section(a, t, b) for a, t, b in sections], f"python -m experiments.report {folder}")
-    return _write(folder, text)
+    return write_page(folder, text)
 
 
-# ---- a sweep -------------------------------------------------------------------------------
-
-_SWEEP_FIGURES = {
-    "privacy_utility.png": "Privacy against utility: the defended federation's test accuracy (x) and the median PSNR "
-                           "of each attack (y); the undefended cell a star.",
-    "psnr_vs_epsilon.png": "PSNR against epsilon for the differential-privacy families (log scale).",
-    "psnr_vs_strength.png": "Each defence family against its own strength setting (dotted: undefended).",
-    "reconstructions.png": "What each attack made of one client's image, cell by cell.",
-}
-
-
-def write_sweep_page(out: Path, spec: Any, cells: pd.DataFrame, results: pd.DataFrame, figures: Sequence[Path], *,
-                     total: int, leakage: pd.DataFrame, stops: pd.DataFrame) -> Path:
-    """report.html of a sweep folder: its figures, the cells table, the leakage table
-    (:func:`experiments.sweep_report.leakage_table`) and where each attack stops."""
-    out = Path(out)
-    failed = cells[cells["status"] != "done"] if not cells.empty else cells
-    subtitle = (f"<p>{esc(spec.description.strip())}</p><p>{len(cells)} of {total} cells finished"
-                + (f", {len(failed)} failed or refused" if len(failed) else "")
-                + f'. Spec: <code>{esc(spec.source)}</code>.</p>' + "".join(f"<p>{esc(n)}</p>" for n in spec.notes))
-    figs = "\n".join(figure(p, _SWEEP_FIGURES.get(p.name, f"Median PSNR by {p.stem.removeprefix('psnr_by_')}."))
-                     for p in figures)
-    shown = cells.drop(columns=[c for c in ("delta", "strength_key") if c in cells.columns]) if not cells.empty else cells
-    if "attack_run" in shown:  # each cell's attacked run has its own page
-        shown = shown.assign(attack_run=[Cell(f'<a href="runs/{esc(r)}/{PAGE}">{esc(r)}</a>', r)
-                                         if isinstance(r, str) and (out / "runs" / r / PAGE).exists() else r
-                                         for r in shown["attack_run"]])
-    sections = [
-        ("figures", "Figures", figs or '<p class="mute">No figure yet.</p>'),
-        ("cells", "Cells", "<p>A row per cell; the attacked run links to its own report.</p>"
-         + frame(shown, id_="cells-table") if not cells.empty else '<p class="mute">No cell finished yet.</p>'),
-        ("leakage", "Leakage", f"<p>Median PSNR in dB (images recovered at >= {SUCCESS_PSNR:g} dB of those attacked), "
-                               "per cell and (observer, attack).</p>" + frame(leakage, id_="leakage-table")),
-        ("stops", "Where each attack stops", "<p>The weakest setting of each family from which on the attack recovers "
-                                             "no image (empty: not stopped in this grid).</p>" + frame(stops)),
-    ]
-    if not failed.empty:
-        sections.append(("failed", "Failed or refused cells", table(
-            ["cell", "status", "reason"], failed[["cell", "status", "reason"]].itertuples(index=False, name=None))))
-    errors = results[results["status"] == "error"] if "status" in results else results.iloc[:0]
-    if not errors.empty:
-        keys = ["attack", *(["model"] if "model" in errors else ["cell"]), "reason"]
-        sections.append(("refusals", "Attacks that refused an update", table(
-            keys, [k for k, _ in errors.fillna("").groupby(keys)])))
-    text = page(f"Sweep {spec.name}", subtitle, [(a, t) for a, t, _ in sections],
-                [section(a, t, b) for a, t, b in sections], f"python -m experiments.report {out}")
-    return _write(out, text)

@@ -1,7 +1,7 @@
 """Benchmark what spying costs the federation: seconds per round of the honest strategy
 versus the intercepting strategy with attacks in worker processes, in one invocation.
 
-    python -m experiments.bench_interception [--clients 10] [--rounds 8] [--batch-size 256] [--model cnn6] [--attack rgap] [--workers 1]
+    python -m experiments.bench.interception [--clients 10] [--rounds 8] [--batch-size 256] [--model cnn6] [--attack rgap] [--workers 1]
 
 Both runs use the same FedSGD setting and seed. The attack workers run at the lowest CPU
 priority, so the rounds keep the cores; the attacks finish after training if they must.
@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from experiments.run import main as run_main
 
 
 def _per_round(out: Path) -> list[float]:
@@ -27,9 +28,7 @@ def _per_round(out: Path) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from experiments.run import main as run_main
-
-    p = argparse.ArgumentParser(prog="python -m experiments.bench_interception", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.bench.interception", description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--attack", default="rgap")

@@ -1,5 +1,6 @@
-"""A sweep's figures and summary.md, from its cells.csv and results.csv (pure functions of the
-tables: the same tables give the same report).
+"""A sweep's tables (cells.csv, results.csv: read from the run folders and each run's record
+in the sweep folder), and its figures and summary.md (pure functions of the tables: the same
+tables give the same report).
 
 - ``privacy_utility.png``: x the defended federation's test accuracy (after its training
   run's rounds), y the median PSNR of an attack; one curve per defence family, one panel per
@@ -8,22 +9,33 @@ tables: the same tables give the same report).
 - ``psnr_vs_strength.png``: each family against its own strength setting.
 - ``summary.md``: the cell table, the attack-by-cell table, and where each attack stops
   (the weakest setting of each family at which it recovers no image).
-- ``report.html`` (:func:`experiments.html_report.write_sweep_page`): the same figures and
+- ``report.html`` (:func:`experiments.sweep.page.write_sweep_page`): the same figures and
   tables on one self-contained page.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
+import matplotlib
 
-from .plan import default_mapping
-from .scoring import SUCCESS_PSNR
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
 
-__all__ = ["CELL_FIELDS", "leakage", "leakage_table", "stops_at", "rank_table", "write_figures", "write_summary"]
+from attacks.rgap import ra_index, rank_analysis  # noqa: E402
+from fl_sim.data import load_dataset  # noqa: E402
+from fl_sim.models import MODELS, build_model  # noqa: E402
+
+from ..plan import ExperimentPlan, default_mapping  # noqa: E402
+from ..report.folder import load_jobs, tile  # noqa: E402
+from ..scoring import SUCCESS_PSNR  # noqa: E402
+from .spec import Cell, read_record  # noqa: E402
+
+__all__ = ["CELL_FIELDS", "tables", "leakage", "leakage_table", "stops_at", "rank_table", "write_figures", "write_summary"]
 
 # cells.csv's own columns (not grid axes)
 CELL_FIELDS = ("cell", "family", "strength", "strength_key", "epsilon", "delta", "epsilon_level", "epsilon_train",
@@ -79,11 +91,6 @@ def _panels(j: pd.DataFrame):
 
 
 def _grid(n: int):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cols = min(4, max(n, 1))
     rows = math.ceil(max(n, 1) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
@@ -91,8 +98,6 @@ def _grid(n: int):
 
 
 def _plot(out: Path, j: pd.DataFrame, x: str, name: str, xlabel: str, families, logx: bool, title: str) -> Path | None:
-    import matplotlib.pyplot as plt
-
     j = j[j[x].notna() & j["psnr"].notna()]
     if families is not None:
         j = j[j["family"].isin(families) | (j["family"] == "none")]
@@ -135,8 +140,6 @@ def _plot(out: Path, j: pd.DataFrame, x: str, name: str, xlabel: str, families, 
 
 
 def _strength_plot(out: Path, j: pd.DataFrame) -> Path | None:
-    import matplotlib.pyplot as plt
-
     j = j[j["psnr"].notna()]
     if j.empty:
         return None
@@ -179,8 +182,6 @@ def _strength_plot(out: Path, j: pd.DataFrame) -> Path | None:
 def _axis_plot(out: Path, j: pd.DataFrame, axis: str) -> Path | None:
     """Median PSNR of each attack and observer for each value of a grid key (bars), with the
     images recovered of those attacked on top."""
-    import matplotlib.pyplot as plt
-
     j = j.copy()
     j[axis] = j[axis].astype(str)
     values = list(dict.fromkeys(j[axis]))
@@ -211,13 +212,9 @@ def _axis_plot(out: Path, j: pd.DataFrame, axis: str) -> Path | None:
 def reconstruction_sheet(out: Path, cells: pd.DataFrame) -> Path | None:
     """One image per cell and (observer, attack): what each attacker made of one client's
     image (the lowest client every observer attacked), beside the true image; a row per cell."""
-    import matplotlib.pyplot as plt
-
-    from .report import _load_jobs, _tile
-
     rows = []
     for _, cell in cells.iterrows():
-        jobs = _load_jobs(out / "runs" / str(cell["attack_run"]))
+        jobs = load_jobs(out / "runs" / str(cell["attack_run"]))
         if jobs:
             rows.append((cell, jobs))
     if not rows:
@@ -244,13 +241,13 @@ def reconstruction_sheet(out: Path, cells: pd.DataFrame) -> Path | None:
             if not match:
                 continue
             sel = match[0]["owners"] == pid
-            ax.imshow(_tile(match[0]["recon"][sel][:1]), cmap="gray")
+            ax.imshow(tile(match[0]["recon"][sel][:1]), cmap="gray")
             ax.text(0.5, -0.02, f"{match[0]['psnr'][sel][0].clamp(max=300).item():.0f} dB", transform=ax.transAxes,
                     ha="center", va="top", fontsize=5)
             truth = match[0]["truth"][sel][:1]
         ax = axes[i][0]
         ax.axis("off")
-        ax.imshow(_tile(truth), cmap="gray")
+        ax.imshow(tile(truth), cmap="gray")
         ax.text(-0.1, 0.5, label.replace(",", ",\n").replace(";", ";\n"), transform=ax.transAxes, ha="right",
                 va="center", fontsize=5)
         if i == 0:
@@ -307,10 +304,6 @@ def _other_axes(cells: pd.DataFrame) -> list[str]:
 
 def rank_table(cells: pd.DataFrame) -> pd.DataFrame:
     """R-GAP's rank analysis of each model of the sweep, on the attacked runs' data shape."""
-    from attacks.rgap import ra_index, rank_analysis
-    from fl_sim.data import load_dataset
-    from fl_sim.models import MODELS, build_model
-
     rows = []
     for model in sorted(set(cells["model"].dropna())):
         dataset = cells.loc[cells["model"] == model, "dataset"].iloc[0] if "dataset" in cells else None
@@ -387,3 +380,73 @@ def write_summary(out: Path, spec, cells: pd.DataFrame, results: pd.DataFrame, f
     path = out / "summary.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _csv(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path)
+    except (OSError, pd.errors.EmptyDataError):
+        return pd.DataFrame()
+
+
+def _final_accuracy(folder: Path) -> float:
+    rounds = _csv(folder / "rounds.csv")
+    if rounds.empty or "test_accuracy" not in rounds:
+        return math.nan
+    return float(rounds["test_accuracy"].dropna().iloc[-1]) if rounds["test_accuracy"].notna().any() else math.nan
+
+
+def _privacy(folder: Path) -> list[dict[str, Any]]:
+    try:
+        return json.loads((folder / "privacy.json").read_text()).get("guarantees", [])
+    except (OSError, ValueError):
+        return []
+
+
+def _cell_row(out: Path, cell: Cell) -> dict[str, Any] | None:
+    recs = {n: read_record(out, n) for n in (cell.attack_run, cell.train_run) if n}
+    if any(r is None for r in recs.values()):
+        return None
+    runs = out / "runs"
+    attack, train = recs[cell.attack_run], recs.get(cell.train_run) if cell.train_run else None
+    bad = [r for r in (attack, train) if r is not None and r.status != "done"]
+    guarantees = _privacy(runs / cell.attack_run)
+    train_guarantees = _privacy(runs / cell.train_run) if cell.train_run else []
+    g = guarantees[0] if guarantees else {}
+    attacked = ExperimentPlan.from_mapping(cell.attack).fed if attack.status != "refused" else None
+    row = {"cell": cell.id, "attack_run": cell.attack_run, **cell.params, "model": cell.attack.get("model", attacked.model if attacked else ""),
+           "dataset": cell.attack.get("dataset", attacked.dataset if attacked else ""), **cell.defence_columns(),
+           "epsilon": g.get("epsilon", math.nan), "delta": g.get("delta", math.nan),
+           "epsilon_level": g.get("level", ""),
+           "epsilon_train": train_guarantees[0]["epsilon"] if train_guarantees else math.nan,
+           "attack_accuracy": _final_accuracy(runs / cell.attack_run)}
+    if train is not None:
+        row.update(test_accuracy=_final_accuracy(runs / cell.train_run), accuracy_of="training run",
+                   train_rounds=(cell.train or {}).get("num-server-rounds", default_mapping()["num-server-rounds"]))
+    else:
+        row.update(test_accuracy=row["attack_accuracy"], accuracy_of="attacked run",
+                   train_rounds=attacked.num_server_rounds if attacked else math.nan)
+    row.update(seconds=round(sum(r.seconds for r in recs.values()), 1),
+               status="done" if not bad else bad[0].status,
+               reason="; ".join(f"{'training' if r is train else 'attacked'} run {r.status}: {r.reason}" for r in bad))
+    return row
+
+
+def tables(out: Path, cells: list[Cell]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """cells.csv and results.csv of what has finished of ``cells`` in the sweep folder ``out``."""
+    rows, results = [], []
+    for cell in cells:
+        row = _cell_row(out, cell)
+        if row is None:
+            continue
+        rows.append(row)
+        res = _csv(out / "runs" / cell.attack_run / "results.csv")
+        if not res.empty:
+            tags = {k: row[k] for k in ["cell", *cell.params, "family", "strength", "strength_key", "epsilon",
+                                        "test_accuracy"]}
+            results.append(res.assign(**{k: [v] * len(res) for k, v in tags.items()}))
+    params = list(dict.fromkeys(k for c in cells for k in c.params))
+    table = pd.DataFrame(rows, columns=["cell", *params, *[c for c in ("model", "dataset") if c not in params],
+                                        *CELL_FIELDS[1:]])
+    res = pd.concat(results, ignore_index=True) if results else pd.DataFrame()
+    return table, res

@@ -1,7 +1,7 @@
 """What the active server recovers, against the number of bins and the images in an update
 (figures for the README).
 
-    python -m experiments.bench_active [--out runs/bench-active] [--parts 1,2,3,4] [--trials 5]
+    python -m experiments.bench.active [--out runs/bench-active] [--parts 1,2,3,4] [--trials 5]
 
 Four measurements on the offline default (mnist5k; the server places the bins on its own
 1,000 held-out digits):
@@ -31,8 +31,12 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
-import torch
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
 from torch.nn import functional as F
 
 from attacks import SUCCESS_PSNR, Update, score_batch
@@ -40,7 +44,7 @@ from attacks.imprint import expected_recovery, imprint, imprint_block_model, pla
 from fl_sim.data import load_dataset, to_float
 from fl_sim.models import build_model
 
-from .run import main as run_main
+from ..run import main as run_main
 
 
 def _run(args: list[str], out: Path) -> Path:
@@ -88,11 +92,6 @@ def bins_and_images(out: Path, trials: int) -> pd.DataFrame:
 
 
 def _plot(table: pd.DataFrame, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for (name, bins), g in table.groupby(["model", "bins"], sort=False):
         line = ax.plot(g["images"], g["recovered"], marker="o", label=f"{bins} bins ({name})")[0]
@@ -158,7 +157,7 @@ def clients_see(out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.bench_active", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.bench.active", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/bench-active")
     p.add_argument("--parts", default="1,2,3,4")
     p.add_argument("--trials", type=int, default=5)

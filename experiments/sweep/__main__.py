@@ -1,0 +1,50 @@
+"""``python -m experiments.sweep SPEC``: run a sweep (see :mod:`experiments.sweep`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..cli import Parser
+from .runner import run_sweep
+from .spec import PRESETS, SweepError, load_spec
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="python -m experiments.sweep",
+               description="Run a grid of Flower federations, attacked and trained under defences, and write a sweep "
+                           "folder (cells.csv, results.csv, figures, summary.md).")
+    names = ", ".join(sorted(p.stem for p in PRESETS.glob("*.toml")))
+    p.add_argument("spec", help=f"a preset ({names}) or a TOML file")
+    p.add_argument("--out", default=None, help="sweep folder (default: sweeps/<name>); the same folder again resumes")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (default: 1)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="empty --out first (otherwise the runs it holds with unchanged settings are kept)")
+    p.add_argument("--list", action="store_true", help="print the cells and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs: must be >= 1, got {args.jobs}")
+    try:
+        spec = load_spec(args.spec)
+        if args.list:
+            for c in spec.cells():
+                print(c.id, json.dumps(c.params))
+            return 0
+        out = Path(args.out) if args.out else Path("sweeps") / spec.name
+        return run_sweep(spec, out, jobs=args.jobs, overwrite=args.overwrite)
+    except SweepError as exc:
+        print(f"{parser.prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""Running a sweep: each run of its cells as ``python -m experiments.run`` in a process of its
+own (``--jobs`` at once), each run's record kept in the sweep folder as it ends, and the tables,
+figures, summary.md and report.html written from what finished."""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fl_sim.config import ConfigError
+
+from ..cli import argv_for
+from ..plan import ExperimentPlan
+from ..stopping import StopOnSignal
+from .page import write_sweep_page
+from .spec import RunRecord, SweepError, SweepSpec, read_record
+from .tables import leakage_table, stops_at, tables, write_figures, write_summary
+
+__all__ = ["Sweep", "run_sweep", "write_outputs", "report_sweep"]
+
+
+class Sweep:
+    """A sweep folder and the runs in it (state on the instance; the folder is the record)."""
+
+    def __init__(self, spec: SweepSpec, out: Path, jobs: int, console) -> None:
+        self.spec, self.out, self.jobs, self.console = spec, out, jobs, console
+        self.cells = spec.cells()
+        self.stop = threading.Event()
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.lock = threading.Lock()
+
+    # the folder
+    def claim(self, overwrite: bool) -> None:
+        if self.out.exists() and not self.out.is_dir():
+            raise SweepError(f"{self.out} exists and is not a folder")
+        state = self.out / "sweep.json"
+        record = {**self.spec.to_json(), "cells": [c.id for c in self.cells]}
+        if state.exists():
+            # runs are named by a digest of their settings: those a changed spec shares with the
+            # old one are the same runs, kept; --overwrite starts afresh (e.g. after a code change)
+            old = json.loads(state.read_text())
+            if overwrite:
+                shutil.rmtree(self.out)
+            elif {k: old.get(k) for k in ("attack", "train", "grid")} != {k: record[k] for k in ("attack", "train", "grid")}:
+                self.console.print(f"note: {self.out} held another version of the spec; its runs with unchanged settings "
+                                   "are kept (--overwrite to start afresh)")
+        elif self.out.exists() and any(self.out.iterdir()):
+            if not overwrite:
+                raise SweepError(f"{self.out} is not empty and holds no sweep: pass --overwrite or another --out")
+            shutil.rmtree(self.out)
+        try:
+            (self.out / "runs").mkdir(parents=True, exist_ok=True)
+            (self.out / "done").mkdir(exist_ok=True)
+        except OSError as exc:
+            raise SweepError(f"cannot write the sweep folder {self.out}: {exc.strerror}") from None
+        self._lock = open(self.out / "sweep.lock", "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise SweepError(f"{self.out} is in use by another sweep") from None
+        state.write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+    def record(self, name: str) -> RunRecord | None:
+        return read_record(self.out, name)
+
+    # one run
+    def _run(self, name: str, config: dict[str, Any]) -> RunRecord | None:
+        try:
+            plan = ExperimentPlan.from_mapping(config)
+            plan.check_data()
+        except Exception as exc:  # noqa: BLE001 - the plan's rules: a refused cell, with the reason
+            text = f"{exc.key}: {exc.problem}" if isinstance(exc, ConfigError) else str(exc)
+            return self._save(RunRecord(name, "refused", " ".join(text.split()), 0.0))
+        folder = self.out / "runs" / name
+        # the attack always named (none for a training run): experiments.run's own default is the demo
+        argv = [sys.executable, "-m", "experiments.run", *argv_for({"attack": "none", **config}), "--out", str(folder),
+                "--overwrite"]
+        log = self.out / "runs" / f"{name}.log"
+        start = time.monotonic()
+        with open(log, "w") as f:
+            # the user's working directory: relative data paths mean the same to the run as to the spec
+            proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                    env={**os.environ, "COLUMNS": "120"})
+            with self.lock:
+                self.procs[name] = proc
+            if self.stop.is_set():
+                proc.send_signal(signal.SIGTERM)
+            code = proc.wait()
+            with self.lock:
+                self.procs.pop(name, None)
+        seconds = time.monotonic() - start
+        if self.stop.is_set() and code != 0:
+            return None  # we stopped it (however it died: 143, or Ray aborting on SIGTERM): run it next time
+        if code == 0:
+            return self._save(RunRecord(name, "done", "", seconds))
+        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+        reason = lines[-1] if lines else f"exit code {code}"
+        return self._save(RunRecord(name, "failed", f"exit {code}: {reason}"[:300], seconds))
+
+    def _save(self, rec: RunRecord) -> RunRecord:
+        tmp = self.out / "done" / f".{rec.name}.tmp"
+        tmp.write_text(json.dumps(dataclasses.asdict(rec)))
+        tmp.replace(self.out / "done" / f"{rec.name}.json")
+        return rec
+
+    def interrupt(self, signum: int) -> None:
+        self.stop.set()
+        with self.lock:
+            procs = list(self.procs.values())
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)  # the run stops its own Ray and attack workers
+            except OSError:
+                pass
+
+    def kill_all(self) -> None:
+        with self.lock:
+            procs = list(self.procs.values())
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+    def run(self) -> None:
+        runs: dict[str, dict[str, Any]] = {}
+        for c in self.cells:
+            if c.train_run:
+                runs.setdefault(c.train_run, c.train)
+            runs.setdefault(c.attack_run, c.attack)
+        todo = [n for n in runs if self.record(n) is None]
+
+        def cells_done() -> int:
+            return sum(all(self.record(n) is not None for n in (c.attack_run, c.train_run) if n) for c in self.cells)
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+                      TimeElapsedColumn(), console=self.console) as progress:
+            task = progress.add_task("cells", total=len(self.cells), completed=cells_done(),
+                                     status=f"{len(runs) - len(todo)} of {len(runs)} runs done before")
+            with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+                pending: dict[Future, str] = {}
+                queue = list(todo)
+                while (queue or pending) and not self.stop.is_set():
+                    while queue and len(pending) < self.jobs:
+                        name = queue.pop(0)
+                        pending[pool.submit(self._run, name, runs[name])] = name
+                    finished, _ = wait(list(pending), timeout=0.5, return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        name = pending.pop(fut)
+                        rec = fut.result()
+                        status = f"{name}: {rec.status if rec else 'interrupted'}" + (
+                            f" ({rec.reason[:60]})" if rec and rec.reason else "")
+                        progress.update(task, completed=cells_done(), status=status)
+                wait(list(pending))
+
+
+def write_outputs(sweep: Sweep) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """cells.csv, results.csv, the figures, summary.md and report.html of what has finished."""
+    cells, results = tables(sweep.out, sweep.cells)
+    cells.to_csv(sweep.out / "cells.csv", index=False)
+    results.to_csv(sweep.out / "results.csv", index=False)
+    try:
+        figures = write_figures(sweep.out, cells, results)
+    except Exception as exc:  # noqa: BLE001 - the tables are on disk; a figure must not take them down
+        sweep.console.print(f"[red]figures not drawn[/]: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
+        figures = []
+    write_summary(sweep.out, sweep.spec, cells, results, figures, total=len(sweep.cells))
+    write_sweep_page(sweep.out, sweep.spec, cells, results, figures, total=len(sweep.cells),
+                     leakage=leakage_table(cells, results), stops=stops_at(cells, results))
+    return cells, results
+
+
+def report_sweep(out: Path) -> Path:
+    """Write the tables, figures, summary.md and report.html of the sweep folder ``out`` again
+    from sweep.json and the runs it holds (a sweep that was killed gets its report too)."""
+    record = json.loads((Path(out) / "sweep.json").read_text())
+    spec = SweepSpec(**{k: record.get(k, d) for k, d in (("name", ""), ("description", ""), ("attack", {}),
+                                                         ("train", None), ("grid", []), ("source", ""),
+                                                         ("notes", []))})
+    write_outputs(Sweep(spec, Path(out), 1, Console(stderr=True)))
+    return Path(out) / "report.html"
+
+
+def run_sweep(spec: SweepSpec, out: Path, *, jobs: int = 1, overwrite: bool = False, console=None) -> int:
+    """Run ``spec`` into the sweep folder ``out`` (resuming what it holds); the exit code."""
+    console = console or Console(stderr=True)
+    sweep = Sweep(spec, out, jobs, console)
+    sweep.claim(overwrite)
+    console.print(f"sweep [bold]{spec.name}[/]: {len(sweep.cells)} cells -> {out}")
+    stopper = StopOnSignal(on_signal=lambda s: (console.print(
+        "[yellow]stopping[/]: the runs in flight are stopped; what finished stays (again to kill at once)"),
+        sweep.interrupt(s)))
+    with stopper:
+        try:
+            sweep.run()
+        finally:
+            if stopper.event.is_set():
+                sweep.kill_all()
+    cells, _ = write_outputs(sweep)
+    done = int((cells["status"] == "done").sum()) if not cells.empty else 0
+    console.print(f"{done} of {len(sweep.cells)} cells done, {len(cells) - done} failed or refused; "
+                  f"{out / 'summary.md'}")
+    return stopper.exit_code if stopper.event.is_set() else 0
