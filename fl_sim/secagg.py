@@ -590,10 +590,12 @@ def simulate_secagg(
     log_: FederationLog | None = None,
     *,
     verbose: bool = False,
+    engine: str | None = None,
     **kwargs: Any,
 ) -> None:
-    """Run ``cfg`` with SecAgg+ on Flower's simulation engine (Ray), one SuperNode per client,
-    with the same backend settings as :func:`fl_sim.simulation.simulate`; ``kwargs`` go to
+    """Run ``cfg`` with SecAgg+, one SuperNode per client, on ``engine`` (Flower's simulation
+    engine, Ray, with the same backend settings as :func:`fl_sim.simulation.simulate`, or in
+    process: see :func:`fl_sim.simulation.run_apps`); ``kwargs`` go to
     :func:`make_secagg_server_app`. ``log_`` defaults to a new log in ``cfg.out_dir``."""
     log_ = log_ or FederationLog(cfg.out_dir, cfg.to_flower())
-    run_apps(make_secagg_server_app(cfg, log_, **kwargs), client_app, cfg.num_clients, verbose=verbose)
+    run_apps(make_secagg_server_app(cfg, log_, **kwargs), client_app, cfg.num_clients, verbose=verbose, engine=engine)

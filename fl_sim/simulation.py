@@ -1,4 +1,9 @@
-"""Running the apps on Flower's simulation engine (Ray), one SuperNode per client."""
+"""Running the apps, one SuperNode per client: on Flower's simulation engine (Ray), or in this
+process (:mod:`fl_sim.engine`: the same apps without Ray's start-up, for tests and small runs).
+
+The engine is ``ray`` unless a caller names one, or the environment variable ``FL_SIM_ENGINE``
+(``ray`` or ``inprocess``) names it: one setting switches every federation of a test session.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,25 @@ from typing import Any
 
 from .client_app import app as default_client_app
 from .config import RunConfig
+from .engine import run_inprocess
 from .server_app import make_server_app
 
-__all__ = ["backend_config", "run_apps", "simulate"]
+__all__ = ["ENGINES", "backend_config", "resolve_engine", "run_apps", "simulate"]
+
+ENGINES = ("ray", "inprocess")
+ENGINE_VARIABLE = "FL_SIM_ENGINE"
+
+
+def resolve_engine(engine: str | None = None) -> str:
+    """``engine``, or when it is None the one ``FL_SIM_ENGINE`` names (default ``ray``); a
+    name that is neither raises a one-line ValueError."""
+    if engine is None:
+        engine = os.environ.get(ENGINE_VARIABLE, "").strip() or "ray"
+        if engine not in ENGINES:
+            raise ValueError(f"{ENGINE_VARIABLE} must be one of {', '.join(ENGINES)}, got {engine!r}")
+    elif engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    return engine
 
 
 def backend_config(verbose: bool = False) -> dict[str, Any]:
@@ -26,9 +47,13 @@ def backend_config(verbose: bool = False) -> dict[str, Any]:
     }
 
 
-def run_apps(server_app, client_app, num_supernodes: int, *, verbose: bool = False) -> None:
-    """``server_app`` and ``client_app`` on Flower's simulation engine with ``num_supernodes``
-    SuperNodes (partition ids 0..N-1, ``num-partitions`` N)."""
+def run_apps(server_app, client_app, num_supernodes: int, *, verbose: bool = False, engine: str | None = None) -> None:
+    """``server_app`` and ``client_app`` with ``num_supernodes`` SuperNodes (partition ids
+    0..N-1, ``num-partitions`` N) on ``engine``: ``ray`` (Flower's simulation engine) or
+    ``inprocess`` (:func:`fl_sim.engine.run_inprocess`); None: :func:`resolve_engine`."""
+    if resolve_engine(engine) == "inprocess":
+        run_inprocess(server_app, client_app, num_supernodes, verbose=verbose)
+        return
     from flwr.simulation import run_simulation  # imports Ray (seconds): only runs on Ray's engine pay it
 
     run_simulation(
@@ -40,8 +65,10 @@ def run_apps(server_app, client_app, num_supernodes: int, *, verbose: bool = Fal
     )
 
 
-def simulate(cfg: RunConfig, *, verbose: bool = False, client_app=None, **run_kwargs: Any) -> None:
-    """Run ``cfg`` with the honest Message-API apps; ``run_kwargs`` (``wrap_strategy``,
-    ``on_round``, ``on_dropped``, ``stop``) go to :func:`fl_sim.server_app.run_server`."""
+def simulate(cfg: RunConfig, *, verbose: bool = False, client_app=None, engine: str | None = None,
+             **run_kwargs: Any) -> None:
+    """Run ``cfg`` with the honest Message-API apps on ``engine`` (see :func:`run_apps`);
+    ``run_kwargs`` (``wrap_strategy``, ``on_round``, ``on_dropped``, ``stop``) go to
+    :func:`fl_sim.server_app.run_server`."""
     run_apps(make_server_app(cfg.to_flower(), **run_kwargs), client_app or default_client_app, cfg.num_clients,
-             verbose=verbose)
+             verbose=verbose, engine=engine)

@@ -6,6 +6,10 @@ import torch
 
 # Tests never reach for the network (torchvision downloads stay off).
 os.environ["FL_SIM_OFFLINE"] = "1"
+# Every federation a test starts (in this process, or in an experiments.run subprocess, which
+# inherits the environment) runs on the in-process engine: the real ServerApp and ClientApp
+# exchanging real Messages, without Ray's start. Tests whose point is Ray say engine="ray".
+os.environ.setdefault("FL_SIM_ENGINE", "inprocess")
 # Fast and repeatable on a 2-core machine.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
