@@ -46,7 +46,7 @@ from rich.table import Table
 
 from experiments.apps.client_app import app, imprint_app, imprint_secagg_app, secagg_app
 from fl_sim.data import DatasetError
-from fl_sim.simulation import run_apps
+from fl_sim.simulation import ENGINES, resolve_engine, run_apps
 
 from .cli import Parser, add_plan_arguments, plan_from_args, say_error
 from .experiment import Experiment
@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--resume", action="store_true",
                      help="continue the run in --out after its last finished round (its settings, unless given)")
     how.add_argument("--overwrite", action="store_true", help="empty the run folder --out first")
+    p.add_argument("--engine", choices=ENGINES, default=None,
+                   help="where the simulated federation runs: ray (Flower's simulation engine) or inprocess (the real "
+                        "ServerApp and ClientApps in this process, no Ray start: for small runs); default: "
+                        "$FL_SIM_ENGINE, else ray. Same results for the same seed")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     return p
 
@@ -109,9 +113,12 @@ def _saved_config(out: str | None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-
-
     mode = "resume" if args.resume else "overwrite" if args.overwrite else "new"
+    try:
+        engine = resolve_engine(args.engine)
+    except ValueError as exc:  # FL_SIM_ENGINE names no engine
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
     try:
         base = _saved_config(args.out) if args.resume else {}
         active = "active" in str(args.plan_observers or "")
@@ -123,10 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError, RunFolderError) as exc:
         return say_error(parser.prog, exc)
     with folder:
-        return _run(plan, data, args.verbose)
+        return _run(plan, data, args.verbose, engine)
 
 
-def _run(plan, data, verbose: bool) -> int:
+def _run(plan, data, verbose: bool, engine: str) -> int:
     console = Console(stderr=True)
     _quiet(verbose, console)
     for note in data.notes:
@@ -150,7 +157,7 @@ def _run(plan, data, verbose: bool) -> int:
     ) as progress, StopOnSignal(on_signal=lambda s: console.print(
             "[yellow]stopping[/]: the round in flight is abandoned; what finished stays in the run folder "
             "(again to kill at once)")) as stopper:
-        task = progress.add_task("rounds", total=c.num_server_rounds, status="starting Ray ...")
+        task = progress.add_task("rounds", total=c.num_server_rounds, status=f"starting the federation ({engine}) ...")
         attack_task = progress.add_task("attacks", total=None, status="") if a else None
 
         def on_row(row: dict) -> None:
@@ -170,12 +177,13 @@ def _run(plan, data, verbose: bool) -> int:
         crash = None
         try:
             if plan.runs_main:
-                run_apps(experiment.server_app(), client_app, c.num_clients, verbose=verbose)
+                run_apps(experiment.server_app(), client_app, c.num_clients, verbose=verbose, engine=engine)
             if plan.runs_secagg and not experiment.stopped and experiment.failure is None:
                 secagg_client_app = imprint_secagg_app if client_app is imprint_app else secagg_app
 
                 progress.update(task, completed=0, description="secagg", status="starting the SecAgg+ run ...")
-                run_apps(experiment.secagg_server_app(), secagg_client_app, c.num_clients, verbose=verbose)
+                run_apps(experiment.secagg_server_app(), secagg_client_app, c.num_clients, verbose=verbose,
+                         engine=engine)
         except Exception as exc:  # noqa: BLE001 - Flower or Ray failed: still write what finished
             crash = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
         if a:

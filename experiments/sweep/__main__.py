@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from fl_sim.simulation import ENGINES
+
 from ..cli import Parser
 from .runner import run_sweep
 from .spec import PRESETS, SweepError, load_spec
@@ -24,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (default: 1)")
     p.add_argument("--overwrite", action="store_true",
                    help="empty --out first (otherwise the runs it holds with unchanged settings are kept)")
+    p.add_argument("--engine", choices=ENGINES, default=None,
+                   help="each run's engine: ray, or inprocess for small cells (no Ray start per run; same results for "
+                        "the same seed); default: $FL_SIM_ENGINE, else ray")
     p.add_argument("--list", action="store_true", help="print the cells and exit")
     return p
 
@@ -40,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(c.id, json.dumps(c.params))
             return 0
         out = Path(args.out) if args.out else Path("sweeps") / spec.name
-        return run_sweep(spec, out, jobs=args.jobs, overwrite=args.overwrite)
+        return run_sweep(spec, out, jobs=args.jobs, overwrite=args.overwrite, engine=args.engine)
     except SweepError as exc:
         print(f"{parser.prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2

@@ -37,8 +37,9 @@ __all__ = ["Sweep", "run_sweep", "write_outputs", "report_sweep"]
 class Sweep:
     """A sweep folder and the runs in it (state on the instance; the folder is the record)."""
 
-    def __init__(self, spec: SweepSpec, out: Path, jobs: int, console) -> None:
+    def __init__(self, spec: SweepSpec, out: Path, jobs: int, console, engine: str | None = None) -> None:
         self.spec, self.out, self.jobs, self.console = spec, out, jobs, console
+        self.engine = engine  # each run's engine (None: the run's default); not part of a run's digest
         self.cells = spec.cells()
         self.stop = threading.Event()
         self.procs: dict[str, subprocess.Popen] = {}
@@ -89,7 +90,7 @@ class Sweep:
         folder = self.out / "runs" / name
         # the attack always named (none for a training run): experiments.run's own default is the demo
         argv = [sys.executable, "-m", "experiments.run", *argv_for({"attack": "none", **config}), "--out", str(folder),
-                "--overwrite"]
+                "--overwrite", *(["--engine", self.engine] if self.engine else [])]
         log = self.out / "runs" / f"{name}.log"
         start = time.monotonic()
         with open(log, "w") as f:
@@ -196,10 +197,12 @@ def report_sweep(out: Path) -> Path:
     return Path(out) / "report.html"
 
 
-def run_sweep(spec: SweepSpec, out: Path, *, jobs: int = 1, overwrite: bool = False, console=None) -> int:
-    """Run ``spec`` into the sweep folder ``out`` (resuming what it holds); the exit code."""
+def run_sweep(spec: SweepSpec, out: Path, *, jobs: int = 1, overwrite: bool = False, console=None,
+              engine: str | None = None) -> int:
+    """Run ``spec`` into the sweep folder ``out`` (resuming what it holds) with each run on
+    ``engine`` (``experiments.run --engine``); the exit code."""
     console = console or Console(stderr=True)
-    sweep = Sweep(spec, out, jobs, console)
+    sweep = Sweep(spec, out, jobs, console, engine)
     sweep.claim(overwrite)
     console.print(f"sweep [bold]{spec.name}[/]: {len(sweep.cells)} cells -> {out}")
     stopper = StopOnSignal(on_signal=lambda s: (console.print(

@@ -45,11 +45,10 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
-
-import tomllib
 
 from fl_sim.config import ConfigError
 from fl_sim.settings import DefenceError, parse_defences
