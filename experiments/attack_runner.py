@@ -96,6 +96,7 @@ def run_job(job: AttackJob, cfg: RunConfig) -> tuple[list[dict[str, Any]], dict[
 
     from .scoring import score, true_batch
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     o = job.observation
     start = time.perf_counter()
@@ -123,6 +124,8 @@ def run_job(job: AttackJob, cfg: RunConfig) -> tuple[list[dict[str, Any]], dict[
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
         log.debug("attack %s failed: %s", job.attack, traceback.format_exc())
         return _rows(job, status="error", reason=reason, seconds=round(time.perf_counter() - start, 3)), {}
+    finally:
+        torch.set_num_threads(threads)  # run in-process (no workers, tests): the caller's count back
 
 
 def _worker_init() -> None:
