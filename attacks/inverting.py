@@ -95,7 +95,9 @@ def simulate_local_update(
         xb, yb = (x, y) if batch is None else (x[batch], y[batch])
         loss = training_loss(functional_call(model, current, (xb,)), yb)
         grads = torch.autograd.grad(loss, [current[n] for n in names], create_graph=create_graph)
-        current = {n: current[n] - lr * g for n, g in zip(names, grads)}
+        # the step as torch.optim.SGD takes it (p + (-lr) * g, one rounding): ``p - lr * g`` rounds twice, and a
+        # 1-ulp weight difference can flip a LeakyReLU input that lies within rounding of 0 in a later step
+        current = {n: torch.add(current[n], g, alpha=-lr) for n, g in zip(names, grads)}
     return [current[n] - params[n] for n in names]
 
 

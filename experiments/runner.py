@@ -95,6 +95,7 @@ def _model(cfg: RunConfig, o: Observation):
 def run_job(job: AttackJob, cfg: RunConfig) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
     """Run one job; never raises. Returns one row per target client and the images for the
     figures (``truth``, ``recon`` in the truth's order, ``owners``, ``psnr`` per image)."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     o = job.observation
     start = time.perf_counter()
@@ -122,6 +123,8 @@ def run_job(job: AttackJob, cfg: RunConfig) -> tuple[list[dict[str, Any]], dict[
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
         log.debug("attack %s failed: %s", job.attack, traceback.format_exc())
         return _rows(job, status="error", reason=reason, seconds=round(time.perf_counter() - start, 3)), {}
+    finally:
+        torch.set_num_threads(threads)  # run in-process (no workers, tests): the caller's count back
 
 
 def _worker_init() -> None:

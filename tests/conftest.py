@@ -1,6 +1,8 @@
 import os
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,3 +24,28 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real benchmark images not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_global_state():
+    """Every test starts from the same process-wide state, whatever ran before it.
+
+    torch's thread count and default dtype are settings a test (or the code it calls in-process)
+    must put back: a test that leaves either changed is restored and then fails at teardown, naming
+    what it changed. The global RNGs (torch, numpy, random) are only restored: drawing from them
+    or seeding them is what tests do, but the next test must not depend on it."""
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+    rngs = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    yield
+    leaked = []
+    if torch.get_num_threads() != threads:
+        leaked.append(f"torch.set_num_threads({torch.get_num_threads()}), was {threads}")
+        torch.set_num_threads(threads)
+    if torch.get_default_dtype() != dtype:
+        leaked.append(f"torch.set_default_dtype({torch.get_default_dtype()}), was {dtype}")
+        torch.set_default_dtype(dtype)
+    torch.set_rng_state(rngs[0])
+    np.random.set_state(rngs[1])
+    random.setstate(rngs[2])
+    if leaked:
+        pytest.fail("the test left global state changed (now restored): " + "; ".join(leaked), pytrace=False)

@@ -3,8 +3,6 @@ any Flower or Ray process starts (a table; each row a command line and the line 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +10,6 @@ import pytest
 
 from experiments.deploy import main as deploy_main
 from experiments.run import main as run_main
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _npz(path: Path, **arrays) -> str:
@@ -191,13 +187,49 @@ def test_float_images_in_unit_range_are_repaired_with_a_note(tmp_path):
     assert restored.mean() == pytest.approx(images.mean(), abs=0.01)  # not rounded to 0/1 of 255
 
 
-def test_help_shows_each_default_once():
-    out = subprocess.run([sys.executable, "-m", "experiments.run", "--help"], capture_output=True, text=True,
-                         check=True, cwd=ROOT).stdout
+def _help_entries(out: str) -> dict[str, str]:
+    """Each option's entry of an argparse --help (its first flag -> the entry's text on one line)."""
+    entries: dict[str, list[str]] = {}
+    current = None
+    for line in out.splitlines():
+        if line.startswith("  -"):
+            current = line.split()[0].rstrip(",")
+            entries[current] = [line]
+        elif current and line.startswith("   "):
+            entries[current].append(line)
+        else:
+            current = None
+    return {flag: " ".join(" ".join(lines).split()) for flag, lines in entries.items()}
+
+
+def test_help_shows_each_default_once(monkeypatch, capsys):
+    """Every option that takes a value states its default exactly once, in its own entry: as
+    "(default: X)", or with the presets' values as "(the demo: ...; otherwise X)"; a switch
+    states none. main(["--help"]) in-process, wide enough that no entry is wrapped."""
+    from experiments.cli import PLAN_FLAGS
+    from experiments.plan import default_mapping
+
+    monkeypatch.setenv("COLUMNS", "400")
+    with pytest.raises(SystemExit) as done:
+        run_main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    entries = _help_entries(out)
     for flag in ("--dataset", "--model", "--clients", "--rounds", "--mode", "--batch-size", "--partition", "--seed",
                  "--out", "--attack", "--faulty-client", "--resume", "--overwrite", "--grant-batch-size"):
-        assert flag in out
+        assert flag in entries
     assert "(default: None)" not in out
-    text = " ".join(out.split())
-    assert "number of server rounds (the demo: 150; with --attack: 2; otherwise 5)" in text
-    assert "--preset" in out
+    defaults = default_mapping()
+    stores = {f.flags[0]: defaults[f.key] for f in PLAN_FLAGS if f.action == "store"}
+    assert set(stores) <= set(entries)
+    for flag, entry in entries.items():
+        stated = entry.count("(default: ") + entry.count("; otherwise ")
+        if flag in stores:
+            value = stores[flag]
+            assert stated == 1 and ((f"(default: {value})" in entry) != (f"; otherwise {value})" in entry)), entry
+        elif flag == "--out":
+            assert stated == 1 and "(default: a new runs/<date>-<time>)" in entry, entry
+        else:  # switches, repeatable flags, --preset, --help
+            assert stated == 0, entry
+    assert "number of server rounds (the demo: 150; with --attack: 2; otherwise 5)" in entries["--rounds"]
+    assert "--preset" in entries

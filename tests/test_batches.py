@@ -3,6 +3,8 @@ batch label recovery."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -66,12 +68,34 @@ def test_idlg_pair_labels_from_the_last_layer(pair):
     assert min(s["psnr"] for s in score_batch(result.images, x, result.labels, y)) > 30.0
 
 
+def _dummy_ranges(model, grads, **options):
+    """DLG on a copy of ``model`` whose first layer records (min, max) of every dummy batch the
+    attack evaluates (the inputs that require grad), in order."""
+    seen: list[tuple[float, float]] = []
+
+    def record(_module, args):
+        if args[0].requires_grad:
+            seen.append((float(args[0].detach().min()), float(args[0].detach().max())))
+
+    probe = copy.deepcopy(model)
+    probe[0].register_forward_pre_hook(record)
+    result = dlg(probe, grads, SHAPE, ThreatModel(batch_size=2), seed=0, max_steps=3, max_restarts=0, **options)
+    return result, seen
+
+
 def test_unconstrained_pair_leaves_the_box(pair):
-    # without the box the match puts pixels outside [0, 1] (the result is clamped for display)
+    # without the box the match puts pixels outside [0, 1] (the result is clamped for display);
+    # with the batch default (projection) no evaluated dummy ever leaves it
     model, _, _, grads = pair
-    free = dlg(model, grads, SHAPE, ThreatModel(batch_size=2), seed=0, max_steps=3, max_restarts=0, box="none", tv=0.0)
-    boxed = dlg(model, grads, SHAPE, ThreatModel(batch_size=2), seed=0, max_steps=3, max_restarts=0)
+    free, free_seen = _dummy_ranges(model, grads, box="none", tv=0.0)
+    boxed, boxed_seen = _dummy_ranges(model, grads)
     assert free.diagnostics["box"] == "none" and boxed.diagnostics["box"] == "project"
+    assert free_seen and boxed_seen
+    lo, hi = free_seen[-1]  # where the unconstrained match ended
+    assert lo < 0.0 or hi > 1.0, free_seen[-1]
+    assert all(0.0 <= lo and hi <= 1.0 for lo, hi in boxed_seen), boxed_seen
+    for result in (free, boxed):
+        assert 0.0 <= float(result.images.min()) and float(result.images.max()) <= 1.0
 
 
 def test_lbfgsb_option_runs_with_the_attacks_rule(pair):

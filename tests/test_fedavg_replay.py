@@ -29,12 +29,24 @@ def _cfg(**changes) -> RunConfig:
     return RunConfig(**(base | changes)).validated()
 
 
+@pytest.fixture(params=[1, 2, 3], ids=lambda n: f"threads{n}")
+def threads(request):
+    """torch's intra-op thread count for the test, restored afterwards. The convolutions sum in
+    an order that depends on it, so a pre-activation within rounding of 0 can change sign."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("changes", [{"local_steps": 5}, {"local_epochs": 2, "num_clients": 400}])
-def test_replay_reproduces_the_clients_update_from_the_true_images_and_schedule(changes):
+def test_replay_reproduces_the_clients_update_from_the_true_images_and_schedule(changes, threads):
     """The client's own training (fl_sim.task.local_sgd over its local_schedule) and the attack
     library's differentiable replay, given the referee's images and the true schedule, end at
-    the same weights to float precision. With two local epochs every image is used twice, in
-    a different order each pass."""
+    the same weights to float precision, at any thread count. With two local epochs every image
+    is used twice, in a different order each pass. (Client 7's round 2 has a pre-activation of
+    CNN6's last convolution within 5e-8 of 0 in its second step: a replay whose weights differ
+    from the client's by one rounding there takes the other LeakyReLU slope and drifts by 1e-3.)"""
     cfg = _cfg(**changes)
     data = load_dataset(cfg.dataset, cfg.data_root)
     model = build_model(cfg.model, data.input_shape, data.num_classes, init=cfg.init, seed=cfg.seed)
@@ -52,7 +64,8 @@ def test_replay_reproduces_the_clients_update_from_the_true_images_and_schedule(
     replayed = simulate_local_update(fresh, params, truth.images, truth.labels, cfg.lr, steps, create_graph=False,
                                      schedule=truth.schedule)
     for name, a, b in zip(parameter_names(fresh), client_delta, replayed):
-        assert torch.allclose(a, b.detach(), rtol=0, atol=1e-6 * max(1.0, float(a.abs().max()))), name
+        assert torch.allclose(a, b.detach(), rtol=0, atol=1e-6 * max(1.0, float(a.abs().max()))), \
+            (name, float((a - b.detach()).abs().max()))
     # the replay without the schedule (every image at every step) is a different update
     wrong = simulate_local_update(fresh, params, truth.images, truth.labels, cfg.lr, steps, create_graph=False)
     assert max(float((a - b.detach()).abs().max()) for a, b in zip(client_delta, wrong)) > 1e-3

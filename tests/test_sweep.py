@@ -1,6 +1,7 @@
 """Sweeps: the presets parse and every cell is a valid plan; a bad SPEC is one line and exit 2;
-a small grid of each preset runs real Flower federations (attacked and trained) and writes its
-tables, figures and summary; a sweep killed mid-way resumes with only what was left."""
+a small grid of each preset is a valid sweep, and those of three presets (dlg-defences, dp,
+pooling) run real Flower federations (attacked and trained) and write their tables, figures and
+summary; a sweep killed mid-way resumes with only what was left."""
 
 from __future__ import annotations
 
@@ -109,6 +110,28 @@ def _toml(spec) -> str:
     for block in spec.grid:
         lines += ["[[grid]]"] + [f"{k} = {value(v)}" for k, v in block.items()]
     return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in PRESETS.glob("*.toml")))
+def test_a_small_grid_of_each_preset_is_a_valid_sweep(name, tmp_path, capsys):
+    """What the federation tests below run for three presets, built for every preset without
+    running it: the preset's settings with 3 clients, 1 round and the first value of each
+    grid key, written and read back, each cell a valid plan, listed by the command."""
+    spec = load_spec(name)
+    grid = [{k: v[:1] for k, v in block.items()} for block in spec.grid]
+    path = _small(name, tmp_path, attack={"num-clients": 3, "num-server-rounds": 1},
+                  train={"num-clients": 4, "num-server-rounds": 1}, grid=grid)
+    small = load_spec(str(path))
+    assert (small.name, small.attack["num-clients"], small.grid) == (name, 3, grid)
+    assert (small.train is None) == (spec.train is None) and set(spec.attack) <= set(small.attack)
+    cells = small.cells()
+    assert 1 <= len(cells) <= len(grid)
+    for cell in cells:
+        assert ExperimentPlan.from_mapping(cell.attack).fed.num_clients == 3
+        if cell.train is not None:
+            assert ExperimentPlan.from_mapping(cell.train).attack is None
+    assert sweep_main([str(path), "--list"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"{c.id} {json.dumps(c.params)}" for c in cells]
 
 
 def _sweep(args: list[str]) -> subprocess.Popen:

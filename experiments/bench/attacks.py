@@ -358,7 +358,6 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
-    torch.set_num_threads(args.threads)
     writer = csv.DictWriter(out_file, FIELDS) if out_file else None
     if writer:
         writer.writeheader()
@@ -379,10 +378,13 @@ def main(argv: list[str] | None = None) -> int:
     for note in data.notes:
         print(f"note: {note}", flush=True)
     per_seed: dict[int, dict[str, list[dict]]] = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
     try:
         for seed in seeds:
             per_seed[seed] = _run_seed(args, seed, data, head, runs, granted, write)
     finally:
+        torch.set_num_threads(threads)  # main() called in-process: the caller's count back
         if out_file:
             out_file.close()
     for v in runs:
