@@ -98,7 +98,16 @@ import torch
 from scipy.optimize import brentq, least_squares
 from torch import Tensor, nn
 
-from .base import AttackOptions, AttackResult, ThreatModel, Update, as_update, check_gradients, check_input_shape
+from .base import (
+    Attack,
+    AttackOptions,
+    AttackResult,
+    ThreatModel,
+    Update,
+    as_update,
+    check_gradients,
+    check_input_shape,
+)
 
 __all__ = ["rgap", "RGAP", "RGAPOptions", "rank_analysis", "ra_index"]
 
@@ -108,7 +117,7 @@ _PARAM = (nn.Conv2d, nn.Linear)
 
 @dataclass(frozen=True)
 class RGAPOptions(AttackOptions):
-    """The settings of :class:`RGAP` (and of :func:`rgap`'s keyword options).
+    """The settings of :class:`RGAP` (and :func:`rgap`'s keyword options).
 
     ``rank``: add the weights-only rank analysis (:func:`rank_analysis`, cached per set of
     weights on the solver) to the diagnostics. ``tikhonov``: the shift, times the number of
@@ -879,38 +888,40 @@ _REPORT_KEYS = ("layer", "type", "rel_residual", "gradient_rel_residual", "forwa
                 "rows", "cond_est", "solver", "iterations")
 
 
-class RGAP:
-    """An R-GAP solver: its :class:`RGAPOptions` and a cache of the matrices that depend on
-    the weights only (see :class:`_MatrixCache`). Calling it attacks one update, with the
-    shared calling convention of the attacks; keyword options override the solver's for that
-    call. Holding one solver across updates on the same weights (the clients of one FedSGD
-    round, the images of a benchmark) reuses each convolution's ``F^T F`` and the rank table;
-    the cache is keyed by everything they depend on, so updates on other weights or other
-    architectures are safe (they miss)."""
+class RGAP(Attack):
+    """R-GAP (Zhu and Blaschko, ICLR 2021): the input of one sample recovered analytically from
+    its gradient, layer by layer from the head down, each layer's input the least-squares
+    solution of its forward and gradient constraints (no optimisation, no randomness).
 
-    def __init__(self, options: RGAPOptions | None = None, *, max_cache_entries: int = 64) -> None:
-        if options is not None and not isinstance(options, RGAPOptions):
-            raise ValueError(f"options must be an RGAPOptions, got {type(options).__name__}")
-        self.options = options or RGAPOptions()
+    Threat model: the parameter server sees the weights a client started from and the loss
+    gradient of one sample (FedSGD, batch size 1); the label is granted as in the paper, or
+    recovered from the head's gradient. A batch gives a blend (``status="blend"``).
+
+    Paper's setting: CNN6 (six bias-free convolutions with LeakyReLU(0.2), one logit, the
+    logistic loss), untrained, CIFAR-10; the module docstring lists the layers supported.
+
+    A solver: besides its :class:`RGAPOptions` it holds a cache of the matrices that depend on
+    the weights only (see :class:`_MatrixCache`). Holding one solver across updates on the
+    same weights (the clients of one FedSGD round, the images of a benchmark) reuses each
+    convolution's ``F^T F`` and the rank table; the cache is keyed by everything they depend
+    on, so updates on other weights or other architectures are safe (they miss), and the
+    result is the same as a fresh solver's."""
+
+    name = "rgap"
+    Options = RGAPOptions
+
+    def __init__(self, options: RGAPOptions | None = None, *, max_cache_entries: int = 64, **overrides: Any) -> None:
+        super().__init__(options, **overrides)
         self.cache = _MatrixCache(max_cache_entries)
 
     def rank_analysis(self, model: nn.Module, input_shape: Sequence[int], *, seed: int = 0) -> list[dict]:
         """:func:`rank_analysis`, cached on this solver."""
         return [dict(row) for row in self.cache.ranks(model, check_input_shape(input_shape), seed)]
 
-    def __call__(
-        self,
-        model: nn.Module,
-        update: Update | Sequence[Tensor],
-        input_shape: Sequence[int],
-        threat: ThreatModel = ThreatModel(),
-        *,
-        seed: int = 0,
-        **overrides: Any,
-    ) -> AttackResult:
-        """Reconstruct the input of one sample from its gradient (see :func:`rgap`)."""
+    def _reconstruct(self, model: nn.Module, update: Update | Sequence[Tensor], input_shape: Sequence[int],
+                     threat: ThreatModel, *, seed: int, options: RGAPOptions) -> AttackResult:
+        """Reconstruct the input of one sample from its gradient (``seed`` is unused)."""
         start = time.perf_counter()
-        opts = self.options.override(overrides, attack="rgap")
         shape = check_input_shape(input_shape)
         grads = check_gradients(model, as_update(update).as_gradients())
         plan = _plan(model, shape)
@@ -937,7 +948,7 @@ class RGAP:
         heads = _head_candidates(w, b, gw, gb, label)
         if not heads:
             raise ValueError("no head state is consistent with the gradient (is the label right?)")
-        runs = [_run_recursion(plan, by_layer, h, self.cache, opts) for h in heads]
+        runs = [_run_recursion(plan, by_layer, h, self.cache, options) for h in heads]
         best_resid = min(r.total_rel_residual for r in runs)
         # among candidates as consistent as the best (within a factor 2), prefer images in range
         best = min((r for r in runs if r.total_rel_residual <= 2 * best_resid + 1e-300),
@@ -950,7 +961,7 @@ class RGAP:
         else:
             labels = torch.full((batch,), int(best.head.label), dtype=torch.int64)
         worst = max((info["rel_residual"] for info in best.layers), default=0.0)
-        status = "blend" if batch > 1 else ("ok" if worst < opts.consistent_residual else "inconsistent")
+        status = "blend" if batch > 1 else ("ok" if worst < options.consistent_residual else "inconsistent")
         diagnostics: dict[str, Any] = {
             "residuals": [{k: info[k] for k in _REPORT_KEYS} for info in best.layers],
             "total_rel_residual": best.total_rel_residual,
@@ -959,7 +970,7 @@ class RGAP:
             "head_error": [float(v) for v in np.ravel(best.head.error)],
             "label_granted": threat.labels is not None,
         }
-        if opts.rank:
+        if options.rank:
             diagnostics["rank"] = self.rank_analysis(model, shape)
             diagnostics["ra_index"] = ra_index(diagnostics["rank"])
         return AttackResult(
@@ -982,16 +993,16 @@ def rgap(
     seed: int = 0,
     **options: Any,
 ) -> AttackResult:
-    """Reconstruct the input of one sample from its gradient by R-GAP, with a fresh
-    :class:`RGAP` solver (nothing is kept between calls; hold an :class:`RGAP` to reuse the
-    weights' matrices across updates).
+    """Reconstruct the input of one sample from its gradient by R-GAP: ``RGAP()(...)``, a fresh
+    solver (nothing is kept between calls; hold an :class:`RGAP` to reuse the weights'
+    matrices across updates).
 
     ``seed`` is accepted for the shared calling convention and unused (R-GAP is
     deterministic). ``options``: fields of :class:`RGAPOptions`, e.g. ``rank=False`` skips
     the weights-only rank analysis in the diagnostics (the attack runner's choice: it costs
     more than the attack on CNN6).
     """
-    return RGAP(RGAPOptions().override(options, attack="rgap"))(model, update, input_shape, threat, seed=seed)
+    return RGAP()(model, update, input_shape, threat, seed=seed, **options)
 
 
 # --------------------------------------------------------------------------- rank analysis
