@@ -140,7 +140,8 @@ class RGAPOptions(AttackOptions):
         if not self.tikhonov > 0:
             raise ValueError(f"option tikhonov must be > 0, got {self.tikhonov}")
         if self.refine_steps < 0 or self.pool_iterations < 1:
-            raise ValueError(f"options refine_steps >= 0 and pool_iterations >= 1, got {self.refine_steps}, {self.pool_iterations}")
+            raise ValueError(f"options refine_steps >= 0 and pool_iterations >= 1, got {self.refine_steps}, "
+                             f"{self.pool_iterations}")
         if not 0 < self.pool_damping <= 1:
             raise ValueError(f"option pool_damping must be in (0, 1], got {self.pool_damping}")
         if not self.consistent_residual > 0:
@@ -184,7 +185,8 @@ def _plan(model: nn.Module, input_shape: Sequence[int]) -> _Plan:
             if isinstance(m.padding, str) and m.padding != "valid":
                 raise _refuse(i, m, f"padding={m.padding!r}: give the padding as numbers")
         elif isinstance(m, nn.AvgPool2d):
-            if m.ceil_mode or m.divisor_override is not None or (not m.count_include_pad and _pair(m.padding) != (0, 0)):
+            padded = not m.count_include_pad and _pair(m.padding) != (0, 0)
+            if m.ceil_mode or m.divisor_override is not None or padded:
                 raise _refuse(i, m, "only floor mode, no divisor override, padding counted")
         elif not isinstance(m, (nn.Linear, nn.Flatten) + _ACTS):
             raise _refuse(i, m)
@@ -209,7 +211,9 @@ def _forward_shape(m: nn.Module, x: Tensor) -> Tensor:
     if isinstance(m, _PARAM):
         w = torch.zeros_like(m.weight, dtype=torch.float64)
         if isinstance(m, nn.Linear):
-            return torch.zeros((x.shape[0], m.out_features), dtype=torch.float64) if x.dim() == 2 and x.shape[1] == m.in_features else _bad_shape(m, x)
+            if x.dim() == 2 and x.shape[1] == m.in_features:
+                return torch.zeros((x.shape[0], m.out_features), dtype=torch.float64)
+            return _bad_shape(m, x)
         return torch.nn.functional.conv2d(x, w, None, m.stride, m.padding)
     return m(x)
 
@@ -256,7 +260,8 @@ def _conv_forward_matrix(col: np.ndarray, weight: np.ndarray, n_in: int) -> sp.c
     o = weight.shape[0]
     c, kh, kw, ho, wo = col.shape
     vals = np.broadcast_to(weight[:, :, :, :, None, None], (o, c, kh, kw, ho, wo))
-    rows = np.broadcast_to((np.arange(o)[:, None, None] * (ho * wo) + np.arange(ho * wo).reshape(ho, wo)[None]).reshape(o, 1, 1, 1, ho, wo), vals.shape)
+    out_index = np.arange(o)[:, None, None] * (ho * wo) + np.arange(ho * wo).reshape(ho, wo)[None]
+    rows = np.broadcast_to(out_index.reshape(o, 1, 1, 1, ho, wo), vals.shape)
     cols = np.broadcast_to(col[None], vals.shape)
     keep = cols >= 0
     return sp.csr_matrix((vals[keep], (rows[keep], cols[keep])), shape=(o * ho * wo, n_in))
@@ -342,7 +347,8 @@ def _activation(m: nn.Module) -> _Activation:
 
         return _Activation(sig, lambda z: sig(z) * (1 - sig(z)), inv)
     if isinstance(m, nn.Tanh):
-        return _Activation(np.tanh, lambda z: 1 - np.tanh(z) ** 2, lambda a: np.arctanh(np.clip(a, -1 + 1e-16, 1 - 1e-16)))
+        return _Activation(np.tanh, lambda z: 1 - np.tanh(z) ** 2,
+                           lambda a: np.arctanh(np.clip(a, -1 + 1e-16, 1 - 1e-16)))
     raise ValueError(f"unsupported activation {type(m).__name__}")
 
 
@@ -549,7 +555,10 @@ class _MatrixCache:
         """``F``, ``F^T`` and ``F^T F`` of a parametric layer with weights ``w``."""
         def make() -> _ForwardOps:
             n_in = int(np.prod(layer.in_shape))
-            fwd = _conv_forward_matrix(self.pattern(layer), w, n_in) if isinstance(layer.module, nn.Conv2d) else sp.csr_matrix(w)
+            if isinstance(layer.module, nn.Conv2d):
+                fwd = _conv_forward_matrix(self.pattern(layer), w, n_in)
+            else:
+                fwd = sp.csr_matrix(w)
             return _ForwardOps(fwd, fwd.T.tocsr())
 
         return self._get(self._forward, (_Geometry.of(layer), _digest(w)), make)
@@ -794,7 +803,8 @@ def _head_candidates(w: np.ndarray, b: np.ndarray | None, gw: np.ndarray, gb: np
         elif u < 0:
             tmin = -1.2784645427610738  # argmin of t sigma(t)
             if phi(tmin) <= 0:
-                roots = [brentq(phi, tmin, 0.0, xtol=1e-300, rtol=1e-15), brentq(phi, -800.0, tmin, xtol=1e-300, rtol=1e-15)]
+                roots = [brentq(phi, tmin, 0.0, xtol=1e-300, rtol=1e-15),
+                         brentq(phi, -800.0, tmin, xtol=1e-300, rtol=1e-15)]
         for y in labels:
             for t in roots:
                 z = t if y == 0 else -t
@@ -965,8 +975,8 @@ class RGAP(Attack):
         diagnostics: dict[str, Any] = {
             "residuals": [{k: info[k] for k in _REPORT_KEYS} for info in best.layers],
             "total_rel_residual": best.total_rel_residual,
-            "candidates": [{"label": int(r.head.label), "total_rel_residual": r.total_rel_residual, "in_range": r.in_range}
-                           for r in runs],
+            "candidates": [{"label": int(r.head.label), "total_rel_residual": r.total_rel_residual,
+                            "in_range": r.in_range} for r in runs],
             "head_error": [float(v) for v in np.ravel(best.head.error)],
             "label_granted": threat.labels is not None,
         }
@@ -1106,7 +1116,8 @@ def _rank_table(model: nn.Module, shape: tuple[int, int, int], seed: int, cache:
         nz = np.diff(sp.csr_matrix(f_rows).indptr) > 0
         f_rows = sp.csr_matrix(f_rows)[nz]
         m = layer.module
-        gm = None if isinstance(m, nn.Conv2d) and not chain.has_pool and nz.all() else _gradient_matrix(layer, col, delta)
+        structured = isinstance(m, nn.Conv2d) and not chain.has_pool and nz.all()
+        gm = None if structured else _gradient_matrix(layer, col, delta)
         n_in = int(np.prod(layer.in_shape))
         if isinstance(m, nn.Conv2d):
             ph, pw = (0, 0) if isinstance(m.padding, str) else _pair(m.padding)
