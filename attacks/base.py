@@ -11,15 +11,22 @@ batch. Every attack in this package takes those as:
 - ``threat``: a :class:`ThreatModel` saying what the attacker is granted;
 
 and returns an :class:`AttackResult`.
+
+Every attack is an :class:`Attack`: a class with a ``name``, typed ``Options`` (a frozen
+:class:`AttackOptions` dataclass) and one call, ``attack(model, update, input_shape, threat,
+*, seed=0, **options) -> AttackResult``, like an optimiser of ``torch.optim``: made with its
+settings, then applied.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
+import inspect
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Sequence, TypeVar
+from typing import Any, ClassVar, Literal, Mapping, Sequence, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +43,7 @@ __all__ = [
     "num_outputs",
     "check_input_shape",
     "AttackOptions",
+    "Attack",
 ]
 
 _Options = TypeVar("_Options", bound="AttackOptions")
@@ -198,7 +206,10 @@ def training_loss(logits: Tensor, target: Tensor) -> Tensor:
     return F.cross_entropy(logits, target)
 
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# read-only: the dtypes an option may name
+_DTYPES = types.MappingProxyType(
+    {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+)
 
 
 def _coerce(name: str, hint: Any, value: Any) -> Any:
@@ -284,3 +295,89 @@ class AttackOptions:
         if unknown:
             raise ValueError(f"{attack} has no option {', '.join(unknown)} (options: {', '.join(self.names())})")
         return dataclasses.replace(self, **overrides) if overrides else self
+
+
+# The keywords of an attack's call besides its options: no option may take these names.
+_CALL_KEYWORDS = frozenset({"seed", "options"})
+
+
+class Attack(abc.ABC):
+    """A gradient-inversion attack: from one observed update to a reconstruction.
+
+    A subclass sets ``name`` (its key in :data:`attacks.ATTACKS` or :data:`attacks.ACTIVE`),
+    ``Options`` (its settings: a frozen :class:`AttackOptions` dataclass, whose defaults are the
+    attack's defaults) and implements :meth:`_reconstruct`; its docstring says the threat model
+    and the paper's setting. An instance holds its options, validated once when it is made::
+
+        attack = DLG(max_steps=100)          # = DLG(DLGOptions(max_steps=100)) = get_attack("dlg", max_steps=100)
+        result = attack(model, update, input_shape, threat, seed=0)
+        result = attack(model, update, input_shape, threat, seed=0, tol=0.0)  # an option for this call only
+
+    Calling an instance is the calling convention every attack shares (the module-level
+    functions :func:`attacks.dlg.dlg`, ... are the same call on a fresh instance). An attack
+    keeps nothing from one call to the next that changes its result; one that caches what
+    depends on the weights alone (:class:`attacks.rgap.RGAP`) says so.
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type[AttackOptions]] = AttackOptions
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        opts = cls.Options
+        if not (isinstance(opts, type) and issubclass(opts, AttackOptions) and opts.__dataclass_params__.frozen):
+            raise TypeError(f"{cls.__name__}.Options must be a frozen dataclass deriving from AttackOptions")
+        clash = sorted(_CALL_KEYWORDS.intersection(opts.names()))
+        if clash:
+            raise TypeError(f"{cls.__name__}.Options may not have a field named {', '.join(clash)}: the call takes it")
+        if "name" in vars(cls) and not (isinstance(cls.name, str) and cls.name):
+            raise TypeError(f"{cls.__name__}.name must be a non-empty string")
+
+    def __init__(self, options: AttackOptions | None = None, **overrides: Any) -> None:
+        """``options``: an instance of :attr:`Options` (None: its defaults; a preset such as
+        :data:`attacks.dlg.FAITHFUL` is one); ``overrides``: its fields by keyword, applied on
+        top. An unknown field or a bad value raises a one-line ``ValueError`` naming it."""
+        self.options = self._resolve(options, overrides)
+        # what inspect.signature (help(), a caller checking keywords) reports for the call:
+        # the shared arguments, then every option by name with its value on this instance
+        call = inspect.signature(Attack.__call__)
+        shared = [p for p in list(call.parameters.values())[1:] if p.kind is not p.VAR_KEYWORD]
+        named = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=getattr(self.options, f.name),
+                                   annotation=f.type) for f in dataclasses.fields(self.options)]
+        self.__signature__ = call.replace(parameters=shared + named)
+
+    def _resolve(self, options: AttackOptions | None, overrides: Mapping[str, Any]) -> AttackOptions:
+        if options is None:
+            options = self.Options()
+        elif not isinstance(options, self.Options):
+            raise ValueError(f"options must be a {self.Options.__name__}, got {type(options).__name__}")
+        return options.override(overrides, attack=self.name)
+
+    def __call__(
+        self,
+        model: nn.Module,
+        update: Update | Sequence[Tensor],
+        input_shape: Sequence[int],
+        threat: ThreatModel = ThreatModel(),
+        *,
+        seed: int = 0,
+        options: AttackOptions | None = None,
+        **overrides: Any,
+    ) -> AttackResult:
+        """Reconstruct the batch behind ``update``, an update of ``model`` (the weights the
+        client started from), for images of ``input_shape`` ``(C, H, W)``, granted what
+        ``threat`` says. ``seed`` seeds the attack's own randomness (the same seed, the same
+        result). ``options`` replaces the attack's options for this call and ``overrides``
+        apply on top, validated as in the constructor."""
+        opts = self._resolve(self.options if options is None else options, overrides)
+        return self._reconstruct(model, update, input_shape, threat, seed=seed, options=opts)
+
+    @abc.abstractmethod
+    def _reconstruct(self, model: nn.Module, update: Update | Sequence[Tensor], input_shape: Sequence[int],
+                     threat: ThreatModel, *, seed: int, options: Any) -> AttackResult:
+        """The attack itself, with its options resolved (an instance of :attr:`Options`)."""
+
+    def __repr__(self) -> str:
+        changed = [f"{f.name}={getattr(self.options, f.name)!r}" for f in dataclasses.fields(self.options)
+                   if getattr(self.options, f.name) != f.default]
+        return f"{type(self).__name__}({', '.join(changed)})"

@@ -1,8 +1,11 @@
-"""Label recovery from the last layer's gradient (iDLG and its batch extensions).
+"""iDLG (:class:`IDLG`): the labels read off the last layer's gradient, then DLG on the image
+alone; and that label rule (:func:`idlg_labels`, with its batch extensions), which the other
+attacks use too when the labels are not granted.
 
-Threat model: the observer sees the weights a client started from and the client's loss
-gradient (or a one-step weight delta, which is the gradient up to ``-lr``). Nothing about the
-batch is needed besides, for ``batch_size > 1``, the number of images.
+Threat model of the label rule: the observer sees the weights a client started from and the
+client's loss gradient (or a one-step weight delta, which is the gradient up to ``-lr``).
+Nothing about the batch is needed besides, for ``batch_size > 1``, the number of images
+(:func:`batch_size_for`: granted, or estimated by :func:`estimate_batch_size`).
 
 Paper's setting (Zhao, Mopuri and Bilen, "iDLG: Improved Deep Leakage from Gradients", 2020):
 one image, softmax cross-entropy, a last linear layer whose inputs are non-negative (the
@@ -38,14 +41,16 @@ batch every image gets the label consistent with the sign of the *mean* gradient
 
 from __future__ import annotations
 
-from typing import Sequence
+import time
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .base import ThreatModel, Update, as_update, check_gradients
+from ._gradient_matching import DLGOptions, check_observation, granted_labels, match_gradients
+from .base import Attack, AttackResult, ThreatModel, Update, as_update, check_gradients
 
-__all__ = ["idlg_labels", "last_linear_gradients", "estimate_batch_size", "batch_size_for"]
+__all__ = ["IDLG", "idlg", "idlg_labels", "last_linear_gradients", "estimate_batch_size", "batch_size_for"]
 
 
 def last_linear_gradients(model: nn.Module, gradients: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
@@ -154,3 +159,45 @@ def batch_size_for(model: nn.Module, gradients: Update | Sequence[Tensor], threa
     if threat.labels is None and threat.batch_size is None:
         return estimate_batch_size(model, gradients), "estimated"
     return threat.resolved_batch_size(), "labels" if threat.labels is not None else "granted"
+
+
+class IDLG(Attack):
+    """iDLG (Zhao, Mopuri and Bilen, "iDLG: Improved Deep Leakage from Gradients", 2020): the
+    labels are read off the last layer's gradient (:func:`idlg_labels`), unless granted, and
+    DLG's optimisation runs on the image alone, against fixed hard labels.
+
+    Threat model: DLG's (:class:`attacks.dlg.DLG`): the parameter server sees the weights a
+    client started from and its update for one batch; the batch size is granted or estimated
+    from the last layer. Paper's setting: DLG's, one image, softmax cross-entropy on a last
+    layer with non-negative inputs; the options are DLG's (:class:`~attacks.dlg.DLGOptions`,
+    ``IDLG(attacks.dlg.FAITHFUL)`` for the original optimiser; ``label_init`` does not apply).
+    """
+
+    name = "idlg"
+    Options = DLGOptions
+
+    def _reconstruct(self, model: nn.Module, update: Update | Sequence[Tensor], input_shape: Sequence[int],
+                     threat: ThreatModel, *, seed: int, options: DLGOptions) -> AttackResult:
+        start = time.perf_counter()
+        upd, target, shape = check_observation(model, update, input_shape)
+        batch, batch_source = batch_size_for(model, target, threat)
+        labels, label_source = granted_labels(threat), "granted"
+        if labels is None:
+            labels, label_source = idlg_labels(model, target, batch_size=batch), "idlg"
+        return match_gradients(model, upd, target, shape, options, seed=seed, name=self.name, batch=batch,
+                               batch_source=batch_source, labels=labels, label_source=label_source,
+                               start_time=start)
+
+
+def idlg(
+    model: nn.Module,
+    update: Update | Sequence[Tensor],
+    input_shape: Sequence[int],
+    threat: ThreatModel = ThreatModel(),
+    *,
+    seed: int = 0,
+    options: DLGOptions | None = None,
+    **overrides: Any,
+) -> AttackResult:
+    """iDLG: ``IDLG(options)(...)`` (see :class:`IDLG`); same options as :func:`attacks.dlg.dlg`."""
+    return IDLG(options)(model, update, input_shape, threat, seed=seed, **overrides)

@@ -38,7 +38,9 @@ Two forms:
   any model, ``x + dec(relu(enc(x)))`` with the bins in ``enc`` and identical columns in
   ``dec``; needs a ClientApp that builds it, i.e. one the server ships.
 
-:func:`imprint` inverts either from the model (the weights that were sent) and the update.
+:class:`Imprint` (registered as ``"imprint"``) and :class:`BlockImprint` (``"imprint-block"``)
+are the attack in each form: ``construct`` builds the model the server sends, and calling the
+attack inverts an update of it, given the weights that were sent (the same inversion for both).
 A FedAvg update of one local step is ``-lr`` times the gradient and inverts the same way; more
 local steps move the thresholds between steps and blur the differences (not this paper's
 setting).
@@ -50,13 +52,17 @@ import copy
 import math
 import time
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .base import AttackResult, ThreatModel, Update, as_update, check_input_shape
+from .base import Attack, AttackOptions, AttackResult, ThreatModel, Update, as_update, check_input_shape
 
 __all__ = [
+    "Imprint",
+    "BlockImprint",
+    "ImprintOptions",
     "ImprintBlock",
     "ImprintPlan",
     "plan_imprint",
@@ -210,13 +216,11 @@ def imprint_block_model(model: nn.Module, input_shape, plan: ImprintPlan) -> nn.
 
 def construct(name: str, model: nn.Module, input_shape, public: Tensor, bins: int, *, seed: int = 0) -> nn.Module:
     """The model the active server sends instead of ``model`` (the honest global one): the
-    construction ``name`` of :data:`attacks.ACTIVE` with ``bins`` bins placed on ``public``
-    images. ``imprint``: the weights-only imprint (:func:`plant_imprint`); ``imprint-block``:
-    the block in front of the model (:func:`imprint_block_model`)."""
-    if name == "imprint":
-        return plant_imprint(model, input_shape, plan_imprint(public, bins, seed=seed))
-    if name == "imprint-block":
-        return imprint_block_model(model, input_shape, plan_imprint(public, bins, seed=seed))
+    construction of the attack ``name`` of :data:`attacks.ACTIVE` with ``bins`` bins placed on
+    ``public`` images (:meth:`Imprint.construct`, :meth:`BlockImprint.construct`)."""
+    for form in (Imprint, BlockImprint):
+        if form.name == name:
+            return form.construct(model, input_shape, public, bins, seed=seed)
     raise ValueError(f"unknown active attack {name!r}")
 
 
@@ -249,9 +253,63 @@ def trap_layer(model: nn.Module, input_shape) -> tuple[int, nn.Linear]:
     return ids.index(id(layer.weight)), layer
 
 
-def imprint(model: nn.Module, update: Update, input_shape, threat: ThreatModel | None = None, *,
-            seed: int = 0, rel_tol: float = 1e-5) -> AttackResult:
-    """Read the images back from an update of a model carrying an imprint.
+@dataclass(frozen=True)
+class ImprintOptions(AttackOptions):
+    """The settings of :class:`Imprint` and :class:`BlockImprint`. ``rel_tol``: a bin whose
+    bias-gradient difference is at most this fraction of the largest cumulative one counts as
+    empty (rounding noise, e.g. SecAgg+'s quantisation)."""
+
+    rel_tol: float = 1e-5
+
+    def _check(self) -> None:
+        if not (math.isfinite(self.rel_tol) and self.rel_tol >= 0):
+            raise ValueError(f"option rel_tol must be a finite number >= 0, got {self.rel_tol}")
+
+
+class Imprint(Attack):
+    """Robbing the Fed's imprint (Fowl et al., ICLR 2022), weights-only form: the active server
+    plants bins in the model's first linear layer (:meth:`construct`, :func:`plant_imprint`)
+    and reads each image back from an update of that model, two subtractions and a division
+    per bin.
+
+    Threat model: a malicious server that chooses the weights it sends and holds public
+    images of the same kind to place the bins; it needs no labels and no batch size, and an
+    aggregate (SecAgg+) inverts as well as one client's update. Paper's setting: the block
+    (:class:`BlockImprint`) in front of an unmodified architecture, one local step, large
+    aggregates; this form keeps the architecture but needs a model whose first layer is linear
+    (``mlp``). ``threat`` and ``seed`` are unused: nothing is granted, nothing is random."""
+
+    name = "imprint"
+    Options = ImprintOptions
+
+    @classmethod
+    def construct(cls, model: nn.Module, input_shape, public: Tensor, bins: int, *, seed: int = 0) -> nn.Module:
+        """The model the server sends instead of ``model``: :func:`plant_imprint` with
+        ``bins`` bins placed on ``public`` images (:func:`plan_imprint`)."""
+        return plant_imprint(model, input_shape, plan_imprint(public, bins, seed=seed))
+
+    def _reconstruct(self, model: nn.Module, update: Update | Sequence[Tensor], input_shape: Sequence[int],
+                     threat: ThreatModel, *, seed: int, options: ImprintOptions) -> AttackResult:
+        return _read_back(model, update, input_shape, options.rel_tol)
+
+
+class BlockImprint(Imprint):
+    """Robbing the Fed's imprint in its paper's form: a residual block in front of any model
+    (:class:`ImprintBlock`), which needs a ClientApp that builds it (one the server ships).
+    The inversion, threat model and options are :class:`Imprint`'s."""
+
+    name = "imprint-block"
+
+    @classmethod
+    def construct(cls, model: nn.Module, input_shape, public: Tensor, bins: int, *, seed: int = 0) -> nn.Module:
+        """The model the server sends instead of ``model``: :func:`imprint_block_model`, the
+        block with ``bins`` bins placed on ``public`` images in front of a copy of ``model``."""
+        return imprint_block_model(model, input_shape, plan_imprint(public, bins, seed=seed))
+
+
+def imprint(model: nn.Module, update: Update | Sequence[Tensor], input_shape, threat: ThreatModel = ThreatModel(), *,
+            seed: int = 0, **options: Any) -> AttackResult:
+    """Read the images back from an update of a model carrying an imprint: ``Imprint()(...)``.
 
     The bin units are the rows of the trap layer with a non-zero weight, ordered by threshold
     (``-bias``); each consecutive difference with a non-negligible bias gradient (above
@@ -260,6 +318,11 @@ def imprint(model: nn.Module, update: Update, input_shape, threat: ThreatModel |
     bins). ``threat`` and ``seed`` are unused: nothing is granted, nothing is random. Returns
     the images in bin order; ``diagnostics`` counts the bins, the non-empty intervals and the
     images kept."""
+    return Imprint()(model, update, input_shape, threat, seed=seed, **options)
+
+
+def _read_back(model: nn.Module, update: Update | Sequence[Tensor], input_shape, rel_tol: float) -> AttackResult:
+    """The inversion of :func:`imprint`."""
     start = time.perf_counter()
     shape = check_input_shape(input_shape)
     update = as_update(update)

@@ -70,7 +70,8 @@ def match_batch(recon: Tensor, truth: Tensor) -> np.ndarray:
     r = torch.nan_to_num(torch.as_tensor(recon, dtype=torch.float64).detach().cpu(), nan=0.5).clamp(0, 1)
     t = torch.as_tensor(truth, dtype=torch.float64).detach().cpu()
     if r.shape[1:] != t.shape[1:]:
-        raise ValueError(f"reconstructions of shape {tuple(r.shape[1:])} cannot be matched to images of shape {tuple(t.shape[1:])}")
+        raise ValueError(f"reconstructions of shape {tuple(r.shape[1:])} cannot be matched to images of shape "
+                         f"{tuple(t.shape[1:])}")
     cost = ((r.flatten(1)[None, :, :] - t.flatten(1)[:, None, :]) ** 2).mean(-1).numpy()
     rows, cols = linear_sum_assignment(cost)
     perm = np.full(len(t), -1, dtype=np.int64)
@@ -100,7 +101,8 @@ def score_batch(
         image = recon[j] if matched else torch.full_like(torch.as_tensor(truth[i], dtype=torch.float32), 0.5)
         row = {"mse": mse(image, truth[i]), "psnr": psnr(image, truth[i]), "ssim": ssim(image, truth[i])}
         if pred_labels is not None and true_labels is not None:
-            correct = matched and int(torch.as_tensor(pred_labels).reshape(-1)[j]) == int(torch.as_tensor(true_labels).reshape(-1)[i])
+            predicted = int(torch.as_tensor(pred_labels).reshape(-1)[j])
+            correct = matched and predicted == int(torch.as_tensor(true_labels).reshape(-1)[i])
             row["label_correct"] = float(correct)
         rows.append(row)
     return rows

@@ -98,7 +98,16 @@ import torch
 from scipy.optimize import brentq, least_squares
 from torch import Tensor, nn
 
-from .base import AttackOptions, AttackResult, ThreatModel, Update, as_update, check_gradients, check_input_shape
+from .base import (
+    Attack,
+    AttackOptions,
+    AttackResult,
+    ThreatModel,
+    Update,
+    as_update,
+    check_gradients,
+    check_input_shape,
+)
 
 __all__ = ["rgap", "RGAP", "RGAPOptions", "rank_analysis", "ra_index"]
 
@@ -108,7 +117,7 @@ _PARAM = (nn.Conv2d, nn.Linear)
 
 @dataclass(frozen=True)
 class RGAPOptions(AttackOptions):
-    """The settings of :class:`RGAP` (and of :func:`rgap`'s keyword options).
+    """The settings of :class:`RGAP` (and :func:`rgap`'s keyword options).
 
     ``rank``: add the weights-only rank analysis (:func:`rank_analysis`, cached per set of
     weights on the solver) to the diagnostics. ``tikhonov``: the shift, times the number of
@@ -131,7 +140,8 @@ class RGAPOptions(AttackOptions):
         if not self.tikhonov > 0:
             raise ValueError(f"option tikhonov must be > 0, got {self.tikhonov}")
         if self.refine_steps < 0 or self.pool_iterations < 1:
-            raise ValueError(f"options refine_steps >= 0 and pool_iterations >= 1, got {self.refine_steps}, {self.pool_iterations}")
+            raise ValueError(f"options refine_steps >= 0 and pool_iterations >= 1, got {self.refine_steps}, "
+                             f"{self.pool_iterations}")
         if not 0 < self.pool_damping <= 1:
             raise ValueError(f"option pool_damping must be in (0, 1], got {self.pool_damping}")
         if not self.consistent_residual > 0:
@@ -175,7 +185,8 @@ def _plan(model: nn.Module, input_shape: Sequence[int]) -> _Plan:
             if isinstance(m.padding, str) and m.padding != "valid":
                 raise _refuse(i, m, f"padding={m.padding!r}: give the padding as numbers")
         elif isinstance(m, nn.AvgPool2d):
-            if m.ceil_mode or m.divisor_override is not None or (not m.count_include_pad and _pair(m.padding) != (0, 0)):
+            padded = not m.count_include_pad and _pair(m.padding) != (0, 0)
+            if m.ceil_mode or m.divisor_override is not None or padded:
                 raise _refuse(i, m, "only floor mode, no divisor override, padding counted")
         elif not isinstance(m, (nn.Linear, nn.Flatten) + _ACTS):
             raise _refuse(i, m)
@@ -200,7 +211,9 @@ def _forward_shape(m: nn.Module, x: Tensor) -> Tensor:
     if isinstance(m, _PARAM):
         w = torch.zeros_like(m.weight, dtype=torch.float64)
         if isinstance(m, nn.Linear):
-            return torch.zeros((x.shape[0], m.out_features), dtype=torch.float64) if x.dim() == 2 and x.shape[1] == m.in_features else _bad_shape(m, x)
+            if x.dim() == 2 and x.shape[1] == m.in_features:
+                return torch.zeros((x.shape[0], m.out_features), dtype=torch.float64)
+            return _bad_shape(m, x)
         return torch.nn.functional.conv2d(x, w, None, m.stride, m.padding)
     return m(x)
 
@@ -247,7 +260,8 @@ def _conv_forward_matrix(col: np.ndarray, weight: np.ndarray, n_in: int) -> sp.c
     o = weight.shape[0]
     c, kh, kw, ho, wo = col.shape
     vals = np.broadcast_to(weight[:, :, :, :, None, None], (o, c, kh, kw, ho, wo))
-    rows = np.broadcast_to((np.arange(o)[:, None, None] * (ho * wo) + np.arange(ho * wo).reshape(ho, wo)[None]).reshape(o, 1, 1, 1, ho, wo), vals.shape)
+    out_index = np.arange(o)[:, None, None] * (ho * wo) + np.arange(ho * wo).reshape(ho, wo)[None]
+    rows = np.broadcast_to(out_index.reshape(o, 1, 1, 1, ho, wo), vals.shape)
     cols = np.broadcast_to(col[None], vals.shape)
     keep = cols >= 0
     return sp.csr_matrix((vals[keep], (rows[keep], cols[keep])), shape=(o * ho * wo, n_in))
@@ -333,7 +347,8 @@ def _activation(m: nn.Module) -> _Activation:
 
         return _Activation(sig, lambda z: sig(z) * (1 - sig(z)), inv)
     if isinstance(m, nn.Tanh):
-        return _Activation(np.tanh, lambda z: 1 - np.tanh(z) ** 2, lambda a: np.arctanh(np.clip(a, -1 + 1e-16, 1 - 1e-16)))
+        return _Activation(np.tanh, lambda z: 1 - np.tanh(z) ** 2,
+                           lambda a: np.arctanh(np.clip(a, -1 + 1e-16, 1 - 1e-16)))
     raise ValueError(f"unsupported activation {type(m).__name__}")
 
 
@@ -540,7 +555,10 @@ class _MatrixCache:
         """``F``, ``F^T`` and ``F^T F`` of a parametric layer with weights ``w``."""
         def make() -> _ForwardOps:
             n_in = int(np.prod(layer.in_shape))
-            fwd = _conv_forward_matrix(self.pattern(layer), w, n_in) if isinstance(layer.module, nn.Conv2d) else sp.csr_matrix(w)
+            if isinstance(layer.module, nn.Conv2d):
+                fwd = _conv_forward_matrix(self.pattern(layer), w, n_in)
+            else:
+                fwd = sp.csr_matrix(w)
             return _ForwardOps(fwd, fwd.T.tocsr())
 
         return self._get(self._forward, (_Geometry.of(layer), _digest(w)), make)
@@ -785,7 +803,8 @@ def _head_candidates(w: np.ndarray, b: np.ndarray | None, gw: np.ndarray, gb: np
         elif u < 0:
             tmin = -1.2784645427610738  # argmin of t sigma(t)
             if phi(tmin) <= 0:
-                roots = [brentq(phi, tmin, 0.0, xtol=1e-300, rtol=1e-15), brentq(phi, -800.0, tmin, xtol=1e-300, rtol=1e-15)]
+                roots = [brentq(phi, tmin, 0.0, xtol=1e-300, rtol=1e-15),
+                         brentq(phi, -800.0, tmin, xtol=1e-300, rtol=1e-15)]
         for y in labels:
             for t in roots:
                 z = t if y == 0 else -t
@@ -879,38 +898,40 @@ _REPORT_KEYS = ("layer", "type", "rel_residual", "gradient_rel_residual", "forwa
                 "rows", "cond_est", "solver", "iterations")
 
 
-class RGAP:
-    """An R-GAP solver: its :class:`RGAPOptions` and a cache of the matrices that depend on
-    the weights only (see :class:`_MatrixCache`). Calling it attacks one update, with the
-    shared calling convention of the attacks; keyword options override the solver's for that
-    call. Holding one solver across updates on the same weights (the clients of one FedSGD
-    round, the images of a benchmark) reuses each convolution's ``F^T F`` and the rank table;
-    the cache is keyed by everything they depend on, so updates on other weights or other
-    architectures are safe (they miss)."""
+class RGAP(Attack):
+    """R-GAP (Zhu and Blaschko, ICLR 2021): the input of one sample recovered analytically from
+    its gradient, layer by layer from the head down, each layer's input the least-squares
+    solution of its forward and gradient constraints (no optimisation, no randomness).
 
-    def __init__(self, options: RGAPOptions | None = None, *, max_cache_entries: int = 64) -> None:
-        if options is not None and not isinstance(options, RGAPOptions):
-            raise ValueError(f"options must be an RGAPOptions, got {type(options).__name__}")
-        self.options = options or RGAPOptions()
+    Threat model: the parameter server sees the weights a client started from and the loss
+    gradient of one sample (FedSGD, batch size 1); the label is granted as in the paper, or
+    recovered from the head's gradient. A batch gives a blend (``status="blend"``).
+
+    Paper's setting: CNN6 (six bias-free convolutions with LeakyReLU(0.2), one logit, the
+    logistic loss), untrained, CIFAR-10; the module docstring lists the layers supported.
+
+    A solver: besides its :class:`RGAPOptions` it holds a cache of the matrices that depend on
+    the weights only (see :class:`_MatrixCache`). Holding one solver across updates on the
+    same weights (the clients of one FedSGD round, the images of a benchmark) reuses each
+    convolution's ``F^T F`` and the rank table; the cache is keyed by everything they depend
+    on, so updates on other weights or other architectures are safe (they miss), and the
+    result is the same as a fresh solver's."""
+
+    name = "rgap"
+    Options = RGAPOptions
+
+    def __init__(self, options: RGAPOptions | None = None, *, max_cache_entries: int = 64, **overrides: Any) -> None:
+        super().__init__(options, **overrides)
         self.cache = _MatrixCache(max_cache_entries)
 
     def rank_analysis(self, model: nn.Module, input_shape: Sequence[int], *, seed: int = 0) -> list[dict]:
         """:func:`rank_analysis`, cached on this solver."""
         return [dict(row) for row in self.cache.ranks(model, check_input_shape(input_shape), seed)]
 
-    def __call__(
-        self,
-        model: nn.Module,
-        update: Update | Sequence[Tensor],
-        input_shape: Sequence[int],
-        threat: ThreatModel = ThreatModel(),
-        *,
-        seed: int = 0,
-        **overrides: Any,
-    ) -> AttackResult:
-        """Reconstruct the input of one sample from its gradient (see :func:`rgap`)."""
+    def _reconstruct(self, model: nn.Module, update: Update | Sequence[Tensor], input_shape: Sequence[int],
+                     threat: ThreatModel, *, seed: int, options: RGAPOptions) -> AttackResult:
+        """Reconstruct the input of one sample from its gradient (``seed`` is unused)."""
         start = time.perf_counter()
-        opts = self.options.override(overrides, attack="rgap")
         shape = check_input_shape(input_shape)
         grads = check_gradients(model, as_update(update).as_gradients())
         plan = _plan(model, shape)
@@ -937,7 +958,7 @@ class RGAP:
         heads = _head_candidates(w, b, gw, gb, label)
         if not heads:
             raise ValueError("no head state is consistent with the gradient (is the label right?)")
-        runs = [_run_recursion(plan, by_layer, h, self.cache, opts) for h in heads]
+        runs = [_run_recursion(plan, by_layer, h, self.cache, options) for h in heads]
         best_resid = min(r.total_rel_residual for r in runs)
         # among candidates as consistent as the best (within a factor 2), prefer images in range
         best = min((r for r in runs if r.total_rel_residual <= 2 * best_resid + 1e-300),
@@ -950,16 +971,16 @@ class RGAP:
         else:
             labels = torch.full((batch,), int(best.head.label), dtype=torch.int64)
         worst = max((info["rel_residual"] for info in best.layers), default=0.0)
-        status = "blend" if batch > 1 else ("ok" if worst < opts.consistent_residual else "inconsistent")
+        status = "blend" if batch > 1 else ("ok" if worst < options.consistent_residual else "inconsistent")
         diagnostics: dict[str, Any] = {
             "residuals": [{k: info[k] for k in _REPORT_KEYS} for info in best.layers],
             "total_rel_residual": best.total_rel_residual,
-            "candidates": [{"label": int(r.head.label), "total_rel_residual": r.total_rel_residual, "in_range": r.in_range}
-                           for r in runs],
+            "candidates": [{"label": int(r.head.label), "total_rel_residual": r.total_rel_residual,
+                            "in_range": r.in_range} for r in runs],
             "head_error": [float(v) for v in np.ravel(best.head.error)],
             "label_granted": threat.labels is not None,
         }
-        if opts.rank:
+        if options.rank:
             diagnostics["rank"] = self.rank_analysis(model, shape)
             diagnostics["ra_index"] = ra_index(diagnostics["rank"])
         return AttackResult(
@@ -982,16 +1003,16 @@ def rgap(
     seed: int = 0,
     **options: Any,
 ) -> AttackResult:
-    """Reconstruct the input of one sample from its gradient by R-GAP, with a fresh
-    :class:`RGAP` solver (nothing is kept between calls; hold an :class:`RGAP` to reuse the
-    weights' matrices across updates).
+    """Reconstruct the input of one sample from its gradient by R-GAP: ``RGAP()(...)``, a fresh
+    solver (nothing is kept between calls; hold an :class:`RGAP` to reuse the weights'
+    matrices across updates).
 
     ``seed`` is accepted for the shared calling convention and unused (R-GAP is
     deterministic). ``options``: fields of :class:`RGAPOptions`, e.g. ``rank=False`` skips
     the weights-only rank analysis in the diagnostics (the attack runner's choice: it costs
     more than the attack on CNN6).
     """
-    return RGAP(RGAPOptions().override(options, attack="rgap"))(model, update, input_shape, threat, seed=seed)
+    return RGAP()(model, update, input_shape, threat, seed=seed, **options)
 
 
 # --------------------------------------------------------------------------- rank analysis
@@ -1095,7 +1116,8 @@ def _rank_table(model: nn.Module, shape: tuple[int, int, int], seed: int, cache:
         nz = np.diff(sp.csr_matrix(f_rows).indptr) > 0
         f_rows = sp.csr_matrix(f_rows)[nz]
         m = layer.module
-        gm = None if isinstance(m, nn.Conv2d) and not chain.has_pool and nz.all() else _gradient_matrix(layer, col, delta)
+        structured = isinstance(m, nn.Conv2d) and not chain.has_pool and nz.all()
+        gm = None if structured else _gradient_matrix(layer, col, delta)
         n_in = int(np.prod(layer.in_shape))
         if isinstance(m, nn.Conv2d):
             ph, pw = (0, 0) if isinstance(m.padding, str) else _pair(m.padding)

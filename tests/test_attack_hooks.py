@@ -18,8 +18,13 @@ from fl_sim.task import batch_gradient, client_batch
 pytestmark = pytest.mark.slow
 
 
-def boom(*args, **kwargs):
-    raise RuntimeError("this attack always fails")
+class Boom(attacks.Attack):
+    """An attack that always fails."""
+
+    name = "boom"
+
+    def _reconstruct(self, *args, **kwargs):
+        raise RuntimeError("this attack always fails")
 
 
 def _gradients(cfg, weights, pid, server_round):
@@ -38,7 +43,7 @@ def runs(tmp_path_factory):
     cfg = RunConfig(mode="fedsgd", num_clients=3, num_server_rounds=2, batch_size=1, seed=5)
     simulate(cfg.replace(out_dir=str(base / "honest")))
 
-    attacks.ATTACKS["boom"] = "tests.test_attack_hooks:boom"
+    attacks.ATTACKS["boom"] = Boom
     try:
         plan = ExperimentPlan.from_mapping({**cfg.to_flower(), "out-dir": str(base / "spied"), "attack": "boom,rgap",
                                             "attack-rounds": "1", "observers": "server,client", "attack-workers": 0})

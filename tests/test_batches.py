@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from attacks.base import ThreatModel, training_loss
-from attacks.dlg import BATCH_TV, DEFAULT, PRIOR_SETTLE, SETTLE, DLGOptions, dlg, for_batch, idlg
-from attacks.idlg import idlg_labels
+from attacks.dlg import BATCH_TV, DEFAULT, PRIOR_SETTLE, SETTLE, DLGOptions, dlg, for_batch
+from attacks.idlg import idlg, idlg_labels
 from attacks.lbfgs import CompactLBFGS
 from attacks.metrics import score_batch
 from fl_sim.models import build_model

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from attacks.base import ThreatModel, Update, training_loss
-from attacks.dlg import DEFAULT, FAITHFUL, SETTLE, DLGOptions, dlg, idlg
-from attacks.idlg import estimate_batch_size, idlg_labels
+from attacks.dlg import DEFAULT, FAITHFUL, SETTLE, DLGOptions, dlg
+from attacks.idlg import estimate_batch_size, idlg, idlg_labels
 from attacks.lbfgs import CompactLBFGS, strong_wolfe_search
 from attacks.metrics import psnr
 from fl_sim.models import build_model
