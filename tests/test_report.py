@@ -136,7 +136,9 @@ def test_report_of_a_real_run_loads_in_headless_chromium_with_every_image_and_no
 @pytest.mark.timeout(300)
 def test_report_of_a_run_killed_mid_way_shows_the_rows_that_finished(tmp_path):
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_run_argv(out, "--rounds", "30", "--attack-rounds", "all", "--observers", "server"),
+    # rounds enough that training is still on when the first attack row lands (on the in-process
+    # engine a round of this setting takes a fraction of a second; the attack worker starts in seconds)
+    proc = subprocess.Popen(_run_argv(out, "--rounds", "400", "--attack-rounds", "all", "--observers", "server"),
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     results = out / "results.csv"
     deadline = time.monotonic() + 180
@@ -155,11 +157,11 @@ def test_report_of_a_run_killed_mid_way_shows_the_rows_that_finished(tmp_path):
         proc.wait(timeout=30)
     rows = pd.read_csv(results)
     rounds = pd.read_csv(out / "rounds.csv")
-    assert 1 <= len(rows) and rounds["round"].max() < 30  # killed mid-way
+    assert 1 <= len(rows) and rounds["round"].max() < 400  # killed mid-way
 
     assert report_main([str(out)]) == 0
     text = (out / "report.html").read_text()
-    assert "no ending recorded" in text and f"{rounds['round'].max()} of 30 rounds finished" in text
+    assert "no ending recorded" in text and f"{rounds['round'].max()} of 400 rounds finished" in text
     table = text[text.index('id="observer-table"'):]
     n = int(re.search(r"<tr><td>server</td><td>rgap</td><td class=\"n\">(\d+)</td>", table).group(1))
     assert n == len(rows[rows["status"].notna()])  # every row that finished, and only those
