@@ -133,8 +133,9 @@ class DLGOptions(AttackOptions):
             raise ValueError("box 'project' is the compact optimiser's: use optimizer='compact' (or box='lbfgsb')")
         memory_float = self.memory_dtype is None or self.memory_dtype.is_floating_point
         if not (self.dtype.is_floating_point and memory_float):
-            raise ValueError(f"options dtype and memory_dtype must be floating point, got {self.dtype}, "
-                             f"{self.memory_dtype}")
+            raise ValueError(
+                f"options dtype and memory_dtype must be floating point, got {self.dtype}, {self.memory_dtype}"
+            )
 
 
 BATCH_BOX = "project"
@@ -182,14 +183,27 @@ def _soft_target(label_logits: Tensor, outputs: int) -> Tensor:
 def _optimizer(variables: list[Tensor], opts: DLGOptions) -> torch.optim.Optimizer:
     if opts.optimizer == "compact":
         bounds = [(0.0, 1.0)] + [None] * (len(variables) - 1) if opts.box == "project" else None
-        return CompactLBFGS(variables, lr=opts.lr, max_iter=opts.max_iter, history_size=opts.history_size,
-                            memory_dtype=opts.memory_dtype, bounds=bounds)
+        return CompactLBFGS(
+            variables,
+            lr=opts.lr,
+            max_iter=opts.max_iter,
+            history_size=opts.history_size,
+            memory_dtype=opts.memory_dtype,
+            bounds=bounds,
+        )
     if opts.line_search == "none":  # the paper's: PyTorch's defaults, tolerances included
         return torch.optim.LBFGS(variables, lr=opts.lr, max_iter=opts.max_iter, history_size=opts.history_size)
     # With a line search, PyTorch's absolute tolerances (on the objective's change and on the
     # gradient) would end the iterations at a scale-dependent point; the attack's own rule stops.
-    return torch.optim.LBFGS(variables, lr=opts.lr, max_iter=opts.max_iter, history_size=opts.history_size,
-                             line_search_fn="strong_wolfe", tolerance_grad=0.0, tolerance_change=0.0)
+    return torch.optim.LBFGS(
+        variables,
+        lr=opts.lr,
+        max_iter=opts.max_iter,
+        history_size=opts.history_size,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=0.0,
+        tolerance_change=0.0,
+    )
 
 
 def _run_lbfgsb(variables: list[Tensor], closure: Any, opts: DLGOptions, check: Any, state: dict) -> bool:
@@ -233,16 +247,28 @@ def _run_lbfgsb(variables: list[Tensor], closure: Any, opts: DLGOptions, check: 
             raise StopIteration
 
     bounds = [(0.0, 1.0)] * sizes[0] + [(None, None)] * sum(sizes[1:])
-    res = minimize(fg, z0, jac=True, method="L-BFGS-B", bounds=bounds, callback=callback,
-                   options=dict(maxcor=opts.history_size, maxiter=opts.max_steps * opts.max_iter,
-                                maxfun=100 * opts.max_steps * opts.max_iter, ftol=0.0, gtol=0.0))
+    res = minimize(
+        fg,
+        z0,
+        jac=True,
+        method="L-BFGS-B",
+        bounds=bounds,
+        callback=callback,
+        options=dict(
+            maxcor=opts.history_size,
+            maxiter=opts.max_steps * opts.max_iter,
+            maxfun=100 * opts.max_steps * opts.max_iter,
+            ftol=0.0,
+            gtol=0.0,
+        ),
+    )
     load(res.x)
     return bool(counter["done"])
 
 
-
-def check_observation(model: nn.Module, update: Update | Sequence[Tensor],
-                      input_shape: Sequence[int]) -> tuple[Update, list[Tensor], tuple[int, int, int]]:
+def check_observation(
+    model: nn.Module, update: Update | Sequence[Tensor], input_shape: Sequence[int]
+) -> tuple[Update, list[Tensor], tuple[int, int, int]]:
     """The observation, checked: the update, the gradient it stands for (one tensor per
     parameter, ``ValueError`` naming a bad one) and the image shape. A model without a linear
     head is refused here too (:func:`~attacks.base.num_outputs`), before anything is read off
@@ -426,8 +452,16 @@ def match_gradients(
                 outcome = "budget"  # still moving at max_steps: a fresh start would cost as much again
         else:
             value = history[-1]
-        attempts.append({"outcome": outcome, "steps": state["step"] + 1, "final": value, "start": state["start"],
-                         "image_step": state["moved"], "evaluations": evaluations})
+        attempts.append(
+            {
+                "outcome": outcome,
+                "steps": state["step"] + 1,
+                "final": value,
+                "start": state["start"],
+                "image_step": state["moved"],
+                "evaluations": evaluations,
+            }
+        )
         if outcome in ("ok", "stopped"):  # stopped: L-BFGS at its own tolerance, within 100 * tol
             status = "ok"
             break

@@ -108,8 +108,10 @@ class ThreatModel:
             if used != list(range(len(used))):
                 raise ValueError("a schedule's indices must cover 0..N-1, the images to reconstruct")
             if self.labels is not None and torch.as_tensor(self.labels).numel() != len(used):
-                raise ValueError(f"the schedule uses {len(used)} images but {torch.as_tensor(self.labels).numel()} "
-                                 "labels are granted")
+                raise ValueError(
+                    f"the schedule uses {len(used)} images but {torch.as_tensor(self.labels).numel()} "
+                    "labels are granted"
+                )
             if self.batch_size is not None and self.batch_size != len(used):
                 raise ValueError(f"the schedule uses {len(used)} images but the batch size is {self.batch_size}")
 
@@ -342,8 +344,12 @@ class Attack(abc.ABC):
         # the shared arguments, then every option by name with its value on this instance
         call = inspect.signature(Attack.__call__)
         shared = [p for p in list(call.parameters.values())[1:] if p.kind is not p.VAR_KEYWORD]
-        named = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=getattr(self.options, f.name),
-                                   annotation=f.type) for f in dataclasses.fields(self.options)]
+        named = [
+            inspect.Parameter(
+                f.name, inspect.Parameter.KEYWORD_ONLY, default=getattr(self.options, f.name), annotation=f.type
+            )
+            for f in dataclasses.fields(self.options)
+        ]
         self.__signature__ = call.replace(parameters=shared + named)
 
     def _resolve(self, options: AttackOptions | None, overrides: Mapping[str, Any]) -> AttackOptions:
@@ -373,11 +379,22 @@ class Attack(abc.ABC):
         return self._reconstruct(model, update, input_shape, threat, seed=seed, options=opts)
 
     @abc.abstractmethod
-    def _reconstruct(self, model: nn.Module, update: Update | Sequence[Tensor], input_shape: Sequence[int],
-                     threat: ThreatModel, *, seed: int, options: Any) -> AttackResult:
+    def _reconstruct(
+        self,
+        model: nn.Module,
+        update: Update | Sequence[Tensor],
+        input_shape: Sequence[int],
+        threat: ThreatModel,
+        *,
+        seed: int,
+        options: Any,
+    ) -> AttackResult:
         """The attack itself, with its options resolved (an instance of :attr:`Options`)."""
 
     def __repr__(self) -> str:
-        changed = [f"{f.name}={getattr(self.options, f.name)!r}" for f in dataclasses.fields(self.options)
-                   if getattr(self.options, f.name) != f.default]
+        changed = [
+            f"{f.name}={getattr(self.options, f.name)!r}"
+            for f in dataclasses.fields(self.options)
+            if getattr(self.options, f.name) != f.default
+        ]
         return f"{type(self).__name__}({', '.join(changed)})"

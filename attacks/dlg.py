@@ -153,14 +153,23 @@ __all__ = [
 DEFAULT = DLGOptions()
 
 FAITHFUL = DLGOptions(
-    max_steps=300, optimizer="torch", line_search="none", history_size=100, dtype=torch.float32,
-    image_mean=0.0, image_std=1.0, label_init="random", tol=0.0, settle=0.0, max_restarts=0,
-    explode=math.inf, stall_checks=None,
+    max_steps=300,
+    optimizer="torch",
+    line_search="none",
+    history_size=100,
+    dtype=torch.float32,
+    image_mean=0.0,
+    image_std=1.0,
+    label_init="random",
+    tol=0.0,
+    settle=0.0,
+    max_restarts=0,
+    explode=math.inf,
+    stall_checks=None,
 )
 """The original algorithm (Zhu et al.'s code): ``torch.optim.LBFGS`` with its defaults (no line
 search, history 100), a standard-normal image and soft label, float32, 300 steps, no restarts,
 no early stop."""
-
 
 
 class DLG(Attack):
@@ -182,8 +191,16 @@ class DLG(Attack):
     name = "dlg"
     Options = DLGOptions
 
-    def _reconstruct(self, model: nn.Module, update: Update | Sequence[Tensor], input_shape: Sequence[int],
-                     threat: ThreatModel, *, seed: int, options: DLGOptions) -> AttackResult:
+    def _reconstruct(
+        self,
+        model: nn.Module,
+        update: Update | Sequence[Tensor],
+        input_shape: Sequence[int],
+        threat: ThreatModel,
+        *,
+        seed: int,
+        options: DLGOptions,
+    ) -> AttackResult:
         start = time.perf_counter()
         upd, target, shape = check_observation(model, update, input_shape)
         batch, batch_source = batch_size_for(model, target, threat)
@@ -191,10 +208,21 @@ class DLG(Attack):
         guess = None
         if labels is None and options.label_init == "idlg":
             guess = idlg_labels(model, target, batch_size=batch)
-        return match_gradients(model, upd, target, shape, options, seed=seed, name=self.name, batch=batch,
-                               batch_source=batch_source, labels=labels,
-                               label_source="optimised" if labels is None else "granted", label_guess=guess,
-                               start_time=start)
+        return match_gradients(
+            model,
+            upd,
+            target,
+            shape,
+            options,
+            seed=seed,
+            name=self.name,
+            batch=batch,
+            batch_source=batch_source,
+            labels=labels,
+            label_source="optimised" if labels is None else "granted",
+            label_guess=guess,
+            start_time=start,
+        )
 
 
 def dlg(

@@ -84,9 +84,7 @@ def _fill_counts(signal: Tensor, batch_size: int, present: Tensor | None = None)
     return labels
 
 
-def idlg_labels(
-    model: nn.Module, gradients: Update | Sequence[Tensor], batch_size: int = 1
-) -> Tensor:
+def idlg_labels(model: nn.Module, gradients: Update | Sequence[Tensor], batch_size: int = 1) -> Tensor:
     """Recover the labels of the batch behind ``gradients`` (see the module docstring).
 
     ``gradients``: one tensor per parameter in ``model.parameters()`` order, or an
@@ -176,17 +174,36 @@ class IDLG(Attack):
     name = "idlg"
     Options = DLGOptions
 
-    def _reconstruct(self, model: nn.Module, update: Update | Sequence[Tensor], input_shape: Sequence[int],
-                     threat: ThreatModel, *, seed: int, options: DLGOptions) -> AttackResult:
+    def _reconstruct(
+        self,
+        model: nn.Module,
+        update: Update | Sequence[Tensor],
+        input_shape: Sequence[int],
+        threat: ThreatModel,
+        *,
+        seed: int,
+        options: DLGOptions,
+    ) -> AttackResult:
         start = time.perf_counter()
         upd, target, shape = check_observation(model, update, input_shape)
         batch, batch_source = batch_size_for(model, target, threat)
         labels, label_source = granted_labels(threat), "granted"
         if labels is None:
             labels, label_source = idlg_labels(model, target, batch_size=batch), "idlg"
-        return match_gradients(model, upd, target, shape, options, seed=seed, name=self.name, batch=batch,
-                               batch_source=batch_source, labels=labels, label_source=label_source,
-                               start_time=start)
+        return match_gradients(
+            model,
+            upd,
+            target,
+            shape,
+            options,
+            seed=seed,
+            name=self.name,
+            batch=batch,
+            batch_source=batch_source,
+            labels=labels,
+            label_source=label_source,
+            start_time=start,
+        )
 
 
 def idlg(

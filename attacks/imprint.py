@@ -128,7 +128,7 @@ def _smooth_quantiles(values: Tensor, probs: Tensor, grid: int = 20_000) -> Tens
     bins, 64 images), 83.7% of the images alone in their interval against 87.9% with these
     (the quantile rule's expectation: 88.0%)."""
     n = len(values)
-    bw = 1.06 * float(values.std()) * n ** -0.2 + 1e-12
+    bw = 1.06 * float(values.std()) * n**-0.2 + 1e-12
     xs = torch.linspace(float(values.min()) - 4 * bw, float(values.max()) + 4 * bw, grid, dtype=torch.float64)
     cdf = torch.zeros(grid, dtype=torch.float64)
     for chunk in values.split(256):
@@ -142,8 +142,12 @@ def _linear_on_input(model: nn.Module, input_shape: tuple[int, int, int]) -> tup
     """The position and the first layer of a flat Sequential that starts ``Flatten, Linear``."""
     layers = list(model) if isinstance(model, nn.Sequential) else []
     size = math.prod(input_shape)
-    if len(layers) >= 2 and isinstance(layers[0], nn.Flatten) and isinstance(layers[1], nn.Linear) \
-            and layers[1].in_features == size:
+    if (
+        len(layers) >= 2
+        and isinstance(layers[0], nn.Flatten)
+        and isinstance(layers[1], nn.Linear)
+        and layers[1].in_features == size
+    ):
         return 1, layers[1]
     raise ValueError("the weights-only imprint needs a model whose first layer is linear on the image (mlp)")
 
@@ -164,8 +168,9 @@ def plant_imprint(model: nn.Sequential, input_shape, plan: ImprintPlan) -> nn.Se
         raise ValueError("the weights-only imprint needs Flatten, Linear, ReLU, Linear (the head): mlp")
     k = plan.bins
     if k > first.out_features:
-        raise ValueError(f"{k} bins do not fit in a layer of {first.out_features} units: use at most "
-                         f"{first.out_features}")
+        raise ValueError(
+            f"{k} bins do not fit in a layer of {first.out_features} units: use at most {first.out_features}"
+        )
     built = copy.deepcopy(model)
     enc, head = built[at], built[at + 2]
     with torch.no_grad():
@@ -288,8 +293,16 @@ class Imprint(Attack):
         ``bins`` bins placed on ``public`` images (:func:`plan_imprint`)."""
         return plant_imprint(model, input_shape, plan_imprint(public, bins, seed=seed))
 
-    def _reconstruct(self, model: nn.Module, update: Update | Sequence[Tensor], input_shape: Sequence[int],
-                     threat: ThreatModel, *, seed: int, options: ImprintOptions) -> AttackResult:
+    def _reconstruct(
+        self,
+        model: nn.Module,
+        update: Update | Sequence[Tensor],
+        input_shape: Sequence[int],
+        threat: ThreatModel,
+        *,
+        seed: int,
+        options: ImprintOptions,
+    ) -> AttackResult:
         return _read_back(model, update, input_shape, options.rel_tol)
 
 
@@ -307,8 +320,15 @@ class BlockImprint(Imprint):
         return imprint_block_model(model, input_shape, plan_imprint(public, bins, seed=seed))
 
 
-def imprint(model: nn.Module, update: Update | Sequence[Tensor], input_shape, threat: ThreatModel = ThreatModel(), *,
-            seed: int = 0, **options: Any) -> AttackResult:
+def imprint(
+    model: nn.Module,
+    update: Update | Sequence[Tensor],
+    input_shape,
+    threat: ThreatModel = ThreatModel(),
+    *,
+    seed: int = 0,
+    **options: Any,
+) -> AttackResult:
     """Read the images back from an update of a model carrying an imprint: ``Imprint()(...)``.
 
     The bin units are the rows of the trap layer with a non-zero weight, ordered by threshold
@@ -332,8 +352,10 @@ def _read_back(model: nn.Module, update: Update | Sequence[Tensor], input_shape,
     grads = update.as_gradients() if update.kind == "weight_delta" else list(update.tensors)
     dw, db = grads[at].double(), grads[at + 1].double()
     if dw.shape != layer.weight.shape or db.shape != layer.bias.shape:
-        raise ValueError(f"the update's imprint gradients {tuple(dw.shape)}, {tuple(db.shape)} do not match the layer "
-                         f"{tuple(layer.weight.shape)}")
+        raise ValueError(
+            f"the update's imprint gradients {tuple(dw.shape)}, {tuple(db.shape)} do not match the layer "
+            f"{tuple(layer.weight.shape)}"
+        )
     w, b = layer.weight.detach().double(), layer.bias.detach().double()
     live = torch.nonzero(w.abs().sum(1) > 0).flatten()
     if len(live) == 0:
@@ -359,7 +381,10 @@ def _read_back(model: nn.Module, update: Update | Sequence[Tensor], input_shape,
         images.append(x.float().view(shape).clamp(0, 1))
     recon = torch.stack(images) if images else torch.full((1, *shape), 0.5)
     return AttackResult(
-        attack="imprint", images=recon, labels=None, seconds=time.perf_counter() - start,
+        attack="imprint",
+        images=recon,
+        labels=None,
+        seconds=time.perf_counter() - start,
         status="ok" if images else "empty",
         diagnostics={"bins": len(order), "filled": int(filled.sum()), "kept": kept},
     )

@@ -140,7 +140,9 @@ def simulate_local_update(
     params = {n: p if p.requires_grad else p.detach().requires_grad_(True) for n, p in params.items()}
     if schedule is not None and len(schedule) != local_steps:
         raise ValueError(f"the schedule has {len(schedule)} steps, the update {local_steps}")
-    steps = [None] * local_steps if schedule is None else [torch.as_tensor(list(b), dtype=torch.int64) for b in schedule]
+    steps = (
+        [None] * local_steps if schedule is None else [torch.as_tensor(list(b), dtype=torch.int64) for b in schedule]
+    )
     current = dict(params)
     for batch in steps:
         xb, yb = (x, y) if batch is None else (x[batch], y[batch])
@@ -172,8 +174,16 @@ class InvertingGradients(Attack):
     name = "ig"
     Options = InvertingGradientsOptions
 
-    def _reconstruct(self, model: nn.Module, update: Update | Sequence[Tensor], input_shape: Sequence[int],
-                     threat: ThreatModel, *, seed: int, options: InvertingGradientsOptions) -> AttackResult:
+    def _reconstruct(
+        self,
+        model: nn.Module,
+        update: Update | Sequence[Tensor],
+        input_shape: Sequence[int],
+        threat: ThreatModel,
+        *,
+        seed: int,
+        options: InvertingGradientsOptions,
+    ) -> AttackResult:
         return _invert(model, update, input_shape, threat, seed, options)
 
 
@@ -191,8 +201,14 @@ def inverting_gradients(
     return InvertingGradients()(model, update, input_shape, threat, seed=seed, **options)
 
 
-def _invert(model: nn.Module, update: Update | Sequence[Tensor], input_shape: Sequence[int], threat: ThreatModel,
-            seed: int, opts: InvertingGradientsOptions) -> AttackResult:
+def _invert(
+    model: nn.Module,
+    update: Update | Sequence[Tensor],
+    input_shape: Sequence[int],
+    threat: ThreatModel,
+    seed: int,
+    opts: InvertingGradientsOptions,
+) -> AttackResult:
     """The attack (:class:`InvertingGradients`), its options resolved. Diagnostics count
     ``evaluations`` (objective evaluations)."""
     start_time = time.perf_counter()
@@ -275,8 +291,15 @@ def _invert(model: nn.Module, update: Update | Sequence[Tensor], input_shape: Se
         if opts.refine_steps > 0 and math.isfinite(value) and not out_of_time():
             # tolerances far below PyTorch's defaults (1e-7, 1e-9): the objective is ~1e-5 here and
             # its gradient with respect to a pixel far below 1e-7
-            lbfgs = torch.optim.LBFGS([x], lr=1.0, max_iter=opts.refine_iter, history_size=100,
-                                      line_search_fn="strong_wolfe", tolerance_grad=1e-20, tolerance_change=1e-20)
+            lbfgs = torch.optim.LBFGS(
+                [x],
+                lr=1.0,
+                max_iter=opts.refine_iter,
+                history_size=100,
+                line_search_fn="strong_wolfe",
+                tolerance_grad=1e-20,
+                tolerance_change=1e-20,
+            )
 
             def closure() -> Tensor:
                 lbfgs.zero_grad()

@@ -52,9 +52,16 @@ def _cubic_minimiser(t1: float, f1: float, d1: float, t2: float, f2: float, d2: 
     return min(max(t, lo), hi) if math.isfinite(t) else (lo + hi) / 2
 
 
-def strong_wolfe_search(evaluate: LineFunction, t: float, f0: float, slope0: float, c1: float = 1e-4,
-                        c2: float = 0.9, max_evals: int = 25,
-                        min_width: float = 1e-9) -> tuple[float, float, Tensor | None]:
+def strong_wolfe_search(
+    evaluate: LineFunction,
+    t: float,
+    f0: float,
+    slope0: float,
+    c1: float = 1e-4,
+    c2: float = 0.9,
+    max_evals: int = 25,
+    min_width: float = 1e-9,
+) -> tuple[float, float, Tensor | None]:
     """A step length ``t`` along a descent direction satisfying the strong Wolfe conditions
     (Nocedal and Wright, "Numerical Optimization", algorithms 3.5 and 3.6, cubic
     interpolation). ``evaluate(t)`` returns ``(f, g, slope)`` at ``t`` (``slope = g . d``);
@@ -63,6 +70,7 @@ def strong_wolfe_search(evaluate: LineFunction, t: float, f0: float, slope0: flo
     a NaN or infinite value counts as too high, so the search backs off from it.
     ``min_width``: stop zooming once the bracket is narrower than this (relative to ``t``).
     """
+
     def sufficient(t_: float, f_: float) -> bool:  # False for NaN
         return f_ <= f0 + c1 * t_ * slope0
 
@@ -217,15 +225,23 @@ class CompactLBFGS(torch.optim.Optimizer):
     ``evaluations`` counts closure calls.
     """
 
-    def __init__(self, params: Iterable[Tensor], lr: float = 1.0, max_iter: int = 20, history_size: int = 300,
-                 memory_dtype: torch.dtype | None = None,
-                 bounds: "Sequence[tuple[float, float] | None] | None" = None) -> None:
+    def __init__(
+        self,
+        params: Iterable[Tensor],
+        lr: float = 1.0,
+        max_iter: int = 20,
+        history_size: int = 300,
+        memory_dtype: torch.dtype | None = None,
+        bounds: "Sequence[tuple[float, float] | None] | None" = None,
+    ) -> None:
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         if max_iter < 1 or history_size < 1:
             raise ValueError(f"max_iter and history_size must be >= 1, got {max_iter}, {history_size}")
-        super().__init__(params, dict(lr=float(lr), max_iter=int(max_iter), history_size=int(history_size),
-                                      memory_dtype=memory_dtype))
+        super().__init__(
+            params,
+            dict(lr=float(lr), max_iter=int(max_iter), history_size=int(history_size), memory_dtype=memory_dtype),
+        )
         if len(self.param_groups) != 1:
             raise ValueError("CompactLBFGS takes one parameter group")
         self._params: list[Tensor] = self.param_groups[0]["params"]
@@ -326,10 +342,12 @@ class CompactLBFGS(torch.optim.Optimizer):
             t = group["lr"] if mem.order else min(1.0, 1.0 / max(float(g.abs().sum()), 1e-300)) * group["lr"]
 
             if self._lo is None:
+
                 def along(t_: float, x: Tensor = x, d: Tensor = d) -> tuple[float, Tensor, float]:
                     f_, g_ = self._evaluate(closure, x + t_ * d)
                     return f_, g_, float(g_ @ d)
             else:
+
                 def along(t_: float, x: Tensor = x, d: Tensor = d) -> tuple[float, Tensor, float]:
                     # the projected path P(x + t d): a coordinate stops moving where it meets its bound
                     free = x + t_ * d

@@ -70,8 +70,9 @@ def match_batch(recon: Tensor, truth: Tensor) -> np.ndarray:
     r = torch.nan_to_num(torch.as_tensor(recon, dtype=torch.float64).detach().cpu(), nan=0.5).clamp(0, 1)
     t = torch.as_tensor(truth, dtype=torch.float64).detach().cpu()
     if r.shape[1:] != t.shape[1:]:
-        raise ValueError(f"reconstructions of shape {tuple(r.shape[1:])} cannot be matched to images of shape "
-                         f"{tuple(t.shape[1:])}")
+        raise ValueError(
+            f"reconstructions of shape {tuple(r.shape[1:])} cannot be matched to images of shape {tuple(t.shape[1:])}"
+        )
     cost = ((r.flatten(1)[None, :, :] - t.flatten(1)[:, None, :]) ** 2).mean(-1).numpy()
     rows, cols = linear_sum_assignment(cost)
     perm = np.full(len(t), -1, dtype=np.int64)

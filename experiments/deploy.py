@@ -73,6 +73,7 @@ KILL_NODE_ROUND_TIMEOUT = 60.0  # seconds a round waits when a node is to be kil
 
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM; ``signum`` decides the exit code (128 + signum)."""
+
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
@@ -80,6 +81,7 @@ class Interrupted(Exception):
 
 class DeployError(RuntimeError):
     """A failure reported as one line; exit code 1."""
+
 
 def _positive(kind):
     def parse(text: str):
@@ -90,6 +92,7 @@ def _positive(kind):
         if value <= 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
         return value
+
     parse.__name__ = kind.__name__
     return parse
 
@@ -105,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="python -m experiments.deploy",
         description="Start a SuperLink and N SuperNodes on 127.0.0.1, run the spying app with flwr run, "
-                    "wait for it, collect the run folder, stop everything.",
+        "wait for it, collect the run folder, stop everything.",
     )
     add_plan_arguments(p, defaults={"num-clients": DEFAULT_NODES})
     d = p.add_argument_group("the deployment")
@@ -113,22 +116,50 @@ def build_parser() -> argparse.ArgumentParser:
     how = d.add_mutually_exclusive_group()
     how.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished round")
     how.add_argument("--overwrite", action="store_true", help="empty the run folder --out first")
-    d.add_argument("--timeout", type=_positive(float), default=900.0,
-                   help="seconds for the whole run; then it is stopped and this exits 1 (default: 900)")
-    d.add_argument("--kill-node", type=int, default=None, metavar="I",
-                   help="fault injection: SIGKILL the SuperNode of partition I ...")
-    d.add_argument("--kill-node-after-round", type=int, default=None, metavar="R",
-                   help=f"... as soon as round R has ended (its row is in rounds.csv); min-clients then defaults to "
-                        f"N-1 and round-timeout to {KILL_NODE_ROUND_TIMEOUT:.0f} s")
+    d.add_argument(
+        "--timeout",
+        type=_positive(float),
+        default=900.0,
+        help="seconds for the whole run; then it is stopped and this exits 1 (default: 900)",
+    )
+    d.add_argument(
+        "--kill-node",
+        type=int,
+        default=None,
+        metavar="I",
+        help="fault injection: SIGKILL the SuperNode of partition I ...",
+    )
+    d.add_argument(
+        "--kill-node-after-round",
+        type=int,
+        default=None,
+        metavar="R",
+        help=f"... as soon as round R has ended (its row is in rounds.csv); min-clients then defaults to "
+        f"N-1 and round-timeout to {KILL_NODE_ROUND_TIMEOUT:.0f} s",
+    )
     d.add_argument("--tls", action="store_true", help="TLS between SuperLink, SuperNodes and the CLI")
-    d.add_argument("--certs", type=Path, default=None,
-                   help="with --tls: folder with ca.crt, server.pem, server.key (default: made by "
-                        "scripts/gen_certs.sh in a temporary folder)")
+    d.add_argument(
+        "--certs",
+        type=Path,
+        default=None,
+        help="with --tls: folder with ca.crt, server.pem, server.key (default: made by "
+        "scripts/gen_certs.sh in a temporary folder)",
+    )
     d.add_argument("--port", type=int, default=None, help="SuperLink HTTP port (default: a free one)")
-    d.add_argument("--superlink", type=_address, default=None, metavar="HOST:PORT",
-                   help="submit to this running SuperLink instead of starting one (the compose submit job)")
-    d.add_argument("--run-config", action="append", default=[], metavar="'K=V ...'",
-                   help="more run-config settings, Flower syntax, e.g. --run-config 'seed=1 dataset=\"mnist5k\"'")
+    d.add_argument(
+        "--superlink",
+        type=_address,
+        default=None,
+        metavar="HOST:PORT",
+        help="submit to this running SuperLink instead of starting one (the compose submit job)",
+    )
+    d.add_argument(
+        "--run-config",
+        action="append",
+        default=[],
+        metavar="'K=V ...'",
+        help="more run-config settings, Flower syntax, e.g. --run-config 'seed=1 dataset=\"mnist5k\"'",
+    )
     d.add_argument("--poll", type=_positive(float), default=2.0, help="seconds between status polls (default: 2)")
     return p
 
@@ -170,15 +201,24 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser):
     mode = "resume" if args.resume else "overwrite" if args.overwrite else "new"
     try:
         base = _saved_config(args.out) if args.resume else {}
-        plan = plan_from_args(args, engine="deployment", base=base, extra={k: v for k, v in extra.items()
-                                                                          if k not in flags}, resume=args.resume)
+        plan = plan_from_args(
+            args,
+            engine="deployment",
+            base=base,
+            extra={k: v for k, v in extra.items() if k not in flags},
+            resume=args.resume,
+        )
         c = plan.fed
         if args.kill_node is not None:
             if not 0 <= args.kill_node_after_round < c.num_server_rounds:
-                parser.error(f"--kill-node-after-round: must lie in 0..{c.num_server_rounds - 1} (a later round "
-                             f"must follow), got {args.kill_node_after_round}")
+                parser.error(
+                    f"--kill-node-after-round: must lie in 0..{c.num_server_rounds - 1} (a later round "
+                    f"must follow), got {args.kill_node_after_round}"
+                )
             if min(c.min_clients, c.num_clients) > c.num_clients - 1:
-                parser.error(f"--min-clients {c.min_clients}: only {c.num_clients - 1} SuperNode(s) will be left to reply")
+                parser.error(
+                    f"--min-clients {c.min_clients}: only {c.num_clients - 1} SuperNode(s) will be left to reply"
+                )
         plan.check_data()
         folder = RunFolder.claim(args.out, mode, plan.to_mapping(), default_prefix="deploy-")
     except (ConfigError, DatasetError, RunFolderError) as exc:
@@ -220,6 +260,7 @@ def _cli_bin(name: str) -> str:
 
 class Topology:
     """The processes started here, and how to stop them all."""
+
     def __init__(self, work: Path, env: dict[str, str]) -> None:
         self.work = work
         self.env = env
@@ -232,8 +273,9 @@ class Topology:
         log = (self.logs / f"{name}.log").open("wb")
         # Own session: a Ctrl-C in the terminal reaches this script only, which then stops
         # everything in order.
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.work,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.work, start_new_session=True
+        )
         log.close()
         self.procs[name] = proc
         self.commands[name] = cmd
@@ -263,7 +305,7 @@ class Topology:
             found[child.pid] = child
         for proc in psutil.process_iter(["cmdline"]):
             cmd = proc.info.get("cmdline") or []
-            if "--parent-pid" in cmd and str(pid) in cmd[cmd.index("--parent-pid") + 1:cmd.index("--parent-pid") + 2]:
+            if "--parent-pid" in cmd and str(pid) in cmd[cmd.index("--parent-pid") + 1 : cmd.index("--parent-pid") + 2]:
                 found[proc.pid] = proc
                 for child in proc.children(recursive=True):
                     found[child.pid] = child
@@ -309,6 +351,7 @@ def wait_port(host: str, port: int, timeout: float, alive=lambda: None) -> None:
 
 class Flwr:
     """The ``flwr`` CLI against the private FLWR_HOME's connection."""
+
     def __init__(self, env: dict[str, str], cwd: Path) -> None:
         self.bin = _cli_bin("flwr")
         self.env = env
@@ -322,10 +365,12 @@ class Flwr:
             raise DeployError(f"`flwr {args[0]}` did not answer within {timeout:.0f}s") from None
         text = res.stdout
         try:
-            data = json.loads(text[text.index("{"):])
+            data = json.loads(text[text.index("{") :])
         except ValueError:
             msg = (res.stderr.strip() or text.strip()).splitlines()
-            raise DeployError(f"`flwr {' '.join(args[:2])}` failed: {msg[-1] if msg else f'exit {res.returncode}'}") from None
+            raise DeployError(
+                f"`flwr {' '.join(args[:2])}` failed: {msg[-1] if msg else f'exit {res.returncode}'}"
+            ) from None
         if not data.get("success", False):
             raise DeployError(f"`flwr {args[0]}` failed: {data.get('error-message', data)}".splitlines()[0][:400])
         return data
@@ -371,13 +416,25 @@ def deploy(args: argparse.Namespace, plan) -> dict[str, Any]:
     n_nodes = plan.fed.num_clients
     work = Path(tempfile.mkdtemp(prefix="fl-deploy-"))
     home = work / "flwr-home"
-    env = {**os.environ, **QUIET_ENV, "FLWR_HOME": str(home),
-           # The SuperLink starts `flower-superexec` by name: the venv's bin must be on PATH.
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        **QUIET_ENV,
+        "FLWR_HOME": str(home),
+        # The SuperLink starts `flower-superexec` by name: the venv's bin must be on PATH.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     env.pop("PYTHONPATH", None)
     topo = Topology(work, env)
-    record: dict[str, Any] = {"out": str(out), "clients": n_nodes, "rounds": plan.fed.num_server_rounds, "tls": args.tls,
-                              "run_id": None, "status": None, "killed": None, "run_config": config}
+    record: dict[str, Any] = {
+        "out": str(out),
+        "clients": n_nodes,
+        "rounds": plan.fed.num_server_rounds,
+        "tls": args.tls,
+        "run_id": None,
+        "status": None,
+        "killed": None,
+        "run_config": config,
+    }
     t0 = time.monotonic()
     run_id = None
     flwr = Flwr(env, ROOT)
@@ -388,8 +445,14 @@ def deploy(args: argparse.Namespace, plan) -> dict[str, Any]:
         if args.tls:
             certs = args.certs.absolute() if args.certs else make_certs(work / "certs")
             ca = certs / "ca.crt"
-            security_link = ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(certs / "server.pem"),
-                             "--ssl-keyfile", str(certs / "server.key")]
+            security_link = [
+                "--ssl-ca-certfile",
+                str(ca),
+                "--ssl-certfile",
+                str(certs / "server.pem"),
+                "--ssl-keyfile",
+                str(certs / "server.key"),
+            ]
             security_node = ["--root-certificates", str(ca)]
         if args.superlink:
             address = args.superlink
@@ -403,21 +466,43 @@ def deploy(args: argparse.Namespace, plan) -> dict[str, Any]:
             write_flwr_home(home, address, ca)  # the certificate's SANs include IP 127.0.0.1
             # Subprocess isolation: the SuperLink runs the ServerApp, each SuperNode its
             # ClientApps, as child processes of the same installed environment.
-            topo.start("superlink", [_cli_bin("flower-superlink"), *security_link, "--isolation", "subprocess",
-                                     "--host", "127.0.0.1", "--port", str(port),
-                                     "--disable-runtime-dependency-installation"])
+            topo.start(
+                "superlink",
+                [
+                    _cli_bin("flower-superlink"),
+                    *security_link,
+                    "--isolation",
+                    "subprocess",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--disable-runtime-dependency-installation",
+                ],
+            )
             wait_port("127.0.0.1", port, 60.0, alive=lambda: topo.check_alive(["superlink"]))
             record["superlink"] = address
             record["supernode_ports"] = []
             for i in range(n_nodes):
                 node_port = free_port()
                 record["supernode_ports"].append(node_port)
-                topo.start(f"supernode-{i}", [
-                    _cli_bin("flower-supernode"), *security_node, "--superlink",
-                    address, "--isolation", "subprocess",
-                    "--host", "127.0.0.1", "--port", str(node_port),
-                    "--node-config", f"partition-id={i} num-partitions={n_nodes}",
-                ])
+                topo.start(
+                    f"supernode-{i}",
+                    [
+                        _cli_bin("flower-supernode"),
+                        *security_node,
+                        "--superlink",
+                        address,
+                        "--isolation",
+                        "subprocess",
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(node_port),
+                        "--node-config",
+                        f"partition-id={i} num-partitions={n_nodes}",
+                    ],
+                )
             _say(f"SuperLink on {address}, {n_nodes} SuperNodes starting")
         # Every SuperNode online before the run starts: with --kill-node, min-clients is
         # clients-1, and round 1 must not start without the node that is to die.
@@ -445,8 +530,10 @@ def deploy(args: argparse.Namespace, plan) -> dict[str, Any]:
         status, last_round = "pending", -1
         while True:
             if not args.superlink:
-                topo.check_alive(["superlink"] + [f"supernode-{i}" for i in range(n_nodes) if i != args.kill_node
-                                                  or record["killed"] is None])
+                topo.check_alive(
+                    ["superlink"]
+                    + [f"supernode-{i}" for i in range(n_nodes) if i != args.kill_node or record["killed"] is None]
+                )
             done = _rounds_done(out)
             if done > last_round:
                 last_round = done
@@ -454,8 +541,11 @@ def deploy(args: argparse.Namespace, plan) -> dict[str, Any]:
                     _say(f"round {done}/{plan.fed.num_server_rounds} done")
             if args.kill_node is not None and record["killed"] is None and done >= args.kill_node_after_round:
                 topo.kill(f"supernode-{args.kill_node}")
-                record["killed"] = {"partition": args.kill_node, "after_round": args.kill_node_after_round,
-                                    "at_s": round(time.monotonic() - t0, 1)}
+                record["killed"] = {
+                    "partition": args.kill_node,
+                    "after_round": args.kill_node_after_round,
+                    "at_s": round(time.monotonic() - t0, 1),
+                }
                 _say(f"killed the SuperNode of partition {args.kill_node} after round {done}")
             runs = flwr.json("ls", CONNECTION, "--run-id", run_id).get("runs", [])
             status = runs[0].get("status", "unknown") if runs else "unknown"
@@ -471,8 +561,11 @@ def deploy(args: argparse.Namespace, plan) -> dict[str, Any]:
     except BaseException as exc:
         if isinstance(exc, Interrupted):
             record["status"] = f"interrupted ({exc})"
-        if run_id is not None and args.superlink and (record.get("status") in (None, "timeout")
-                                                      or isinstance(exc, Interrupted)):
+        if (
+            run_id is not None
+            and args.superlink
+            and (record.get("status") in (None, "timeout") or isinstance(exc, Interrupted))
+        ):
             try:  # don't leave the run going on a SuperLink that outlives us
                 flwr.json("stop", run_id, CONNECTION, timeout=5.0)
             except Exception:  # noqa: BLE001
@@ -513,8 +606,11 @@ def main(argv: list[str] | None = None) -> int:
         with folder:
             record = deploy(args, plan)
     except Interrupted as exc:
-        print(f"{parser.prog}: interrupted ({exc}); every process started here was stopped; what finished is in "
-              f"{plan.fed.out_dir}", file=sys.stderr)
+        print(
+            f"{parser.prog}: interrupted ({exc}); every process started here was stopped; what finished is in "
+            f"{plan.fed.out_dir}",
+            file=sys.stderr,
+        )
         return 128 + exc.signum
     except DeployError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
@@ -523,8 +619,11 @@ def main(argv: list[str] | None = None) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if record["status"] != "finished:completed":
-        print(f"{parser.prog}: error: run {record['run_id']} ended {record['status']}"
-              f" ({record.get('status_details') or 'no details'}); logs in {record['out']}/logs", file=sys.stderr)
+        print(
+            f"{parser.prog}: error: run {record['run_id']} ended {record['status']}"
+            f" ({record.get('status_details') or 'no details'}); logs in {record['out']}/logs",
+            file=sys.stderr,
+        )
         return 1
     _say(f"run {record['run_id']} completed in {record['seconds']:.0f}s; run folder: {record['out']}")
     summary = Path(record["out"]) / "summary.md"

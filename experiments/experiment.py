@@ -58,15 +58,22 @@ def privacy_report(plan: ExperimentPlan) -> dict[str, Any]:
             steps = max(len(local_schedule(c, pid, c.num_clients, 1)) for pid in range(c.num_clients))
     return {
         "defences": [d.spec() for d in defences],
-        "guarantees": privacy_spent(defences, rounds=c.num_server_rounds, num_clients=c.num_clients,
-                                    clients_per_round=c.clients_per_round(), partition_sizes=sizes,
-                                    batch_size=c.batch_size, steps_per_round=steps),
+        "guarantees": privacy_spent(
+            defences,
+            rounds=c.num_server_rounds,
+            num_clients=c.num_clients,
+            clients_per_round=c.clients_per_round(),
+            partition_sizes=sizes,
+            batch_size=c.batch_size,
+            steps_per_round=steps,
+        ),
     }
 
 
 @dataclass(frozen=True)
 class Outcome:
     """How a phase ended: ``completed``, ``stopped`` or ``failed`` (with the reason)."""
+
     status: str
     reason: str = ""
 
@@ -77,6 +84,7 @@ class Experiment:
     ``stop``: when set, the phase running stops at its next wait for replies and no further
     phase starts. ``on_round(phase, row)`` gets each rounds.csv row; ``on_row`` each
     results.csv row (progress display)."""
+
     def __init__(
         self,
         plan: ExperimentPlan,
@@ -137,14 +145,24 @@ class Experiment:
 
         def wrap(honest):
             return InterceptingStrategy(
-                honest, kind="gradient" if plan.fed.mode == "fedsgd" else "weights",
-                on_update=runner.on_update, on_aggregate=partial(runner.on_aggregate, observer="client"))
+                honest,
+                kind="gradient" if plan.fed.mode == "fedsgd" else "weights",
+                on_update=runner.on_update,
+                on_aggregate=partial(runner.on_aggregate, observer="client"),
+            )
 
         def body() -> None:
             log_ = self.logs["main"] = FederationLog(self.out, self._config(), resume=plan.resume)
-            run_server(grid, plan.fed, log_, wrap_strategy=wrap if plan.intercepts else None,
-                       on_round=self._round_hook("main"), on_dropped=runner.on_dropped if runner else None,
-                       replace_model=self._swap(), stop=self.stop)
+            run_server(
+                grid,
+                plan.fed,
+                log_,
+                wrap_strategy=wrap if plan.intercepts else None,
+                on_round=self._round_hook("main"),
+                on_dropped=runner.on_dropped if runner else None,
+                replace_model=self._swap(),
+                stop=self.stop,
+            )
 
         return self._phase("main", body)
 
@@ -167,10 +185,19 @@ class Experiment:
         app = ServerApp()
 
         def body(grid: Grid, context: Context) -> None:
-            log_ = self.logs["secagg"] = FederationLog(cfg.out_dir, {**self._config(), "out-dir": cfg.out_dir},
-                                                       resume=self.plan.resume)
-            serve_secagg(grid, context, cfg, log_, on_aggregate=partial(runner.on_aggregate, observer="secagg"),
-                         on_round=self._round_hook("secagg"), replace_model=self._swap(), stop=self.stop)
+            log_ = self.logs["secagg"] = FederationLog(
+                cfg.out_dir, {**self._config(), "out-dir": cfg.out_dir}, resume=self.plan.resume
+            )
+            serve_secagg(
+                grid,
+                context,
+                cfg,
+                log_,
+                on_aggregate=partial(runner.on_aggregate, observer="secagg"),
+                on_round=self._round_hook("secagg"),
+                replace_model=self._swap(),
+                stop=self.stop,
+            )
 
         @app.main()
         def main(grid: Grid, context: Context) -> None:

@@ -146,22 +146,34 @@ class Observation:
     key: RefereeKey
 
 
-def update_of(sent: StateDict, reply: StateDict, kind: str, names: Sequence[str], *, lr: float,
-              local_steps: int = 1) -> Update:
+def update_of(
+    sent: StateDict, reply: StateDict, kind: str, names: Sequence[str], *, lr: float, local_steps: int = 1
+) -> Update:
     """The attack library's :class:`attacks.Update` of a reply: a FedSGD gradient as it is, or
     FedAvg weights as their delta from ``sent``; ``names`` are the model's parameters in order."""
     if kind == "gradient":
         return Update(tuple(reply[n].detach().clone() for n in names), "gradient")
-    return Update(tuple((reply[n] - sent[n]).detach().clone() for n in names), "weight_delta", lr=lr,
-                  local_steps=max(1, int(local_steps)))
+    return Update(
+        tuple((reply[n] - sent[n]).detach().clone() for n in names),
+        "weight_delta",
+        lr=lr,
+        local_steps=max(1, int(local_steps)),
+    )
 
 
 def _weights(state: StateDict) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in state.items()}
 
 
-def observe_server(u: InterceptedUpdate, cfg: RunConfig, names: Sequence[str], *, grant_batch_size: str,
-                   grant_labels: bool, grant_order: bool = False) -> Observation:
+def observe_server(
+    u: InterceptedUpdate,
+    cfg: RunConfig,
+    names: Sequence[str],
+    *,
+    grant_batch_size: str,
+    grant_labels: bool,
+    grant_order: bool = False,
+) -> Observation:
     """The parameter server's view of one client's reply."""
     # FedAvg: num-examples is the client's partition; the server set the learning rate, the
     # steps (or epochs) and the batch size, so it knows how many steps of how many images
@@ -175,7 +187,9 @@ def observe_server(u: InterceptedUpdate, cfg: RunConfig, names: Sequence[str], *
         schedule = assumed_schedule(u.num_examples, cfg.batch_size, steps)
         images = 1 + max(i for step in schedule for i in step)
         grants = Grants(grant_labels, images, "config", schedule=schedule, order=grant_order)
-    return Observation("server", u.server_round, _weights(u.sent), update, grants, RefereeKey((u.partition_id,), "direct"))
+    return Observation(
+        "server", u.server_round, _weights(u.sent), update, grants, RefereeKey((u.partition_id,), "direct")
+    )
 
 
 def _mean_update(agg: RoundAggregate, cfg: RunConfig, names: Sequence[str]) -> tuple[tuple[Tensor, ...], str]:
@@ -195,8 +209,16 @@ def _as_update(tensors: tuple[Tensor, ...], kind: str, cfg: RunConfig, examples:
     return Update(tensors, "weight_delta", lr=cfg.lr, local_steps=cfg.steps_for(examples))
 
 
-def observe_curious_client(agg: RoundAggregate, own: InterceptedUpdate | None, cfg: RunConfig, names: Sequence[str],
-                           *, curious_client: int, grant_batch_size: str, grant_labels: bool) -> Observation | str:
+def observe_curious_client(
+    agg: RoundAggregate,
+    own: InterceptedUpdate | None,
+    cfg: RunConfig,
+    names: Sequence[str],
+    *,
+    curious_client: int,
+    grant_batch_size: str,
+    grant_labels: bool,
+) -> Observation | str:
     """A curious client's view of a round: the estimated mean update of the others. Returns a
     one-line reason instead when it has nothing to attack (it took no part in the round, so
     it has no own update to subtract, or it would be alone)."""
@@ -214,15 +236,23 @@ def observe_curious_client(agg: RoundAggregate, own: InterceptedUpdate | None, c
     # each client's local steps used
     counts = [c for p, c in agg.contributors if p != curious_client]
     images = sum(counts) if cfg.mode == "fedsgd" else sum(cfg.images_for(c) for c in counts)
-    grants = (Grants(grant_labels, images, "granted") if grant_batch_size == "all"
-              else Grants(grant_labels, None, "none"))
+    grants = (
+        Grants(grant_labels, images, "granted") if grant_batch_size == "all" else Grants(grant_labels, None, "none")
+    )
     # it assumes the others hold as many images as it does itself
-    return Observation("client", agg.server_round, _weights(agg.before), _as_update(others, kind, cfg, own.num_examples),
-                       grants, RefereeKey(targets, "post-hoc"))
+    return Observation(
+        "client",
+        agg.server_round,
+        _weights(agg.before),
+        _as_update(others, kind, cfg, own.num_examples),
+        grants,
+        RefereeKey(targets, "post-hoc"),
+    )
 
 
-def observe_secagg(agg: RoundAggregate, cfg: RunConfig, names: Sequence[str], *, grant_batch_size: str,
-                   grant_labels: bool) -> Observation:
+def observe_secagg(
+    agg: RoundAggregate, cfg: RunConfig, names: Sequence[str], *, grant_batch_size: str, grant_labels: bool
+) -> Observation:
     """The SecAgg+ server's view of a round: the mean update of everyone, and the clients'
     clear-text example counts."""
     mean, kind = _mean_update(agg, cfg, names)
@@ -233,8 +263,9 @@ def observe_secagg(agg: RoundAggregate, cfg: RunConfig, names: Sequence[str], *,
     else:
         grants = Grants(grant_labels, images, "clear-counts" if grant_batch_size == "observed" else "granted")
     update = _as_update(mean, kind, cfg, max(counts, default=1))
-    return Observation("secagg", agg.server_round, _weights(agg.before), update, grants,
-                       RefereeKey(agg.partition_ids, "post-hoc"))
+    return Observation(
+        "secagg", agg.server_round, _weights(agg.before), update, grants, RefereeKey(agg.partition_ids, "post-hoc")
+    )
 
 
 def observe_active(u: InterceptedUpdate, cfg: RunConfig, names: Sequence[str], *, grant_labels: bool) -> Observation:
@@ -244,13 +275,19 @@ def observe_active(u: InterceptedUpdate, cfg: RunConfig, names: Sequence[str], *
     steps = 1 if u.kind == "gradient" else cfg.steps_for(u.num_examples)
     update = update_of(u.sent, u.reply, u.kind, names, lr=cfg.lr, local_steps=steps)
     images = u.num_examples if u.kind == "gradient" else cfg.images_for(u.num_examples)
-    return Observation("active", u.server_round, _weights(u.sent), update,
-                       Grants(grant_labels, images, "reply" if u.kind == "gradient" else "config"),
-                       RefereeKey((u.partition_id,), "direct"))
+    return Observation(
+        "active",
+        u.server_round,
+        _weights(u.sent),
+        update,
+        Grants(grant_labels, images, "reply" if u.kind == "gradient" else "config"),
+        RefereeKey((u.partition_id,), "direct"),
+    )
 
 
-def observe_active_secagg(agg: RoundAggregate, cfg: RunConfig, names: Sequence[str], *,
-                          grant_labels: bool) -> Observation:
+def observe_active_secagg(
+    agg: RoundAggregate, cfg: RunConfig, names: Sequence[str], *, grant_labels: bool
+) -> Observation:
     """The active server's view of a SecAgg+ round that sent its model (``agg.before``): the
     decoded mean update (``agg.update``; from the model step when it has none)."""
     names = list(agg.before) if set(agg.before) != set(names) else names  # an imprint block adds entries
@@ -262,8 +299,14 @@ def observe_active_secagg(agg: RoundAggregate, cfg: RunConfig, names: Sequence[s
     counts = [c for _, c in agg.contributors]
     images = sum(counts) if kind == "gradient" else sum(cfg.images_for(c) for c in counts)
     update = _as_update(tensors, kind, cfg, max(counts, default=1))
-    return Observation("active-secagg", agg.server_round, _weights(agg.before), update,
-                       Grants(grant_labels, images, "clear-counts"), RefereeKey(agg.partition_ids, "post-hoc"))
+    return Observation(
+        "active-secagg",
+        agg.server_round,
+        _weights(agg.before),
+        update,
+        Grants(grant_labels, images, "clear-counts"),
+        RefereeKey(agg.partition_ids, "post-hoc"),
+    )
 
 
 def with_imprint_block(cfg: RunConfig, state):
@@ -274,6 +317,6 @@ def with_imprint_block(cfg: RunConfig, state):
     base = build_model(cfg.model, data.input_shape, data.num_classes)
     if not isinstance(state, Mapping):  # unnamed arrays: the block's three come first when they are there
         keys = list(base.state_dict())
-        keys = ([*BLOCK_KEYS, *(f"1.{k}" for k in keys)] if len(state) == len(keys) + len(BLOCK_KEYS) else keys)
+        keys = [*BLOCK_KEYS, *(f"1.{k}" for k in keys)] if len(state) == len(keys) + len(BLOCK_KEYS) else keys
         state = dict(zip(keys, state))
     return data, load_model(base, state, data.input_shape)

@@ -78,22 +78,43 @@ BATCH_SIZE_GRANTS = ("observed", "all", "none")
 # With an attack, keys the user left unset take the papers' FedSGD setting: DLG's LeNet with its
 # U(-0.5, 0.5) initialisation (which R-GAP inverts too), one image per client update, and a run
 # short enough to finish in a few minutes on two cores.
-ATTACK_PRESET: dict[str, Any] = {"mode": "fedsgd", "batch-size": 1, "num-clients": 4, "num-server-rounds": 2,
-                                 "model": "lenet", "init": "paper"}
+ATTACK_PRESET: dict[str, Any] = {
+    "mode": "fedsgd",
+    "batch-size": 1,
+    "num-clients": 4,
+    "num-server-rounds": 2,
+    "model": "lenet",
+    "init": "paper",
+}
 # The demo (``python -m experiments.run`` with no --attack): a federation that trains while its
 # server spies. FedSGD with one image per client, so each reply is one sample's gradient (what
 # R-GAP inverts exactly, trained or not); 10 clients make each step a batch of 10, at a server
 # learning rate at which CNN6 passes 0.85 test accuracy on mnist5k within about 120 rounds
 # (measured over model seeds 0-2); 150 rounds of about 0.3 s; attacked in the first, middle and
 # last round. SecAgg+ (a second federation of 1.3 s rounds) is left to --observers all.
-DEMO_PRESET: dict[str, Any] = {"attack": "rgap", "mode": "fedsgd", "batch-size": 1, "num-clients": 10,
-                               "num-server-rounds": 150, "server-lr": 0.1, "model": "cnn6", "init": "kaiming",
-                               "attack-rounds": "spread", "observers": "server,client"}
+DEMO_PRESET: dict[str, Any] = {
+    "attack": "rgap",
+    "mode": "fedsgd",
+    "batch-size": 1,
+    "num-clients": 10,
+    "num-server-rounds": 150,
+    "server-lr": 0.1,
+    "model": "cnn6",
+    "init": "kaiming",
+    "attack-rounds": "spread",
+    "observers": "server,client",
+}
 # With the active observer named, keys left unset take the setting of the issue's target: FedSGD
 # with 16 images per client and 4 clients (64 images in a SecAgg+ aggregate), on the fully
 # connected model whose first layer holds the weights-only imprint.
-ACTIVE_PRESET: dict[str, Any] = {"mode": "fedsgd", "batch-size": 16, "num-clients": 4, "num-server-rounds": 2,
-                                 "model": "mlp", "init": "torch"}
+ACTIVE_PRESET: dict[str, Any] = {
+    "mode": "fedsgd",
+    "batch-size": 16,
+    "num-clients": 4,
+    "num-server-rounds": 2,
+    "model": "mlp",
+    "init": "torch",
+}
 PRESETS = {"paper": ATTACK_PRESET, "demo": DEMO_PRESET, "active": ACTIVE_PRESET}
 # The most images one attacked update may hold: an attack optimises one dummy image per image
 # (Inverting Gradients on 32 CIFAR images in 3 local steps: 200 s on one core).
@@ -173,6 +194,7 @@ class AttackPlan:
     ``time_limit``: seconds after which an optimisation attack (DLG, iDLG, Inverting
     Gradients) stops with its best image so far, status ``time_limit`` (0: none; R-GAP is
     analytic and has none)."""
+
     attacks: tuple[str, ...]
     observers: tuple[str, ...] = ("server", "client", "secagg")
     rounds: frozenset[int] | None = frozenset({1})
@@ -207,6 +229,7 @@ class AttackPlan:
 @dataclass(frozen=True)
 class ExperimentPlan:
     """The federation's settings and, for an attacked run, the :class:`AttackPlan`."""
+
     fed: RunConfig
     attack: AttackPlan | None = None
     resume: bool = False  # continue the run in ``fed.out_dir`` (an invocation setting, not the experiment's)
@@ -214,8 +237,9 @@ class ExperimentPlan:
     # ---- building -------------------------------------------------------------------------
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], *, engine: Engine = "simulation",
-                     preset: str | None = None) -> "ExperimentPlan":
+    def from_mapping(
+        cls, values: Mapping[str, Any], *, engine: Engine = "simulation", preset: str | None = None
+    ) -> "ExperimentPlan":
         """The plan of a flat mapping of run-config keys (``batch-size`` or ``batch_size``).
         Keys not given take ``preset``'s values (:data:`PRESETS`) and then their defaults;
         with no preset, a named attack brings the papers' FedSGD setting
@@ -243,8 +267,11 @@ class ExperimentPlan:
             # an attack setting given without an attack has no effect: say so rather than ignore it
             for key, default in _ATTACK_DEFAULTS.items():
                 if key != "attack" and key in given and str(given[key]).strip().lower() != str(default).strip().lower():
-                    raise ConfigError(key, "has no effect without an attack: name one (attack = rgap, dlg, idlg, ig "
-                                           "or all) or leave it out")
+                    raise ConfigError(
+                        key,
+                        "has no effect without an attack: name one (attack = rgap, dlg, idlg, ig "
+                        "or all) or leave it out",
+                    )
         if attacks or active:
             attack = AttackPlan(
                 attacks=tuple(attacks),
@@ -273,22 +300,24 @@ class ExperimentPlan:
         out.update(self.fed.to_flower())
         a = self.attack
         if a is not None:
-            out.update({
-                "attack": ",".join(a.attacks),
-                "observers": ",".join(a.observers),
-                "attack-rounds": "all" if a.rounds is None else ",".join(map(str, sorted(a.rounds))),
-                "attack-clients": "all" if a.clients is None else ",".join(map(str, sorted(a.clients))),
-                "max-attacks-per-round": a.max_per_round,
-                "curious-client": a.curious_client,
-                "attack-workers": a.workers,
-                "defer-attacks": a.defer,
-                "grant-batch-size": a.grant_batch_size,
-                "grant-labels": a.grant_labels,
-                "grant-batch-order": a.grant_order,
-                "attack-time-limit": a.time_limit,
-                "active-attack": a.active,
-                "active-bins": a.active_bins,
-            })
+            out.update(
+                {
+                    "attack": ",".join(a.attacks),
+                    "observers": ",".join(a.observers),
+                    "attack-rounds": "all" if a.rounds is None else ",".join(map(str, sorted(a.rounds))),
+                    "attack-clients": "all" if a.clients is None else ",".join(map(str, sorted(a.clients))),
+                    "max-attacks-per-round": a.max_per_round,
+                    "curious-client": a.curious_client,
+                    "attack-workers": a.workers,
+                    "defer-attacks": a.defer,
+                    "grant-batch-size": a.grant_batch_size,
+                    "grant-labels": a.grant_labels,
+                    "grant-batch-order": a.grant_order,
+                    "attack-time-limit": a.time_limit,
+                    "active-attack": a.active,
+                    "active-bins": a.active_bins,
+                }
+            )
         else:
             out["attack"] = "none"
         return out
@@ -307,36 +336,61 @@ class ExperimentPlan:
         if not a.observers:
             raise ConfigError("observers", "name at least one observer")
         if a.attacks and not a.passive:
-            raise ConfigError("attack", f"{a.attacks[0]} attacks what a passive observer sees, and the only observer is "
-                                        "the active server: add server, client or secagg, or use --attack none")
+            raise ConfigError(
+                "attack",
+                f"{a.attacks[0]} attacks what a passive observer sees, and the only observer is "
+                "the active server: add server, client or secagg, or use --attack none",
+            )
         if a.active not in ACTIVE_ATTACKS:
-            raise ConfigError("active-attack", f"unknown active attack {a.active!r}: choose from {', '.join(ACTIVE_ATTACKS)}")
+            raise ConfigError(
+                "active-attack", f"unknown active attack {a.active!r}: choose from {', '.join(ACTIVE_ATTACKS)}"
+            )
         if a.is_active and a.active == "imprint-block":
             if engine != "simulation":
-                raise ConfigError("active-attack", "imprint-block changes the model's architecture, so the clients must run "
-                                                   "the server's ClientApp (experiments.apps.client_app:imprint_app), which "
-                                                   "python -m experiments.run ships; a deployment runs pyproject's clientapp")
-        if not a.is_active and (a.active, a.active_bins) != (_ATTACK_DEFAULTS["active-attack"], _ATTACK_DEFAULTS["active-bins"]):
-            raise ConfigError("active-attack" if a.active != _ATTACK_DEFAULTS["active-attack"] else "active-bins",
-                              "has no effect without the active observer (--observers active)")
+                raise ConfigError(
+                    "active-attack",
+                    "imprint-block changes the model's architecture, so the clients must run "
+                    "the server's ClientApp (experiments.apps.client_app:imprint_app), which "
+                    "python -m experiments.run ships; a deployment runs pyproject's clientapp",
+                )
+        if not a.is_active and (a.active, a.active_bins) != (
+            _ATTACK_DEFAULTS["active-attack"],
+            _ATTACK_DEFAULTS["active-bins"],
+        ):
+            raise ConfigError(
+                "active-attack" if a.active != _ATTACK_DEFAULTS["active-attack"] else "active-bins",
+                "has no effect without the active observer (--observers active)",
+            )
         if a.grant_order and c.mode != "fedavg":
-            raise ConfigError("grant-batch-order", "a FedSGD update is one batch: there is no order of local batches to "
-                                                   "grant (use mode fedavg)")
+            raise ConfigError(
+                "grant-batch-order",
+                "a FedSGD update is one batch: there is no order of local batches to grant (use mode fedavg)",
+            )
         if a.grant_batch_size not in BATCH_SIZE_GRANTS:
-            raise ConfigError("grant-batch-size", f"unknown policy {a.grant_batch_size!r}: choose one of "
-                                                  f"{', '.join(BATCH_SIZE_GRANTS)}")
+            raise ConfigError(
+                "grant-batch-size",
+                f"unknown policy {a.grant_batch_size!r}: choose one of {', '.join(BATCH_SIZE_GRANTS)}",
+            )
         per_round = c.clients_per_round()
         if "client" in a.observers:
             if per_round < 3:
-                raise ConfigError("observers", f"the curious-client observer needs >= 3 clients per round, this run has "
-                                               f"{per_round} (with 2, subtracting its own update leaves the other "
-                                               "client's update exactly)")
+                raise ConfigError(
+                    "observers",
+                    f"the curious-client observer needs >= 3 clients per round, this run has "
+                    f"{per_round} (with 2, subtracting its own update leaves the other "
+                    "client's update exactly)",
+                )
             if not 0 <= a.curious_client < c.num_clients:
-                raise ConfigError("curious-client", f"{a.curious_client} is not a partition id (0..{c.num_clients - 1})")
+                raise ConfigError(
+                    "curious-client", f"{a.curious_client} is not a partition id (0..{c.num_clients - 1})"
+                )
         if "secagg" in a.observers:
             if engine != "simulation":
-                raise ConfigError("observers", "the secagg observer runs only under python -m experiments.run (its "
-                                               "SecAgg+ apps are Flower's legacy ones, not this deployment's app)")
+                raise ConfigError(
+                    "observers",
+                    "the secagg observer runs only under python -m experiments.run (its "
+                    "SecAgg+ apps are Flower's legacy ones, not this deployment's app)",
+                )
             if per_round < 2:
                 raise ConfigError("observers", f"SecAgg+ needs >= 2 clients per round, this run has {per_round}")
         if a.rounds is not None:
@@ -358,8 +412,14 @@ class ExperimentPlan:
             raise ConfigError("num-clients", f"{c.num_clients} clients for {len(data.train_y)} training images")
         key = {"dirichlet": "alpha", "pathological": "classes-per-client"}.get(c.partition, "partition")
         try:
-            parts = partition(data.train_y, c.num_clients, c.partition, alpha=c.alpha,
-                              classes_per_client=c.classes_per_client, seed=c.seed)
+            parts = partition(
+                data.train_y,
+                c.num_clients,
+                c.partition,
+                alpha=c.alpha,
+                classes_per_client=c.classes_per_client,
+                seed=c.seed,
+            )
         except ValueError as exc:
             raise ConfigError(key, str(exc)) from None
         empty = [i for i, p in enumerate(parts) if len(p) == 0]
@@ -368,8 +428,13 @@ class ExperimentPlan:
         if self.attack is not None and self.attack.is_active:
             model = build_model(c.model, data.input_shape, data.num_classes)
             try:  # the construction on stand-in public images: does the model hold it?
-                construct(self.attack.active, model, data.input_shape, torch.rand(4, *data.input_shape),
-                          self.attack.active_bins)
+                construct(
+                    self.attack.active,
+                    model,
+                    data.input_shape,
+                    torch.rand(4, *data.input_shape),
+                    self.attack.active_bins,
+                )
             except ValueError as exc:
                 key = "active-bins" if "bins do not fit" in str(exc) else "model"
                 raise ConfigError(key, f"the active server's imprint: {exc}") from None
@@ -378,10 +443,12 @@ class ExperimentPlan:
             images = c.images_for(held)
             if images > MAX_UPDATE_IMAGES:
                 steps = c.steps_for(held)
-                raise ConfigError("local-steps" if c.local_steps else "local-epochs",
-                                  f"a client's FedAvg update would hold {images} images ({steps} local steps of "
-                                  f"{c.batch_size}): the attacks reconstruct at most {MAX_UPDATE_IMAGES} per update "
-                                  "(set --local-steps, e.g. 5, or fewer images per client)")
+                raise ConfigError(
+                    "local-steps" if c.local_steps else "local-epochs",
+                    f"a client's FedAvg update would hold {images} images ({steps} local steps of "
+                    f"{c.batch_size}): the attacks reconstruct at most {MAX_UPDATE_IMAGES} per update "
+                    "(set --local-steps, e.g. 5, or fewer images per client)",
+                )
         return data
 
     # ---- what the rules decide ------------------------------------------------------------
@@ -423,10 +490,15 @@ def _attack_list(text: Any, cfg: RunConfig) -> list[str]:
     known = attack_names()
     bad = [n for n in names if n not in known]
     if bad or "none" in names:
-        raise ConfigError("attack", f"unknown attack {(bad or ['none'])[0]!r}: choose from {', '.join(known)}, all or none")
+        raise ConfigError(
+            "attack", f"unknown attack {(bad or ['none'])[0]!r}: choose from {', '.join(known)}, all or none"
+        )
     if "rgap" in names and not one_step(cfg):
-        raise ConfigError("attack", "rgap inverts one sample's gradient, and a FedAvg update of several local steps is "
-                                    "not one: use ig, dlg or idlg (or --local-steps 1)")
+        raise ConfigError(
+            "attack",
+            "rgap inverts one sample's gradient, and a FedAvg update of several local steps is "
+            "not one: use ig, dlg or idlg (or --local-steps 1)",
+        )
     return list(dict.fromkeys(names))
 
 
@@ -437,8 +509,9 @@ def _rounds(text: Any, num_rounds: int) -> frozenset[int] | None:
     try:
         return _ints("attack-rounds", text)
     except ConfigError:
-        raise ConfigError("attack-rounds", f"expected comma-separated integers, 'all' or 'spread', got "
-                                           f"{str(text).strip()!r}") from None
+        raise ConfigError(
+            "attack-rounds", f"expected comma-separated integers, 'all' or 'spread', got {str(text).strip()!r}"
+        ) from None
 
 
 def _observer_list(text: Any, engine: Engine) -> list[str]:

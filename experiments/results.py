@@ -31,9 +31,27 @@ import pandas as pd
 __all__ = ["RESULT_FIELDS", "UNSCORED", "ResultsWriter", "blank_row", "read_results"]
 
 RESULT_FIELDS = [
-    "round", "client", "observer", "attack", "psnr", "ssim", "mse", "label_acc", "images", "recovered",
-    "batch_size_used", "labels_granted", "batch_size_granted", "batch_size_source", "local_steps", "order_granted",
-    "attribution", "bins", "seconds", "status", "reason",
+    "round",
+    "client",
+    "observer",
+    "attack",
+    "psnr",
+    "ssim",
+    "mse",
+    "label_acc",
+    "images",
+    "recovered",
+    "batch_size_used",
+    "labels_granted",
+    "batch_size_granted",
+    "batch_size_source",
+    "local_steps",
+    "order_granted",
+    "attribution",
+    "bins",
+    "seconds",
+    "status",
+    "reason",
 ]
 UNSCORED = ("error", "missing", "invalid", "skipped", "interrupted")
 
@@ -41,8 +59,18 @@ UNSCORED = ("error", "missing", "invalid", "skipped", "interrupted")
 def blank_row(server_round: int, client: int, observer: str, attack: str, **values: Any) -> dict[str, Any]:
     """A row with no score yet; ``values`` fill in the rest."""
     row: dict[str, Any] = {k: "" for k in RESULT_FIELDS}
-    row.update(round=server_round, client=client, observer=observer, attack=attack, psnr=math.nan, ssim=math.nan,
-               mse=math.nan, label_acc=math.nan, seconds=0.0, status="ok")
+    row.update(
+        round=server_round,
+        client=client,
+        observer=observer,
+        attack=attack,
+        psnr=math.nan,
+        ssim=math.nan,
+        mse=math.nan,
+        label_acc=math.nan,
+        seconds=0.0,
+        status="ok",
+    )
     row.update(values)
     return row
 

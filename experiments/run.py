@@ -6,7 +6,7 @@ spying server.
     python -m experiments.run --preset demo --attack all --observers server   # every attack in the demo's setting
     python -m experiments.run --mode fedavg --local-steps 5 --attack ig       # a FedAvg update of 5 local steps
     python -m experiments.run --attack none         # plain training: 10 clients, FedAvg
-    python -m experiments.run --attack none --observers active,secagg   # a malicious server's imprint, through SecAgg+ too
+    python -m experiments.run --attack none --observers active,secagg   # the active server, through SecAgg+ too
     python -m experiments.run --faulty-client 1:nan --faulty-client 2:shape   # what a run survives
     python -m experiments.run --out runs/x --resume # continue a run that was stopped
 
@@ -59,22 +59,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="python -m experiments.run",
         description="Train a CNN across simulated Flower clients on real images, optionally with a spying server, "
-                    "and write a run folder.",
+        "and write a run folder.",
     )
     add_plan_arguments(p, demo=True)
-    p.add_argument("--preset", choices=list(PRESETS), default=None,
-                   help="the setting under the flags given: demo (the default without --attack) or paper (the "
-                        "default with --attack)")
+    p.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        default=None,
+        help="the setting under the flags given: demo (the default without --attack) or paper (the "
+        "default with --attack)",
+    )
     folder = p.add_argument_group("the run folder")
     folder.add_argument("--out", default=None, help="run folder (default: a new runs/<date>-<time>)")
     how = folder.add_mutually_exclusive_group()
-    how.add_argument("--resume", action="store_true",
-                     help="continue the run in --out after its last finished round (its settings, unless given)")
+    how.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out after its last finished round (its settings, unless given)",
+    )
     how.add_argument("--overwrite", action="store_true", help="empty the run folder --out first")
-    p.add_argument("--engine", choices=ENGINES, default=None,
-                   help="where the simulated federation runs: ray (Flower's simulation engine) or inprocess (the real "
-                        "ServerApp and ClientApps in this process, no Ray start: for small runs); default: "
-                        "$FL_SIM_ENGINE, else ray. Same results for the same seed")
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=None,
+        help="where the simulated federation runs: ray (Flower's simulation engine) or inprocess (the real "
+        "ServerApp and ClientApps in this process, no Ray start: for small runs); default: "
+        "$FL_SIM_ENGINE, else ray. Same results for the same seed",
+    )
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     return p
 
@@ -146,30 +157,54 @@ def _run(plan, data, verbose: bool, engine: str) -> int:
         f"{data.input_shape}), model [bold]{c.model}[/], {c.num_clients} clients, batch size {c.batch_size}, "
         f"{c.partition} partition, {c.num_server_rounds} rounds"
         + (f"; attacks {', '.join(a.attacks)} for observers {', '.join(a.passive)}" if a and a.attacks else "")
-        + (f"; an active server ({a.active}, {a.active_bins} bins) in rounds "
-           f"{'all' if a.rounds is None else ','.join(map(str, sorted(a.rounds)))}" if a and a.is_active else "")
+        + (
+            f"; an active server ({a.active}, {a.active_bins} bins) in rounds "
+            f"{'all' if a.rounds is None else ','.join(map(str, sorted(a.rounds)))}"
+            if a and a.is_active
+            else ""
+        )
         + (f"; faulty clients {c.faulty_clients}" if c.faulty_clients else "")
-        + (" (resumed)" if plan.resume else "") + f" -> {c.out_dir}"
+        + (" (resumed)" if plan.resume else "")
+        + f" -> {c.out_dir}"
     )
-    with Progress(
-        TextColumn("[progress.description]{task.description:8s}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console, transient=False,
-    ) as progress, StopOnSignal(on_signal=lambda s: console.print(
-            "[yellow]stopping[/]: the round in flight is abandoned; what finished stays in the run folder "
-            "(again to kill at once)")) as stopper:
+    with (
+        Progress(
+            TextColumn("[progress.description]{task.description:8s}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        ) as progress,
+        StopOnSignal(
+            on_signal=lambda s: console.print(
+                "[yellow]stopping[/]: the round in flight is abandoned; what finished stays in the run folder "
+                "(again to kill at once)"
+            )
+        ) as stopper,
+    ):
         task = progress.add_task("rounds", total=c.num_server_rounds, status=f"starting the federation ({engine}) ...")
         attack_task = progress.add_task("attacks", total=None, status="") if a else None
 
         def on_row(row: dict) -> None:
             runner = experiment.runner
-            progress.update(attack_task, total=runner.submitted, completed=runner.completed,
-                            status=f"last: {row['observer']}/{row['attack']} client {row['client']} "
-                                   f"{float(row['psnr']):.1f} dB {row['status']}")
+            progress.update(
+                attack_task,
+                total=runner.submitted,
+                completed=runner.completed,
+                status=f"last: {row['observer']}/{row['attack']} client {row['client']} "
+                f"{float(row['psnr']):.1f} dB {row['status']}",
+            )
 
         def on_round(phase: str, row: dict) -> None:
             label = "SecAgg+ " if phase == "secagg" else ""
-            progress.update(task, completed=row["round"], description="secagg" if phase == "secagg" else "rounds",
-                            status=f"{label}test acc {float(row['test_accuracy']):.3f}  loss {float(row['test_loss']):.3f}")
+            progress.update(
+                task,
+                completed=row["round"],
+                description="secagg" if phase == "secagg" else "rounds",
+                status=f"{label}test acc {float(row['test_accuracy']):.3f}  loss {float(row['test_loss']):.3f}",
+            )
             if attack_task is not None:
                 progress.update(attack_task, total=experiment.runner.submitted, completed=experiment.runner.completed)
 
@@ -182,22 +217,30 @@ def _run(plan, data, verbose: bool, engine: str) -> int:
                 secagg_client_app = imprint_secagg_app if client_app is imprint_app else secagg_app
 
                 progress.update(task, completed=0, description="secagg", status="starting the SecAgg+ run ...")
-                run_apps(experiment.secagg_server_app(), secagg_client_app, c.num_clients, verbose=verbose,
-                         engine=engine)
+                run_apps(
+                    experiment.secagg_server_app(), secagg_client_app, c.num_clients, verbose=verbose, engine=engine
+                )
         except Exception as exc:  # noqa: BLE001 - Flower or Ray failed: still write what finished
             crash = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
         if a:
-            progress.update(task, status="waiting for the attacks in flight ..." if not experiment.stopped else "stopped")
+            progress.update(
+                task, status="waiting for the attacks in flight ..." if not experiment.stopped else "stopped"
+            )
         summary = experiment.finish()
         if attack_task is not None:
             progress.update(attack_task, total=experiment.runner.submitted, completed=experiment.runner.completed)
     _print_tables(experiment, summary, console)
     if experiment.stopped:
-        console.print(f"stopped: finished rounds and attacks are in {c.out_dir} (--resume continues the run)", soft_wrap=True)
+        console.print(
+            f"stopped: finished rounds and attacks are in {c.out_dir} (--resume continues the run)", soft_wrap=True
+        )
         return stopper.exit_code
     if crash or experiment.failure:
-        console.print(f"[red]the run failed[/]: {crash or experiment.failure}; see {c.out_dir} "
-                      "(rerun with --verbose for Flower's logs)", soft_wrap=True)
+        console.print(
+            f"[red]the run failed[/]: {crash or experiment.failure}; see {c.out_dir} "
+            "(rerun with --verbose for Flower's logs)",
+            soft_wrap=True,
+        )
         return 1
     console.print(f"run folder: {c.out_dir}", soft_wrap=True)
     return 0
@@ -210,8 +253,12 @@ def _print_tables(experiment, summary, console) -> None:
         for col in ("round", "train_loss", "test_loss", "test_accuracy", "aggregated", "dropped", "seconds"):
             table.add_column(col, justify="right")
         for r in rows:
-            table.add_row(*(str(r.get(k, "")) if not isinstance(r.get(k), float) else f"{r[k]:.4f}"
-                            for k in ("round", "train_loss", "test_loss", "test_accuracy", "aggregated", "dropped", "seconds")))
+            table.add_row(
+                *(
+                    str(r.get(k, "")) if not isinstance(r.get(k), float) else f"{r[k]:.4f}"
+                    for k in ("round", "train_loss", "test_loss", "test_accuracy", "aggregated", "dropped", "seconds")
+                )
+            )
         console.print(table)
     if experiment.plan.attack is None or summary.empty:
         return
@@ -219,10 +266,17 @@ def _print_tables(experiment, summary, console) -> None:
     for col in ("observer", "attack", "rows", "PSNR dB", "SSIM", "labels", "recovered", "batch size told", "errors"):
         table.add_column(col, justify="right")
     for r in summary.itertuples():
-        table.add_row(r.observer, r.attack, str(r.n), f"{r.median_psnr:.1f}", f"{r.median_ssim:.3f}",
-                      "granted" if r.labels == "granted" else "-" if r.label_acc != r.label_acc else f"{r.label_acc:.2f}",
-                      f"{r.recovered}/{r.images}",
-                      r.batch_size, str(r.errors + r.unscored))
+        table.add_row(
+            r.observer,
+            r.attack,
+            str(r.n),
+            f"{r.median_psnr:.1f}",
+            f"{r.median_ssim:.3f}",
+            "granted" if r.labels == "granted" else "-" if r.label_acc != r.label_acc else f"{r.label_acc:.2f}",
+            f"{r.recovered}/{r.images}",
+            r.batch_size,
+            str(r.errors + r.unscored),
+        )
     console.print(table)
     console.print(f"results: {experiment.runner.csv_path}, summary: {experiment.out / 'summary.md'}")
 

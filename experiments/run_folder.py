@@ -66,8 +66,14 @@ class RunFolder:
         self._lock_file = lock_file
 
     @classmethod
-    def claim(cls, path: str | Path | None, mode: Literal["new", "resume", "overwrite"], config: Mapping[str, Any],
-              *, default_prefix: str = "") -> "RunFolder":
+    def claim(
+        cls,
+        path: str | Path | None,
+        mode: Literal["new", "resume", "overwrite"],
+        config: Mapping[str, Any],
+        *,
+        default_prefix: str = "",
+    ) -> "RunFolder":
         """Claim ``path`` (None: a new default folder) for a run of ``config`` (the plan's
         mapping); see the module docstring. Raises :class:`RunFolderError`."""
         if path is None:
@@ -81,8 +87,10 @@ class RunFolder:
         is_run = (folder / "config.json").is_file()
         busy = folder.is_dir() and any(p.name != LOCK for p in folder.iterdir())
         if mode == "new" and busy:
-            raise RunFolderError(f"run folder {folder} is not empty: pass --resume to continue the run in it, "
-                                 "--overwrite to replace it, or another --out")
+            raise RunFolderError(
+                f"run folder {folder} is not empty: pass --resume to continue the run in it, "
+                "--overwrite to replace it, or another --out"
+            )
         # a run of the SecAgg+ observer alone keeps its config in secagg/ (experiment.SECAGG_DIR)
         if mode == "overwrite" and busy and not (is_run or (folder / "secagg" / "config.json").is_file()):
             raise RunFolderError(f"{folder} is not empty and holds no run (no config.json): not deleting it")
@@ -96,12 +104,16 @@ class RunFolder:
             diff = _differences(old, config)
             if diff:
                 k = diff[0]
-                raise RunFolderError(f"cannot resume {folder}: its run has {k}={old.get(k)!r}, this one {config.get(k)!r}"
-                                     + (f" (and {len(diff) - 1} more differences)" if len(diff) > 1 else ""))
+                raise RunFolderError(
+                    f"cannot resume {folder}: its run has {k}={old.get(k)!r}, this one {config.get(k)!r}"
+                    + (f" (and {len(diff) - 1} more differences)" if len(diff) > 1 else "")
+                )
             done = _last_round(folder / "rounds.csv")
             if done > int(config.get("num-server-rounds", 0)):
-                raise RunFolderError(f"cannot resume {folder} with fewer rounds ({config.get('num-server-rounds')}) than it "
-                                     f"has finished ({done})")
+                raise RunFolderError(
+                    f"cannot resume {folder} with fewer rounds ({config.get('num-server-rounds')}) than it "
+                    f"has finished ({done})"
+                )
         try:
             folder.mkdir(parents=True, exist_ok=True)
             lock_file = (folder / LOCK).open("a+")

@@ -62,6 +62,7 @@ TIMED = ("dlg", "idlg", "ig")  # the optimisation attacks, which take a time lim
 @dataclass(frozen=True)
 class AttackJob:
     """One attack on one observation."""
+
     observation: Observation
     attack: str
     seed: int
@@ -76,10 +77,14 @@ class AttackJob:
 def _rows(job: AttackJob, **values: Any) -> list[dict[str, Any]]:
     o = job.observation
     g = o.grants
-    common = dict(labels_granted=g.labels, batch_size_granted=g.batch_size is not None,
-                  batch_size_source=g.batch_size_source, attribution=o.key.attribution,
-                  local_steps=o.update.local_steps if o.update.kind == "weight_delta" else 0,
-                  order_granted=g.order)
+    common = dict(
+        labels_granted=g.labels,
+        batch_size_granted=g.batch_size is not None,
+        batch_size_source=g.batch_size_source,
+        attribution=o.key.attribution,
+        local_steps=o.update.local_steps if o.update.kind == "weight_delta" else 0,
+        order_granted=g.order,
+    )
     return [blank_row(o.server_round, pid, o.observer, job.attack, **common, **values) for pid in o.key.targets]
 
 
@@ -111,13 +116,24 @@ def run_job(job: AttackJob, cfg: RunConfig) -> tuple[list[dict[str, Any]], dict[
         seconds = round(time.perf_counter() - start, 3)
         by_client = {c.client: c for c in clients}
         rows = []
-        for row in _rows(job, seconds=seconds, status=res.status, batch_size_used=int(res.images.shape[0]),
-                         bins=res.diagnostics.get("bins", "")):
+        for row in _rows(
+            job,
+            seconds=seconds,
+            status=res.status,
+            batch_size_used=int(res.images.shape[0]),
+            bins=res.diagnostics.get("bins", ""),
+        ):
             c = by_client[row["client"]]
-            row.update(psnr=c.psnr, ssim=c.ssim, mse=c.mse, label_acc=c.label_acc, images=c.images, recovered=c.recovered)
+            row.update(
+                psnr=c.psnr, ssim=c.ssim, mse=c.mse, label_acc=c.label_acc, images=c.images, recovered=c.recovered
+            )
             rows.append(row)
-        images = {"truth": truth.images, "recon": ordered, "owners": torch.tensor(truth.owners),
-                  "psnr": torch.tensor([r["psnr"] for r in per_image], dtype=torch.float64)}
+        images = {
+            "truth": truth.images,
+            "recon": ordered,
+            "owners": torch.tensor(truth.owners),
+            "psnr": torch.tensor([r["psnr"] for r in per_image], dtype=torch.float64),
+        }
         return rows, images
     except Exception as exc:  # noqa: BLE001 - a failed attack is a row, and training goes on
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
@@ -161,8 +177,14 @@ class AttackRunner:
     ``close()`` runs what was deferred and waits; ``stop()`` abandons what has not finished
     (rows with status ``interrupted``) and stops the workers.
     """
-    def __init__(self, plan: ExperimentPlan, out_dir: str | Path,
-                 on_row: Callable[[dict[str, Any]], None] | None = None, stop: threading.Event | None = None) -> None:
+
+    def __init__(
+        self,
+        plan: ExperimentPlan,
+        out_dir: str | Path,
+        on_row: Callable[[dict[str, Any]], None] | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
         if plan.attack is None:
             raise ValueError("an attack runner needs a plan with attacks")
         self.plan = plan
@@ -211,8 +233,14 @@ class AttackRunner:
         data = load_dataset(self.cfg.dataset, self.cfg.data_root)
         model = build_model(self.cfg.model, data.input_shape, data.num_classes)
         model.load_state_dict(honest)
-        built = construct(self.attack.active, model, data.input_shape, to_float(data.test_x), self.attack.active_bins,
-                          seed=self.cfg.seed)
+        built = construct(
+            self.attack.active,
+            model,
+            data.input_shape,
+            to_float(data.test_x),
+            self.attack.active_bins,
+            seed=self.cfg.seed,
+        )
         return built.state_dict()
 
     def on_update(self, update: InterceptedUpdate) -> None:
@@ -220,35 +248,53 @@ class AttackRunner:
         server's model, received it)."""
         if update.replaced:
             if self.attack.is_active and self._wanted(update.server_round, update.partition_id, "active"):
-                self._submit(observe_active(update, self.cfg, self.param_names, grant_labels=self.attack.grant_labels),
-                             (self.attack.active,))
+                self._submit(
+                    observe_active(update, self.cfg, self.param_names, grant_labels=self.attack.grant_labels),
+                    (self.attack.active,),
+                )
             return
         if update.partition_id == self.attack.curious_client:
             self._own = {update.server_round: update}
         if "server" in self.attack.observers and self._wanted(update.server_round, update.partition_id, "server"):
-            self._submit(observe_server(update, self.cfg, self.param_names, **self._grants(),
-                                        grant_order=self.attack.grant_order))
+            self._submit(
+                observe_server(
+                    update, self.cfg, self.param_names, **self._grants(), grant_order=self.attack.grant_order
+                )
+            )
 
     def on_aggregate(self, agg: RoundAggregate, observer: str) -> None:
         """A round's aggregate, seen by ``observer`` (``client`` or ``secagg``); a SecAgg+ round
         that sent the active server's model goes to the active server (``active-secagg``)."""
         if agg.replaced:
             if observer == "secagg" and self.attack.is_active and self._count(agg.server_round, "active-secagg"):
-                self._submit(observe_active_secagg(agg, self.cfg, self.param_names, grant_labels=self.attack.grant_labels),
-                             (self.attack.active,))
+                self._submit(
+                    observe_active_secagg(agg, self.cfg, self.param_names, grant_labels=self.attack.grant_labels),
+                    (self.attack.active,),
+                )
             return
         if observer not in self.attack.observers or not self.attack.attacked(agg.server_round):
             return
         if observer == "client":
-            obs = observe_curious_client(agg, self._own.get(agg.server_round), self.cfg, self.param_names,
-                                         curious_client=self.attack.curious_client, **self._grants())
+            obs = observe_curious_client(
+                agg,
+                self._own.get(agg.server_round),
+                self.cfg,
+                self.param_names,
+                curious_client=self.attack.curious_client,
+                **self._grants(),
+            )
         else:
             obs = observe_secagg(agg, self.cfg, self.param_names, **self._grants())
         if isinstance(obs, str):
             log.warning("round %s: the %s observer has nothing to attack: %s", agg.server_round, observer, obs)
             others = [p for p in agg.partition_ids if p != self.attack.curious_client] or [-1]
-            self._record([blank_row(agg.server_round, p, observer, a, status="skipped", reason=obs)
-                          for p in others for a in self.attack.attacks])
+            self._record(
+                [
+                    blank_row(agg.server_round, p, observer, a, status="skipped", reason=obs)
+                    for p in others
+                    for a in self.attack.attacks
+                ]
+            )
             return
         if self.attack.clients is not None and not set(obs.key.targets) & self.attack.clients:
             return
@@ -261,12 +307,25 @@ class AttackRunner:
         if not self.attack.attacked(d.server_round, d.partition_id):
             return
         # an attacked round is the active server's when it is named (it sent its own model)
-        observer, attacks = ("active", (self.attack.active,)) if self.attack.is_active else ("server", self.attack.attacks)
+        observer, attacks = (
+            ("active", (self.attack.active,)) if self.attack.is_active else ("server", self.attack.attacks)
+        )
         if observer not in self.attack.observers:
             return
         status = "missing" if d.status == "missing" else "invalid"
-        self._record([blank_row(d.server_round, d.partition_id, observer, a, status=status,
-                                reason=f"node {d.node_id}: {d.status}: {d.reason}") for a in attacks])
+        self._record(
+            [
+                blank_row(
+                    d.server_round,
+                    d.partition_id,
+                    observer,
+                    a,
+                    status=status,
+                    reason=f"node {d.node_id}: {d.status}: {d.reason}",
+                )
+                for a in attacks
+            ]
+        )
 
     # ---- jobs ----------------------------------------------------------------------------
 
@@ -282,7 +341,9 @@ class AttackRunner:
 
     def _submit(self, obs: Observation, attacks: tuple[str, ...] | None = None) -> None:
         for attack in self.attack.attacks if attacks is None else attacks:
-            job = AttackJob(obs, attack, seed=self.cfg.seed * 1000 + obs.server_round, time_limit=self.plan.attack.time_limit)
+            job = AttackJob(
+                obs, attack, seed=self.cfg.seed * 1000 + obs.server_round, time_limit=self.plan.attack.time_limit
+            )
             with self._lock:
                 if self._stopping:
                     continue
@@ -311,7 +372,10 @@ class AttackRunner:
             try:
                 rows, images = fut.result()
             except Exception as exc:  # noqa: BLE001 - the worker died: still a row
-                rows, images = _rows(job, status="error", reason=f"worker failed: {type(exc).__name__}: {exc}"[:300]), {}
+                rows, images = (
+                    _rows(job, status="error", reason=f"worker failed: {type(exc).__name__}: {exc}"[:300]),
+                    {},
+                )
         self._finish(job, rows, images)
 
     def _finish(self, job: AttackJob, rows: list[dict[str, Any]], images: dict[str, torch.Tensor]) -> None:
@@ -320,9 +384,11 @@ class AttackRunner:
                 return  # already recorded (interrupted)
             self.completed += 1
         if images:
-            torch.save({k: (v * 255).round().to(torch.uint8) if k in ("truth", "recon") else v for k, v in images.items()}
-                       | {"observer": job.observation.observer, "attack": job.attack, "round": job.observation.server_round},
-                       self.recon_dir / f"{job.name}.pt")
+            torch.save(
+                {k: (v * 255).round().to(torch.uint8) if k in ("truth", "recon") else v for k, v in images.items()}
+                | {"observer": job.observation.observer, "attack": job.attack, "round": job.observation.server_round},
+                self.recon_dir / f"{job.name}.pt",
+            )
         self._record(rows)
 
     def _record(self, rows: list[dict[str, Any]]) -> None:

@@ -83,7 +83,9 @@ def score(recon: Tensor, recon_labels: Tensor | None, truth: Truth) -> tuple[lis
     images (mid-grey where none was matched), for the figures."""
     recon = torch.nan_to_num(recon.detach().to(torch.float32), nan=0.5).clamp(0, 1)
     perm = match_batch(recon, truth.images)
-    per_image = score_batch(recon, truth.images, recon_labels, truth.labels if recon_labels is not None else None, perm=perm)
+    per_image = score_batch(
+        recon, truth.images, recon_labels, truth.labels if recon_labels is not None else None, perm=perm
+    )
     for row, j in zip(per_image, perm):
         row["matched"] = bool(j >= 0)
     ordered = torch.stack([recon[j] if j >= 0 else torch.full_like(truth.images[i], 0.5) for i, j in enumerate(perm)])
@@ -91,13 +93,15 @@ def score(recon: Tensor, recon_labels: Tensor | None, truth: Truth) -> tuple[lis
     for pid in dict.fromkeys(truth.owners):
         mine = [row for row, owner in zip(per_image, truth.owners) if owner == pid]
         labels = [row["label_correct"] for row in mine if "label_correct" in row]
-        clients.append(ClientScore(
-            client=pid,
-            images=len(mine),
-            recovered=sum(row["psnr"] >= SUCCESS_PSNR for row in mine),
-            psnr=_median([row["psnr"] for row in mine]),
-            ssim=_median([row["ssim"] for row in mine]),
-            mse=_median([row["mse"] for row in mine]),
-            label_acc=float(sum(labels) / len(labels)) if labels else math.nan,
-        ))
+        clients.append(
+            ClientScore(
+                client=pid,
+                images=len(mine),
+                recovered=sum(row["psnr"] >= SUCCESS_PSNR for row in mine),
+                psnr=_median([row["psnr"] for row in mine]),
+                ssim=_median([row["ssim"] for row in mine]),
+                mse=_median([row["mse"] for row in mine]),
+                label_acc=float(sum(labels) / len(labels)) if labels else math.nan,
+            )
+        )
     return clients, per_image, ordered

@@ -50,6 +50,7 @@ def kill_descendants(grace: float = 3.0) -> None:
 class StopOnSignal:
     """Within the block, SIGINT and SIGTERM set ``event`` (and call ``on_signal(signum)``);
     a second signal kills the run's processes and exits. ``signum`` is the first signal."""
+
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, event: threading.Event | None = None, on_signal: Callable[[int], None] | None = None) -> None:

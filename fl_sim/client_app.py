@@ -2,9 +2,10 @@
 
 ``fedsgd``: the gradient of the loss on one batch (chosen by ``client_batch``, a pure function
 of partition, round and seed), one array per model parameter. ``fedavg``: the weights after
-local SGD over the batches of ``local_schedule`` (also a pure function; the whole state dict). The run's settings arrive from the server in the message's
-``config`` record; the partition comes from the node's own ``partition-id`` /
-``num-partitions``, which must agree with the run's ``num-clients``. The train handler carries
+local SGD over the batches of ``local_schedule`` (also a pure function; the whole state dict).
+The run's settings arrive from the server in the message's ``config`` record; the partition
+comes from the node's own ``partition-id`` / ``num-partitions``, which must agree with the
+run's ``num-clients``. The train handler carries
 the fault-injection mod (:mod:`fl_sim.mods.faults`, outermost: it spoils what would leave) and the
 defences' mod (:mod:`fl_sim.mods.defences`: pruning, noise, Flower's local-DP and clipping mods);
 DP-SGD changes the training itself (Opacus). Each does nothing unless the run config names it.
@@ -72,7 +73,9 @@ def evaluate_local(msg: Message, context: Context, build: Builder = model_with) 
 
 def _no_audit(msg: Message, context: Context, call_next) -> Message:
     if "config" in msg.content.config_records and str(msg.content["config"].get("audit", "")).strip():
-        raise ValueError("this ClientApp has no leakage audit: run experiments.apps.client_app:app (pyproject's clientapp)")
+        raise ValueError(
+            "this ClientApp has no leakage audit: run experiments.apps.client_app:app (pyproject's clientapp)"
+        )
     return call_next(msg, context)
 
 

@@ -114,8 +114,11 @@ class RunConfig:
             return ConfigError(name.replace("_", "-"), problem)
 
         if not (c.dataset in DATASETS or c.dataset.startswith("npz:")):
-            raise bad("dataset", f"unknown dataset {c.dataset!r}: choose one of {', '.join(DATASETS)}, "
-                                 "npz:PATH or a path ending in .npz")
+            raise bad(
+                "dataset",
+                f"unknown dataset {c.dataset!r}: choose one of {', '.join(DATASETS)}, "
+                "npz:PATH or a path ending in .npz",
+            )
         if c.model not in model_names():
             raise bad("model", f"unknown model {c.model!r}: choose one of {', '.join(model_names())}")
         if c.init not in INITS:
@@ -124,7 +127,14 @@ class RunConfig:
             raise bad("mode", f"unknown mode {c.mode!r}: choose one of {', '.join(MODES)}")
         if c.partition not in PARTITIONS:
             raise bad("partition", f"unknown partition {c.partition!r}: choose one of {', '.join(PARTITIONS)}")
-        for name in ("num_clients", "num_server_rounds", "batch_size", "local_epochs", "min_clients", "classes_per_client"):
+        for name in (
+            "num_clients",
+            "num_server_rounds",
+            "batch_size",
+            "local_epochs",
+            "min_clients",
+            "classes_per_client",
+        ):
             if getattr(c, name) < 1:
                 raise bad(name, f"must be >= 1, got {getattr(c, name)}")
         for name in ("local_steps", "seed"):
@@ -144,8 +154,11 @@ class RunConfig:
             raise bad("defences", str(exc)) from None
         for d in defences:
             if d.needs_fedavg and c.mode != "fedavg":
-                raise bad("defences", f"{d.name} clips the weight update (reply - sent, as Flower implements it): use "
-                                      "mode fedavg (one local step on one batch is FedSGD's update in weight form)")
+                raise bad(
+                    "defences",
+                    f"{d.name} clips the weight update (reply - sent, as Flower implements it): use "
+                    "mode fedavg (one local step on one batch is FedSGD's update in weight form)",
+                )
         try:
             policy = AuditPolicy.parse(c.audit)
         except AuditError as exc:

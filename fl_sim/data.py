@@ -13,7 +13,8 @@ Dataset names:
 - ``mnist``, ``fashion-mnist``, ``cifar10``, ``cifar100``: torchvision's datasets under
   ``root`` (downloaded when a network exists, unless ``FL_SIM_OFFLINE`` is set).
 - ``npz:PATH``: a NumPy archive with ``images`` (N,H,W[,C] uint8) and ``labels`` (N,), such as
-  the files in ``data/`` (``scripts/make_npz.py`` makes them from torchvision's datasets); 20% is held out (stratified, seeded).
+  the files in ``data/`` (``scripts/make_npz.py`` makes them from torchvision's datasets), or
+  a bare path ending in ``.npz``; 20% is held out (stratified, seeded).
 """
 
 from __future__ import annotations
@@ -78,7 +79,9 @@ def _to_uint8(images: np.ndarray, source: str, notes: list[str]) -> np.ndarray:
     if images.dtype == np.uint8:
         return images
     if images.dtype == np.bool_ or images.dtype.kind not in "iuf":
-        raise DatasetError(f"{source}: images must be numbers (uint8 0..255 or float in [0, 1]), got dtype {images.dtype}")
+        raise DatasetError(
+            f"{source}: images must be numbers (uint8 0..255 or float in [0, 1]), got dtype {images.dtype}"
+        )
     if images.size == 0:
         raise DatasetError(f"{source}: no images")
     if images.dtype.kind == "f" and not np.isfinite(images).all():
@@ -107,10 +110,14 @@ def _nchw(images: np.ndarray, source: str = "images", notes: list[str] | None = 
     elif images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
         images = images.transpose(0, 3, 1, 2)
     if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise DatasetError(f"{source}: images must be N x H x W, N x H x W x C or N x C x H x W with C in (1, 3), "
-                           f"got shape {images.shape}")
+        raise DatasetError(
+            f"{source}: images must be N x H x W, N x H x W x C or N x C x H x W with C in (1, 3), "
+            f"got shape {images.shape}"
+        )
     if min(images.shape[2:]) < 8:
-        raise DatasetError(f"{source}: images of {images.shape[2]} x {images.shape[3]} pixels are too small (at least 8 x 8)")
+        raise DatasetError(
+            f"{source}: images of {images.shape[2]} x {images.shape[3]} pixels are too small (at least 8 x 8)"
+        )
     images = _to_uint8(images, source, notes if notes is not None else [])
     return torch.from_numpy(np.ascontiguousarray(images))
 
@@ -147,9 +154,9 @@ class NpzImages:
 
 def read_npz(path: str | Path) -> NpzImages:
     """Read and check a NumPy archive with ``images`` and ``labels`` (optional ``classes``,
-    ``index``), such as those in ``data/`` (``scripts/make_npz.py`` makes them from torchvision's datasets). Raises :class:`DatasetError` with one
-    line for anything wrong with it; unambiguous repairs (float pixels in [0, 1], integral
-    float labels) are done and listed in ``notes``."""
+    ``index``), such as those in ``data/`` (``scripts/make_npz.py`` makes them from
+    torchvision's datasets). Raises :class:`DatasetError` with one line for anything wrong
+    with it; unambiguous repairs (float pixels in [0, 1], integral float labels) are done and listed in ``notes``."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise DatasetError(f"npz dataset not found: {p}")
@@ -157,7 +164,11 @@ def read_npz(path: str | Path) -> NpzImages:
     try:
         loaded = np.load(p, allow_pickle=False)
     except Exception as exc:  # noqa: BLE001 - zipfile, pickle, OS and format errors all mean "unreadable"
-        why = "not a zip archive" if "pickled" in str(exc) else f"{type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}"
+        why = (
+            "not a zip archive"
+            if "pickled" in str(exc)
+            else f"{type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}"
+        )
         raise DatasetError(f"{p} is not a readable .npz archive ({why})") from None
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         raise DatasetError(f"{p} holds a single array, not an .npz archive with 'images' and 'labels'")
@@ -165,7 +176,9 @@ def read_npz(path: str | Path) -> NpzImages:
         with loaded as z:
             files = set(z.files)
             if not {"images", "labels"} <= files:
-                raise DatasetError(f"{p} must hold arrays 'images' and 'labels' (found: {', '.join(sorted(files)) or 'none'})")
+                raise DatasetError(
+                    f"{p} must hold arrays 'images' and 'labels' (found: {', '.join(sorted(files)) or 'none'})"
+                )
             images, labels = z["images"], z["labels"]
             classes = z["classes"] if "classes" in files else None
             index = z["index"] if "index" in files else None
@@ -266,7 +279,9 @@ def load_dataset(name: str, root: str | None = None) -> Dataset:
         return _load_npz(name)
     if name in TORCHVISION_DATASETS:
         return _load_torchvision(name, root)
-    raise DatasetError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}, npz:PATH or a path ending in .npz")
+    raise DatasetError(
+        f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}, npz:PATH or a path ending in .npz"
+    )
 
 
 def partition(
@@ -312,7 +327,9 @@ def partition(
             if min(len(p) for p in parts) > 0:
                 break
         else:
-            raise ValueError(f"Dirichlet(alpha={alpha}) left a client empty 100 times: raise alpha or use fewer clients")
+            raise ValueError(
+                f"Dirichlet(alpha={alpha}) left a client empty 100 times: raise alpha or use fewer clients"
+            )
     elif scheme == "pathological":
         k = classes_per_client
         if not 1 <= k <= len(classes):
@@ -334,7 +351,9 @@ def partition(
     return [np.sort(p).astype(np.int64) for p in parts]
 
 
-def batch_indices(partition_indices: np.ndarray, server_round: int, seed: int, batch_size: int, partition_id: int) -> np.ndarray:
+def batch_indices(
+    partition_indices: np.ndarray, server_round: int, seed: int, batch_size: int, partition_id: int
+) -> np.ndarray:
     """The batch a client uses in a FedSGD round: a pure function of (partition, round, seed),
     so that a harness can rebuild the client's true batch without asking the client."""
     if batch_size < 1:

@@ -227,8 +227,11 @@ class InProcessGrid(Grid):
                 if run.run_id not in node.contexts:
                     node.initial_run_config[run.run_id] = dict(self._run_config)
                     node.contexts[run.run_id] = Context(
-                        run_id=run.run_id, node_id=node.node_id, node_config=dict(node.node_config),
-                        state=RecordDict(), run_config=dict(self._run_config),
+                        run_id=run.run_id,
+                        node_id=node.node_id,
+                        node_config=dict(node.node_config),
+                        state=RecordDict(),
+                        run_config=dict(self._run_config),
                     )
         self._run = run
 
@@ -280,8 +283,11 @@ class InProcessGrid(Grid):
             errors = validate_message(msg, is_reply_message=False)
             node = self._nodes.get(meta.dst_node_id)
             if errors or node is None:
-                log(ERROR, "in-process engine: message not pushed: %s",
-                    errors or f"invalid destination node ID {meta.dst_node_id}")
+                log(
+                    ERROR,
+                    "in-process engine: message not pushed: %s",
+                    errors or f"invalid destination node ID {meta.dst_node_id}",
+                )
                 continue
             payload = _encode(msg)
             with self._lock:
@@ -355,8 +361,9 @@ class InProcessGrid(Grid):
                 raise ClientAppException(str(ex)) from ex
             with node.lock:
                 if context.run_config != node.initial_run_config[run_id]:
-                    raise ValueError(f"The `run_config` field of the `Context` object cannot be modified "
-                                     f"(run_id: {run_id}).")
+                    raise ValueError(
+                        f"The `run_config` field of the `Context` object cannot be modified (run_id: {run_id})."
+                    )
                 node.contexts[run_id] = _copy_context(context)
         except Exception as ex:  # noqa: BLE001 - reported to the server as an error reply, as under Ray
             log(ERROR, ex)
@@ -418,8 +425,11 @@ def _process_state_restored(verbose: bool) -> Iterator[None]:
     count again puts both back."""
     threads = torch.get_num_threads()
     identity = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)  # pylint: disable=W0212
-    consoles = [(h, h.level, h.timestamps, h.colored) for h in logging.getLogger("flwr").handlers
-                if isinstance(h, ConsoleHandler)]
+    consoles = [
+        (h, h.level, h.timestamps, h.colored)
+        for h in logging.getLogger("flwr").handlers
+        if isinstance(h, ConsoleHandler)
+    ]
     if verbose:
         update_console_handler(level=DEBUG, timestamps=True, colored=True)
     try:
@@ -457,8 +467,9 @@ def run_inprocess(
     run.primary_task_id = rng.getrandbits(64) or 1
     run.federation_id = NOOP_FEDERATION_ID
     run.override_config = dict(run_config or {})
-    context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(),
-                      run_config=dict(run_config or {}))
+    context = Context(
+        run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config or {})
+    )
     with _process_state_restored(verbose):
         grid = InProcessGrid(client_app, num_supernodes, run_config=run_config, seed=seed, max_workers=max_workers)
         with grid:

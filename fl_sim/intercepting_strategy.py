@@ -115,21 +115,26 @@ class InterceptingStrategy(WrappingStrategy):
                 sent_state = _state(sent)
                 for msg in screened.accepted:
                     m = {k: float(v) for k, v in msg.content["metrics"].items() if isinstance(v, (int, float))}
-                    self._call(self.on_update, InterceptedUpdate(
-                        server_round=server_round,
-                        node_id=int(msg.metadata.src_node_id),
-                        partition_id=int(m.get("partition-id", -1)),
-                        sent=sent_state,
-                        reply=raw[id(msg)],
-                        kind=self.kind,
-                        num_examples=int(m.get("num-examples", 0)),
-                        metrics=m,
-                        replaced=replaced,
-                    ))
+                    self._call(
+                        self.on_update,
+                        InterceptedUpdate(
+                            server_round=server_round,
+                            node_id=int(msg.metadata.src_node_id),
+                            partition_id=int(m.get("partition-id", -1)),
+                            sent=sent_state,
+                            reply=raw[id(msg)],
+                            kind=self.kind,
+                            num_examples=int(m.get("num-examples", 0)),
+                            metrics=m,
+                            replaced=replaced,
+                        ),
+                    )
         # a replaced round leaves the global model as it was: there is no aggregate to observe
         if arrays is not None and sent is not None and screened is not None and not replaced:
-            contributors = tuple((int(msg.content["metrics"].get("partition-id", -1)),
-                                  int(msg.content["metrics"]["num-examples"])) for msg in screened.accepted)
+            contributors = tuple(
+                (int(msg.content["metrics"].get("partition-id", -1)), int(msg.content["metrics"]["num-examples"]))
+                for msg in screened.accepted
+            )
             self._call(self.on_aggregate, RoundAggregate(server_round, _state(sent), _state(arrays), contributors))
         return arrays, metrics
 

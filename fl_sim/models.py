@@ -114,9 +114,15 @@ MODELS: dict[str, ModelSpec] = {
     "mlp": ModelSpec(mlp, "torch", f"fully connected: {MLP_WIDTH} ReLU units, linear head (first layer linear)"),
     "cnn6": ModelSpec(_cnn6_family(_CNN6_SPECS), "torch", "R-GAP's CNN6: 6 bias-free conv + LeakyReLU(0.2)"),
     "cnn6d": ModelSpec(_cnn6_family(_CNN6D_SPECS), "torch", "CNN6-d: rank-deficient second layer (20 channels)"),
-    **{f"cnn6_{kind}{after}": ModelSpec(_cnn6_family(_pooled(kind, after)), "torch",
-                                        f"CNN6 with 2x2 {'average' if kind == 'avgpool' else 'max'} pooling after conv {after}")
-       for kind in ("avgpool", "maxpool") for after in (1, 3)},
+    **{
+        f"cnn6_{kind}{after}": ModelSpec(
+            _cnn6_family(_pooled(kind, after)),
+            "torch",
+            f"CNN6 with 2x2 {'average' if kind == 'avgpool' else 'max'} pooling after conv {after}",
+        )
+        for kind in ("avgpool", "maxpool")
+        for after in (1, 3)
+    },
 }
 
 

@@ -41,8 +41,13 @@ class DroppedReply:
     reason: str
 
     def row(self) -> dict:
-        return {"round": self.server_round, "node_id": self.node_id, "client": self.partition_id,
-                "status": self.status, "reason": self.reason}
+        return {
+            "round": self.server_round,
+            "node_id": self.node_id,
+            "client": self.partition_id,
+            "status": self.status,
+            "reason": self.reason,
+        }
 
 
 @dataclass(frozen=True)
@@ -98,8 +103,10 @@ def check_reply(msg: Message, spec: ReplySpec) -> tuple[str, str] | None:
         return "error", f"the client's ClientApp failed: {error_summary(msg.error.reason)}"
     content = msg.content
     if len(content.array_records) != 1 or len(content.metric_records) != 1:
-        return "invalid", (f"expected one ArrayRecord and one MetricRecord, got {len(content.array_records)} and "
-                           f"{len(content.metric_records)}")
+        return "invalid", (
+            f"expected one ArrayRecord and one MetricRecord, got {len(content.array_records)} and "
+            f"{len(content.metric_records)}"
+        )
     arrays: ArrayRecord = next(iter(content.array_records.values()))
     metrics = next(iter(content.metric_records.values()))
     n = metrics.get("num-examples")
@@ -109,12 +116,19 @@ def check_reply(msg: Message, spec: ReplySpec) -> tuple[str, str] | None:
         return "invalid", f"num-examples {int(n)} exceeds the {spec.max_examples} a client may use in this round"
     if spec.num_partitions is not None:
         pid = metrics.get("partition-id")
-        if isinstance(pid, bool) or not isinstance(pid, (int, float)) or pid != int(pid) or not 0 <= pid < spec.num_partitions:
+        if (
+            isinstance(pid, bool)
+            or not isinstance(pid, (int, float))
+            or pid != int(pid)
+            or not 0 <= pid < spec.num_partitions
+        ):
             return "invalid", f"partition-id must be one of 0..{spec.num_partitions - 1}, got {pid!r}"
     missing = [k for k in spec.arrays if k not in arrays]
     extra = [k for k in arrays if k not in spec.arrays]
     if missing or extra:
-        parts = ([f"missing {', '.join(missing[:3])}"] if missing else []) + ([f"unexpected {', '.join(extra[:3])}"] if extra else [])
+        parts = ([f"missing {', '.join(missing[:3])}"] if missing else []) + (
+            [f"unexpected {', '.join(extra[:3])}"] if extra else []
+        )
         return "invalid", f"arrays do not match the model: {'; '.join(parts)}"
     for name, (shape, dtype) in spec.arrays.items():
         arr: Array = arrays[name]

@@ -204,8 +204,9 @@ class SecAggClient(NumPyClient):
     ``fit`` returns the update (numpy, in ``model.state_dict()`` order, zeros for entries
     that are not parameters) followed by one array ``[loss * loss_scale]``, ``num_examples`` =
     batch size (FedSGD) or partition size (FedAvg), and metrics holding only the partition
-    id. ``secaggplus_mod`` masks everything in the parameters before it leaves. A client named in ``faulty-clients`` spoils its
-    arrays before masking (:func:`fl_sim.mods.faults.spoil`), as the Message-API client does.
+    id. ``secaggplus_mod`` masks everything in the parameters before it leaves. A client named
+    in ``faulty-clients`` spoils its arrays before masking (:func:`fl_sim.mods.faults.spoil`),
+    as the Message-API client does.
     """
 
     def __init__(self, node_config, auditor=None, context: Context | None = None, build=model_with) -> None:
@@ -231,8 +232,13 @@ class SecAggClient(NumPyClient):
             return None
         if self.auditor is None:
             raise ValueError("this SecAgg+ ClientApp has no leakage audit: run experiments.apps.client_app:secagg_app")
-        audit = Audit(self.auditor, cfg, pid, int(config["server-round"]),
-                      node_memory(self.node_context) if self.node_context is not None else {})
+        audit = Audit(
+            self.auditor,
+            cfg,
+            pid,
+            int(config["server-round"]),
+            node_memory(self.node_context) if self.node_context is not None else {},
+        )
         keys = list(audit.own.state_dict())
         if len(keys) != len(parameters):
             sent = {f"array-{i}": torch.as_tensor(np.asarray(a)) for i, a in enumerate(parameters)}
@@ -248,8 +254,9 @@ class SecAggClient(NumPyClient):
         if self.node_context is not None:
             remember(self.node_context, audit.server_round, audit)
         if audit.cfg.out_dir:
-            write_audit_row(Path(audit.cfg.out_dir) / "audit.csv",
-                            {**outcome.row, "round": audit.server_round, "node_id": node})
+            write_audit_row(
+                Path(audit.cfg.out_dir) / "audit.csv", {**outcome.row, "round": audit.server_round, "node_id": node}
+            )
 
     def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
         audited = self._audit(parameters, config)
@@ -262,12 +269,18 @@ class SecAggClient(NumPyClient):
         sent = [p.detach().clone() for p in model.parameters()]
         done = client_round(cfg, pid, server_round, data, model)
         # FedAvg: the weight delta after the local steps is what gets masked
-        grads = done.gradients if done.gradients is not None else [
-            p.detach() - s for p, s in zip(model.parameters(), sent)]
+        grads = (
+            done.gradients if done.gradients is not None else [p.detach() - s for p, s in zip(model.parameters(), sent)]
+        )
         loss, examples = done.loss, done.num_examples
         # the client's own update defences (pruning, noise) before masking, as the plain client's mod
-        by_name = defend_update(dict(zip(parameter_names(model), grads)), cfg.defence_list, seed=cfg.seed,
-                                partition_id=pid, server_round=server_round)
+        by_name = defend_update(
+            dict(zip(parameter_names(model), grads)),
+            cfg.defence_list,
+            seed=cfg.seed,
+            partition_id=pid,
+            server_round=server_round,
+        )
         if audited is not None:  # the audit sees the update the defences made, before masking
             audit = audited[0]
             outcome = audit.check_update(by_name, time.perf_counter() - start)
@@ -413,8 +426,11 @@ class SecAggStrategy(FedAvg):
                 seen.setdefault(summary, "missing")
         for reason, status in seen.items():
             if status == "refused":
-                self._drop(server_round, "refused", "the client's leakage audit refused to send it: "
-                                                    f"{reason.split(':', 1)[1][:300]}")
+                self._drop(
+                    server_round,
+                    "refused",
+                    f"the client's leakage audit refused to send it: {reason.split(':', 1)[1][:300]}",
+                )
             else:
                 self._drop(server_round, "missing", f"a client failed or dropped out under SecAgg+: {reason[:300]}")
         self.round_counts[server_round] = (len(results), len(seen))
@@ -424,14 +440,22 @@ class SecAggStrategy(FedAvg):
         vectors = [parameters_to_ndarrays(res.parameters) for _, res in results]
         first = vectors[0]
         if not all(len(v) == len(first) and all(np.array_equal(a, b) for a, b in zip(v, first)) for v in vectors[1:]):
-            self._drop(server_round, "invalid", "results differ, so the clients are not masking (not under SecAgg+): "
-                       "refusing to average individual updates; the model stays")
+            self._drop(
+                server_round,
+                "invalid",
+                "results differ, so the clients are not masking (not under SecAgg+): "
+                "refusing to average individual updates; the model stays",
+            )
             return None, {}
         shapes_ok = len(first) == len(before) + 1 and all(np.shape(g) == np.shape(w) for g, w in zip(first, before))
         if not shapes_ok or not all(np.isfinite(a).all() for a in first):
             why = "its arrays do not match the model" if not shapes_ok else "it is not finite"
-            self._drop(server_round, "invalid", f"the SecAgg+ aggregate is unusable ({why}): a client sent a bad "
-                       "update and SecAgg+ hides which; the model stays")
+            self._drop(
+                server_round,
+                "invalid",
+                f"the SecAgg+ aggregate is unusable ({why}): a client sent a bad "
+                "update and SecAgg+ hides which; the model stays",
+            )
             return None, {}
         mean, loss = first[:-1], float(np.asarray(first[-1]).reshape(-1)[0]) / self.loss_scale
         # FedSGD: a step along the mean gradient; FedAvg: the mean weight delta, which is
@@ -443,10 +467,17 @@ class SecAggStrategy(FedAvg):
         self.current = after if honest is None else honest  # a replaced round is not aggregated
         self.train_history[server_round] = {"train_loss": loss}
         if self.on_aggregate is not None:
-            contributors = tuple(sorted((int(res.metrics.get("partition-id", -1)), int(res.num_examples)) for _, res in results))
-            aggregate = RoundAggregate(server_round, _state_dict(names, before), _state_dict(names, after), contributors,
-                                       replaced=honest is not None,
-                                       update=_state_dict(names, mean) if honest is not None else None)
+            contributors = tuple(
+                sorted((int(res.metrics.get("partition-id", -1)), int(res.num_examples)) for _, res in results)
+            )
+            aggregate = RoundAggregate(
+                server_round,
+                _state_dict(names, before),
+                _state_dict(names, after),
+                contributors,
+                replaced=honest is not None,
+                update=_state_dict(names, mean) if honest is not None else None,
+            )
             try:
                 self.on_aggregate(aggregate)
             except Exception:  # noqa: BLE001 - a broken hook must not break training
@@ -476,11 +507,14 @@ class _LoggedSecAggPlusWorkflow(SecAggPlusWorkflow):
             log.debug("SecAgg+ failed in round %s", server_round, exc_info=True)
             if own:
                 strategy._drop(server_round, "invalid", f"secure aggregation failed: {why}")
-            raise RoundFailed(f"round {server_round}: secure aggregation failed ({why}); SecAgg+ does not say "
-                              "which client broke it") from None
+            raise RoundFailed(
+                f"round {server_round}: secure aggregation failed ({why}); SecAgg+ does not say which client broke it"
+            ) from None
         if own and server_round not in strategy.train_history:
-            raise RoundFailed(f"round {server_round}: secure aggregation produced no usable aggregate (too many "
-                              "drop-outs for the threshold, or a bad update that SecAgg+ hides)")
+            raise RoundFailed(
+                f"round {server_round}: secure aggregation produced no usable aggregate (too many "
+                "drop-outs for the threshold, or a bad update that SecAgg+ hides)"
+            )
 
 
 def serve_secagg(
@@ -527,8 +561,15 @@ def serve_secagg(
         if server_round > log_.last_round:  # round 0 of a resumed run was logged before
             history = strategy.train_history.get(server_round, {}) if server_round else {}
             counts = strategy.round_counts.get(server_round, ("", "")) if server_round else ("", "")
-            row = log_.end_round(server_round, state, train_loss=history.get("train_loss", math.nan) if server_round else "",
-                                 test_loss=loss, test_accuracy=acc, aggregated=counts[0], dropped=counts[1])
+            row = log_.end_round(
+                server_round,
+                state,
+                train_loss=history.get("train_loss", math.nan) if server_round else "",
+                test_loss=loss,
+                test_accuracy=acc,
+                aggregated=counts[0],
+                dropped=counts[1],
+            )
             if on_round:
                 on_round(row)
         return float(loss), {"test_loss": float(loss), "test_accuracy": float(acc)}

@@ -97,8 +97,10 @@ class FederationLog:
             stamp = self.out / "final_model.json"
             model_round = json.loads(stamp.read_text()).get("round") if stamp.exists() else None
             if self.rows and model_round != self.last_round:
-                raise ResumeError(f"{self.model_path} is from round {model_round} but rounds.csv ends at round "
-                                  f"{self.last_round}: cannot resume this folder")
+                raise ResumeError(
+                    f"{self.model_path} is from round {model_round} but rounds.csv ends at round "
+                    f"{self.last_round}: cannot resume this folder"
+                )
         else:
             (self.out / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
             with self.rounds_path.open("w", newline="") as f:
@@ -123,7 +125,9 @@ class FederationLog:
         state = {k: v.detach().clone() for k, v in state.items()}
         with self._lock:
             _write_atomic(self.model_path, lambda p: torch.save(state, p))
-            _write_atomic(self.out / "final_model.json", lambda p: p.write_text(json.dumps({"round": server_round}) + "\n"))
+            _write_atomic(
+                self.out / "final_model.json", lambda p: p.write_text(json.dumps({"round": server_round}) + "\n")
+            )
             with self.rounds_path.open("a", newline="") as f:
                 csv.DictWriter(f, ROUND_FIELDS).writerow(row)
             self.rows.append(row)
@@ -139,7 +143,6 @@ class FederationLog:
                     w.writeheader()
                 w.writerow(reply.row())
             self.dropped.append(reply)
-
 
     def audit(self, row: Mapping[str, Any]) -> None:
         """Log a client's audit of its reply (a row of audit.csv)."""
@@ -221,10 +224,13 @@ class _Resumed(WrappingStrategy):
         return self.inner.aggregate_evaluate(server_round + self.offset, replies)
 
 
-def build_strategy(cfg: RunConfig, param_names: list[str],
-                   on_dropped: Callable[[DroppedReply], None] | None = None,
-                   on_audit: Callable[[dict], None] | None = None,
-                   replace_model: ModelSwap | None = None) -> ScreeningStrategy:
+def build_strategy(
+    cfg: RunConfig,
+    param_names: list[str],
+    on_dropped: Callable[[DroppedReply], None] | None = None,
+    on_audit: Callable[[dict], None] | None = None,
+    replace_model: ModelSwap | None = None,
+) -> ScreeningStrategy:
     """The honest strategy for ``cfg.mode`` behind the server's checks of every reply, which
     compare it with the model whose parameters are ``param_names`` (FedSGD replies carry
     exactly these; FedAvg replies the whole state dict)."""
@@ -238,14 +244,27 @@ def build_strategy(cfg: RunConfig, param_names: list[str],
     )
     if cfg.mode == "fedsgd":
         honest: HonestFedAvg = FedSGD(server_lr=cfg.server_lr, **common)
-        return ScreeningStrategy(honest, honest, reply_names=param_names, max_examples=cfg.batch_size,
-                                 num_partitions=cfg.num_clients, on_dropped=on_dropped, on_audit=on_audit,
-                                 replace_model=replace_model)
+        return ScreeningStrategy(
+            honest,
+            honest,
+            reply_names=param_names,
+            max_examples=cfg.batch_size,
+            num_partitions=cfg.num_clients,
+            on_dropped=on_dropped,
+            on_audit=on_audit,
+            replace_model=replace_model,
+        )
     honest = HonestFedAvg(**common)
     # central DP (Flower's wrapper) between the checks and FedAvg: it never sees a bad reply
     defended = dp_wrapper(honest, cfg.defence_list, cfg.clients_per_round())
-    return ScreeningStrategy(defended, honest, num_partitions=cfg.num_clients, on_dropped=on_dropped, on_audit=on_audit,
-                             replace_model=replace_model)
+    return ScreeningStrategy(
+        defended,
+        honest,
+        num_partitions=cfg.num_clients,
+        on_dropped=on_dropped,
+        on_audit=on_audit,
+        replace_model=replace_model,
+    )
 
 
 def run_server(
@@ -280,8 +299,9 @@ def run_server(
         if on_dropped:
             on_dropped(d)
 
-    screening = build_strategy(cfg, parameter_names(model), on_dropped=dropped, on_audit=log.audit,
-                               replace_model=replace_model)
+    screening = build_strategy(
+        cfg, parameter_names(model), on_dropped=dropped, on_audit=log.audit, replace_model=replace_model
+    )
     strategy: Strategy = wrap_strategy(screening) if wrap_strategy else screening
     if done:
         strategy = _Resumed(strategy, done)
@@ -297,8 +317,13 @@ def run_server(
         screened = last if last is not None and last.server_round == server_round else None
         train_loss = screening.train_history.get(server_round, {}).get("train_loss", math.nan)
         row = log.end_round(
-            server_round, state, train_loss=train_loss if server_round else "", test_loss=loss, test_accuracy=acc,
-            aggregated=len(screened.accepted) if screened else "", dropped=len(screened.dropped) if screened else "",
+            server_round,
+            state,
+            train_loss=train_loss if server_round else "",
+            test_loss=loss,
+            test_accuracy=acc,
+            aggregated=len(screened.accepted) if screened else "",
+            dropped=len(screened.dropped) if screened else "",
         )
         if on_round:
             on_round(row)

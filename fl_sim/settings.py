@@ -276,8 +276,9 @@ class AuditPolicy:
         action, _, rest = text.partition(":")
         action = action.strip()
         if action not in AUDIT_ACTIONS:
-            raise AuditError(f"unknown audit action {action!r}: choose one of {', '.join(AUDIT_ACTIONS)} "
-                             "(e.g. protect:psnr=20)")
+            raise AuditError(
+                f"unknown audit action {action!r}: choose one of {', '.join(AUDIT_ACTIONS)} (e.g. protect:psnr=20)"
+            )
         values: dict[str, Any] = {}
         for item in (t.strip() for t in rest.split(",")):
             if not item:
@@ -285,8 +286,9 @@ class AuditPolicy:
             key, sep, value = item.partition("=")
             key, value = key.strip(), value.strip()
             if not sep or key not in ("psnr", "budget", "probe", "defence", "clients"):
-                raise AuditError(f"{action}: expected KEY=VALUE with KEY one of psnr, budget, probe, defence, clients, "
-                                 f"got {item!r}")
+                raise AuditError(
+                    f"{action}: expected KEY=VALUE with KEY one of psnr, budget, probe, defence, clients, got {item!r}"
+                )
             if key in ("psnr", "budget"):
                 try:
                     values[key] = float(value)
@@ -313,11 +315,15 @@ class AuditPolicy:
         if not (math.isfinite(self.budget) and self.budget > 0):
             raise AuditError(f"{self.action}: budget must be a number of seconds > 0, got {self.budget}")
         if self.defence not in AUDIT_DEFENCES:
-            raise AuditError(f"{self.action}: unknown defence {self.defence!r}: choose one of {', '.join(AUDIT_DEFENCES)}")
+            raise AuditError(
+                f"{self.action}: unknown defence {self.defence!r}: choose one of {', '.join(AUDIT_DEFENCES)}"
+            )
         if self.action == "protect" and not self.probe:
             raise AuditError("protect: needs the probe (it strengthens the defence until the probe fails)")
 
     def spec(self) -> str:
         who = "" if self.clients is None else ",clients=" + "+".join(map(str, sorted(self.clients)))
-        return (f"{self.action}:psnr={self.psnr:g},budget={self.budget:g},probe={str(self.probe).lower()},"
-                f"defence={self.defence}{who}")
+        return (
+            f"{self.action}:psnr={self.psnr:g},budget={self.budget:g},probe={str(self.probe).lower()},"
+            f"defence={self.defence}{who}"
+        )

@@ -65,10 +65,16 @@ def run_apps(server_app, client_app, num_supernodes: int, *, verbose: bool = Fal
     )
 
 
-def simulate(cfg: RunConfig, *, verbose: bool = False, client_app=None, engine: str | None = None,
-             **run_kwargs: Any) -> None:
+def simulate(
+    cfg: RunConfig, *, verbose: bool = False, client_app=None, engine: str | None = None, **run_kwargs: Any
+) -> None:
     """Run ``cfg`` with the honest Message-API apps on ``engine`` (see :func:`run_apps`);
     ``run_kwargs`` (``wrap_strategy``, ``on_round``, ``on_dropped``, ``stop``) go to
     :func:`fl_sim.server_app.run_server`."""
-    run_apps(make_server_app(cfg.to_flower(), **run_kwargs), client_app or default_client_app, cfg.num_clients,
-             verbose=verbose, engine=engine)
+    run_apps(
+        make_server_app(cfg.to_flower(), **run_kwargs),
+        client_app or default_client_app,
+        cfg.num_clients,
+        verbose=verbose,
+        engine=engine,
+    )

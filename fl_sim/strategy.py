@@ -29,8 +29,16 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from .mods.audit import audit_row
 from .replies import DroppedReply, ReplySpec, check_reply
 
-__all__ = ["HonestFedAvg", "FedSGD", "ScreeningStrategy", "WrappingStrategy", "RoundFailed", "ScreenedRound",
-           "ModelSwap", "swapped_model"]
+__all__ = [
+    "HonestFedAvg",
+    "FedSGD",
+    "ScreeningStrategy",
+    "WrappingStrategy",
+    "RoundFailed",
+    "ScreenedRound",
+    "ModelSwap",
+    "swapped_model",
+]
 
 log = logging.getLogger(__name__)
 
@@ -212,8 +220,11 @@ class ScreeningStrategy(WrappingStrategy):
         sent = self.sent_weights(server_round)
         targets = self._sent[2] if sent is not None else []
         names = None if self.replaced(server_round) else self.reply_names  # a replaced model has its own entries
-        spec = ReplySpec.like(sent, names, max_examples=self.max_examples,
-                              num_partitions=self.num_partitions) if sent is not None else None
+        spec = (
+            ReplySpec.like(sent, names, max_examples=self.max_examples, num_partitions=self.num_partitions)
+            if sent is not None
+            else None
+        )
         accepted, dropped, answered = [], [], set()
         for msg in replies:
             node = int(msg.metadata.src_node_id)
@@ -228,8 +239,15 @@ class ScreeningStrategy(WrappingStrategy):
             self._audit(server_round, node, pid, msg)
         for node in targets:
             if node not in answered:
-                dropped.append(DroppedReply(server_round, node, self.partition_of.get(node, -1), "missing",
-                                            "no reply before the round timed out"))
+                dropped.append(
+                    DroppedReply(
+                        server_round,
+                        node,
+                        self.partition_of.get(node, -1),
+                        "missing",
+                        "no reply before the round timed out",
+                    )
+                )
         accepted.sort(key=_partition)
         return ScreenedRound(server_round, accepted, dropped)
 
@@ -265,8 +283,14 @@ class ScreeningStrategy(WrappingStrategy):
         screened = self.screen(server_round, replies)
         self.last_screened = screened
         for d in screened.dropped:
-            log.warning("round %s: dropped the reply of client %s (node %s): %s: %s",
-                        server_round, d.partition_id, d.node_id, d.status, d.reason)
+            log.warning(
+                "round %s: dropped the reply of client %s (node %s): %s: %s",
+                server_round,
+                d.partition_id,
+                d.node_id,
+                d.status,
+                d.reason,
+            )
             self.dropped.append(d)
             if self.on_dropped is not None:
                 try:
@@ -279,8 +303,14 @@ class ScreeningStrategy(WrappingStrategy):
             return self._honest[1], None
         if not screened.accepted:
             first = screened.dropped[0] if screened.dropped else None
-            why = f"client {first.partition_id} (node {first.node_id}): {first.status}: {first.reason}" if first else "no client was sampled"
-            raise RoundFailed(f"round {server_round}: no reply could be aggregated ({len(screened.dropped)} dropped); first: {why}")
+            why = (
+                f"client {first.partition_id} (node {first.node_id}): {first.status}: {first.reason}"
+                if first
+                else "no client was sampled"
+            )
+            raise RoundFailed(
+                f"round {server_round}: no reply could be aggregated ({len(screened.dropped)} dropped); first: {why}"
+            )
         arrays, metrics = self.inner.aggregate_train(server_round, screened.accepted)
         if self.replaced(server_round):
             log.info("round %s sent a replaced model: its replies are not aggregated", server_round)

@@ -66,8 +66,10 @@ def node_partition(cfg: RunConfig, node_config) -> int:
     except (KeyError, TypeError, ValueError):
         raise ValueError("the node config must set integer partition-id and num-partitions") from None
     if num_partitions != cfg.num_clients:
-        raise ValueError(f"this node's num-partitions={num_partitions} disagrees with the run's num-clients="
-                         f"{cfg.num_clients}: fix the SuperNode's --node-config or the run config")
+        raise ValueError(
+            f"this node's num-partitions={num_partitions} disagrees with the run's num-clients="
+            f"{cfg.num_clients}: fix the SuperNode's --node-config or the run config"
+        )
     if not 0 <= pid < num_partitions:
         raise ValueError(f"partition-id {pid} is outside 0..{num_partitions - 1}")
     return pid
@@ -105,7 +107,9 @@ def local_sgd(model: nn.Module, data: Dataset, batches: list[np.ndarray], *, lr:
 
 def dp_generator(cfg: RunConfig, partition_id: int, server_round: int) -> torch.Generator:
     """The seeded generator of a client's DP-SGD noise in a round, so a run repeats."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, partition_id, server_round, 77]).generate_state(1)[0]))
+    return torch.Generator().manual_seed(
+        int(np.random.SeedSequence([cfg.seed, partition_id, server_round, 77]).generate_state(1)[0])
+    )
 
 
 def _dp_optimizer(model: nn.Module, lr: float, noise: float, clip: float, batch_size: int, generator: torch.Generator):
@@ -119,13 +123,19 @@ def _dp_optimizer(model: nn.Module, lr: float, noise: float, clip: float, batch_
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sampled = GradSampleModule(model)
-    opt = DPOptimizer(torch.optim.SGD(sampled.parameters(), lr=lr), noise_multiplier=noise, max_grad_norm=clip,
-                      expected_batch_size=batch_size, generator=generator)
+    opt = DPOptimizer(
+        torch.optim.SGD(sampled.parameters(), lr=lr),
+        noise_multiplier=noise,
+        max_grad_norm=clip,
+        expected_batch_size=batch_size,
+        generator=generator,
+    )
     return sampled, opt
 
 
-def dp_batch_gradient(model: nn.Module, images: Tensor, labels: Tensor, *, noise: float, clip: float,
-                      generator: torch.Generator) -> tuple[list[Tensor], float]:
+def dp_batch_gradient(
+    model: nn.Module, images: Tensor, labels: Tensor, *, noise: float, clip: float, generator: torch.Generator
+) -> tuple[list[Tensor], float]:
     """FedSGD under DP-SGD: the batch's gradient as Opacus makes it private (per-sample
     clipping, Gaussian noise), one tensor per parameter, and the (non-private) loss."""
     model.train()  # Opacus records activations in training mode only (the models have no dropout or batch norm)
@@ -140,8 +150,16 @@ def dp_batch_gradient(model: nn.Module, images: Tensor, labels: Tensor, *, noise
     return grads, loss.item()
 
 
-def dp_local_sgd(model: nn.Module, data: Dataset, batches: list[np.ndarray], *, lr: float, noise: float, clip: float,
-                 generator: torch.Generator) -> tuple[float, int]:
+def dp_local_sgd(
+    model: nn.Module,
+    data: Dataset,
+    batches: list[np.ndarray],
+    *,
+    lr: float,
+    noise: float,
+    clip: float,
+    generator: torch.Generator,
+) -> tuple[float, int]:
     """FedAvg under DP-SGD: :func:`local_sgd` with Opacus's private optimizer (every step's
     gradient clipped per sample and noised)."""
     model.train()
@@ -182,12 +200,18 @@ def client_round(cfg: RunConfig, partition_id: int, server_round: int, data: Dat
     gen = dp_generator(cfg, partition_id, server_round)
     if cfg.mode == "fedsgd":
         images, labels = client_batch(cfg, partition_id, cfg.num_clients, server_round)
-        grads, loss = (batch_gradient(model, images, labels) if dp is None else
-                       dp_batch_gradient(model, images, labels, noise=dp.noise, clip=dp.clip, generator=gen))
+        grads, loss = (
+            batch_gradient(model, images, labels)
+            if dp is None
+            else dp_batch_gradient(model, images, labels, noise=dp.noise, clip=dp.clip, generator=gen)
+        )
         return LocalUpdate(grads, loss, len(labels), 1)
     batches = local_schedule(cfg, partition_id, cfg.num_clients, server_round)
-    loss, steps = (local_sgd(model, data, batches, lr=cfg.lr) if dp is None else
-                   dp_local_sgd(model, data, batches, lr=cfg.lr, noise=dp.noise, clip=dp.clip, generator=gen))
+    loss, steps = (
+        local_sgd(model, data, batches, lr=cfg.lr)
+        if dp is None
+        else dp_local_sgd(model, data, batches, lr=cfg.lr, noise=dp.noise, clip=dp.clip, generator=gen)
+    )
     return LocalUpdate(None, loss, len(client_indices(cfg, partition_id, cfg.num_clients)), steps)
 
 
@@ -214,7 +238,9 @@ def client_indices(cfg: RunConfig, partition_id: int, num_partitions: int) -> np
     """The training-sample indices of client ``partition_id`` under ``cfg``."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
-    parts = _partitions(cfg.dataset, cfg.data_root, num_partitions, cfg.partition, cfg.alpha, cfg.classes_per_client, cfg.seed)
+    parts = _partitions(
+        cfg.dataset, cfg.data_root, num_partitions, cfg.partition, cfg.alpha, cfg.classes_per_client, cfg.seed
+    )
     return parts[partition_id]
 
 
@@ -225,7 +251,9 @@ def local_schedule(cfg: RunConfig, partition_id: int, num_partitions: int, serve
     like :func:`client_batch`: the server configured the schedule, so a harness can rebuild
     which images went into an update."""
     idx = torch.as_tensor(client_indices(cfg, partition_id, num_partitions))
-    gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, partition_id, server_round]).generate_state(1)[0]))
+    gen = torch.Generator().manual_seed(
+        int(np.random.SeedSequence([cfg.seed, partition_id, server_round]).generate_state(1)[0])
+    )
     target = cfg.steps_for(len(idx))
     batches: list[np.ndarray] = []
     while len(batches) < target:
@@ -241,6 +269,8 @@ def client_batch(cfg: RunConfig, partition_id: int, num_partitions: int, server_
     in [0, 1] and labels. A pure function of its arguments: the attack harness calls it to
     score a reconstruction, so no ground truth travels in a client's message."""
     data = load_dataset(cfg.dataset, cfg.data_root)
-    idx = batch_indices(client_indices(cfg, partition_id, num_partitions), server_round, cfg.seed, cfg.batch_size, partition_id)
+    idx = batch_indices(
+        client_indices(cfg, partition_id, num_partitions), server_round, cfg.seed, cfg.batch_size, partition_id
+    )
     t = torch.as_tensor(idx)
     return to_float(data.train_x[t]), data.train_y[t]

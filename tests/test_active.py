@@ -33,8 +33,9 @@ def test_weights_only_imprint_keeps_the_model_and_reads_back_a_batch(digits):
     public = to_float(digits.test_x)
     mal = plant_imprint(honest, digits.input_shape, plan_imprint(public, 500, seed=0))
     # same entries, shapes and dtypes: an unmodified ClientApp loads it
-    assert {k: (v.shape, v.dtype) for k, v in mal.state_dict().items()} == \
-           {k: (v.shape, v.dtype) for k, v in honest.state_dict().items()}
+    assert {k: (v.shape, v.dtype) for k, v in mal.state_dict().items()} == {
+        k: (v.shape, v.dtype) for k, v in honest.state_dict().items()
+    }
     assert not torch.equal(mal[1].weight, honest[1].weight)
     x, y = _batch(digits, 16, seed=3)
     grads = torch.autograd.grad(F.cross_entropy(mal(x), y), list(mal.parameters()))
@@ -51,8 +52,14 @@ def test_weights_only_imprint_keeps_the_model_and_reads_back_a_batch(digits):
 def test_imprint_reads_an_aggregate_of_64_images(digits):
     """The SecAgg+ case without the protocol: the example-weighted mean of 4 clients' batch
     gradients is the gradient of their 64 images, and the imprint separates them."""
-    model = construct("imprint", build_model("mlp", digits.input_shape, digits.num_classes, seed=1),
-                      digits.input_shape, to_float(digits.test_x), 500, seed=1)
+    model = construct(
+        "imprint",
+        build_model("mlp", digits.input_shape, digits.num_classes, seed=1),
+        digits.input_shape,
+        to_float(digits.test_x),
+        500,
+        seed=1,
+    )
     batches = [_batch(digits, 16, seed=10 + k) for k in range(4)]
     mean = None
     for x, y in batches:
@@ -74,10 +81,13 @@ def test_imprint_block_in_front_of_a_cnn(digits):
     assert (psnr >= SUCCESS_PSNR).sum() >= 7
 
 
-@pytest.mark.parametrize("name, bins, message", [
-    ("lenet", 100, "first layer is linear"),
-    ("mlp", 5000, "do not fit"),
-])
+@pytest.mark.parametrize(
+    "name, bins, message",
+    [
+        ("lenet", 100, "first layer is linear"),
+        ("mlp", 5000, "do not fit"),
+    ],
+)
 def test_construction_refuses_what_it_cannot_build(digits, name, bins, message):
     model = build_model(name, digits.input_shape, digits.num_classes)
     with pytest.raises(ValueError, match=message):
@@ -102,16 +112,38 @@ def test_active_round_is_accepted_seen_by_the_audit_and_training_continues_from_
     from fl_sim.simulation import simulate
 
     out = tmp_path / "active"
-    code = main(["--attack", "none", "--observers", "active", "--clients", "3", "--batch-size", "4", "--rounds", "3",
-                 "--attack-rounds", "2", "--audit", "log:probe=false", "--attack-workers", "0", "--out", str(out)])
+    code = main(
+        [
+            "--attack",
+            "none",
+            "--observers",
+            "active",
+            "--clients",
+            "3",
+            "--batch-size",
+            "4",
+            "--rounds",
+            "3",
+            "--attack-rounds",
+            "2",
+            "--audit",
+            "log:probe=false",
+            "--attack-workers",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     rounds = _rows(out / "rounds.csv")
     assert [int(r["aggregated"]) for r in rounds[1:]] == [3, 3, 3] and all(r["dropped"] == "0" for r in rounds[1:])
     assert rounds[2]["test_accuracy"] == rounds[1]["test_accuracy"]  # round 2 left the global model as it was
     rows = _rows(out / "results.csv")
     assert sorted(int(r["client"]) for r in rows) == [0, 1, 2]
-    assert all(r["observer"] == "active" and r["attack"] == "imprint" and r["round"] == "2" and r["bins"] == "500"
-               for r in rows)
+    assert all(
+        r["observer"] == "active" and r["attack"] == "imprint" and r["round"] == "2" and r["bins"] == "500"
+        for r in rows
+    )
     assert all(float(r["psnr"]) > 60 and r["recovered"] == "4" for r in rows)
     audit = _rows(out / "audit.csv")
     flagged = {(int(a["round"]), int(a["client"])) for a in audit if a["tampered"] in ("True", "true")}
@@ -121,7 +153,9 @@ def test_active_round_is_accepted_seen_by_the_audit_and_training_continues_from_
     plan = ExperimentPlan.from_mapping(json.loads((out / "config.json").read_text()))
     final = torch.load(out / "final_model.pt")
     skipped, plain = tmp_path / "skipped", tmp_path / "plain"
-    simulate(plan.fed.replace(out_dir=str(skipped), audit=""), replace_model=lambda r, honest: honest if r == 2 else None)
+    simulate(
+        plan.fed.replace(out_dir=str(skipped), audit=""), replace_model=lambda r, honest: honest if r == 2 else None
+    )
     simulate(plan.fed.replace(out_dir=str(plain), audit=""))
     reference = torch.load(skipped / "final_model.pt")
     assert all(torch.equal(final[k], reference[k]) for k in final)
@@ -134,8 +168,24 @@ def test_active_server_reads_images_through_secagg(tmp_path):
     from experiments.run import main
 
     out = tmp_path / "secagg"
-    code = main(["--attack", "none", "--observers", "active,secagg", "--clients", "2", "--batch-size", "4",
-                 "--rounds", "1", "--attack-workers", "0", "--out", str(out)])
+    code = main(
+        [
+            "--attack",
+            "none",
+            "--observers",
+            "active,secagg",
+            "--clients",
+            "2",
+            "--batch-size",
+            "4",
+            "--rounds",
+            "1",
+            "--attack-workers",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     rows = _rows(out / "results.csv")
     through = [r for r in rows if r["observer"] == "active-secagg"]
@@ -156,13 +206,40 @@ def test_imprint_block_needs_and_gets_the_servers_clientapp(tmp_path):
     from fl_sim.task import model_with
 
     out = tmp_path / "block"
-    code = main(["--attack", "none", "--observers", "active,secagg", "--active-attack", "imprint-block", "--model",
-                 "cnn6", "--init", "kaiming", "--active-bins", "200", "--clients", "2", "--batch-size", "4", "--rounds",
-                 "2", "--audit", "log:probe=false", "--attack-workers", "0", "--out", str(out)])
+    code = main(
+        [
+            "--attack",
+            "none",
+            "--observers",
+            "active,secagg",
+            "--active-attack",
+            "imprint-block",
+            "--model",
+            "cnn6",
+            "--init",
+            "kaiming",
+            "--active-bins",
+            "200",
+            "--clients",
+            "2",
+            "--batch-size",
+            "4",
+            "--rounds",
+            "2",
+            "--audit",
+            "log:probe=false",
+            "--attack-workers",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     rows = _rows(out / "results.csv")
-    assert sorted((r["observer"], r["attack"]) for r in rows) == \
-           [("active", "imprint-block")] * 2 + [("active-secagg", "imprint-block")] * 2
+    assert (
+        sorted((r["observer"], r["attack"]) for r in rows)
+        == [("active", "imprint-block")] * 2 + [("active-secagg", "imprint-block")] * 2
+    )
     assert all(r["recovered"] == "4" and float(r["psnr"]) > 60 for r in rows if r["observer"] == "active")
     assert sum(int(r["recovered"]) for r in rows if r["observer"] == "active-secagg") >= 7  # of 8, through SecAgg+
     assert _rows(out / "rounds.csv")[2]["aggregated"] == "2"  # round 2: the honest model again, trained on
@@ -170,8 +247,9 @@ def test_imprint_block_needs_and_gets_the_servers_clientapp(tmp_path):
     assert "unexpected 0.enc.weight" in audit[(1, "True")] and (2, "False") in audit
     plan = ExperimentPlan.from_mapping(json.loads((out / "config.json").read_text()))
     data = load_dataset("mnist5k", "")
-    block = construct("imprint-block", build_model("cnn6", data.input_shape, 10), data.input_shape,
-                      to_float(data.test_x), 200)
+    block = construct(
+        "imprint-block", build_model("cnn6", data.input_shape, 10), data.input_shape, to_float(data.test_x), 200
+    )
     with pytest.raises(RuntimeError, match="0.enc.weight"):
         model_with(plan.fed, block.state_dict())
 
@@ -182,8 +260,26 @@ def test_clients_that_block_the_constructed_model_leave_the_server_nothing(tmp_p
 
     out = tmp_path / "blocked"
     # batch 16: the honest round-2 update is not one the analytic checks flag (batches of 8 or fewer are)
-    code = main(["--attack", "none", "--observers", "active", "--clients", "2", "--batch-size", "16", "--rounds", "2",
-                 "--audit", "block:probe=false", "--attack-workers", "0", "--out", str(out)])
+    code = main(
+        [
+            "--attack",
+            "none",
+            "--observers",
+            "active",
+            "--clients",
+            "2",
+            "--batch-size",
+            "16",
+            "--rounds",
+            "2",
+            "--audit",
+            "block:probe=false",
+            "--attack-workers",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0  # a refused active round is not a failed federation: nothing was to be aggregated
     rounds = _rows(out / "rounds.csv")
     assert (rounds[1]["aggregated"], rounds[1]["dropped"]) == ("0", "2")

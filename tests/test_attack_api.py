@@ -77,8 +77,11 @@ def test_registered_attack_has_the_interface(name):
 @pytest.mark.parametrize("name", list(REGISTERED))
 def test_unknown_option_is_a_one_line_value_error_naming_it(name):
     model, grads, _ = _observation(name)
-    for make in (lambda: REGISTERED[name](no_such_option=1), lambda: get_attack(name, no_such_option=1),
-                 lambda: get_attack(name)(model, grads, SHAPE, no_such_option=1)):
+    for make in (
+        lambda: REGISTERED[name](no_such_option=1),
+        lambda: get_attack(name, no_such_option=1),
+        lambda: get_attack(name)(model, grads, SHAPE, no_such_option=1),
+    ):
         with pytest.raises(ValueError) as info:
             make()
         message = str(info.value)
@@ -96,8 +99,10 @@ def test_reconstructs_a_tiny_update_the_same_way_through_every_door(name):
     assert res.images.dtype == torch.float32 and tuple(res.images.shape[1:]) == SHAPE
     assert res.images.shape[0] == (batch or 2)  # the imprint: both images, each alone in its bin
     assert 0.0 <= float(res.images.min()) and float(res.images.max()) <= 1.0
-    others = [REGISTERED[name](**QUICK[name])(model, grads, SHAPE, threat, seed=3),
-              REGISTERED[name](REGISTERED[name].Options(**QUICK[name]))(model, grads, SHAPE, threat, seed=3)]
+    others = [
+        REGISTERED[name](**QUICK[name])(model, grads, SHAPE, threat, seed=3),
+        REGISTERED[name](REGISTERED[name].Options(**QUICK[name]))(model, grads, SHAPE, threat, seed=3),
+    ]
     if name in FUNCTIONS:
         others.append(FUNCTIONS[name](model, grads, SHAPE, threat, seed=3, **QUICK[name]))
     for other in others:
@@ -192,6 +197,7 @@ def test_no_flower_no_nested_imports_and_no_import_cycle():
 def test_attack_modules_keep_no_mutable_state():
     for name in ("base", "_gradient_matching", "dlg", "idlg", "rgap", "inverting", "imprint", "lbfgs", "metrics"):
         module = __import__(f"attacks.{name}", fromlist=["_"])
-        mutable = [k for k, v in vars(module).items()
-                   if not k.startswith("__") and isinstance(v, (dict, list, set, bytearray))]
+        mutable = [
+            k for k, v in vars(module).items() if not k.startswith("__") and isinstance(v, (dict, list, set, bytearray))
+        ]
         assert mutable == [], (name, mutable)

@@ -45,15 +45,24 @@ def runs(tmp_path_factory):
 
     attacks.ATTACKS["boom"] = Boom
     try:
-        plan = ExperimentPlan.from_mapping({**cfg.to_flower(), "out-dir": str(base / "spied"), "attack": "boom,rgap",
-                                            "attack-rounds": "1", "observers": "server,client", "attack-workers": 0})
+        plan = ExperimentPlan.from_mapping(
+            {
+                **cfg.to_flower(),
+                "out-dir": str(base / "spied"),
+                "attack": "boom,rgap",
+                "attack-rounds": "1",
+                "observers": "server,client",
+                "attack-workers": 0,
+            }
+        )
         spied = plan.fed
         runner = AttackRunner(plan, base / "spied")
         seen, aggregates, sent_messages = [], [], []
 
         def wrap(honest):
             strategy = InterceptingStrategy(
-                honest, kind="gradient",
+                honest,
+                kind="gradient",
                 on_update=lambda u: (seen.append(u), runner.on_update(u)),
                 on_aggregate=lambda a: (aggregates.append(a), runner.on_aggregate(a, observer="client")),
             )
@@ -87,7 +96,7 @@ def test_hook_sees_one_update_per_client_per_round(runs):
 
 def test_clients_receive_only_the_global_model(runs):
     _, _, seen, _, sent_messages, _ = runs
-    for server_round, global_weights, msgs in sent_messages:
+    for _round, global_weights, msgs in sent_messages:
         assert len(msgs) == 3
         for msg in msgs:
             arrays = msg.content["arrays"].to_torch_state_dict()
@@ -115,7 +124,9 @@ def test_curious_client_sees_only_the_average(runs):
     for agg in aggregates:
         mean = {n: sum(_gradients(cfg, agg.before, p, agg.server_round)[n] for p in range(3)) / 3 for n in agg.before}
         for name in agg.before:
-            torch.testing.assert_close((agg.before[name] - agg.after[name]) / cfg.server_lr, mean[name], rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(
+                (agg.before[name] - agg.after[name]) / cfg.server_lr, mean[name], rtol=1e-4, atol=1e-6
+            )
 
 
 def test_failing_attack_leaves_training_and_other_rows(runs):
@@ -130,8 +141,11 @@ def test_failing_attack_leaves_training_and_other_rows(runs):
     client = [float(r["psnr"]) for r in rgap_rows if r["observer"] == "client"]
     assert min(server) > 60, server  # the server recovers every client's image
     assert max(client) < 20, client  # the curious client recovers none
-    assert all(r["attribution"] == "post-hoc" and r["batch_size_granted"] == "False" for r in rgap_rows
-               if r["observer"] == "client")
+    assert all(
+        r["attribution"] == "post-hoc" and r["batch_size_granted"] == "False"
+        for r in rgap_rows
+        if r["observer"] == "client"
+    )
     assert len(list(csv.DictReader(open(base / "spied" / "rounds.csv")))) == 3
 
 

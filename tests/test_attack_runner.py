@@ -14,17 +14,25 @@ from fl_sim.task import batch_gradient, client_batch, parameter_names
 
 
 def _plan(tmp_path, **values):
-    return ExperimentPlan.from_mapping({"attack": "rgap", "num-clients": 3, "out-dir": str(tmp_path),
-                                        "attack-workers": 0, **values})
+    return ExperimentPlan.from_mapping(
+        {"attack": "rgap", "num-clients": 3, "out-dir": str(tmp_path), "attack-workers": 0, **values}
+    )
 
 
 def _update(cfg, pid, server_round=1, model=None):
     data = load_dataset(cfg.dataset)
     model = model or build_model(cfg.model, data.input_shape, data.num_classes, init=cfg.init, seed=cfg.seed)
     grads, _ = batch_gradient(model, *client_batch(cfg, pid, cfg.num_clients, server_round))
-    return InterceptedUpdate(server_round, node_id=100 + pid, partition_id=pid, sent=model.state_dict(),
-                             reply=dict(zip(parameter_names(model), grads)), kind="gradient", num_examples=cfg.batch_size,
-                             metrics={"partition-id": pid, "num-examples": cfg.batch_size})
+    return InterceptedUpdate(
+        server_round,
+        node_id=100 + pid,
+        partition_id=pid,
+        sent=model.state_dict(),
+        reply=dict(zip(parameter_names(model), grads)),
+        kind="gradient",
+        num_examples=cfg.batch_size,
+        metrics={"partition-id": pid, "num-examples": cfg.batch_size},
+    )
 
 
 def test_deferred_attacks_run_at_close_and_score_against_the_rebuilt_batch(tmp_path):
@@ -36,18 +44,26 @@ def test_deferred_attacks_run_at_close_and_score_against_the_rebuilt_batch(tmp_p
     runner.close()
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
     assert [(r["round"], r["client"], r["observer"], r["attack"]) for r in rows] == [
-        ("1", "1", "server", "rgap"), ("2", "2", "server", "rgap")]
+        ("1", "1", "server", "rgap"),
+        ("2", "2", "server", "rgap"),
+    ]
     assert all(float(r["psnr"]) > 60 and float(r["label_acc"]) == 1.0 for r in rows)
     # what the server's attacker was told, in every row
-    assert all((r["labels_granted"], r["batch_size_granted"], r["batch_size_source"], r["attribution"])
-               == ("False", "True", "reply", "direct") for r in rows)
+    assert all(
+        (r["labels_granted"], r["batch_size_granted"], r["batch_size_source"], r["attribution"])
+        == ("False", "True", "reply", "direct")
+        for r in rows
+    )
     assert sorted(p.name for p in (tmp_path / "reconstructions").iterdir()) == [
-        "round001-server-rgap-c1.pt", "round002-server-rgap-c2.pt"]
+        "round001-server-rgap-c1.pt",
+        "round002-server-rgap-c2.pt",
+    ]
 
 
 def test_rounds_and_clients_knobs_select_updates(tmp_path):
-    plan = _plan(tmp_path, **{"observers": "server", "defer-attacks": True, "attack-rounds": "2",
-                              "attack-clients": "0"})
+    plan = _plan(
+        tmp_path, **{"observers": "server", "defer-attacks": True, "attack-rounds": "2", "attack-clients": "0"}
+    )
     runner = AttackRunner(plan, tmp_path)
     for pid in range(3):
         runner.on_update(_update(plan.fed, pid, server_round=1))

@@ -40,11 +40,18 @@ def test_policy_parses_actions_and_options():
     assert AuditPolicy.parse("log:probe=false").probe is False
 
 
-@pytest.mark.parametrize("text, says", [
-    ("nope", "unknown audit action"), ("block:psnr=x", "psnr must be a number"), ("log:depth=3", "KEY=VALUE"),
-    ("protect:probe=false", "needs the probe"), ("protect:defence=blur", "unknown defence"),
-    ("block:budget=0", "budget"), ("log:clients=a", "partition ids"),
-])
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("nope", "unknown audit action"),
+        ("block:psnr=x", "psnr must be a number"),
+        ("log:depth=3", "KEY=VALUE"),
+        ("protect:probe=false", "needs the probe"),
+        ("protect:defence=blur", "unknown defence"),
+        ("block:budget=0", "budget"),
+        ("log:clients=a", "partition ids"),
+    ],
+)
 def test_bad_policies_are_refused_in_one_line(text, says):
     with pytest.raises(AuditError, match=says):
         AuditPolicy.parse(text)
@@ -55,7 +62,7 @@ def test_bad_policies_are_refused_in_one_line(text, says):
 
 def test_refusal_reason_round_trips():
     assert refusal_of("ValueError: boom") is None
-    why, row = refusal_of("refused by the client's leakage audit: too risky | audit {\"client\": 2, \"probe_psnr\": 40.0}")
+    why, row = refusal_of('refused by the client\'s leakage audit: too risky | audit {"client": 2, "probe_psnr": 40.0}')
     assert why == "too risky" and row == {"client": 2, "probe_psnr": 40.0}
 
 
@@ -108,8 +115,16 @@ def test_one_image_gradient_is_flagged_invertible_and_label_readable():
 
 
 def test_quickstart_fedavg_update_is_not_flagged():
-    cfg = RunConfig(mode="fedavg", batch_size=32, local_epochs=3, num_clients=10, model="lenet", init="paper",
-                    lr=0.01, dataset="mnist5k")
+    cfg = RunConfig(
+        mode="fedavg",
+        batch_size=32,
+        local_epochs=3,
+        num_clients=10,
+        model="lenet",
+        init="paper",
+        lr=0.01,
+        dataset="mnist5k",
+    )
     cfg = cfg.replace(num_clients=100)  # 4,000 training digits: 40 per client, 2 steps per epoch, 6 in all
     data = load_dataset(cfg.dataset, cfg.data_root)
     model = build_model("lenet", data.input_shape, data.num_classes, init="paper", seed=0)
@@ -117,8 +132,14 @@ def test_quickstart_fedavg_update_is_not_flagged():
     local_sgd(model, data, local_schedule(cfg, 0, cfg.num_clients, 1), lr=cfg.lr)
     trained = model.state_dict()
     delta = {n: trained[n] - sent[n] for n in parameter_names(model)}
-    view = update_view(cfg, 0, 1, build_model("lenet", data.input_shape, data.num_classes, init="paper", seed=0), delta,
-                       data.input_shape)
+    view = update_view(
+        cfg,
+        0,
+        1,
+        build_model("lenet", data.input_shape, data.num_classes, init="paper", seed=0),
+        delta,
+        data.input_shape,
+    )
     assert view.kind == "weight_delta" and view.local_steps == 6 and view.labels.numel() == 40
     checks = LeakageAuditor().assess(view, {})
     assert not checks["flagged"] and checks["rgap_invertible"] == ""
@@ -139,9 +160,31 @@ def test_probe_measures_a_one_image_gradient_and_a_noised_one():
 @pytest.mark.slow
 def test_the_audit_sees_the_update_the_defences_made(tmp_path):
     out = tmp_path / "run"
-    assert run_main(["--attack", "none", "--mode", "fedsgd", "--model", "lenet", "--clients", "2", "--rounds", "1",
-                     "--batch-size", "1", "--defence", "prune:ratio=0.5", "--audit", "log:probe=false",
-                     "--out", str(out)]) == 0
+    assert (
+        run_main(
+            [
+                "--attack",
+                "none",
+                "--mode",
+                "fedsgd",
+                "--model",
+                "lenet",
+                "--clients",
+                "2",
+                "--rounds",
+                "1",
+                "--batch-size",
+                "1",
+                "--defence",
+                "prune:ratio=0.5",
+                "--audit",
+                "log:probe=false",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = _rows(out / "audit.csv")
     assert sorted(int(r["client"]) for r in rows) == [0, 1]
     # pruning zeroes half of every tensor; an unpruned gradient of one image has almost no zeros
@@ -152,8 +195,7 @@ def test_the_audit_sees_the_update_the_defences_made(tmp_path):
 @pytest.mark.slow
 def test_block_refuses_the_update_and_training_goes_on(tmp_path):
     out = tmp_path / "run"
-    assert run_main(["--attack", "rgap", "--observers", "server", "--audit", "block:clients=0",
-                     "--out", str(out)]) == 0
+    assert run_main(["--attack", "rgap", "--observers", "server", "--audit", "block:clients=0", "--out", str(out)]) == 0
     rounds = _rows(out / "rounds.csv")
     assert [(r["round"], r["aggregated"], r["dropped"]) for r in rounds[1:]] == [("1", "3", "1"), ("2", "3", "1")]
     dropped = _rows(out / "dropped.csv")
@@ -170,8 +212,25 @@ def test_block_refuses_the_update_and_training_goes_on(tmp_path):
 @pytest.mark.slow
 def test_protect_brings_the_probe_and_the_servers_attacks_below_the_bar(tmp_path):
     out = tmp_path / "run"
-    assert run_main(["--attack", "rgap,idlg", "--observers", "server", "--clients", "2", "--rounds", "1",
-                     "--audit", "protect:psnr=20", "--out", str(out)]) == 0
+    assert (
+        run_main(
+            [
+                "--attack",
+                "rgap,idlg",
+                "--observers",
+                "server",
+                "--clients",
+                "2",
+                "--rounds",
+                "1",
+                "--audit",
+                "protect:psnr=20",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     audit = _rows(out / "audit.csv")
     assert len(audit) == 2
     assert all(a["action"] == "protected" and float(a["probe_psnr"]) > 60 for a in audit)
@@ -226,8 +285,16 @@ def test_a_constructed_model_is_detected_in_the_rounds_it_is_sent(tmp_path):
     # FedSGD on batches of 32: not flagged, so block sends every honest round's update; and the
     # server steps its own model by the gradients, so the constructed one does not persist (under
     # FedAvg the unaudited client's weights, trained from it, carry its copied rows into round 3)
-    cfg = RunConfig(mode="fedsgd", batch_size=32, num_clients=3, num_server_rounds=3, model="lenet",
-                    init="paper", audit="block:clients=0+1,probe=false", out_dir=str(out)).validated()
+    cfg = RunConfig(
+        mode="fedsgd",
+        batch_size=32,
+        num_clients=3,
+        num_server_rounds=3,
+        model="lenet",
+        init="paper",
+        audit="block:clients=0+1,probe=false",
+        out_dir=str(out),
+    ).validated()
     simulate(cfg, client_app=audited_app, wrap_strategy=_TamperingServer({2}))
     audit = _rows(out / "audit.csv")
     assert sorted((int(a["round"]), int(a["client"])) for a in audit) == [(r, c) for r in (1, 2, 3) for c in (0, 1)]
@@ -237,15 +304,37 @@ def test_a_constructed_model_is_detected_in_the_rounds_it_is_sent(tmp_path):
     assert all(a["action"] == "refused" and "rows are copies of one another" in a["reason"] for a in tampered)
     # the client without the audit answered the constructed model; training went on
     rounds = _rows(out / "rounds.csv")
-    assert [(r["round"], r["aggregated"], r["dropped"]) for r in rounds[1:]] == [("1", "3", "0"), ("2", "1", "2"),
-                                                                                ("3", "3", "0")]
+    assert [(r["round"], r["aggregated"], r["dropped"]) for r in rounds[1:]] == [
+        ("1", "3", "0"),
+        ("2", "1", "2"),
+        ("3", "3", "0"),
+    ]
 
 
 @pytest.mark.slow
 def test_under_secagg_the_audit_sees_the_plaintext_update_and_block_drops_out(tmp_path):
     out = tmp_path / "run"
-    assert run_main(["--attack", "rgap", "--observers", "secagg", "--clients", "3", "--rounds", "1",
-                     "--defence", "prune:ratio=0.1", "--audit", "block:clients=0", "--out", str(out)]) == 0
+    assert (
+        run_main(
+            [
+                "--attack",
+                "rgap",
+                "--observers",
+                "secagg",
+                "--clients",
+                "3",
+                "--rounds",
+                "1",
+                "--defence",
+                "prune:ratio=0.1",
+                "--audit",
+                "block:clients=0",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     # SecAgg+ hides each reply from the server: the clients write their own rows, before masking
     audit = {int(a["client"]): a for a in _rows(out / "secagg" / "audit.csv")}
     assert sorted(audit) == [0]  # only client 0 runs the audit

@@ -95,25 +95,42 @@ CASES = [
     (["--audit", "protect:defence=blur"], "--audit: protect: unknown defence 'blur'"),
     # the active server
     (["--observers", "active", "--active-attack", "trap"], "--active-attack: unknown active attack 'trap'"),
-    (["--observers", "active", "--model", "lenet"], "--model: the active server's imprint: the weights-only imprint needs"),
-    (["--observers", "active", "--active-bins", "5000"], "--active-bins: the active server's imprint: 5000 bins do not fit"),
+    (
+        ["--observers", "active", "--model", "lenet"],
+        "--model: the active server's imprint: the weights-only imprint needs",
+    ),
+    (
+        ["--observers", "active", "--active-bins", "5000"],
+        "--active-bins: the active server's imprint: 5000 bins do not fit",
+    ),
     (["--observers", "active", "--active-bins", "0"], "--active-bins: must be >= 1, got 0"),
     (["--attack", "rgap", "--observers", "active"], "--attack: rgap attacks what a passive observer sees"),
     (["--attack", "rgap", "--active-bins", "100"], "--active-bins: has no effect without the active observer"),
-    (["--attack", "ig", "--mode", "fedavg"], "--local-epochs: a client's FedAvg update would hold 1000 images (1000 local"),
-    (["--attack", "ig", "--mode", "fedavg", "--local-steps", "20", "--batch-size", "4"],
-     "--local-steps: a client's FedAvg update would hold 80 images"),
+    (
+        ["--attack", "ig", "--mode", "fedavg"],
+        "--local-epochs: a client's FedAvg update would hold 1000 images (1000 local",
+    ),
+    (
+        ["--attack", "ig", "--mode", "fedavg", "--local-steps", "20", "--batch-size", "4"],
+        "--local-steps: a client's FedAvg update would hold 80 images",
+    ),
     (["--preset", "demo", "--attack-rounds", "200"], "--attack-rounds: round 200 is not in 1..150"),
     (["--attack", "rgap", "--clients", "2"], "--observers: the curious-client observer needs >= 3 clients per round"),
     (["--attack", "rgap", "--attack-rounds", "3"], "--attack-rounds: round 3 is not in 1..2"),
-    (["--attack", "rgap", "--attack-rounds", "x"], "--attack-rounds: expected comma-separated integers, 'all' or 'spread'"),
+    (
+        ["--attack", "rgap", "--attack-rounds", "x"],
+        "--attack-rounds: expected comma-separated integers, 'all' or 'spread'",
+    ),
     (["--attack", "rgap", "--attack-clients", "7"], "--attack-clients: 7 is not a partition id (0..3)"),
     (["--attack", "rgap", "--curious-client", "9"], "--curious-client: 9 is not a partition id (0..3)"),
     (["--attack", "rgap", "--attack-workers", "-1"], "--attack-workers: must be >= 0, got -1"),
     # what the data allows, checked before Ray starts
     (["--partition", "pathological", "--clients", "3"], "--classes-per-client: 3 clients x 2 classes cannot cover 10"),
     (["--partition", "pathological", "--classes-per-client", "0"], "--classes-per-client: must be >= 1, got 0"),
-    (["--partition", "dirichlet", "--alpha", "1e-4", "--clients", "40"], "--alpha: Dirichlet(alpha=0.0001) left a client empty"),
+    (
+        ["--partition", "dirichlet", "--alpha", "1e-4", "--clients", "40"],
+        "--alpha: Dirichlet(alpha=0.0001) left a client empty",
+    ),
     (["--clients", "5000"], "--clients: 5000 clients for 4000 training images"),
     (["--dataset", "npz:/no/such/file.npz"], "npz dataset not found: /no/such/file.npz"),
     (["--dataset", "cifar10", "--data-root", "/nonexistent"], "offline choices: mnist5k, npz:PATH"),
@@ -156,9 +173,15 @@ def test_run_refuses_with_one_line(argv, message, files, capsys):
 
 # The deployment shares the plan, its flags and its checks: the same lines, before any process starts.
 DEPLOY_CASES = [c for c in CASES if c[0][:1] != ["--dataset"] or "{" not in c[0][1]][:20] + [
-    (["--attack", "rgap", "--observers", "secagg"], "--observers: the secagg observer runs only under python -m experiments.run"),
-    (["--observers", "active", "--active-attack", "imprint-block", "--model", "cnn6"],
-     "--active-attack: imprint-block changes the model's architecture, so the clients must run the server's ClientApp"),
+    (
+        ["--attack", "rgap", "--observers", "secagg"],
+        "--observers: the secagg observer runs only under python -m experiments.run",
+    ),
+    (
+        ["--observers", "active", "--active-attack", "imprint-block", "--model", "cnn6"],
+        "--active-attack: imprint-block changes the model's architecture, so the clients must run the server's "
+        "ClientApp",
+    ),
     (["--kill-node", "1"], "--kill-node and --kill-node-after-round go together"),
     (["--kill-node", "5", "--kill-node-after-round", "1"], "--kill-node: partition id must lie in 0..2"),
     (["--run-config", "no-such-key=1"], "no-such-key: not a setting of this app"),
@@ -215,8 +238,22 @@ def test_help_shows_each_default_once(monkeypatch, capsys):
     assert done.value.code == 0
     out = capsys.readouterr().out
     entries = _help_entries(out)
-    for flag in ("--dataset", "--model", "--clients", "--rounds", "--mode", "--batch-size", "--partition", "--seed",
-                 "--out", "--attack", "--faulty-client", "--resume", "--overwrite", "--grant-batch-size"):
+    for flag in (
+        "--dataset",
+        "--model",
+        "--clients",
+        "--rounds",
+        "--mode",
+        "--batch-size",
+        "--partition",
+        "--seed",
+        "--out",
+        "--attack",
+        "--faulty-client",
+        "--resume",
+        "--overwrite",
+        "--grant-batch-size",
+    ):
         assert flag in entries
     assert "(default: None)" not in out
     defaults = default_mapping()

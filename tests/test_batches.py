@@ -24,7 +24,10 @@ def _crops() -> torch.Tensor:
     from skimage import data, transform
 
     img = data.camera().astype(np.float64) / 255.0
-    crops = [transform.resize(img[r : r + 192, c : c + 192], SHAPE[1:], anti_aliasing=True) for r, c in ((80, 150), (260, 40))]
+    crops = [
+        transform.resize(img[r : r + 192, c : c + 192], SHAPE[1:], anti_aliasing=True)
+        for r, c in ((80, 150), (260, 40))
+    ]
     return torch.tensor(np.stack(crops), dtype=torch.float32)[:, None]
 
 
@@ -100,8 +103,17 @@ def test_unconstrained_pair_leaves_the_box(pair):
 
 def test_lbfgsb_option_runs_with_the_attacks_rule(pair):
     model, x, y, grads = pair
-    result = dlg(model, grads, SHAPE, ThreatModel(batch_size=2), seed=0, box="lbfgsb", max_steps=4, max_restarts=0,
-                 history_size=20)
+    result = dlg(
+        model,
+        grads,
+        SHAPE,
+        ThreatModel(batch_size=2),
+        seed=0,
+        box="lbfgsb",
+        max_steps=4,
+        max_restarts=0,
+        history_size=20,
+    )
     assert result.diagnostics["box"] == "lbfgsb" and result.steps == 4 and len(result.history) == 4
     assert result.history[-1] < result.history[0]
     assert 0.0 <= float(result.images.min()) and float(result.images.max()) <= 1.0

@@ -48,20 +48,43 @@ def _not_a_directory(tmp_path: Path) -> str:
 BAD_INPUT = [
     ("unknown-dataset", ["--data"], lambda t: "no-such-set", "unknown dataset 'no-such-set'"),
     ("missing-file", ["--data"], lambda t: f"npz:{t / 'absent.npz'}", "npz dataset not found"),
-    ("images-of-rank-2", ["--data"], lambda t: _npz(t / "r2.npz", images=np.zeros((4, 8), np.uint8), labels=np.arange(4)),
-     "images must be N x H x W, N x H x W x C or N x C x H x W"),
-    ("images-of-rank-5", ["--data"],
-     lambda t: _npz(t / "r5.npz", images=np.zeros((2, 1, 8, 8, 3), np.uint8), labels=np.arange(2)),
-     "images must be N x H x W, N x H x W x C or N x C x H x W"),
-    ("pixels-out-of-range", ["--data"], lambda t: _npz(t / "f.npz", images=np.full((4, 8, 8), 300.5), labels=np.arange(4)),
-     "float pixels must lie in [0, 1]"),
-    ("labels-of-other-length", ["--data"],
-     lambda t: _npz(t / "l.npz", images=np.zeros((4, 8, 8), np.uint8), labels=np.arange(3)), "4 images but 3 labels"),
-    ("no-labels-array", ["--data"], lambda t: _npz(t / "n.npz", images=np.zeros((4, 8, 8), np.uint8)),
-     "must hold arrays 'images' and 'labels'"),
+    (
+        "images-of-rank-2",
+        ["--data"],
+        lambda t: _npz(t / "r2.npz", images=np.zeros((4, 8), np.uint8), labels=np.arange(4)),
+        "images must be N x H x W, N x H x W x C or N x C x H x W",
+    ),
+    (
+        "images-of-rank-5",
+        ["--data"],
+        lambda t: _npz(t / "r5.npz", images=np.zeros((2, 1, 8, 8, 3), np.uint8), labels=np.arange(2)),
+        "images must be N x H x W, N x H x W x C or N x C x H x W",
+    ),
+    (
+        "pixels-out-of-range",
+        ["--data"],
+        lambda t: _npz(t / "f.npz", images=np.full((4, 8, 8), 300.5), labels=np.arange(4)),
+        "float pixels must lie in [0, 1]",
+    ),
+    (
+        "labels-of-other-length",
+        ["--data"],
+        lambda t: _npz(t / "l.npz", images=np.zeros((4, 8, 8), np.uint8), labels=np.arange(3)),
+        "4 images but 3 labels",
+    ),
+    (
+        "no-labels-array",
+        ["--data"],
+        lambda t: _npz(t / "n.npz", images=np.zeros((4, 8, 8), np.uint8)),
+        "must hold arrays 'images' and 'labels'",
+    ),
     ("truncated-npz", ["--data"], lambda t: _truncated(t / "cut.npz"), "is not a readable .npz archive"),
-    ("not-an-npz", ["--data"], lambda t: (t / "text.npz").write_text("hello") and f"npz:{t / 'text.npz'}",
-     "is not a readable .npz archive"),
+    (
+        "not-an-npz",
+        ["--data"],
+        lambda t: (t / "text.npz").write_text("hello") and f"npz:{t / 'text.npz'}",
+        "is not a readable .npz archive",
+    ),
     ("out-is-a-folder", ["--out"], lambda t: str(t), "is a folder"),
     ("out-in-a-missing-folder", ["--out"], lambda t: str(t / "missing" / "rows.csv"), "cannot write"),
     ("out-under-a-file", ["--out"], _not_a_directory, "cannot write"),
@@ -107,14 +130,17 @@ def test_bad_options_exit_2_with_one_line(extra, message, capsys):
     assert code == 2 and message in err and err.count("\n") == 1, err
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--attack", "rgap", "--model", "cnn6", "--faithful"], "--faithful applies to dlg and idlg only"),
-    (["--attack", "dlg", "--model", "lenet", "--fresh-solver"], "--fresh-solver applies to rgap only"),
-    (["--attack", "rgap", "--model", "cnn6", "--option", "nope=1"], "rgap has no option nope"),
-    (["--attack", "rgap", "--model", "cnn6", "--versus", "nope=1"], "rgap has no option nope"),
-    (["--attack", "dlg", "--model", "lenet", "--versus", "fresh-solver"], "--fresh-solver applies to rgap only"),
-    (["--attack", "dlg", "--model", "lenet", "--versus", "tol"], "--versus takes KEY=VALUE"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--attack", "rgap", "--model", "cnn6", "--faithful"], "--faithful applies to dlg and idlg only"),
+        (["--attack", "dlg", "--model", "lenet", "--fresh-solver"], "--fresh-solver applies to rgap only"),
+        (["--attack", "rgap", "--model", "cnn6", "--option", "nope=1"], "rgap has no option nope"),
+        (["--attack", "rgap", "--model", "cnn6", "--versus", "nope=1"], "rgap has no option nope"),
+        (["--attack", "dlg", "--model", "lenet", "--versus", "fresh-solver"], "--fresh-solver applies to rgap only"),
+        (["--attack", "dlg", "--model", "lenet", "--versus", "tol"], "--versus takes KEY=VALUE"),
+    ],
+)
 def test_flags_for_other_attacks_are_refused(argv, message, capsys):
     code, _, err = _run([*argv, "--data", "mnist5k", "--images", "1"], capsys)
     assert code == 2 and message in err and err.count("\n") == 1, err
@@ -131,9 +157,27 @@ def test_seed_specs():
 def test_rows_and_options_reach_the_attack(tmp_path, capsys):
     out = tmp_path / "idlg.csv"
     # two L-BFGS steps from the paper's N(0, 1) start: a real run, far from converged
-    code, stdout, _ = _run(["--attack", "idlg", "--model", "lenet", "--data", "mnist5k", "--images", "2",
-                            "--option", "image_mean=0.0", "--option", "image_std=1.0", "--max-steps", "2",
-                            "--out", str(out)], capsys)
+    code, stdout, _ = _run(
+        [
+            "--attack",
+            "idlg",
+            "--model",
+            "lenet",
+            "--data",
+            "mnist5k",
+            "--images",
+            "2",
+            "--option",
+            "image_mean=0.0",
+            "--option",
+            "image_std=1.0",
+            "--max-steps",
+            "2",
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
     assert code == 0
     assert "options max_steps=2, image_mean=0.0, image_std=1.0" in stdout
     rows = list(csv.DictReader(out.open()))
@@ -148,8 +192,22 @@ def test_rows_and_options_reach_the_attack(tmp_path, capsys):
 
 def test_seeds_give_one_summary_line_each_and_an_overall_line(tmp_path, capsys):
     out = tmp_path / "dlg.csv"
-    code, stdout, _ = _run(["--attack", "dlg", *BASE, "--seeds", "0,3", "--max-steps", "1", "--option", "max_restarts=0",
-                            "--out", str(out)], capsys)
+    code, stdout, _ = _run(
+        [
+            "--attack",
+            "dlg",
+            *BASE,
+            "--seeds",
+            "0,3",
+            "--max-steps",
+            "1",
+            "--option",
+            "max_restarts=0",
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
     assert code == 0
     rows = list(csv.DictReader(out.open()))
     assert [r["seed"] for r in rows] == ["0", "3"]
@@ -163,8 +221,22 @@ def test_seeds_give_one_summary_line_each_and_an_overall_line(tmp_path, capsys):
 
 def test_versus_attacks_each_image_twice_and_prints_b_against_a(tmp_path, capsys):
     out = tmp_path / "ab.csv"
-    code, stdout, _ = _run(["--attack", "dlg", *BASE, "--max-steps", "1", "--option", "max_restarts=0",
-                            "--versus", "max_iter=5", "--out", str(out)], capsys)
+    code, stdout, _ = _run(
+        [
+            "--attack",
+            "dlg",
+            *BASE,
+            "--max-steps",
+            "1",
+            "--option",
+            "max_restarts=0",
+            "--versus",
+            "max_iter=5",
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
     assert code == 0 and "A: max_steps=1, max_restarts=0; B: max_steps=1, max_restarts=0, max_iter=5" in stdout
     rows = {r["variant"]: r for r in csv.DictReader(out.open())}
     # one L-BFGS step of at most 5 iterations (B) against one of at most 20 (A), same start
@@ -177,8 +249,24 @@ def test_versus_attacks_each_image_twice_and_prints_b_against_a(tmp_path, capsys
 @pytest.mark.parametrize("grant,expected", [([], "labels granted"), (["--no-labels"], "labels 100%")])
 def test_rgap_label_accuracy_is_reported_only_where_not_granted(grant, expected, tmp_path, capsys):
     out = tmp_path / "rgap.csv"
-    code, stdout, _ = _run(["--attack", "rgap", "--model", "cnn6", "--data", "mnist5k", "--images", "1",
-                            "--option", "rank=False", *grant, "--out", str(out)], capsys)
+    code, stdout, _ = _run(
+        [
+            "--attack",
+            "rgap",
+            "--model",
+            "cnn6",
+            "--data",
+            "mnist5k",
+            "--images",
+            "1",
+            "--option",
+            "rank=False",
+            *grant,
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
     assert code == 0 and expected in stdout.splitlines()[-2]
     rows = list(csv.DictReader(out.open()))
     assert all(float(r["psnr"]) > 60 for r in rows)
@@ -204,8 +292,26 @@ def test_rgap_with_a_random_label_not_granted_recovers_image_and_label(tmp_path,
     # image 0's random label (seed 0) is the one the model predicts: the head's equation has
     # two roots and, the label not granted, two labels (four candidates)
     out = tmp_path / "rgap.csv"
-    code, stdout, _ = _run(["--attack", "rgap", "--model", "cnn6", "--data", "mnist5k", "--images", "1",
-                            "--option", "rank=False", "--label", "random", "--no-labels", "--out", str(out)], capsys)
+    code, stdout, _ = _run(
+        [
+            "--attack",
+            "rgap",
+            "--model",
+            "cnn6",
+            "--data",
+            "mnist5k",
+            "--images",
+            "1",
+            "--option",
+            "rank=False",
+            "--label",
+            "random",
+            "--no-labels",
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
     assert code == 0 and "label random, labels not granted" in stdout.splitlines()[0]
     (row,) = list(csv.DictReader(out.open()))
     data = load_images("mnist5k", 1)

@@ -37,7 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 BIN = Path(sys.executable).parent
 TLS_ENV = {
-    "SUPERLINK_SECURITY": "--ssl-ca-certfile /certs/ca.crt --ssl-certfile /certs/server.pem --ssl-keyfile /certs/server.key",
+    "SUPERLINK_SECURITY": (
+        "--ssl-ca-certfile /certs/ca.crt --ssl-certfile /certs/server.pem --ssl-keyfile /certs/server.key"
+    ),
     "SUPERNODE_SECURITY": "--root-certificates /certs/ca.crt",
     "SUBMIT_SECURITY": "--tls --certs /certs",
 }
@@ -60,7 +62,9 @@ def _commands(env: dict[str, str]) -> dict[str, list[str]]:
     out = {}
     for name, svc in services.items():
         cmd = svc.get("command")
-        out[name] = [_interpolate(c, env) for c in cmd] if isinstance(cmd, list) else shlex.split(_interpolate(cmd, env))
+        out[name] = (
+            [_interpolate(c, env) for c in cmd] if isinstance(cmd, list) else shlex.split(_interpolate(cmd, env))
+        )
     return out
 
 
@@ -74,8 +78,13 @@ def _accepted(binary: str) -> frozenset[str]:
     path = BIN / binary
     exe = str(path) if path.exists() else shutil.which(binary)
     assert exe, f"{binary} is not installed"
-    res = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60,
-                         env={"PATH": str(BIN), "FLWR_DISABLE_UPDATE_CHECK": "1", "COLUMNS": "200"})
+    res = subprocess.run(
+        [exe, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": str(BIN), "FLWR_DISABLE_UPDATE_CHECK": "1", "COLUMNS": "200"},
+    )
     flags = frozenset(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", res.stdout))
     assert "--help" in flags, res.stdout[:500]
     return flags
@@ -87,7 +96,9 @@ def _options(cmd: list[str]) -> dict[str, str | None]:
     for i, tok in enumerate(cmd):
         if tok.startswith("--"):
             nxt = cmd[i + 1] if i + 1 < len(cmd) else None
-            opts[tok.split("=")[0]] = tok.split("=", 1)[1] if "=" in tok else (None if nxt is None or nxt.startswith("--") else nxt)
+            opts[tok.split("=")[0]] = (
+                tok.split("=", 1)[1] if "=" in tok else (None if nxt is None or nxt.startswith("--") else nxt)
+            )
     return opts
 
 
@@ -117,18 +128,26 @@ def test_every_flag_is_accepted_by_the_installed_cli(env):
 def test_gen_certs_writes_the_tls_env(tmp_path):
     if not shutil.which("openssl"):
         pytest.skip("openssl is not installed")
-    subprocess.run(["bash", str(ROOT / "scripts" / "gen_certs.sh"), str(tmp_path)], check=True,
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gen_certs.sh"), str(tmp_path)], check=True, capture_output=True, timeout=120
+    )
     for name in ("ca.crt", "server.pem", "server.key", "tls.env"):
         assert (tmp_path / name).is_file(), name
     env = dict(line.split("=", 1) for line in (tmp_path / "tls.env").read_text().splitlines() if "=" in line)
     assert env == TLS_ENV
-    sans = subprocess.run(["openssl", "x509", "-in", str(tmp_path / "server.pem"), "-noout", "-text"],
-                          capture_output=True, text=True, check=True).stdout
+    sans = subprocess.run(
+        ["openssl", "x509", "-in", str(tmp_path / "server.pem"), "-noout", "-text"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     for san in ("DNS:superlink", "DNS:localhost", "IP Address:127.0.0.1"):
         assert san in sans
-    subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / "ca.crt"), str(tmp_path / "server.pem")],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["openssl", "verify", "-CAfile", str(tmp_path / "ca.crt"), str(tmp_path / "server.pem")],
+        check=True,
+        capture_output=True,
+    )
 
 
 def test_partitions_and_ports_are_consistent():
@@ -168,8 +187,14 @@ def test_docker_compose_config():
     if not exe:
         pytest.skip("docker-compose is not installed (apt-get install docker-compose)")
     for env in ({}, TLS_ENV):
-        res = subprocess.run([exe, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, timeout=60,
-                             cwd=ROOT, env={"PATH": "/usr/bin:/bin", **env})
+        res = subprocess.run(
+            [exe, "-f", str(COMPOSE), "config", "-q"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+            env={"PATH": "/usr/bin:/bin", **env},
+        )
         assert res.returncode == 0, res.stderr
 
 
@@ -185,7 +210,11 @@ def _local(cmd: list[str], port: int, runs: Path, certs: Path) -> list[str]:
     binaries those of this environment."""
     out = []
     for tok in cmd:
-        tok = tok.replace("superlink:9093", f"127.0.0.1:{port}").replace("/runs/", f"{runs}/").replace("/certs/", f"{certs}/")
+        tok = (
+            tok.replace("superlink:9093", f"127.0.0.1:{port}")
+            .replace("/runs/", f"{runs}/")
+            .replace("/certs/", f"{certs}/")
+        )
         out.append({"9093": str(port), "0.0.0.0": "127.0.0.1"}.get(tok, tok))
     exe = BIN / out[0]
     out[0] = sys.executable if out[0] == "python" else str(exe if exe.exists() else shutil.which(out[0]))
@@ -204,8 +233,13 @@ def test_compose_topology_runs_and_writes_what_the_simulation_writes(tmp_path):
     engine (python -m experiments.run with the submit job's flags)."""
     from experiments.run import main as run_main
 
-    env_settings = {"ROUNDS": "2", "ATTACK": "rgap", "OBSERVERS": "server,client", "RUN_NAME": "compose",
-                    "SUBMIT_ARGS": "--run-config attack-workers=0"}
+    env_settings = {
+        "ROUNDS": "2",
+        "ATTACK": "rgap",
+        "OBSERVERS": "server,client",
+        "RUN_NAME": "compose",
+        "SUBMIT_ARGS": "--run-config attack-workers=0",
+    }
     commands = _commands(env_settings)
     runs, certs, work = tmp_path / "runs", tmp_path / "certs", tmp_path / "work"
     for d in (runs, certs, work):
@@ -224,11 +258,22 @@ def test_compose_topology_runs_and_writes_what_the_simulation_writes(tmp_path):
                 local += ["--port", str(_free_port())]  # each container has its own 9094; here they share a host
             home = work / name
             home.mkdir()
-            procs[name] = subprocess.Popen(local, cwd=home, env={**env, "FLWR_HOME": str(home)},
-                                           stdout=(work / f"{name}.log").open("w"), stderr=subprocess.STDOUT,
-                                           start_new_session=True)
-        submit = subprocess.run(_local(commands["submit"], port, runs, certs), cwd=ROOT, env=env,
-                                capture_output=True, text=True, timeout=420)
+            procs[name] = subprocess.Popen(
+                local,
+                cwd=home,
+                env={**env, "FLWR_HOME": str(home)},
+                stdout=(work / f"{name}.log").open("w"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        submit = subprocess.run(
+            _local(commands["submit"], port, runs, certs),
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=420,
+        )
         assert submit.returncode == 0, submit.stderr[-3000:]
     finally:
         for proc in procs.values():
@@ -248,26 +293,56 @@ def test_compose_topology_runs_and_writes_what_the_simulation_writes(tmp_path):
 
     job = _options(commands["submit"])
     simulated = tmp_path / "simulated"
-    argv = ["--clients", job["--clients"], "--rounds", job["--rounds"], "--attack", job["--attack"], "--observers",
-            job["--observers"], "--attack-rounds", job["--attack-rounds"], "--batch-size", job["--batch-size"],
-            "--attack-workers", "0", "--out", str(simulated)]
+    argv = [
+        "--clients",
+        job["--clients"],
+        "--rounds",
+        job["--rounds"],
+        "--attack",
+        job["--attack"],
+        "--observers",
+        job["--observers"],
+        "--attack-rounds",
+        job["--attack-rounds"],
+        "--batch-size",
+        job["--batch-size"],
+        "--attack-workers",
+        "0",
+        "--out",
+        str(simulated),
+    ]
     assert run_main(argv) == 0
 
     # the same plan ...
     dep_config = json.loads((deployed / "config.json").read_text())
     sim_config = json.loads((simulated / "config.json").read_text())
-    assert {k: v for k, v in dep_config.items() if k != "out-dir"} == {k: v for k, v in sim_config.items() if k != "out-dir"}
+    assert {k: v for k, v in dep_config.items() if k != "out-dir"} == {
+        k: v for k, v in sim_config.items() if k != "out-dir"
+    }
     # ... the same training ...
     for dep, sim in zip(_rows(deployed / "rounds.csv"), _rows(simulated / "rounds.csv"), strict=True):
         assert dep["round"] == sim["round"] and abs(float(dep["test_loss"]) - float(sim["test_loss"])) < 1e-4
     # ... and the same rows, with what each attacker was granted
-    same = ("round", "client", "observer", "attack", "status", "images", "recovered", "batch_size_used", "labels_granted",
-            "batch_size_granted", "batch_size_source", "attribution")
+    same = (
+        "round",
+        "client",
+        "observer",
+        "attack",
+        "status",
+        "images",
+        "recovered",
+        "batch_size_used",
+        "labels_granted",
+        "batch_size_granted",
+        "batch_size_source",
+        "attribution",
+    )
     dep_rows = sorted(tuple(r[k] for k in same) for r in _rows(deployed / "results.csv"))
     sim_rows = sorted(tuple(r[k] for k in same) for r in _rows(simulated / "results.csv"))
     assert dep_rows == sim_rows
-    assert [r[:3] for r in dep_rows] == [("1", c, o) for c, o in (("0", "server"), ("1", "client"), ("1", "server"),
-                                                                   ("2", "client"), ("2", "server"))]
+    assert [r[:3] for r in dep_rows] == [
+        ("1", c, o) for c, o in (("0", "server"), ("1", "client"), ("1", "server"), ("2", "client"), ("2", "server"))
+    ]
     for path in (deployed, simulated):
         for r in _rows(path / "results.csv"):
             assert (float(r["psnr"]) > 60) if r["observer"] == "server" else (float(r["psnr"]) < 20), r

@@ -44,32 +44,41 @@ def test_specs_parse_to_typed_defences_in_order():
     assert parse_defences(";".join(d.spec() for d in ds)) == ds  # spec() round-trips
 
 
-@pytest.mark.parametrize("spec,message", [
-    ("magic", "unknown defence 'magic': choose one of prune, noise, ldp, central-dp, dpsgd"),
-    ("prune", "prune: needs ratio=..."),
-    ("prune:ratio=1.5", "prune: ratio must lie in [0, 1), got 1.5"),
-    ("prune:ratio=x", "prune: ratio must be float, got 'x'"),
-    ("prune:level=0.3", "prune: expected KEY=VALUE with KEY one of ratio, got 'level=0.3'"),
-    ("prune:ratio=0.1,ratio=0.2", "prune: ratio given twice"),
-    ("noise:sigma=-1", "noise: sigma must be a finite number >= 0, got -1.0"),
-    ("ldp:clip=1,epsilon=0", "ldp: epsilon must be a finite number > 0, got 0.0"),
-    ("central-dp:noise=1,clip=1,side=middle", "central-dp: side must be server or client, got 'middle'"),
-    ("dpsgd:noise=1,clip=1,delta=2", "dpsgd: delta must lie in (0, 1), got 2.0"),
-    ("dpsgd:noise=1,clip=1;dpsgd:noise=2,clip=1", "dpsgd is named twice"),
-])
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("magic", "unknown defence 'magic': choose one of prune, noise, ldp, central-dp, dpsgd"),
+        ("prune", "prune: needs ratio=..."),
+        ("prune:ratio=1.5", "prune: ratio must lie in [0, 1), got 1.5"),
+        ("prune:ratio=x", "prune: ratio must be float, got 'x'"),
+        ("prune:level=0.3", "prune: expected KEY=VALUE with KEY one of ratio, got 'level=0.3'"),
+        ("prune:ratio=0.1,ratio=0.2", "prune: ratio given twice"),
+        ("noise:sigma=-1", "noise: sigma must be a finite number >= 0, got -1.0"),
+        ("ldp:clip=1,epsilon=0", "ldp: epsilon must be a finite number > 0, got 0.0"),
+        ("central-dp:noise=1,clip=1,side=middle", "central-dp: side must be server or client, got 'middle'"),
+        ("dpsgd:noise=1,clip=1,delta=2", "dpsgd: delta must lie in (0, 1), got 2.0"),
+        ("dpsgd:noise=1,clip=1;dpsgd:noise=2,clip=1", "dpsgd is named twice"),
+    ],
+)
 def test_a_bad_spec_says_what_is_wrong(spec, message):
     with pytest.raises(DefenceError) as exc:
         parse_defences(spec)
     assert str(exc.value) == message
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--defence", "magic"], "--defence: unknown defence 'magic'"),
-    (["--defence", "prune:ratio=2"], "--defence: prune: ratio must lie in [0, 1), got 2.0"),
-    (["--defence", "noise:std=1"], "--defence: noise: expected KEY=VALUE with KEY one of sigma"),
-    (["--mode", "fedsgd", "--defence", "ldp:clip=1,epsilon=8"], "--defence: ldp clips the weight update"),
-    (["--attack", "rgap", "--defence", "central-dp:noise=1,clip=1"], "--defence: central-dp clips the weight update"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--defence", "magic"], "--defence: unknown defence 'magic'"),
+        (["--defence", "prune:ratio=2"], "--defence: prune: ratio must lie in [0, 1), got 2.0"),
+        (["--defence", "noise:std=1"], "--defence: noise: expected KEY=VALUE with KEY one of sigma"),
+        (["--mode", "fedsgd", "--defence", "ldp:clip=1,epsilon=8"], "--defence: ldp clips the weight update"),
+        (
+            ["--attack", "rgap", "--defence", "central-dp:noise=1,clip=1"],
+            "--defence: central-dp clips the weight update",
+        ),
+    ],
+)
 def test_the_run_refuses_a_bad_defence_with_one_line(argv, message, capsys):
     assert run_main(argv) == 2
     err = capsys.readouterr().err
@@ -108,18 +117,41 @@ def test_noise_has_the_standard_deviation_asked_for_and_repeats_with_the_seed():
 def _round_trip(defences: str, sent, returned, *, mode="fedavg", extra=None):
     """A real train Message through the ClientApp's defence mod; the reply that would leave."""
     cfg = RunConfig(mode=mode, local_steps=1, num_clients=4, defences=defences).validated()
-    content = RecordDict({"arrays": ArrayRecord({k: v.clone() for k, v in sent.items()}),
-                          "config": ConfigRecord({**cfg.to_flower(), "server-round": 1, **(extra or {})})})
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: v.clone() for k, v in sent.items()}),
+            "config": ConfigRecord({**cfg.to_flower(), "server-round": 1, **(extra or {})}),
+        }
+    )
     # as a SuperNode receives it: a delivered message, with its run and ids
-    msg = Message(content, metadata=Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=1,
-                                             reply_to_message_id="", group_id="1", created_at=time.time(), ttl=600,
-                                             message_type=MessageType.TRAIN))
-    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 4}, state=RecordDict(),
-                  run_config={})
+    msg = Message(
+        content,
+        metadata=Metadata(
+            run_id=1,
+            message_id="m1",
+            src_node_id=0,
+            dst_node_id=1,
+            reply_to_message_id="",
+            group_id="1",
+            created_at=time.time(),
+            ttl=600,
+            message_type=MessageType.TRAIN,
+        ),
+    )
+    ctx = Context(
+        run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 4}, state=RecordDict(), run_config={}
+    )
 
     def train(m, c):
-        return Message(RecordDict({"arrays": ArrayRecord({k: v.clone() for k, v in returned.items()}),
-                                   "metrics": MetricRecord({"num-examples": 1})}), reply_to=m)
+        return Message(
+            RecordDict(
+                {
+                    "arrays": ArrayRecord({k: v.clone() for k, v in returned.items()}),
+                    "metrics": MetricRecord({"num-examples": 1}),
+                }
+            ),
+            reply_to=m,
+        )
 
     reply = defence_mod(msg, ctx, train)
     return reply.content["arrays"].to_torch_state_dict()
@@ -186,8 +218,9 @@ def test_dpsgd_clips_each_sample_and_adds_noise_of_std_noise_times_clip_over_bat
     images, labels, data = mnist
     model = build_model("lenet", data.input_shape, data.num_classes, seed=0)
     plain, _ = batch_gradient(model, images[:1], labels[:1])
-    clipped, _ = dp_batch_gradient(model, images[:1], labels[:1], noise=0.0, clip=1e-3,
-                                   generator=torch.Generator().manual_seed(0))
+    clipped, _ = dp_batch_gradient(
+        model, images[:1], labels[:1], noise=0.0, clip=1e-3, generator=torch.Generator().manual_seed(0)
+    )
     flat = lambda gs: torch.cat([g.reshape(-1) for g in gs])  # noqa: E731
     assert flat(plain).norm().item() > 1e-2  # so the clip binds
     assert flat(clipped).norm().item() == pytest.approx(1e-3, rel=1e-4)
@@ -207,22 +240,51 @@ def test_epsilon_comes_from_the_accountants():
     from opacus.accountants.utils import get_noise_multiplier
 
     sizes = [1000, 1250]
-    [g] = privacy_spent((DPSGD(noise=1.1, clip=1.0),), rounds=5, num_clients=4, clients_per_round=4,
-                        partition_sizes=sizes, batch_size=10, steps_per_round=20)
+    [g] = privacy_spent(
+        (DPSGD(noise=1.1, clip=1.0),),
+        rounds=5,
+        num_clients=4,
+        clients_per_round=4,
+        partition_sizes=sizes,
+        batch_size=10,
+        steps_per_round=20,
+    )
     # the worst client (the smallest partition) at 100 steps; Opacus's inverse gives the noise back
     acc = RDPAccountant()
     acc.history = [(1.1, 10 / 1000, 100)]
     assert g["epsilon"] == pytest.approx(acc.get_epsilon(1e-5)) and g["level"] == "sample"
-    assert get_noise_multiplier(target_epsilon=g["epsilon"], target_delta=1e-5, sample_rate=0.01, steps=100,
-                                accountant="rdp") == pytest.approx(1.1, abs=0.02)
+    assert get_noise_multiplier(
+        target_epsilon=g["epsilon"], target_delta=1e-5, sample_rate=0.01, steps=100, accountant="rdp"
+    ) == pytest.approx(1.1, abs=0.02)
 
-    [c1] = privacy_spent((CentralDP(noise=1.0, clip=1.0),), rounds=2, num_clients=4, clients_per_round=4,
-                         partition_sizes=sizes, batch_size=1, steps_per_round=1)
-    [c2] = privacy_spent((CentralDP(noise=2.0, clip=1.0),), rounds=2, num_clients=4, clients_per_round=4,
-                         partition_sizes=sizes, batch_size=1, steps_per_round=1)
+    [c1] = privacy_spent(
+        (CentralDP(noise=1.0, clip=1.0),),
+        rounds=2,
+        num_clients=4,
+        clients_per_round=4,
+        partition_sizes=sizes,
+        batch_size=1,
+        steps_per_round=1,
+    )
+    [c2] = privacy_spent(
+        (CentralDP(noise=2.0, clip=1.0),),
+        rounds=2,
+        num_clients=4,
+        clients_per_round=4,
+        partition_sizes=sizes,
+        batch_size=1,
+        steps_per_round=1,
+    )
     assert c1["accountant"] == "flwr RdpAccountant" and c2["epsilon"] < c1["epsilon"]
-    [none] = privacy_spent(parse_defences("prune:ratio=0.2;noise:sigma=0.1"), rounds=2, num_clients=4,
-                           clients_per_round=4, partition_sizes=sizes, batch_size=1, steps_per_round=1) or [None]
+    [none] = privacy_spent(
+        parse_defences("prune:ratio=0.2;noise:sigma=0.1"),
+        rounds=2,
+        num_clients=4,
+        clients_per_round=4,
+        partition_sizes=sizes,
+        batch_size=1,
+        steps_per_round=1,
+    ) or [None]
     assert none is None  # pruning and plain noise are not DP: no epsilon
 
 
@@ -240,8 +302,27 @@ def test_central_dp_noise_is_added_at_aggregation_after_the_server_saw_the_updat
     client's image from the raw replies, and the global model moved by the noise Flower's
     wrapper adds (std noise * clip / clients), not by the clipped updates."""
     out = tmp_path / "run"
-    assert run_main(["--attack", "rgap", "--observers", "server", "--mode", "fedavg", "--local-steps", "1",
-                     "--rounds", "1", "--defence", "central-dp:noise=1,clip=1e-4,side=server", "--out", str(out)]) == 0
+    assert (
+        run_main(
+            [
+                "--attack",
+                "rgap",
+                "--observers",
+                "server",
+                "--mode",
+                "fedavg",
+                "--local-steps",
+                "1",
+                "--rounds",
+                "1",
+                "--defence",
+                "central-dp:noise=1,clip=1e-4,side=server",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = _rows(out / "results.csv")
     assert len(rows) == 4 and all(float(r["psnr"]) > 40 for r in rows)
     cfg = RunConfig.from_mapping(json.loads((out / "config.json").read_text()))

@@ -18,7 +18,12 @@ def test_the_demo_trains_while_the_server_reconstructs(tmp_path):
     out = tmp_path / "demo"
     assert run_main(["--rounds", "20", "--max-attacks-per-round", "3", "--out", str(out)]) == 0
     config = json.loads((out / "config.json").read_text())
-    assert (config["attack"], config["mode"], config["model"], config["attack-rounds"]) == ("rgap", "fedsgd", "cnn6", "1,10,20")
+    assert (config["attack"], config["mode"], config["model"], config["attack-rounds"]) == (
+        "rgap",
+        "fedsgd",
+        "cnn6",
+        "1,10,20",
+    )
     with open(out / "rounds.csv") as f:
         accuracy = [float(r["test_accuracy"]) for r in csv.DictReader(f)]
     assert len(accuracy) == 21 and accuracy[-1] > accuracy[0] + 0.2, accuracy  # it learns

@@ -27,8 +27,14 @@ PSNR_OK = 40.0  # R-GAP on CNN6 with one image recovers it to >100 dB here; 40 l
 
 def _deploy(*args: str, timeout: float = 360) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("FLWR_HOME", "PYTHONPATH")}
-    return subprocess.run([sys.executable, "-m", "experiments.deploy", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.deploy", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -65,10 +71,32 @@ def _assert_no_leftovers(record: dict) -> None:
 def test_deploy_survives_a_killed_supernode(tmp_path):
     out = tmp_path / "run"
     start = time.monotonic()
-    res = _deploy("--clients", "3", "--rounds", "2", "--attack", "rgap", "--observers", "server",
-                  "--attack-rounds", "2", "--kill-node", "2", "--kill-node-after-round", "1",
-                  "--round-timeout", "30", "--out", str(out), "--run-config", "attack-workers=0",
-                  "--audit", "log:probe=false", "--timeout", "300")
+    res = _deploy(
+        "--clients",
+        "3",
+        "--rounds",
+        "2",
+        "--attack",
+        "rgap",
+        "--observers",
+        "server",
+        "--attack-rounds",
+        "2",
+        "--kill-node",
+        "2",
+        "--kill-node-after-round",
+        "1",
+        "--round-timeout",
+        "30",
+        "--out",
+        str(out),
+        "--run-config",
+        "attack-workers=0",
+        "--audit",
+        "log:probe=false",
+        "--timeout",
+        "300",
+    )
     record = json.loads((out / "deploy.json").read_text())
     _assert_no_leftovers(record)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -98,9 +126,29 @@ def test_deploy_stops_everything_on_sigterm(tmp_path):
     and the run folder keeps the finished rounds and no invented one."""
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in ("FLWR_HOME", "PYTHONPATH")}
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.deploy", "--clients", "2", "--rounds", "20",
-                             "--attack", "none", "--local-steps", "2", "--out", str(out), "--timeout", "240"],
-                            cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "experiments.deploy",
+            "--clients",
+            "2",
+            "--rounds",
+            "20",
+            "--attack",
+            "none",
+            "--local-steps",
+            "2",
+            "--out",
+            str(out),
+            "--timeout",
+            "240",
+        ],
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and proc.poll() is None:

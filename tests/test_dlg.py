@@ -66,8 +66,17 @@ def test_dlg_is_deterministic(setting):
 
 # Restarts on PyTorch's L-BFGS without line search from the paper's start (standard-normal
 # image and soft label).
-TORCH_ROBUST = DLGOptions(optimizer="torch", line_search="none", label_init="random", image_mean=0.0, image_std=1.0,
-                          history_size=100, tol=2e-9, settle=0.0, stall_checks=((25, 1e-2), (120, 1e-5)))
+TORCH_ROBUST = DLGOptions(
+    optimizer="torch",
+    line_search="none",
+    label_init="random",
+    image_mean=0.0,
+    image_std=1.0,
+    history_size=100,
+    tol=2e-9,
+    settle=0.0,
+    stall_checks=((25, 1e-2), (120, 1e-5)),
+)
 
 
 def test_stalled_start_is_restarted(setting):
@@ -135,11 +144,13 @@ def test_compact_lbfgs_direction_is_the_two_loop_direction():
 
 def _phi(f):
     """``evaluate`` for a 1-D function along d = 1: value, gradient (a tensor), slope."""
+
     def evaluate(t):
         t_ = torch.tensor(float(t), dtype=torch.float64, requires_grad=True)
         value = f(t_)
         (grad,) = torch.autograd.grad(value, [t_])
         return float(value.detach()), grad.reshape(1), float(grad)
+
     return evaluate
 
 
@@ -215,8 +226,9 @@ def test_single_logit_label_is_the_sign_of_the_head_gradient(bias):
     # without a bias the weight gradient's sum when the head's inputs are non-negative
     # (sigmoid outputs here), gives the label, for confident and unconfident models alike.
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Sigmoid(), torch.nn.Flatten(),
-                                torch.nn.Linear(4 * 14 * 14, 1, bias=bias))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.Sigmoid(), torch.nn.Flatten(), torch.nn.Linear(4 * 14 * 14, 1, bias=bias)
+    )
     gen = torch.Generator().manual_seed(0)
     for i in range(4):
         x = torch.rand((1, *SHAPE), generator=gen)

@@ -47,8 +47,9 @@ def _small(tmp_path, name: str = "run", **kwargs) -> RunConfig:
 
 @pytest.mark.slow
 def test_inprocess_and_ray_end_at_the_same_model_and_accuracies(tmp_path):
-    cfg = RunConfig(mode="fedavg", num_clients=3, num_server_rounds=2, batch_size=16, local_steps=3,
-                    fraction_evaluate=1.0, seed=3)
+    cfg = RunConfig(
+        mode="fedavg", num_clients=3, num_server_rounds=2, batch_size=16, local_steps=3, fraction_evaluate=1.0, seed=3
+    )
     ends = {}
     for engine in ("inprocess", "ray"):
         out = tmp_path / engine
@@ -60,8 +61,9 @@ def test_inprocess_and_ray_end_at_the_same_model_and_accuracies(tmp_path):
     # actor and a worker thread compute alike; the tolerance leaves room for the last bits only
     for name in model:
         assert torch.allclose(model[name], ray_model[name], rtol=1e-6, atol=1e-7), name
-    assert [(r["round"], r["test_accuracy"], r["aggregated"], r["dropped"]) for r in rounds] == \
-        [(r["round"], r["test_accuracy"], r["aggregated"], r["dropped"]) for r in ray_rounds]
+    assert [(r["round"], r["test_accuracy"], r["aggregated"], r["dropped"]) for r in rounds] == [
+        (r["round"], r["test_accuracy"], r["aggregated"], r["dropped"]) for r in ray_rounds
+    ]
     assert [r["round"] for r in rounds] == ["0", "1", "2"] and rounds[-1]["aggregated"] == "3"
     for mine, ray in zip(rounds, ray_rounds):
         assert float(mine["test_loss"]) == pytest.approx(float(ray["test_loss"]), rel=1e-5)
@@ -80,25 +82,37 @@ def _probe_apps(seen: dict) -> tuple[ServerApp, ClientApp]:
         msg.content["config"]["tag"] = "scribbled by the client"
         msg.content["arrays"]["w"] = ArrayRecord({"w": torch.full((2,), -1.0)})["w"]
         meta = msg.metadata
-        metrics = MetricRecord({
-            "partition-id": int(context.node_config["partition-id"]),
-            "num-partitions": int(context.node_config["num-partitions"]),
-            "count": count, "node-id-matches": int(context.node_id == meta.dst_node_id),
-            "delivered": int(meta.delivered_at != ""), "run-config": int(context.run_config["probe"]),
-        })
+        metrics = MetricRecord(
+            {
+                "partition-id": int(context.node_config["partition-id"]),
+                "num-partitions": int(context.node_config["num-partitions"]),
+                "count": count,
+                "node-id-matches": int(context.node_id == meta.dst_node_id),
+                "delivered": int(meta.delivered_at != ""),
+                "run-config": int(context.run_config["probe"]),
+            }
+        )
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        seen.update(run_config=dict(context.run_config), run_id=grid.run.run_id, nodes=list(grid.get_node_ids()),
-                    rounds=[])
+        seen.update(
+            run_config=dict(context.run_config), run_id=grid.run.run_id, nodes=list(grid.get_node_ids()), rounds=[]
+        )
         for server_round in (1, 2):
-            sent = [Message(RecordDict({"config": ConfigRecord({"tag": "the server's"}),
-                                        "arrays": ArrayRecord({"w": torch.ones(2)})}),
-                            dst_node_id=nid, message_type="train", group_id=str(server_round))
-                    for nid in seen["nodes"]]
+            sent = [
+                Message(
+                    RecordDict(
+                        {"config": ConfigRecord({"tag": "the server's"}), "arrays": ArrayRecord({"w": torch.ones(2)})}
+                    ),
+                    dst_node_id=nid,
+                    message_type="train",
+                    group_id=str(server_round),
+                )
+                for nid in seen["nodes"]
+            ]
             replies = list(grid.send_and_receive(sent, timeout=30))
             seen["rounds"].append((sent, replies))
         seen["contexts"] = [grid.node_context(nid) for nid in seen["nodes"]] if isinstance(grid, InProcessGrid) else []
@@ -125,8 +139,13 @@ def test_grid_delivers_serialised_copies_with_superlink_metadata_and_keeps_each_
             assert meta.run_id == seen["run_id"] and meta.message_id not in ("", ins.metadata.message_id)
             assert meta.group_id == str(server_round) and meta.delivered_at != ""
             m = reply.content["metrics"]
-            assert (m["count"], m["num-partitions"], m["node-id-matches"], m["delivered"], m["run-config"]) == \
-                (server_round, 3, 1, 1, 7)
+            assert (m["count"], m["num-partitions"], m["node-id-matches"], m["delivered"], m["run-config"]) == (
+                server_round,
+                3,
+                1,
+                1,
+                7,
+            )
         assert sorted(r.content["metrics"]["partition-id"] for r in replies) == [0, 1, 2]
         # what the client changed of its copy never reached the server's message
         assert all(m.content["config"]["tag"] == "the server's" for m in sent)
@@ -156,15 +175,23 @@ def test_a_client_that_raises_is_dropped_with_its_reason_as_a_flower_error_reply
 
     simulate(cfg, engine="inprocess", wrap_strategy=keep_errors)
 
-    assert [(int(r["round"]), r["aggregated"], r["dropped"]) for r in _rows(tmp_path / "run" / "rounds.csv")] == \
-        [(0, "", ""), (1, "2", "1"), (2, "2", "1")]
+    assert [(int(r["round"]), r["aggregated"], r["dropped"]) for r in _rows(tmp_path / "run" / "rounds.csv")] == [
+        (0, "", ""),
+        (1, "2", "1"),
+        (2, "2", "1"),
+    ]
     dropped = _rows(tmp_path / "run" / "dropped.csv")
     assert [(d["round"], d["status"]) for d in dropped] == [("1", "error"), ("2", "error")]
     assert all("injected fault: this client is configured to fail" in d["reason"] for d in dropped)
     # the reply Flower's simulation backend makes of a ClientApp's exception
     assert len(errors) == 2 and all(e.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION for e in errors)
-    assert all(e.reason.startswith("<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException "
-                                   "ClientAppException occurred. Message: injected fault") for e in errors)
+    assert all(
+        e.reason.startswith(
+            "<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException "
+            "ClientAppException occurred. Message: injected fault"
+        )
+        for e in errors
+    )
 
 
 def test_a_silent_client_is_missing_after_the_round_timeout_and_neither_the_run_nor_the_next_waits_for_it(tmp_path):
@@ -175,11 +202,16 @@ def test_a_silent_client_is_missing_after_the_round_timeout_and_neither_the_run_
     took = time.monotonic() - start
 
     assert timeout <= took < timeout + 5.0  # it waited out the round, not the client sleeping timeout + 5 s
-    assert [(r["round"], r["aggregated"], r["dropped"]) for r in _rows(tmp_path / "run" / "rounds.csv")] == \
-        [("0", "", ""), ("1", "2", "1")]
+    assert [(r["round"], r["aggregated"], r["dropped"]) for r in _rows(tmp_path / "run" / "rounds.csv")] == [
+        ("0", "", ""),
+        ("1", "2", "1"),
+    ]
     (dropped,) = _rows(tmp_path / "run" / "dropped.csv")
-    assert (dropped["round"], dropped["status"], dropped["reason"]) == \
-        ("1", "missing", "no reply before the round timed out")
+    assert (dropped["round"], dropped["status"], dropped["reason"]) == (
+        "1",
+        "missing",
+        "no reply before the round timed out",
+    )
     stragglers = [t for t in threading.enumerate() if t.name.startswith("fl-sim-node") and t.is_alive()]
     assert stragglers and all(t.daemon for t in stragglers)  # still asleep, and unable to hold the process
 
@@ -190,8 +222,9 @@ def test_a_silent_client_is_missing_after_the_round_timeout_and_neither_the_run_
 
 
 def test_secagg_on_the_inprocess_engine_aggregates_the_mean_gradient(tmp_path):
-    cfg = RunConfig(mode="fedsgd", num_clients=4, num_server_rounds=1, batch_size=2, server_lr=0.05,
-                    out_dir=str(tmp_path))
+    cfg = RunConfig(
+        mode="fedsgd", num_clients=4, num_server_rounds=1, batch_size=2, server_lr=0.05, out_dir=str(tmp_path)
+    )
     aggregates = []
     secagg.simulate_secagg(cfg, on_aggregate=aggregates.append, engine="inprocess")
 
@@ -226,8 +259,11 @@ def test_an_inprocess_run_leaves_torch_threads_and_flowers_task_identity_as_they
     during = []
     try:
         assert _new_thread_count() == 2
-        simulate(_small(tmp_path, num_clients=2), engine="inprocess", on_round=lambda row: during.append(
-            (torch.get_num_threads(), _new_thread_count())))
+        simulate(
+            _small(tmp_path, num_clients=2),
+            engine="inprocess",
+            on_round=lambda row: during.append((torch.get_num_threads(), _new_thread_count())),
+        )
         assert during[-1] == (2, 1)  # the clients' torch.set_num_threads(1) reached the threads started after it
         assert (torch.get_num_threads(), _new_thread_count()) == (2, 2)
         assert (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id) == identity

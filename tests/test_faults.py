@@ -52,8 +52,9 @@ def test_fedavg_with_nan_and_shape_clients_trains_like_a_run_without_them(tmp_pa
     # (the same two clients' updates aggregated in every round, so the same final weights)
     reference = torch.load(without / "final_model.pt")
     assert model.keys() == reference.keys()
-    assert all(torch.equal(model[k], reference[k]) for k in model), \
-        {k: float((model[k] - reference[k]).abs().max()) for k in model}
+    assert all(torch.equal(model[k], reference[k]) for k in model), {
+        k: float((model[k] - reference[k]).abs().max()) for k in model
+    }
     assert _final_accuracy(faulty) == _final_accuracy(without)
     first = float(_rows(faulty / "rounds.csv")[0]["test_accuracy"])
     assert _final_accuracy(faulty) > 0.5 > first  # and it does train (chance is 0.1)
@@ -64,13 +65,36 @@ def test_attacked_fedsgd_run_with_nan_shape_and_silent_clients(tmp_path):
     out = tmp_path / "run"
     # one round: the silent client makes it wait out the timeout, which must also cover Ray
     # starting its actors in round 1
-    code = run_main(["--attack", "rgap", "--observers", "server", "--clients", "4", "--rounds", "1",
-                     "--faulty-client", "1:nan", "--faulty-client", "2:shape", "--faulty-client", "3:silent",
-                     "--round-timeout", "20", "--attack-workers", "0", "--out", str(out)])
+    code = run_main(
+        [
+            "--attack",
+            "rgap",
+            "--observers",
+            "server",
+            "--clients",
+            "4",
+            "--rounds",
+            "1",
+            "--faulty-client",
+            "1:nan",
+            "--faulty-client",
+            "2:shape",
+            "--faulty-client",
+            "3:silent",
+            "--round-timeout",
+            "20",
+            "--attack-workers",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     assert [(r["aggregated"], r["dropped"]) for r in _rows(out / "rounds.csv")[1:]] == [("1", "3")]
-    statuses = {(int(d["round"]), int(d["client"]) if d["client"] != "-1" else None): d["status"]
-                for d in _rows(out / "dropped.csv")}
+    statuses = {
+        (int(d["round"]), int(d["client"]) if d["client"] != "-1" else None): d["status"]
+        for d in _rows(out / "dropped.csv")
+    }
     assert statuses[(1, 1)] == statuses[(1, 2)] == "invalid"
     assert "missing" in statuses.values()  # the silent client: no reply before the round timed out
     results = {int(r["client"]): r for r in _rows(out / "results.csv")}
@@ -100,8 +124,9 @@ def test_under_secagg_a_bad_update_fails_the_round_without_naming_the_client(tmp
     """SecAgg+ hides which client sent what: a vector of the wrong shape breaks the masked sum,
     and the server can only say that the round failed."""
     out = tmp_path / "run"
-    code = run_main(["--attack", "rgap", "--observers", "secagg", "--clients", "4", "--faulty-client", "1:shape",
-                     "--out", str(out)])
+    code = run_main(
+        ["--attack", "rgap", "--observers", "secagg", "--clients", "4", "--faulty-client", "1:shape", "--out", str(out)]
+    )
     err = " ".join(capsys.readouterr().err.split())
     assert code == 1 and "round 1: secure aggregation failed" in err and "does not say which client" in err
     (dropped,) = _rows(out / "secagg" / "dropped.csv")

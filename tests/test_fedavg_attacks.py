@@ -23,9 +23,30 @@ def test_one_local_step_leaks_like_fedsgd(tmp_path):
     gradient, and the server inverts it; the curious client, seeing only the global models,
     does not."""
     out = tmp_path / "run"
-    code = run_main(["--attack", "rgap,idlg", "--observers", "server,client", "--mode", "fedavg", "--local-steps", "1",
-                     "--batch-size", "1", "--lr", "0.1", "--clients", "4", "--rounds", "1", "--attack-workers", "0",
-                     "--out", str(out)])
+    code = run_main(
+        [
+            "--attack",
+            "rgap,idlg",
+            "--observers",
+            "server,client",
+            "--mode",
+            "fedavg",
+            "--local-steps",
+            "1",
+            "--batch-size",
+            "1",
+            "--lr",
+            "0.1",
+            "--clients",
+            "4",
+            "--rounds",
+            "1",
+            "--attack-workers",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     rows = _rows(out / "results.csv")
     server = [r for r in rows if r["observer"] == "server"]
@@ -43,18 +64,50 @@ def test_several_local_steps_every_observer(tmp_path):
     federation, the same trajectory). (DLG and iDLG read a FedAvg update as an averaged
     gradient: the one-step test above runs that path; R-GAP is refused: tests/test_plan.py.)"""
     out = tmp_path / "run"
-    code = run_main(["--attack", "ig", "--observers", "all", "--mode", "fedavg", "--local-steps", "3", "--batch-size",
-                     "1", "--clients", "3", "--rounds", "1", "--attack-clients", "1", "--attack-workers", "2",
-                     "--out", str(out)])
+    code = run_main(
+        [
+            "--attack",
+            "ig",
+            "--observers",
+            "all",
+            "--mode",
+            "fedavg",
+            "--local-steps",
+            "3",
+            "--batch-size",
+            "1",
+            "--clients",
+            "3",
+            "--rounds",
+            "1",
+            "--attack-clients",
+            "1",
+            "--attack-workers",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     rows = _rows(out / "results.csv")
     assert {r["observer"] for r in rows} == {"server", "client", "secagg"}
     assert all(r["status"] not in ("error", "skipped", "interrupted") for r in rows), rows
     server = [r for r in rows if r["observer"] == "server"]
-    assert len(server) == 1 and all(r["local_steps"] == "3" and r["order_granted"] == "False"
-                                    and r["batch_size_used"] == "3" and r["batch_size_source"] == "config" for r in server)
+    assert len(server) == 1 and all(
+        r["local_steps"] == "3"
+        and r["order_granted"] == "False"
+        and r["batch_size_used"] == "3"
+        and r["batch_size_source"] == "config"
+        for r in server
+    )
     secagg = [r for r in rows if r["observer"] == "secagg"]
     assert len(secagg) == 3 and all(r["local_steps"] == "3" for r in secagg)
     with open(out / "secagg" / "rounds.csv") as f, open(out / "rounds.csv") as g:
         # the same clients, steps and images: SecAgg+ hides the updates, not the model's trajectory
-        assert abs(float(list(csv.DictReader(f))[-1]["test_accuracy"]) - float(list(csv.DictReader(g))[-1]["test_accuracy"])) < 0.01
+        assert (
+            abs(
+                float(list(csv.DictReader(f))[-1]["test_accuracy"])
+                - float(list(csv.DictReader(g))[-1]["test_accuracy"])
+            )
+            < 0.01
+        )

@@ -24,8 +24,9 @@ from fl_sim.task import client_indices, local_schedule, local_sgd, parameter_nam
 
 
 def _cfg(**changes) -> RunConfig:
-    base = dict(dataset="mnist5k", model="cnn6", init="kaiming", mode="fedavg", num_clients=40, batch_size=4, lr=0.05,
-                seed=3)
+    base = dict(
+        dataset="mnist5k", model="cnn6", init="kaiming", mode="fedavg", num_clients=40, batch_size=4, lr=0.05, seed=3
+    )
     return RunConfig(**(base | changes)).validated()
 
 
@@ -56,16 +57,21 @@ def test_replay_reproduces_the_clients_update_from_the_true_images_and_schedule(
     client_delta = [p.detach() - start[n] for n, p in model.named_parameters()]
 
     truth = true_batch(cfg, RefereeKey((7,), "direct"), 2)
-    assert truth.schedule is not None and len(truth.schedule) == steps == cfg.steps_for(len(client_indices(cfg, 7, cfg.num_clients)))
+    assert truth.schedule is not None and len(truth.schedule) == steps == cfg.steps_for(
+        len(client_indices(cfg, 7, cfg.num_clients))
+    )
     if "local_epochs" in changes:
         assert len(truth.labels) == len(client_indices(cfg, 7, cfg.num_clients)) < sum(map(len, truth.schedule))
     fresh = build_model(cfg.model, data.input_shape, data.num_classes, init=cfg.init, seed=cfg.seed)
     params = {n: p.detach().clone().requires_grad_(True) for n, p in fresh.named_parameters()}
-    replayed = simulate_local_update(fresh, params, truth.images, truth.labels, cfg.lr, steps, create_graph=False,
-                                     schedule=truth.schedule)
+    replayed = simulate_local_update(
+        fresh, params, truth.images, truth.labels, cfg.lr, steps, create_graph=False, schedule=truth.schedule
+    )
     for name, a, b in zip(parameter_names(fresh), client_delta, replayed):
-        assert torch.allclose(a, b.detach(), rtol=0, atol=1e-6 * max(1.0, float(a.abs().max()))), \
-            (name, float((a - b.detach()).abs().max()))
+        assert torch.allclose(a, b.detach(), rtol=0, atol=1e-6 * max(1.0, float(a.abs().max()))), (
+            name,
+            float((a - b.detach()).abs().max()),
+        )
     # the replay without the schedule (every image at every step) is a different update
     wrong = simulate_local_update(fresh, params, truth.images, truth.labels, cfg.lr, steps, create_graph=False)
     assert max(float((a - b.detach()).abs().max()) for a, b in zip(client_delta, wrong)) > 1e-3
@@ -76,8 +82,12 @@ def _reordered(truth: Truth) -> Truth:
     n = len(truth.labels)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
     where = {int(old): new for new, old in enumerate(perm)}
-    return Truth(truth.images[perm], truth.labels[perm], truth.owners,
-                 tuple(tuple(where[i] for i in step) for step in truth.schedule))
+    return Truth(
+        truth.images[perm],
+        truth.labels[perm],
+        truth.owners,
+        tuple(tuple(where[i] for i in step) for step in truth.schedule),
+    )
 
 
 def test_the_batch_order_reaches_the_attack_only_when_granted():
@@ -110,8 +120,13 @@ def test_a_schedule_is_checked_against_the_images():
     with pytest.raises(ValueError, match="labels are granted"):
         ThreatModel(labels=torch.tensor([1, 2, 3]), schedule=((0,), (1,)))
     with pytest.raises(ValueError, match="the schedule has 1 steps, the update 2"):
-        get_attack("ig")(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), Update((torch.zeros(2, 4), torch.zeros(2)),
-                         "weight_delta", lr=0.1, local_steps=2), (1, 2, 2), ThreatModel(schedule=((0,),)), max_steps=1)
+        get_attack("ig")(
+            nn.Sequential(nn.Flatten(), nn.Linear(4, 2)),
+            Update((torch.zeros(2, 4), torch.zeros(2)), "weight_delta", lr=0.1, local_steps=2),
+            (1, 2, 2),
+            ThreatModel(schedule=((0,),)),
+            max_steps=1,
+        )
 
 
 def _tiny() -> nn.Module:

@@ -40,8 +40,14 @@ def _start(args: list[str], log: Path, engine: str | None = None) -> subprocess.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     if engine:
         env["FL_SIM_ENGINE"] = engine
-    return subprocess.Popen([sys.executable, "-m", "experiments.run", *args], cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=log.open("w"))
+    return subprocess.Popen(
+        [sys.executable, "-m", "experiments.run", *args],
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("w"),
+    )
 
 
 def _wait_for(condition, proc: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -88,8 +94,22 @@ def _assert_no_invented_round(folder: Path) -> int:
 
 def test_ctrl_c_during_training_stops_and_resume_gives_the_uninterrupted_model(tmp_path):
     # an attacked FedSGD run: the server and the curious client attack rounds 1 to 3 of 12
-    common = ["--attack", "rgap", "--observers", "server,client", "--attack-rounds", "1,2,3", "--clients", "3",
-              "--rounds", "12", "--batch-size", "4", "--seed", "3"]
+    common = [
+        "--attack",
+        "rgap",
+        "--observers",
+        "server,client",
+        "--attack-rounds",
+        "1,2,3",
+        "--clients",
+        "3",
+        "--rounds",
+        "12",
+        "--batch-size",
+        "4",
+        "--seed",
+        "3",
+    ]
     out = tmp_path / "stopped"
     proc = _start(common + ["--out", str(out)], tmp_path / "stopped.log", engine="ray")
     _wait_for(lambda: len(_rows(out / "rounds.csv")) >= 3, proc)  # round 2 is done
@@ -104,8 +124,9 @@ def test_ctrl_c_during_training_stops_and_resume_gives_the_uninterrupted_model(t
     assert run_main(["--out", str(out), "--resume"]) == 0  # its settings come from config.json
     assert _assert_no_invented_round(out) == 12
     rows = _rows(out / "results.csv")
-    assert {r["round"] for r in rows} <= {"1", "2", "3"} and all(r["status"] in ("ok", "blend", "inconsistent",
-                                                                                   "interrupted") for r in rows)
+    assert {r["round"] for r in rows} <= {"1", "2", "3"} and all(
+        r["status"] in ("ok", "blend", "inconsistent", "interrupted") for r in rows
+    )
     full = tmp_path / "full"
     assert run_main(common + ["--out", str(full)]) == 0
     resumed, never = torch.load(out / "final_model.pt"), torch.load(full / "final_model.pt")
@@ -114,8 +135,22 @@ def test_ctrl_c_during_training_stops_and_resume_gives_the_uninterrupted_model(t
 
 def test_ctrl_c_during_the_attacks_marks_the_unfinished_ones(tmp_path):
     out = tmp_path / "run"
-    proc = _start(["--attack", "dlg", "--observers", "server", "--clients", "4", "--rounds", "1", "--defer-attacks",
-                   "--out", str(out)], tmp_path / "run.log")
+    proc = _start(
+        [
+            "--attack",
+            "dlg",
+            "--observers",
+            "server",
+            "--clients",
+            "4",
+            "--rounds",
+            "1",
+            "--defer-attacks",
+            "--out",
+            str(out),
+        ],
+        tmp_path / "run.log",
+    )
     _wait_for(lambda: len(_rows(out / "results.csv")) >= 1, proc)  # the first of four attacks is done
     code, seconds, tree = _interrupt(proc)
     assert code == 130, (tmp_path / "run.log").read_text()[-2000:]
@@ -130,8 +165,10 @@ def test_ctrl_c_during_the_attacks_marks_the_unfinished_ones(tmp_path):
 
 def test_ctrl_c_during_the_secagg_phase(tmp_path):
     out = tmp_path / "run"
-    proc = _start(["--attack", "rgap", "--observers", "secagg", "--clients", "3", "--rounds", "30", "--out", str(out)],
-                  tmp_path / "run.log")
+    proc = _start(
+        ["--attack", "rgap", "--observers", "secagg", "--clients", "3", "--rounds", "30", "--out", str(out)],
+        tmp_path / "run.log",
+    )
     _wait_for(lambda: len(_rows(out / "secagg" / "rounds.csv")) >= 2, proc)  # SecAgg+ round 1 is done
     code, seconds, tree = _interrupt(proc)
     assert code == 130, (tmp_path / "run.log").read_text()[-2000:]

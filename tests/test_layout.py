@@ -109,8 +109,13 @@ def test_the_circle_check_finds_a_circle():
 
 
 def test_no_private_name_is_imported_across_modules():
-    crossing = [f"{m}: {t}.{n}" for m in MODULES for t, _, names in _imports(m) for n in names
-                if n.startswith("_") and not n.startswith("__") and t.split(".")[0] in PACKAGES]
+    crossing = [
+        f"{m}: {t}.{n}"
+        for m in MODULES
+        for t, _, names in _imports(m)
+        for n in names
+        if n.startswith("_") and not n.startswith("__") and t.split(".")[0] in PACKAGES
+    ]
     assert crossing == []
 
 
@@ -138,7 +143,7 @@ def test_an_import_inside_a_function_says_why():
                 continue
             for node in ast.walk(fn):
                 if isinstance(node, (ast.Import, ast.ImportFrom)):
-                    around = lines[max(node.lineno - 2, 0): node.end_lineno]
+                    around = lines[max(node.lineno - 2, 0) : node.end_lineno]
                     if not any("#" in line for line in around):
                         unexplained.append(f"{m}:{node.lineno}: {lines[node.lineno - 1].strip()}")
     assert unexplained == []

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from experiments import deploy, run
 from experiments.cli import PLAN_FLAGS, plan_from_args
@@ -31,8 +31,15 @@ def test_every_plan_key_has_one_flag():
 
 
 def test_mapping_round_trip():
-    plan = ExperimentPlan.from_mapping({"attack": "dlg,rgap", "observers": "server,client", "attack-rounds": "1,2",
-                                        "grant-labels": True, "faulty-clients": "1:nan"})
+    plan = ExperimentPlan.from_mapping(
+        {
+            "attack": "dlg,rgap",
+            "observers": "server,client",
+            "attack-rounds": "1,2",
+            "grant-labels": True,
+            "faulty-clients": "1:nan",
+        }
+    )
     again = ExperimentPlan.from_mapping(plan.to_mapping())
     assert again == plan
     assert plan.attack.attacks == ("dlg", "rgap") and plan.attack.rounds == {1, 2} and plan.attack.grant_labels
@@ -57,17 +64,20 @@ def test_all_observers_means_what_the_engine_can_run():
     assert err.value.key == "observers"
 
 
-@pytest.mark.parametrize("values,key", [
-    ({"attack": "rgap", "num-clients": 2}, "observers"),
-    ({"attack": "rgap", "num-clients": 4, "fraction-train": 0.5}, "observers"),  # 2 clients per round
-    ({"attack": "rgap", "mode": "fedavg"}, "attack"),  # R-GAP inverts one sample's gradient, not local steps
-    ({"attack": "ig", "grant-batch-order": True}, "grant-batch-order"),  # FedSGD has no local batches
-    ({"attack": "rgap", "observers": "secagg", "num-clients": 1, "min-clients": 1}, "observers"),
-    ({"attack": "rgap", "attack-rounds": "0"}, "attack-rounds"),
-    ({"no-such-key": 1}, "no-such-key"),
-    ({"seed": -1}, "seed"),
-    ({"faulty-clients": "3:melt"}, "faulty-clients"),
-])
+@pytest.mark.parametrize(
+    "values,key",
+    [
+        ({"attack": "rgap", "num-clients": 2}, "observers"),
+        ({"attack": "rgap", "num-clients": 4, "fraction-train": 0.5}, "observers"),  # 2 clients per round
+        ({"attack": "rgap", "mode": "fedavg"}, "attack"),  # R-GAP inverts one sample's gradient, not local steps
+        ({"attack": "ig", "grant-batch-order": True}, "grant-batch-order"),  # FedSGD has no local batches
+        ({"attack": "rgap", "observers": "secagg", "num-clients": 1, "min-clients": 1}, "observers"),
+        ({"attack": "rgap", "attack-rounds": "0"}, "attack-rounds"),
+        ({"no-such-key": 1}, "no-such-key"),
+        ({"seed": -1}, "seed"),
+        ({"faulty-clients": "3:melt"}, "faulty-clients"),
+    ],
+)
 def test_rules_name_the_key_at_fault(values, key):
     with pytest.raises(ConfigError) as err:
         ExperimentPlan.from_mapping(values)
@@ -82,18 +92,40 @@ def test_a_silent_client_shortens_the_round_timeout_unless_told():
 def test_run_and_deploy_build_the_same_plan_from_the_same_flags():
     """Both command lines go through one flag table and one plan: the same flags give the
     same plan (the deployment differs only in what its engine can run)."""
-    argv = ["--attack", "rgap,dlg", "--clients", "4", "--rounds", "3", "--observers", "server,client",
-            "--attack-rounds", "1,3", "--batch-size", "2", "--faulty-client", "2:nan", "--grant-batch-size", "none"]
+    argv = [
+        "--attack",
+        "rgap,dlg",
+        "--clients",
+        "4",
+        "--rounds",
+        "3",
+        "--observers",
+        "server,client",
+        "--attack-rounds",
+        "1,3",
+        "--batch-size",
+        "2",
+        "--faulty-client",
+        "2:nan",
+        "--grant-batch-size",
+        "none",
+    ]
     simulated = plan_from_args(run.build_parser().parse_args(argv), engine="simulation")
     deployed = plan_from_args(deploy.build_parser().parse_args(argv), engine="deployment")
     assert simulated == deployed
     assert simulated.fed.faulty_clients == "2:nan" and simulated.attack.grant_batch_size == "none"
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--attack", "rgap", "--clients", "2", "--observers", "server,client"], "needs >= 3 clients per round"),
-    (["--attack", "none", "--clients", "2", "--observers", "server,client"], "--observers: has no effect without an attack"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--attack", "rgap", "--clients", "2", "--observers", "server,client"], "needs >= 3 clients per round"),
+        (
+            ["--attack", "none", "--clients", "2", "--observers", "server,client"],
+            "--observers: has no effect without an attack",
+        ),
+    ],
+)
 def test_run_and_deploy_refuse_alike(argv, message, capsys):
     lines = []
     for main in (run.main, deploy.main):
@@ -111,7 +143,12 @@ def test_presets_fill_what_the_command_line_leaves_out():
     setting unless the demo preset is chosen; attack none is plain training either way."""
     demo = plan_from_args(run.build_parser().parse_args([]), engine="simulation", preset="demo")
     assert demo.attack.attacks == ("rgap",) and demo.attack.observers == ("server", "client")
-    assert (demo.fed.mode, demo.fed.model, demo.fed.num_clients, demo.fed.num_server_rounds) == ("fedsgd", "cnn6", 10, 150)
+    assert (demo.fed.mode, demo.fed.model, demo.fed.num_clients, demo.fed.num_server_rounds) == (
+        "fedsgd",
+        "cnn6",
+        10,
+        150,
+    )
     assert demo.attack.rounds == {1, 75, 150}
     shorter = ExperimentPlan.from_mapping({"num-server-rounds": 20}, preset="demo")
     assert shorter.attack.rounds == {1, 10, 20}  # spread: first, middle, last
@@ -136,6 +173,8 @@ def test_fedavg_attacks_and_what_applies():
     with pytest.raises(ConfigError, match="rgap inverts one sample's gradient") as err:
         ExperimentPlan.from_mapping({"attack": "ig,rgap", "mode": "fedavg", "local-steps": 5})
     assert err.value.key == "attack"
-    granted = ExperimentPlan.from_mapping({"attack": "ig", "mode": "fedavg", "local-steps": 5, "grant-batch-order": True})
+    granted = ExperimentPlan.from_mapping(
+        {"attack": "ig", "mode": "fedavg", "local-steps": 5, "grant-batch-order": True}
+    )
     assert granted.attack.grant_order and granted.to_mapping()["grant-batch-order"] is True
     assert ExperimentPlan.from_mapping(granted.to_mapping()) == granted

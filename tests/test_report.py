@@ -26,14 +26,31 @@ needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PAT
 
 
 def _rows(*rows: dict) -> pd.DataFrame:
-    return pd.DataFrame([{**blank_row(r["round"], r["client"], r["observer"], r["attack"]), **r} for r in rows],
-                        columns=RESULT_FIELDS)
+    return pd.DataFrame(
+        [{**blank_row(r["round"], r["client"], r["observer"], r["attack"]), **r} for r in rows], columns=RESULT_FIELDS
+    )
 
 
 def _scored(rnd: int, client: int, observer: str, psnr: float) -> dict:
-    return dict(round=rnd, client=client, observer=observer, attack="rgap", psnr=psnr, ssim=0.9, mse=0.0,
-                label_acc=1.0, images=1, recovered=int(psnr >= 30), labels_granted=False, batch_size_source="reply",
-                local_steps=0, order_granted=False, attribution="direct", status="ok", reason="")
+    return dict(
+        round=rnd,
+        client=client,
+        observer=observer,
+        attack="rgap",
+        psnr=psnr,
+        ssim=0.9,
+        mse=0.0,
+        label_acc=1.0,
+        images=1,
+        recovered=int(psnr >= 30),
+        labels_granted=False,
+        batch_size_source="reply",
+        local_steps=0,
+        order_granted=False,
+        attribution="direct",
+        status="ok",
+        reason="",
+    )
 
 
 def test_psnr_of_one_attacked_round_is_a_bar_per_observer_on_a_round_axis_from_zero():
@@ -60,14 +77,29 @@ def _folder(tmp_path: Path) -> Path:
     attack named (an observer such as the active server brings its own)."""
     run = tmp_path / "run"
     run.mkdir()
-    config = {"attack": "none", "observers": "server,active", "mode": "fedsgd", "dataset": "mnist5k", "model": "lenet",
-              "num-clients": 3, "num-server-rounds": 2, "batch-size": 1, "seed": 0, "attack-rounds": "1"}
+    config = {
+        "attack": "none",
+        "observers": "server,active",
+        "mode": "fedsgd",
+        "dataset": "mnist5k",
+        "model": "lenet",
+        "num-clients": 3,
+        "num-server-rounds": 2,
+        "batch-size": 1,
+        "seed": 0,
+        "attack-rounds": "1",
+    }
     (run / "config.json").write_text(json.dumps(config))
-    (run / "rounds.csv").write_text("round,train_loss,test_loss,test_accuracy,aggregated,dropped,seconds\n"
-                                    "0,,2.3,0.1,,,0.1\n1,2.2,2.1,0.2,2,1,1.0\n")
+    (run / "rounds.csv").write_text(
+        "round,train_loss,test_loss,test_accuracy,aggregated,dropped,seconds\n0,,2.3,0.1,,,0.1\n1,2.2,2.1,0.2,2,1,1.0\n"
+    )
     (run / "dropped.csv").write_text("round,node_id,client,status,reason\n1,77,2,invalid,update has NaN\n")
-    rows = _rows(_scored(1, 0, "server", 110.0), _scored(1, 0, "active", 40.0), _scored(1, 0, "active-secagg", 20.0),
-                 dict(round=1, client=2, observer="server", attack="rgap", status="invalid", reason="update has NaN"))
+    rows = _rows(
+        _scored(1, 0, "server", 110.0),
+        _scored(1, 0, "active", 40.0),
+        _scored(1, 0, "active-secagg", 20.0),
+        dict(round=1, client=2, observer="server", attack="rgap", status="invalid", reason="update has NaN"),
+    )
     rows.to_csv(run / "results.csv", index=False)
     return run
 
@@ -77,8 +109,8 @@ def test_report_of_a_folder_orders_known_observers_first_and_shows_new_ones_and_
     assert report_main([str(run)]) == 0
     assert capsys.readouterr().out.strip() == str(run / "report.html")
     page = (run / "report.html").read_text()
-    table = page[page.index('id="observer-table"'):]
-    table = table[:table.index("</table>")]
+    table = page[page.index('id="observer-table"') :]
+    table = table[: table.index("</table>")]
     assert re.findall(r"<tr><td>([\w-]+)</td>", table) == ["server", "active", "active-secagg"]
     assert "update has NaN" in page and "no ending recorded" in page and "1 of 2 rounds finished" in page
     assert all(src.startswith("data:image/png;base64,") for src in re.findall(r'src="([^"]*)"', page))
@@ -95,6 +127,7 @@ def test_report_of_a_folder_with_no_run_is_one_line_and_exit_2(tmp_path, capsys)
 
 # ---- real runs -------------------------------------------------------------------------------
 
+
 def _run_argv(out: Path, *flags: str) -> list[str]:
     return [sys.executable, "-m", "experiments.run", "--attack", "rgap", "--clients", "3", "--out", str(out), *flags]
 
@@ -103,8 +136,13 @@ def _run_argv(out: Path, *flags: str) -> list[str]:
 def small_run(tmp_path_factory) -> Path:
     """R-GAP by the server and a curious client on one round of 3 clients (about 25 s)."""
     out = tmp_path_factory.mktemp("report") / "run"
-    done = subprocess.run(_run_argv(out, "--rounds", "1", "--observers", "server,client"), cwd=ROOT,
-                          capture_output=True, text=True, timeout=240)
+    done = subprocess.run(
+        _run_argv(out, "--rounds", "1", "--observers", "server,client"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return out
 
@@ -124,7 +162,7 @@ def _assert_loads(page: Path, shot: Path, *, images: int) -> None:
 def test_report_of_a_real_run_loads_in_headless_chromium_with_every_image_and_no_error(small_run, tmp_path):
     page = small_run / "report.html"
     text = page.read_text()
-    assert "main federation <span class=\"status completed\">completed</span>" in text
+    assert 'main federation <span class="status completed">completed</span>' in text
     assert "3/3 (100%)" in text  # the server's R-GAP recovers the three clients' digits
     shot = tmp_path / "report.png"  # kept in the test's temp folder, for a person to look at
     # 2 figures, then per client: the true image, the server's and (clients 1 and 2) the curious client's
@@ -138,8 +176,13 @@ def test_report_of_a_run_killed_mid_way_shows_the_rows_that_finished(tmp_path):
     out = tmp_path / "killed"
     # rounds enough that training is still on when the first attack row lands (on the in-process
     # engine a round of this setting takes a fraction of a second; the attack worker starts in seconds)
-    proc = subprocess.Popen(_run_argv(out, "--rounds", "400", "--attack-rounds", "all", "--observers", "server"),
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        _run_argv(out, "--rounds", "400", "--attack-rounds", "all", "--observers", "server"),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     results = out / "results.csv"
     deadline = time.monotonic() + 180
     try:
@@ -162,8 +205,10 @@ def test_report_of_a_run_killed_mid_way_shows_the_rows_that_finished(tmp_path):
     assert report_main([str(out)]) == 0
     text = (out / "report.html").read_text()
     assert "no ending recorded" in text and f"{rounds['round'].max()} of 400 rounds finished" in text
-    table = text[text.index('id="observer-table"'):]
+    table = text[text.index('id="observer-table"') :]
     n = int(re.search(r"<tr><td>server</td><td>rgap</td><td class=\"n\">(\d+)</td>", table).group(1))
     assert n == len(rows[rows["status"].notna()])  # every row that finished, and only those
     if CHROMIUM is not None:
-        _assert_loads(out / "report.html", tmp_path / "killed.png", images=2 + 2)  # 2 figures, a true image and its R-GAP
+        _assert_loads(
+            out / "report.html", tmp_path / "killed.png", images=2 + 2
+        )  # 2 figures, a true image and its R-GAP

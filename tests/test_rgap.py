@@ -74,9 +74,12 @@ def test_multiclass_head_without_bias_recovers_label(image):
 def test_multiclass_head_with_bias_and_update_object(image):
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, stride=1, padding=1), nn.LeakyReLU(0.2),
-        nn.Conv2d(8, 8, 3, stride=1, padding=1), nn.LeakyReLU(0.2),
-        nn.Flatten(), nn.Linear(8 * 16 * 16, 5),
+        nn.Conv2d(3, 8, 3, stride=1, padding=1),
+        nn.LeakyReLU(0.2),
+        nn.Conv2d(8, 8, 3, stride=1, padding=1),
+        nn.LeakyReLU(0.2),
+        nn.Flatten(),
+        nn.Linear(8 * 16 * 16, 5),
     )
     grads, y = _gradient(model, image, y=3)
     for threat in (ThreatModel(), ThreatModel(labels=torch.tensor([3]))):
@@ -99,9 +102,12 @@ def test_sigmoid_tanh_and_avgpool(block):
     small = (3, 8, 8)
     x = _image(small)
     model = nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), *block(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.Tanh(),
-        nn.Flatten(), nn.Linear(32 * 4 * 4, 10),
+        nn.Conv2d(3, 16, 3, padding=1),
+        *block(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 10),
     ).double()
     grads, y = _gradient(model, x.double(), y=2)
     res = rgap(model, grads, small, rank=False)
@@ -114,9 +120,12 @@ def test_relu_drops_the_unknown_rows():
     small = (3, 8, 8)
     x = _image(small)
     model = nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
-        nn.Flatten(), nn.Linear(16 * 8 * 8, 10),
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 8 * 8, 10),
     ).double()
     grads, _ = _gradient(model, x.double(), y=4)
     res = rgap(model, grads, small, rank=False)
@@ -193,8 +202,11 @@ def test_multiclass_head_when_the_model_predicts_the_true_label():
 
 
 def test_rgap_module_keeps_no_mutable_state():
-    mutable = [name for name, value in vars(rgap_module).items()
-               if not name.startswith("__") and isinstance(value, (dict, list, set, bytearray))]
+    mutable = [
+        name
+        for name, value in vars(rgap_module).items()
+        if not name.startswith("__") and isinstance(value, (dict, list, set, bytearray))
+    ]
     assert mutable == []
 
 
@@ -226,8 +238,11 @@ def test_solver_cache_tells_apart_layers_that_differ_only_in_stride_or_padding()
         first = nn.Conv2d(3, 8, 3, stride=stride, padding=padding)
         first.load_state_dict(conv.state_dict())
         out = (8 + 2 * padding - 3) // stride + 1
-        models.append(nn.Sequential(first, nn.LeakyReLU(0.2), second, nn.LeakyReLU(0.2), nn.Flatten(),
-                                    nn.Linear(8 * out * out, 5)).double())
+        models.append(
+            nn.Sequential(
+                first, nn.LeakyReLU(0.2), second, nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(8 * out * out, 5)
+            ).double()
+        )
     solver = RGAP(RGAPOptions(rank=False))
     for model in models:
         grads, _ = _gradient(model, x.double(), y=1)
@@ -240,8 +255,14 @@ def test_solver_caches_the_rank_table_per_model():
 
     def net(seed, channels):
         torch.manual_seed(seed)
-        return nn.Sequential(nn.Conv2d(3, channels, 3, stride=2, padding=1), nn.LeakyReLU(0.2),
-                             nn.Conv2d(channels, 4, 3, padding=1), nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(64, 1))
+        return nn.Sequential(
+            nn.Conv2d(3, channels, 3, stride=2, padding=1),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(channels, 4, 3, padding=1),
+            nn.LeakyReLU(0.2),
+            nn.Flatten(),
+            nn.Linear(64, 1),
+        )
 
     solver = RGAP()
     a, narrow = net(0, 8), net(0, 2)  # two channels cannot hold the 3 x 8 x 8 input: a deficit
@@ -256,10 +277,12 @@ def test_solver_caches_the_rank_table_per_model():
 def test_options_are_validated_with_one_line_errors(image):
     model = build_model("cnn6", SHAPE, 10, head="logit", seed=0)
     grads, _ = _gradient(model, image)
-    for bad, message in [(dict(nope=1), "rgap has no option nope (options: rank,"),
-                         (dict(rank="yes"), "option rank must be True or False"),
-                         (dict(tikhonov=0.0), "option tikhonov must be > 0"),
-                         (dict(pool_damping=2.0), "option pool_damping must be in (0, 1]")]:
+    for bad, message in [
+        (dict(nope=1), "rgap has no option nope (options: rank,"),
+        (dict(rank="yes"), "option rank must be True or False"),
+        (dict(tikhonov=0.0), "option tikhonov must be > 0"),
+        (dict(pool_damping=2.0), "option pool_damping must be in (0, 1]"),
+    ]:
         with pytest.raises(ValueError) as info:
             rgap(model, grads, SHAPE, **bad)
         assert message in str(info.value) and "\n" not in str(info.value), bad

@@ -65,11 +65,14 @@ def _agg_and_updates():
     return before, grads, agg, ups
 
 
-@pytest.mark.parametrize("policy,server,client,secagg", [
-    ("observed", (3, "reply"), (None, "none"), (12, "clear-counts")),
-    ("all", (3, "reply"), (9, "granted"), (12, "granted")),
-    ("none", (None, "none"), (None, "none"), (None, "none")),
-])
+@pytest.mark.parametrize(
+    "policy,server,client,secagg",
+    [
+        ("observed", (3, "reply"), (None, "none"), (12, "clear-counts")),
+        ("all", (3, "reply"), (9, "granted"), (12, "granted")),
+        ("none", (None, "none"), (None, "none"), (None, "none")),
+    ],
+)
 def test_what_each_observer_is_told_of_the_batch_size(policy, server, client, secagg):
     plan = ExperimentPlan.from_mapping({"attack": "rgap", "server-lr": 0.5, "batch-size": 3})
     _, grads, agg, ups = _agg_and_updates()
@@ -90,6 +93,7 @@ def test_what_each_observer_is_told_of_the_batch_size(policy, server, client, se
 def test_the_curious_client_without_its_own_update_has_nothing_to_attack():
     plan = ExperimentPlan.from_mapping({"attack": "rgap", "server-lr": 0.5})
     _, _, agg, _ = _agg_and_updates()
-    why = observe_curious_client(agg, None, plan.fed, ["w"], curious_client=0, grant_batch_size="observed",
-                                 grant_labels=False)
+    why = observe_curious_client(
+        agg, None, plan.fed, ["w"], curious_client=0, grant_batch_size="observed", grant_labels=False
+    )
     assert isinstance(why, str) and "no update of its own" in why

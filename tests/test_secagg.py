@@ -47,12 +47,20 @@ def test_secagg_fedsgd_server_sees_only_the_aggregate(tmp_path, monkeypatch):
     original = secagg.SecAggStrategy.aggregate_fit
 
     def recording(self, server_round, results, failures):
-        received.append((
-            server_round,
-            [(res.num_examples, dict(res.metrics), [np.array(a) for a in secagg.parameters_to_ndarrays(res.parameters)])
-             for _, res in results],
-            len(failures),
-        ))
+        received.append(
+            (
+                server_round,
+                [
+                    (
+                        res.num_examples,
+                        dict(res.metrics),
+                        [np.array(a) for a in secagg.parameters_to_ndarrays(res.parameters)],
+                    )
+                    for _, res in results
+                ],
+                len(failures),
+            )
+        )
         return original(self, server_round, results, failures)
 
     monkeypatch.setattr(secagg.SecAggStrategy, "aggregate_fit", recording)
@@ -118,8 +126,17 @@ def test_secagg_fedavg_aggregate_is_the_mean_weight_delta(tmp_path):
     client's own delta."""
     from fl_sim.task import client_indices, local_schedule, local_sgd
 
-    cfg = RunConfig(mode="fedavg", num_clients=4, num_server_rounds=1, batch_size=4, local_steps=3, lr=0.05,
-                    partition="dirichlet", alpha=1.0, out_dir=str(tmp_path))
+    cfg = RunConfig(
+        mode="fedavg",
+        num_clients=4,
+        num_server_rounds=1,
+        batch_size=4,
+        local_steps=3,
+        lr=0.05,
+        partition="dirichlet",
+        alpha=1.0,
+        out_dir=str(tmp_path),
+    )
     aggregates = []
     secagg.simulate_secagg(cfg, on_aggregate=aggregates.append)
     (agg,) = aggregates

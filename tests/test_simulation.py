@@ -27,7 +27,9 @@ def _capture(sent: dict, replies: list):
         def aggregate_train(server_round, msgs):
             msgs = list(msgs)
             for m in msgs:
-                replies.append((server_round, int(m.content["metrics"]["partition-id"]), m.content["arrays"].to_torch_state_dict()))
+                replies.append(
+                    (server_round, int(m.content["metrics"]["partition-id"]), m.content["arrays"].to_torch_state_dict())
+                )
             return aggregate(server_round, msgs)
 
         strategy.configure_train, strategy.aggregate_train = configure_train, aggregate_train
@@ -37,8 +39,15 @@ def _capture(sent: dict, replies: list):
 
 
 def test_fedsgd_two_rounds_three_clients(tmp_path):
-    cfg = RunConfig(mode="fedsgd", num_clients=3, num_server_rounds=2, batch_size=16, out_dir=str(tmp_path),
-                    server_lr=0.05, fraction_evaluate=1.0)
+    cfg = RunConfig(
+        mode="fedsgd",
+        num_clients=3,
+        num_server_rounds=2,
+        batch_size=16,
+        out_dir=str(tmp_path),
+        server_lr=0.05,
+        fraction_evaluate=1.0,
+    )
     sent, replies, evaluated = {}, [], {}
     wrap = _capture(sent, replies)
 

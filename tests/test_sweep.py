@@ -43,28 +43,36 @@ def test_every_preset_parses_and_each_cell_is_a_valid_plan():
 
 def test_cells_share_a_training_run_when_only_the_attack_setting_differs(tmp_path):
     spec = tmp_path / "s.toml"
-    spec.write_text('[attack]\nattack = "rgap"\n[train]\nnum-server-rounds = 3\n'
-                    '[[grid]]\nattack = ["rgap", "dlg"]\ndefences = ["", "prune:ratio=0.5"]\n')
+    spec.write_text(
+        '[attack]\nattack = "rgap"\n[train]\nnum-server-rounds = 3\n'
+        '[[grid]]\nattack = ["rgap", "dlg"]\ndefences = ["", "prune:ratio=0.5"]\n'
+    )
     cells = load_spec(str(spec)).cells()
     assert len(cells) == 4 and len({c.attack_run for c in cells}) == 4
     assert len({c.train_run for c in cells}) == 2  # one per defence: the attack is not a training setting
     assert all(c.train["num-server-rounds"] == 3 and "attack" not in c.train for c in cells)
 
 
-@pytest.mark.parametrize("text,message", [
-    ('[[grid]]\ndefences = ["magic"]', "[grid] defences: unknown defence 'magic': choose one of prune, noise"),
-    ('[[grid]]\ndefences = ["prune:ratio=2"]', "[grid] defences: prune: ratio must lie in [0, 1), got 2.0"),
-    ('[[grid]]\ndefences = ["noise:std=1"]', "[grid] defences: noise: expected KEY=VALUE with KEY one of sigma"),
-    ('[attack]\ndefences = "dpsgd:noise=x,clip=1"\n[[grid]]\nseed = [0]', "[attack] defences: dpsgd: noise must be float"),
-    ('[[grid]]\nbogus = [1]', "[grid 1] bogus: not a setting of this app"),
-    ('[[grid]]\nnum-clients = ["many"]', "[grid] num-clients: must be int, got 'many'"),
-    ('[[grid]]\nmodel = ["resnet"]', "[grid] model: unknown model 'resnet'"),
-    ('[[grid]]\nseed = 3', "[[grid]] seed: expected a non-empty list of values"),
-    ('[train]\nbatch-size = 0\n[[grid]]\nseed = [0]', "[train] batch-size: must be >= 1, got 0"),
-    ('[attack]\nattack = "rgap"', "no [[grid]] block"),
-    ('[[grid]\n', "not valid TOML"),
-    ('extra = 1\n[[grid]]\nseed = [0]', "unknown entry 'extra'"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ('[[grid]]\ndefences = ["magic"]', "[grid] defences: unknown defence 'magic': choose one of prune, noise"),
+        ('[[grid]]\ndefences = ["prune:ratio=2"]', "[grid] defences: prune: ratio must lie in [0, 1), got 2.0"),
+        ('[[grid]]\ndefences = ["noise:std=1"]', "[grid] defences: noise: expected KEY=VALUE with KEY one of sigma"),
+        (
+            '[attack]\ndefences = "dpsgd:noise=x,clip=1"\n[[grid]]\nseed = [0]',
+            "[attack] defences: dpsgd: noise must be float",
+        ),
+        ("[[grid]]\nbogus = [1]", "[grid 1] bogus: not a setting of this app"),
+        ('[[grid]]\nnum-clients = ["many"]', "[grid] num-clients: must be int, got 'many'"),
+        ('[[grid]]\nmodel = ["resnet"]', "[grid] model: unknown model 'resnet'"),
+        ("[[grid]]\nseed = 3", "[[grid]] seed: expected a non-empty list of values"),
+        ("[train]\nbatch-size = 0\n[[grid]]\nseed = [0]", "[train] batch-size: must be >= 1, got 0"),
+        ('[attack]\nattack = "rgap"', "no [[grid]] block"),
+        ("[[grid]\n", "not valid TOML"),
+        ("extra = 1\n[[grid]]\nseed = [0]", "unknown entry 'extra'"),
+    ],
+)
 def test_a_bad_spec_is_one_line_and_exit_2(text, message, tmp_path, capsys):
     spec = tmp_path / "bad.toml"
     spec.write_text(text)
@@ -74,8 +82,9 @@ def test_a_bad_spec_is_one_line_and_exit_2(text, message, tmp_path, capsys):
     assert not (tmp_path / "out").exists()  # nothing started
 
 
-@pytest.mark.parametrize("where,message", [("file", "exists and is not a folder"),
-                                           ("file/sub", "cannot write the sweep folder")])
+@pytest.mark.parametrize(
+    "where,message", [("file", "exists and is not a folder"), ("file/sub", "cannot write the sweep folder")]
+)
 def test_a_bad_sweep_folder_is_one_line_and_exit_2(where, message, tmp_path, capsys):
     (tmp_path / "file").write_text("not a folder")
     assert sweep_main(["pooling", "--out", str(tmp_path / where)]) == 2
@@ -86,14 +95,21 @@ def test_a_bad_sweep_folder_is_one_line_and_exit_2(where, message, tmp_path, cap
 def test_an_unknown_preset_names_the_presets(capsys):
     assert sweep_main(["dlg-defense"]) == 2
     err = capsys.readouterr().err
-    assert "unknown preset 'dlg-defense': choose one of dlg-defences, dp, fedavg, pooling, quickstart" in err and err.count("\n") == 1
+    assert (
+        "unknown preset 'dlg-defense': choose one of dlg-defences, dp, fedavg, pooling, quickstart" in err
+        and err.count("\n") == 1
+    )
 
 
 def _small(name: str, tmp_path: Path, *, attack: dict, train: dict | None, grid: list[dict]) -> Path:
     """A small grid of preset ``name``: its settings, fewer clients, rounds and values."""
     spec = load_spec(name)
-    small = dataclasses.replace(spec, attack={**spec.attack, **attack},
-                                train=None if spec.train is None else {**spec.train, **(train or {})}, grid=grid)
+    small = dataclasses.replace(
+        spec,
+        attack={**spec.attack, **attack},
+        train=None if spec.train is None else {**spec.train, **(train or {})},
+        grid=grid,
+    )
     path = tmp_path / f"{name}-small.toml"
     path.write_text(_toml(small))
     return path
@@ -119,8 +135,13 @@ def test_a_small_grid_of_each_preset_is_a_valid_sweep(name, tmp_path, capsys):
     grid key, written and read back, each cell a valid plan, listed by the command."""
     spec = load_spec(name)
     grid = [{k: v[:1] for k, v in block.items()} for block in spec.grid]
-    path = _small(name, tmp_path, attack={"num-clients": 3, "num-server-rounds": 1},
-                  train={"num-clients": 4, "num-server-rounds": 1}, grid=grid)
+    path = _small(
+        name,
+        tmp_path,
+        attack={"num-clients": 3, "num-server-rounds": 1},
+        train={"num-clients": 4, "num-server-rounds": 1},
+        grid=grid,
+    )
     small = load_spec(str(path))
     assert (small.name, small.attack["num-clients"], small.grid) == (name, 3, grid)
     assert (small.train is None) == (spec.train is None) and set(spec.attack) <= set(small.attack)
@@ -135,16 +156,26 @@ def test_a_small_grid_of_each_preset_is_a_valid_sweep(name, tmp_path, capsys):
 
 
 def _sweep(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "experiments.sweep", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "experiments.sweep", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_dlg_defences_small_grid_is_killed_and_resumes_with_only_what_was_left(tmp_path):
-    spec = _small("dlg-defences", tmp_path, attack={"attack": "rgap,dlg", "num-clients": 2},
-                  train={"num-clients": 4, "num-server-rounds": 2},
-                  grid=[{"defences": ["", "prune:ratio=0.9"]}])
+    spec = _small(
+        "dlg-defences",
+        tmp_path,
+        attack={"attack": "rgap,dlg", "num-clients": 2},
+        train={"num-clients": 4, "num-server-rounds": 2},
+        grid=[{"defences": ["", "prune:ratio=0.9"]}],
+    )
     out = tmp_path / "sweep"
     proc = _sweep([str(spec), "--out", str(out), "--jobs", "2"])
     deadline = time.monotonic() + 200
@@ -184,9 +215,13 @@ def test_dlg_defences_small_grid_is_killed_and_resumes_with_only_what_was_left(t
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_dp_small_grid_client_side_central_dp_hinders_the_curious_client_not_the_server(tmp_path):
-    spec = _small("dp", tmp_path, attack={"attack": "rgap", "num-clients": 3},
-                  train={"num-clients": 4, "num-server-rounds": 1},
-                  grid=[{"defences": ["", "central-dp:noise=1,clip=1,side=client"]}])
+    spec = _small(
+        "dp",
+        tmp_path,
+        attack={"attack": "rgap", "num-clients": 3},
+        train={"num-clients": 4, "num-server-rounds": 1},
+        grid=[{"defences": ["", "central-dp:noise=1,clip=1,side=client"]}],
+    )
     out = tmp_path / "sweep"
     assert run_sweep(load_spec(str(spec)), out, jobs=2) == 0
     cells = pd.read_csv(out / "cells.csv").fillna({"defences": ""}).set_index("defences")
@@ -211,8 +246,13 @@ def test_dp_small_grid_client_side_central_dp_hinders_the_curious_client_not_the
 @pytest.mark.timeout(300)
 @pytest.mark.skipif(not CIFAR.exists(), reason=f"needs the shared CIFAR-10 images ({CIFAR})")
 def test_pooling_small_grid_in_parallel_max_pool_refused_by_rgap_with_its_rank_table(tmp_path):
-    spec = _small("pooling", tmp_path, attack={"attack": "rgap", "num-clients": 2, "dataset": f"npz:{CIFAR}"},
-                  train=None, grid=[{"model": ["cnn6", "cnn6_maxpool3"]}])
+    spec = _small(
+        "pooling",
+        tmp_path,
+        attack={"attack": "rgap", "num-clients": 2, "dataset": f"npz:{CIFAR}"},
+        train=None,
+        grid=[{"model": ["cnn6", "cnn6_maxpool3"]}],
+    )
     out = tmp_path / "sweep"
     proc = _sweep([str(spec), "--out", str(out), "--jobs", "2"])
     text, _ = proc.communicate(timeout=240)

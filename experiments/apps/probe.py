@@ -63,6 +63,7 @@ def _rank_key(view: UpdateView) -> str:
 class LeakageAuditor:
     """The analysis behind a client's audit (module docstring). Stateless: what it keeps
     across rounds (R-GAP's rank per architecture) lives in the ``memory`` it is handed."""
+
     # ---- the analytic checks ----------------------------------------------------------------
 
     @staticmethod
@@ -130,5 +131,6 @@ class LeakageAuditor:
                 best = Probe(psnr=value, attack=name, seconds=spent, status=status)
             if value >= bar:
                 break
-        return Probe(psnr=best.psnr if math.isfinite(best.psnr) else 0.0, attack=best.attack, seconds=spent,
-                     status=best.status)
+        return Probe(
+            psnr=best.psnr if math.isfinite(best.psnr) else 0.0, attack=best.attack, seconds=spent, status=best.status
+        )

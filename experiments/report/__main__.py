@@ -26,14 +26,20 @@ def report_folder(folder: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.report",
-                                description="Write report.html (and summary.md, the figures) of a run folder or a sweep "
-                                            "folder from its files: finished, stopped or killed.")
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.report",
+        description="Write report.html (and summary.md, the figures) of a run folder or a sweep "
+        "folder from its files: finished, stopped or killed.",
+    )
     p.add_argument("folder", help="a run folder (config.json) or a sweep folder (sweep.json)")
     p.add_argument("--screenshot", metavar="PNG", help="also load the page in headless Chromium and save a screenshot")
     p.add_argument("--width", type=int, default=1280, help="the screenshot's width in CSS pixels (default: 1280)")
-    p.add_argument("--height", type=int, default=0,
-                   help="the screenshot's height (default 0: the whole page, at most 12,000 pixels)")
+    p.add_argument(
+        "--height",
+        type=int,
+        default=0,
+        help="the screenshot's height (default 0: the whole page, at most 12,000 pixels)",
+    )
     p.add_argument("--scale", type=float, default=1.0, help="the screenshot's size relative to the page (default: 1)")
     args = p.parse_args(argv)
     try:
@@ -44,8 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     print(page)
     if args.screenshot:
         try:
-            check = check_page(page, screenshot=args.screenshot, width=args.width, height=args.height or 900,
-                               full_page=not args.height, scale=args.scale)
+            check = check_page(
+                page,
+                screenshot=args.screenshot,
+                width=args.width,
+                height=args.height or 900,
+                full_page=not args.height,
+                scale=args.scale,
+            )
         except BrowserError as exc:
             print(f"{p.prog}: error: {exc}", file=sys.stderr)
             return 1

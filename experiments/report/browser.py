@@ -81,13 +81,30 @@ class _Pipe:
         os.close(to_chrome)
         os.close(from_chrome)
         self.log = tempfile.TemporaryFile()
-        flags = ["--headless=new", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe",
-                 f"--user-data-dir={profile}", "--no-first-run", "--no-default-browser-check", "--disable-extensions",
-                 "--disable-background-networking", "--disable-component-update", "--mute-audio", "--hide-scrollbars"]
+        flags = [
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--remote-debugging-pipe",
+            f"--user-data-dir={profile}",
+            "--no-first-run",
+            "--no-default-browser-check",
+            "--disable-extensions",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--mute-audio",
+            "--hide-scrollbars",
+        ]
         place = f"import os, sys; os.dup2({ours[0]}, 3); os.dup2({ours[1]}, 4); os.execv(sys.argv[1], sys.argv[1:])"
         try:
-            self.proc = subprocess.Popen([sys.executable, "-c", place, binary, *flags], stdin=subprocess.DEVNULL,
-                                         stdout=self.log, stderr=self.log, pass_fds=ours, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", place, binary, *flags],
+                stdin=subprocess.DEVNULL,
+                stdout=self.log,
+                stderr=self.log,
+                pass_fds=ours,
+                start_new_session=True,
+            )
         finally:
             for fd in ours:
                 os.close(fd)
@@ -95,8 +112,13 @@ class _Pipe:
         self._next = 0
         self.events: list[dict[str, Any]] = []
 
-    def send(self, method: str, params: dict[str, Any] | None = None, session: str | None = None,
-             timeout: float | None = None) -> dict[str, Any]:
+    def send(
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        session: str | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
         self._next += 1
         msg: dict[str, Any] = {"id": self._next, "method": method, "params": params or {}}
         if session:
@@ -183,9 +205,19 @@ def _errors(events: Iterable[dict[str, Any]]) -> list[str]:
     return out
 
 
-def check_page(path: str | Path, *, selectors: Iterable[str] = (), screenshot: str | Path | None = None,
-               width: int = 1280, height: int = 900, full_page: bool = True, max_height: int = 12000,
-               scale: float = 1.0, timeout: float = 60.0, binary: str | None = None) -> PageCheck:
+def check_page(
+    path: str | Path,
+    *,
+    selectors: Iterable[str] = (),
+    screenshot: str | Path | None = None,
+    width: int = 1280,
+    height: int = 900,
+    full_page: bool = True,
+    max_height: int = 12000,
+    scale: float = 1.0,
+    timeout: float = 60.0,
+    binary: str | None = None,
+) -> PageCheck:
     """Load ``path`` in headless Chromium at ``width`` x ``height`` CSS pixels, let its images
     decode, and report; with ``screenshot``, write a PNG of the page (the whole page up to
     ``max_height`` pixels when ``full_page``, else the first screen), ``scale`` times the page's
@@ -208,21 +240,37 @@ def check_page(path: str | Path, *, selectors: Iterable[str] = (), screenshot: s
             if nav.get("errorText"):
                 raise BrowserError(f"chromium could not open {url}: {nav['errorText']}")
             b.wait_for("Page.loadEventFired")
-            probe = b.send("Runtime.evaluate", {"expression": _PROBE % json.dumps(list(selectors)),
-                                                "awaitPromise": True, "returnByValue": True}, session=s)
+            probe = b.send(
+                "Runtime.evaluate",
+                {"expression": _PROBE % json.dumps(list(selectors)), "awaitPromise": True, "returnByValue": True},
+                session=s,
+            )
             if "exceptionDetails" in probe:
                 raise BrowserError(f"the page probe failed: {probe['exceptionDetails'].get('text')}")
             seen = json.loads(probe["result"]["value"])
             if screenshot is not None:
                 h = min(seen["height"], max_height) if full_page else height
                 b.send("Emulation.setDeviceMetricsOverride", {**metrics, "height": h}, session=s)
-                shot = b.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True,
-                                                         "clip": {"x": 0, "y": 0, "width": width, "height": h,
-                                                                  "scale": scale}}, session=s)
+                shot = b.send(
+                    "Page.captureScreenshot",
+                    {
+                        "format": "png",
+                        "captureBeyondViewport": True,
+                        "clip": {"x": 0, "y": 0, "width": width, "height": h, "scale": scale},
+                    },
+                    session=s,
+                )
                 Path(screenshot).write_bytes(base64.b64decode(shot["data"]))
-            requests = [e["params"]["request"]["url"][:100] for e in b.events
-                        if e.get("method") == "Network.requestWillBeSent"]
-            return PageCheck(title=seen["title"], height=seen["height"], errors=_errors(b.events),
-                             images=seen["images"], found=seen["found"], requests=requests)
+            requests = [
+                e["params"]["request"]["url"][:100] for e in b.events if e.get("method") == "Network.requestWillBeSent"
+            ]
+            return PageCheck(
+                title=seen["title"],
+                height=seen["height"],
+                errors=_errors(b.events),
+                images=seen["images"],
+                found=seen["found"],
+                requests=requests,
+            )
         finally:
             b.close()

@@ -28,8 +28,23 @@ from attacks import SUCCESS_PSNR  # noqa: E402
 
 from ..results import UNSCORED  # noqa: E402
 
-__all__ = ["summarise", "save_grids", "plot_per_round", "draw_per_round", "plot_training", "setting", "attacked",
-           "observer_rank", "tile", "load_jobs", "csv_rows", "as_float", "num", "accuracy_by_round", "OUTCOME"]
+__all__ = [
+    "summarise",
+    "save_grids",
+    "plot_per_round",
+    "draw_per_round",
+    "plot_training",
+    "setting",
+    "attacked",
+    "observer_rank",
+    "tile",
+    "load_jobs",
+    "csv_rows",
+    "as_float",
+    "num",
+    "accuracy_by_round",
+    "OUTCOME",
+]
 
 _ORDER = {"server": 0, "client": 1, "secagg": 2}  # the observers this testbed knows; any other comes after
 OUTCOME = "outcome.json"
@@ -39,8 +54,24 @@ FEW_ROUNDS = 5  # up to this many attacked rounds, PSNR per round is drawn as ba
 def observer_rank(observer: str) -> tuple[int, str]:
     """The order observers are shown in: the known ones first, then any other by name."""
     return _ORDER.get(str(observer), len(_ORDER)), str(observer)
-_COLUMNS = ["observer", "attack", "n", "median_psnr", "median_ssim", "label_acc", "recovered", "images", "success",
-            "batch_size", "labels", "attribution", "errors", "unscored"]
+
+
+_COLUMNS = [
+    "observer",
+    "attack",
+    "n",
+    "median_psnr",
+    "median_ssim",
+    "label_acc",
+    "recovered",
+    "images",
+    "success",
+    "batch_size",
+    "labels",
+    "attribution",
+    "errors",
+    "unscored",
+]
 
 
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
@@ -60,22 +91,37 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
         recovered = int(pd.to_numeric(scored["recovered"], errors="coerce").fillna(0).sum())
         free = scored[~scored["labels_granted"].astype(str).isin(["True", "true", "1"])]
         free_acc = pd.to_numeric(free["label_acc"], errors="coerce")
-        out.append({
-            "observer": observer, "attack": attack, "n": len(scored),
-            "median_psnr": float(scored["psnr"].median()) if len(scored) else math.nan,
-            "median_ssim": float(pd.to_numeric(scored["ssim"], errors="coerce").median()) if len(scored) else math.nan,
-            "label_acc": float(free_acc.mean()) if len(free) else math.nan,
-            "recovered": recovered, "images": images, "success": recovered / images if images else math.nan,
-            "batch_size": ", ".join(sorted({str(v) for v in scored["batch_size_source"].dropna()})) or "-",
-            # an attack that returns no labels (the imprint reads images only) recovers none
-            "labels": "granted" if len(scored) and len(free) == 0 else "recovered" if free_acc.notna().any() else "none",
-            "attribution": ", ".join(sorted({str(v) for v in scored["attribution"].dropna()})) or "-",
-            "errors": int((g["status"] == "error").sum()),
-            "unscored": int(g["status"].isin([s for s in UNSCORED if s != "error"]).sum()),
-        })
+        out.append(
+            {
+                "observer": observer,
+                "attack": attack,
+                "n": len(scored),
+                "median_psnr": float(scored["psnr"].median()) if len(scored) else math.nan,
+                "median_ssim": float(pd.to_numeric(scored["ssim"], errors="coerce").median())
+                if len(scored)
+                else math.nan,
+                "label_acc": float(free_acc.mean()) if len(free) else math.nan,
+                "recovered": recovered,
+                "images": images,
+                "success": recovered / images if images else math.nan,
+                "batch_size": ", ".join(sorted({str(v) for v in scored["batch_size_source"].dropna()})) or "-",
+                # an attack that returns no labels (the imprint reads images only) recovers none
+                "labels": "granted"
+                if len(scored) and len(free) == 0
+                else "recovered"
+                if free_acc.notna().any()
+                else "none",
+                "attribution": ", ".join(sorted({str(v) for v in scored["attribution"].dropna()})) or "-",
+                "errors": int((g["status"] == "error").sum()),
+                "unscored": int(g["status"].isin([s for s in UNSCORED if s != "error"]).sum()),
+            }
+        )
     table = pd.DataFrame(out, columns=_COLUMNS)
-    return table.sort_values(by=["attack", "observer"], ignore_index=True,
-                             key=lambda c: c.map(lambda o: "%03d %s" % observer_rank(o)) if c.name == "observer" else c)
+    return table.sort_values(
+        by=["attack", "observer"],
+        ignore_index=True,
+        key=lambda c: c.map(lambda o: "%03d %s" % observer_rank(o)) if c.name == "observer" else c,
+    )
 
 
 def tile(images: torch.Tensor) -> Any:
@@ -107,17 +153,24 @@ def save_grids(folder: Path) -> list[Path]:
         mine = [j for j in jobs if int(j["round"]) == r]
         clients = sorted({int(o) for j in mine for o in j["owners"].tolist()})
         columns = sorted({(j["observer"], j["attack"]) for j in mine}, key=lambda c: (observer_rank(c[0]), c[1]))
-        fig, axes = plt.subplots(len(clients), 1 + len(columns), figsize=(1.9 * (1 + len(columns)), 2.0 * len(clients)),
-                                 squeeze=False)
+        fig, axes = plt.subplots(
+            len(clients), 1 + len(columns), figsize=(1.9 * (1 + len(columns)), 2.0 * len(clients)), squeeze=False
+        )
         for i, pid in enumerate(clients):
             truth = None
             for k, (observer, attack) in enumerate(columns):
                 ax = axes[i][k + 1]
                 ax.axis("off")
-                match = [j for j in mine if (j["observer"], j["attack"]) == (observer, attack) and pid in j["owners"].tolist()]
+                match = [
+                    j
+                    for j in mine
+                    if (j["observer"], j["attack"]) == (observer, attack) and pid in j["owners"].tolist()
+                ]
                 if not match:
-                    ax.set_title(f"{observer}/{attack}\n" + ("(its own data)" if observer == "client" else "(not attacked)"),
-                                 fontsize=7)
+                    ax.set_title(
+                        f"{observer}/{attack}\n" + ("(its own data)" if observer == "client" else "(not attacked)"),
+                        fontsize=7,
+                    )
                     continue
                 sel = match[0]["owners"] == pid
                 truth = match[0]["truth"][sel]
@@ -167,8 +220,14 @@ def draw_per_round(results: pd.DataFrame, accuracy: Mapping[int, float]):
     few = len(hit_rounds) <= FEW_ROUNDS
     fig, (top, ax) = plt.subplots(2, 1, figsize=(6.5, 5.5), sharex=not few, height_ratios=(1, 1.6))
     if accuracy:
-        top.plot(list(accuracy), list(accuracy.values()), color="black", linewidth=1.2,
-                 marker="o" if len(accuracy) <= 30 else None, markersize=3)
+        top.plot(
+            list(accuracy),
+            list(accuracy.values()),
+            color="black",
+            linewidth=1.2,
+            marker="o" if len(accuracy) <= 30 else None,
+            markersize=3,
+        )
         hit = [r for r in hit_rounds if r in accuracy]
         top.plot(hit, [accuracy[r] for r in hit], "o", color="tab:red", markersize=5, label="attacked round")
         top.legend(fontsize=7, loc="best")
@@ -212,7 +271,9 @@ def plot_training(folder: Path) -> Path | None:
     """``training.png``: the central test accuracy and loss per round of the federation and,
     where it ran, of the SecAgg+ federation (rounds.csv, secagg/rounds.csv)."""
     folder = Path(folder)
-    runs = [(name, csv_rows(sub / "rounds.csv")) for name, sub in (("federation", folder), ("SecAgg+", folder / "secagg"))]
+    runs = [
+        (name, csv_rows(sub / "rounds.csv")) for name, sub in (("federation", folder), ("SecAgg+", folder / "secagg"))
+    ]
     runs = [(name, rows) for name, rows in runs if rows]
     if not runs:
         return None
@@ -271,16 +332,19 @@ def num(text: Any, fmt: str) -> str:
 def setting(config: Mapping[str, Any]) -> str:
     """The run's setting in one sentence, from its run config (config.json's keys)."""
     c = config
-    return (f"{c.get('mode')} on {c.get('dataset')}, model {c.get('model')} (init {c.get('init')}), "
-            f"{c.get('num-clients')} clients, batch size {c.get('batch-size')}, {c.get('num-server-rounds')} rounds, "
-            f"{c.get('partition')} partition, seed {c.get('seed')}"
-            + (f", faulty clients {c['faulty-clients']}" if c.get("faulty-clients") else "") + ".")
+    return (
+        f"{c.get('mode')} on {c.get('dataset')}, model {c.get('model')} (init {c.get('init')}), "
+        f"{c.get('num-clients')} clients, batch size {c.get('batch-size')}, {c.get('num-server-rounds')} rounds, "
+        f"{c.get('partition')} partition, seed {c.get('seed')}"
+        + (f", faulty clients {c['faulty-clients']}" if c.get("faulty-clients") else "")
+        + "."
+    )
 
 
 def attacked(config: Mapping[str, Any], folder: Path) -> bool:
     """Whether the run attacks: it names an attack, or it has attack rows (an observer that
     brings its own attack, such as the active server, may run with ``attack = "none"``)."""
-    return (str(config.get("attack", "none")).strip().lower() not in ("", "none")
-            or (Path(folder) / "results.csv").is_file())
-
-
+    return (
+        str(config.get("attack", "none")).strip().lower() not in ("", "none")
+        or (Path(folder) / "results.csv").is_file()
+    )

@@ -35,8 +35,20 @@ from attacks import SUCCESS_PSNR
 from ..results import UNSCORED
 from .folder import attacked, csv_rows, load_jobs, observer_rank, setting, tile
 
-__all__ = ["write_run_page", "write_page", "OBSERVER_VIEWS", "PAGE", "Cell", "esc", "figure", "fmt", "frame", "page",
-           "section", "table"]
+__all__ = [
+    "write_run_page",
+    "write_page",
+    "OBSERVER_VIEWS",
+    "PAGE",
+    "Cell",
+    "esc",
+    "figure",
+    "fmt",
+    "frame",
+    "page",
+    "section",
+    "table",
+]
 
 PAGE = "report.html"
 
@@ -44,15 +56,15 @@ PAGE = "report.html"
 # not named here is shown with what its rows say it was granted.
 OBSERVER_VIEWS = {
     "server": "the parameter server: sees each client's own update, the weights it sent, and the reply's clear-text "
-              "number of examples",
+    "number of examples",
     "client": "a curious client (partition {curious}): sees only the successive global models and its own update; it "
-              "subtracts its own and attacks its estimate of the others' mean, not knowing who took part",
+    "subtracts its own and attacks its estimate of the others' mean, not knowing who took part",
     "secagg": "the server under SecAgg+: sees only the round's aggregate, and each client's number of examples, which "
-              "Flower's SecAgg+ sends in the clear",
+    "Flower's SecAgg+ sends in the clear",
     "active": "a malicious server that chose the model it sent in the attacked round (a constructed imprint layer) and "
-              "sees each client's own reply to it",
+    "sees each client's own reply to it",
     "active-secagg": "the same malicious server under SecAgg+: it sent its constructed model and sees only the round's "
-                     "aggregate and the clear-text example counts",
+    "aggregate and the clear-text example counts",
 }
 _BATCH_SOURCE = {
     "reply": "from the reply's num-examples",
@@ -72,8 +84,9 @@ _STYLE = """
 body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: var(--ink); margin: 0;
        background: #fff; }
 main { max-width: 1180px; margin: 0 auto; padding: 24px 28px 48px; }
-h1 { font-size: 1.6em; margin: 0 0 4px; } h2 { font-size: 1.25em; margin: 32px 0 8px; border-bottom: 2px solid var(--line);
-     padding-bottom: 4px; } h3 { font-size: 1.05em; margin: 20px 0 6px; }
+h1 { font-size: 1.6em; margin: 0 0 4px; }
+h2 { font-size: 1.25em; margin: 32px 0 8px; border-bottom: 2px solid var(--line); padding-bottom: 4px; }
+h3 { font-size: 1.05em; margin: 20px 0 6px; }
 p, li { max-width: 90ch; } .mute { color: var(--mute); } code { font-size: 0.92em; background: var(--band);
      padding: 0 3px; border-radius: 3px; }
 .status { display: inline-block; padding: 1px 8px; border-radius: 10px; font-weight: 600; font-size: 0.9em;
@@ -84,7 +97,8 @@ table { border-collapse: collapse; margin: 8px 0 4px; font-size: 0.9em; }
 th, td { border-bottom: 1px solid var(--line); padding: 4px 9px; text-align: left; vertical-align: top; }
 td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; }
 thead th { background: var(--band); position: sticky; top: 0; }
-table.sortable th { cursor: pointer; user-select: none; } table.sortable th[data-dir="asc"]::after { content: " \\25B2"; }
+table.sortable th { cursor: pointer; user-select: none; }
+table.sortable th[data-dir="asc"]::after { content: " \\25B2"; }
 table.sortable th[data-dir="desc"]::after { content: " \\25BC"; }
 tbody tr:nth-child(even) { background: #fafbfc; }
 .ok { color: var(--good); font-weight: 600; } .no { color: var(--bad); }
@@ -129,6 +143,7 @@ window.addEventListener("beforeprint", () => document.querySelectorAll("details"
 
 # ---- building blocks -----------------------------------------------------------------------
 
+
 def esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
@@ -142,8 +157,10 @@ def figure(path: Path, caption: str) -> str:
     path = Path(path)
     if not path.is_file():
         return ""
-    return (f'<figure><img src="{_png_uri(path.read_bytes())}" alt="{esc(path.name)}">'
-            f"<figcaption>{caption} <span class=mute>({esc(path.name)})</span></figcaption></figure>")
+    return (
+        f'<figure><img src="{_png_uri(path.read_bytes())}" alt="{esc(path.name)}">'
+        f"<figcaption>{caption} <span class=mute>({esc(path.name)})</span></figcaption></figure>"
+    )
 
 
 def _number(v: Any) -> float | None:
@@ -184,13 +201,19 @@ def _td(v: Any) -> str:
     return f'<td class="n">{esc(fmt(v))}</td>' if n is not None else f"<td>{esc(fmt(v))}</td>"
 
 
-def table(columns: Sequence[str], rows: Iterable[Sequence[Any]], *, id_: str = "", sortable: bool = True,
-          numeric: Iterable[str] = ()) -> str:
+def table(
+    columns: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    *,
+    id_: str = "",
+    sortable: bool = True,
+    numeric: Iterable[str] = (),
+) -> str:
     rows = list(rows)
     if not rows:
         return '<p class="mute">(none)</p>'
     numeric = set(numeric)
-    head = "".join(f'<th{" class=n" if c in numeric else ""}>{esc(c)}</th>' for c in columns)
+    head = "".join(f"<th{' class=n' if c in numeric else ''}>{esc(c)}</th>" for c in columns)
     body = "\n".join("<tr>" + "".join(_td(v) for v in r) + "</tr>" for r in rows)
     attrs = (f' id="{esc(id_)}"' if id_ else "") + (' class="sortable"' if sortable else "")
     return f'<div class="scroll"><table{attrs}><thead><tr>{head}</tr></thead><tbody>\n{body}\n</tbody></table></div>'
@@ -249,40 +272,60 @@ def _img(images, alt: str, title: str = "") -> str:
 
 # ---- a run ---------------------------------------------------------------------------------
 
+
 def _phases(folder: Path, config: Mapping[str, Any], outcomes: Mapping[str, Mapping[str, str]]) -> str:
     rounds = [r for r in csv_rows(folder / "rounds.csv") if str(r.get("round", "")).isdigit() and int(r["round"]) > 0]
     total = config.get("num-server-rounds")
     done = f"{len(rounds)} of {total} rounds finished"
     if outcomes:
-        parts = [f'{esc(phase)} federation <span class="status {esc(o["status"])}">{esc(o["status"])}</span>'
-                 + (f' <span class=mute>({esc(o["reason"])})</span>' if o.get("reason") else "")
-                 for phase, o in outcomes.items()]
+        parts = [
+            f'{esc(phase)} federation <span class="status {esc(o["status"])}">{esc(o["status"])}</span>'
+            + (f" <span class=mute>({esc(o['reason'])})</span>" if o.get("reason") else "")
+            for phase, o in outcomes.items()
+        ]
         return "; ".join(parts) + f"; {done}."
     if _number(total) is not None and len(rounds) >= int(float(total)):
-        return (f'<span class="status">ending not recorded</span> {done}; the run wrote no outcome.json (made '
-                "before it existed, or stopped while its attacks ran): this page is drawn from its files.")
-    return (f'<span class="status killed">no ending recorded</span> the run was killed or is still going: this page '
-            f"shows what it wrote; {done}.")
+        return (
+            f'<span class="status">ending not recorded</span> {done}; the run wrote no outcome.json (made '
+            "before it existed, or stopped while its attacks ran): this page is drawn from its files."
+        )
+    return (
+        f'<span class="status killed">no ending recorded</span> the run was killed or is still going: this page '
+        f"shows what it wrote; {done}."
+    )
 
 
 def _grants(rows: pd.DataFrame) -> str:
     """What one observer's attackers were granted, in words, from its rows."""
+
     def values(col: str) -> list[str]:
         return sorted({str(v) for v in rows[col].dropna()}) if col in rows else []
 
     labels = values("labels_granted")
-    said = ["the true labels <b>granted</b> (no observer sees them: an upper bound)" if labels == ["True"] else
-            "labels <b>not granted</b>" if labels == ["False"] else
-            f"labels granted: {esc(', '.join(labels))}"]
+    said = [
+        "the true labels <b>granted</b> (no observer sees them: an upper bound)"
+        if labels == ["True"]
+        else "labels <b>not granted</b>"
+        if labels == ["False"]
+        else f"labels granted: {esc(', '.join(labels))}"
+    ]
     sources = values("batch_size_source")
     if sources:
         said.append("batch size " + "; ".join(esc(_BATCH_SOURCE.get(s, s)) for s in sources))
-    steps = sorted({int(v) for v in pd.to_numeric(rows.get("local_steps"), errors="coerce").dropna()}) \
-        if "local_steps" in rows else []
+    steps = (
+        sorted({int(v) for v in pd.to_numeric(rows.get("local_steps"), errors="coerce").dropna()})
+        if "local_steps" in rows
+        else []
+    )
     if any(steps):
-        said.append(f"the FedAvg update read as {', '.join(map(str, steps))} local step(s)"
-                    + ("; the order of the local batches <b>granted</b>" if values("order_granted") == ["True"] else
-                       "; the order of the local batches not granted"))
+        said.append(
+            f"the FedAvg update read as {', '.join(map(str, steps))} local step(s)"
+            + (
+                "; the order of the local batches <b>granted</b>"
+                if values("order_granted") == ["True"]
+                else "; the order of the local batches not granted"
+            )
+        )
     elif steps:
         said.append("the update is one gradient (FedSGD)")
     bins = sorted({int(v) for v in pd.to_numeric(rows["bins"], errors="coerce").dropna()}) if "bins" in rows else []
@@ -297,33 +340,62 @@ def _threat_model(folder: Path, config: Mapping[str, Any], results: pd.DataFrame
     if attacked(config, folder):
         rounds, clients = config.get("attack-rounds", ""), config.get("attack-clients", "")
         names = ", ".join(sorted({str(a) for a in results["attack"]})) if not results.empty else config.get("attack")
-        items.append(f"Attacks <b>{esc(names)}</b> on round(s) {esc(rounds)}, clients {esc(clients)}"
-                     + (f", at most {esc(config.get('max-attacks-per-round'))} per round and observer"
-                        if _number(config.get("max-attacks-per-round")) else "")
-                     + (f"; optimisation attacks stopped after {esc(config.get('attack-time-limit'))} s with their best "
-                        "image (status time_limit)" if _number(config.get("attack-time-limit")) else "") + ".")
-        observers = sorted(set(results["observer"].astype(str)) if not results.empty else
-                           set(str(config.get("observers", "")).split(",")) - {""}, key=observer_rank)
+        items.append(
+            f"Attacks <b>{esc(names)}</b> on round(s) {esc(rounds)}, clients {esc(clients)}"
+            + (
+                f", at most {esc(config.get('max-attacks-per-round'))} per round and observer"
+                if _number(config.get("max-attacks-per-round"))
+                else ""
+            )
+            + (
+                f"; optimisation attacks stopped after {esc(config.get('attack-time-limit'))} s with their best "
+                "image (status time_limit)"
+                if _number(config.get("attack-time-limit"))
+                else ""
+            )
+            + "."
+        )
+        observers = sorted(
+            set(results["observer"].astype(str))
+            if not results.empty
+            else set(str(config.get("observers", "")).split(",")) - {""},
+            key=observer_rank,
+        )
         for o in observers:
-            view = OBSERVER_VIEWS.get(o, "an observer this page does not describe; what it was granted is read from its "
-                                         "rows").format(curious=esc(config.get("curious-client", 0)))
+            view = OBSERVER_VIEWS.get(
+                o, "an observer this page does not describe; what it was granted is read from its rows"
+            ).format(curious=esc(config.get("curious-client", 0)))
             mine = results[results["observer"].astype(str) == o] if not results.empty else results
             attacks = ", ".join(sorted({str(a) for a in mine["attack"]})) if len(mine) else ""
-            items.append(f"<b>{esc(o)}</b> ({esc(attacks) or 'no row yet'}): {esc(view)}."
-                         + (f" Granted: {_grants(mine)}." if len(mine) else ""))
-        items.append(f"Grant settings: batch size <code>{esc(config.get('grant-batch-size'))}</code>, labels "
-                     f"<code>{esc(config.get('grant-labels'))}</code>, batch order "
-                     f"<code>{esc(config.get('grant-batch-order'))}</code>. The referee rebuilds each client's true "
-                     "batch to score a reconstruction; no ground truth travels to an attacker.")
+            items.append(
+                f"<b>{esc(o)}</b> ({esc(attacks) or 'no row yet'}): {esc(view)}."
+                + (f" Granted: {_grants(mine)}." if len(mine) else "")
+            )
+        items.append(
+            f"Grant settings: batch size <code>{esc(config.get('grant-batch-size'))}</code>, labels "
+            f"<code>{esc(config.get('grant-labels'))}</code>, batch order "
+            f"<code>{esc(config.get('grant-batch-order'))}</code>. The referee rebuilds each client's true "
+            "batch to score a reconstruction; no ground truth travels to an attacker."
+        )
     else:
         items.append("No attack: plain training (the federation's files only).")
     privacy = _json(folder / "privacy.json")
     if privacy.get("defences"):
-        g = "; ".join(f"<code>{esc(x['defence'])}</code>: epsilon {x['epsilon']:.4g} at delta {x['delta']:.2g} "
-                      f"({esc(x['level'])} level, {esc(x['accountant'])})" for x in privacy.get("guarantees", []))
-        items.append("Defences, in this order: " + ", ".join(f"<code>{esc(d)}</code>" for d in privacy["defences"])
-                     + ". " + (f"Guarantees: {g}." if g else "No formal guarantee (pruning and plain noise are not "
-                                                             "differential privacy)."))
+        g = "; ".join(
+            f"<code>{esc(x['defence'])}</code>: epsilon {x['epsilon']:.4g} at delta {x['delta']:.2g} "
+            f"({esc(x['level'])} level, {esc(x['accountant'])})"
+            for x in privacy.get("guarantees", [])
+        )
+        items.append(
+            "Defences, in this order: "
+            + ", ".join(f"<code>{esc(d)}</code>" for d in privacy["defences"])
+            + ". "
+            + (
+                f"Guarantees: {g}."
+                if g
+                else "No formal guarantee (pruning and plain noise are not differential privacy)."
+            )
+        )
     else:
         items.append("No defence.")
     if config.get("audit"):
@@ -346,25 +418,48 @@ def _config_table(config: Mapping[str, Any], folder: Path) -> str:
     extra = ""
     if deploy:
         keep = {k: v for k, v in deploy.items() if k != "commands"}
-        extra = "<h3>Deployment (deploy.json)</h3><dl class=kv>" + "".join(
-            f"<dt>{esc(k)}</dt><dd>{esc(json.dumps(v) if isinstance(v, (dict, list)) else v)}</dd>"
-            for k, v in keep.items()) + "</dl>"
+        extra = (
+            "<h3>Deployment (deploy.json)</h3><dl class=kv>"
+            + "".join(
+                f"<dt>{esc(k)}</dt><dd>{esc(json.dumps(v) if isinstance(v, (dict, list)) else v)}</dd>"
+                for k, v in keep.items()
+            )
+            + "</dl>"
+        )
     return f"<details><summary>every setting (config.json)</summary><dl class=kv>{rows}</dl></details>{extra}"
 
 
 def _training(folder: Path) -> str:
-    parts = [figure(folder / "training.png", "Central test accuracy and loss of the global model after each round "
-                                             "(round 0: before training).")]
+    parts = [
+        figure(
+            folder / "training.png",
+            "Central test accuracy and loss of the global model after each round (round 0: before training).",
+        )
+    ]
     for name, sub in (("federation", folder), ("SecAgg+ federation", folder / "secagg")):
         rows = csv_rows(sub / "rounds.csv")
         if rows:
-            body = [[Cell(esc(r["round"]), int(r["round"]), True), _number(r.get("test_accuracy")),
-                     _number(r.get("test_loss")), _number(r.get("train_loss")), r.get("aggregated", ""),
-                     r.get("dropped", ""), _number(r.get("seconds"))] for r in rows]
-            parts.append(f"<details><summary>rounds of the {name} (rounds.csv)</summary>"
-                         + table(["round", "test accuracy", "test loss", "train loss", "aggregated", "dropped",
-                                  "seconds"], body, numeric={"round", "test accuracy", "test loss", "train loss",
-                                                             "seconds"}) + "</details>")
+            body = [
+                [
+                    Cell(esc(r["round"]), int(r["round"]), True),
+                    _number(r.get("test_accuracy")),
+                    _number(r.get("test_loss")),
+                    _number(r.get("train_loss")),
+                    r.get("aggregated", ""),
+                    r.get("dropped", ""),
+                    _number(r.get("seconds")),
+                ]
+                for r in rows
+            ]
+            parts.append(
+                f"<details><summary>rounds of the {name} (rounds.csv)</summary>"
+                + table(
+                    ["round", "test accuracy", "test loss", "train loss", "aggregated", "dropped", "seconds"],
+                    body,
+                    numeric={"round", "test accuracy", "test loss", "train loss", "seconds"},
+                )
+                + "</details>"
+            )
     if len(parts) == 1 and not parts[0]:
         return '<p class="mute">No round finished yet.</p>'
     return "\n".join(parts)
@@ -377,18 +472,46 @@ def _observer_table(summary: pd.DataFrame) -> str:
     for r in summary.itertuples():
         success = f"{r.recovered}/{r.images}" + (f" ({r.success:.0%})" if r.images else "")
         psnr = _number(r.median_psnr)
-        rows.append([r.observer, r.attack, r.n,
-                     Cell(f'<span class="{"ok" if psnr is not None and psnr >= SUCCESS_PSNR else "no"}">'
-                          f"{esc(fmt(psnr, '.1f'))}</span>", psnr, True),
-                     Cell(esc(fmt(_number(r.median_ssim), ".3f")), _number(r.median_ssim), True),
-                     Cell(esc(success), r.success if r.images else None, True),
-                     Cell(esc(fmt(_number(r.label_acc), ".2f")), _number(r.label_acc), True),
-                     r.batch_size, r.labels, r.attribution, r.errors, r.unscored])
-    head = ["observer", "attack", "rows", "median PSNR (dB)", "median SSIM", f"recovered (>= {SUCCESS_PSNR:g} dB)",
-            "label accuracy", "batch size", "labels", "attribution", "errors", "unscored"]
-    return (f"<p>Medians over the scored (round, client) rows; recovered: images at >= {SUCCESS_PSNR:g} dB of those "
-            "scored; label accuracy where labels were not granted. Click a column to sort.</p>"
-            + table(head, rows, id_="observer-table", numeric={"rows", "errors", "unscored"}))
+        rows.append(
+            [
+                r.observer,
+                r.attack,
+                r.n,
+                Cell(
+                    f'<span class="{"ok" if psnr is not None and psnr >= SUCCESS_PSNR else "no"}">'
+                    f"{esc(fmt(psnr, '.1f'))}</span>",
+                    psnr,
+                    True,
+                ),
+                Cell(esc(fmt(_number(r.median_ssim), ".3f")), _number(r.median_ssim), True),
+                Cell(esc(success), r.success if r.images else None, True),
+                Cell(esc(fmt(_number(r.label_acc), ".2f")), _number(r.label_acc), True),
+                r.batch_size,
+                r.labels,
+                r.attribution,
+                r.errors,
+                r.unscored,
+            ]
+        )
+    head = [
+        "observer",
+        "attack",
+        "rows",
+        "median PSNR (dB)",
+        "median SSIM",
+        f"recovered (>= {SUCCESS_PSNR:g} dB)",
+        "label accuracy",
+        "batch size",
+        "labels",
+        "attribution",
+        "errors",
+        "unscored",
+    ]
+    return (
+        f"<p>Medians over the scored (round, client) rows; recovered: images at >= {SUCCESS_PSNR:g} dB of those "
+        "scored; label accuracy where labels were not granted. Click a column to sort.</p>"
+        + table(head, rows, id_="observer-table", numeric={"rows", "errors", "unscored"})
+    )
 
 
 def _grids(folder: Path, config: Mapping[str, Any], results: pd.DataFrame) -> str:
@@ -404,17 +527,24 @@ def _grids(folder: Path, config: Mapping[str, Any], results: pd.DataFrame) -> st
         mine = [j for j in jobs if int(j["round"]) == rnd]
         clients = sorted({int(o) for j in mine for o in j["owners"].tolist()})
         columns = sorted({(j["observer"], j["attack"]) for j in mine}, key=lambda c: (observer_rank(c[0]), c[1]))
-        head = "<tr><th>client</th><th>true batch</th>" + "".join(
-            f"<th>{esc(o)}<br>{esc(a)}</th>" for o, a in columns) + "</tr>"
+        head = (
+            "<tr><th>client</th><th>true batch</th>"
+            + "".join(f"<th>{esc(o)}<br>{esc(a)}</th>" for o, a in columns)
+            + "</tr>"
+        )
         body = []
         for pid in clients:
             truth, cells = None, []
             for observer, attack in columns:
-                match = [j for j in mine if (j["observer"], j["attack"]) == (observer, attack)
-                         and pid in j["owners"].tolist()]
+                match = [
+                    j
+                    for j in mine
+                    if (j["observer"], j["attack"]) == (observer, attack) and pid in j["owners"].tolist()
+                ]
                 if not match:
                     why = status.get((rnd, pid, observer, attack)) or (
-                        "its own data" if observer == "client" and pid == curious else "not attacked")
+                        "its own data" if observer == "client" and pid == curious else "not attacked"
+                    )
                     cells.append(f'<td><span class="cap">{esc(why)}</span></td>')
                     continue
                 sel = match[0]["owners"] == pid
@@ -424,53 +554,86 @@ def _grids(folder: Path, config: Mapping[str, Any], results: pd.DataFrame) -> st
                 each = ", ".join(f"{p:.1f}" for p in psnr.tolist())
                 got = int((psnr >= SUCCESS_PSNR).sum())
                 cap = f"{med:.1f} dB" + (f" ({got}/{len(psnr)})" if len(psnr) > 1 else "")
-                cells.append(f"<td>{_img(match[0]['recon'][sel], f'{observer}/{attack}, client {pid}, round {rnd}', f'PSNR of each image: {each} dB')}"
-                             f'<span class="cap {"ok" if med >= SUCCESS_PSNR else ""}">{esc(observer)}/{esc(attack)}: '
-                             f"{esc(cap)}</span></td>")
-            first = (_img(truth, f"client {pid}, round {rnd}, true batch") if truth is not None else "")
+                alt = f"{observer}/{attack}, client {pid}, round {rnd}"
+                cells.append(
+                    f"<td>{_img(match[0]['recon'][sel], alt, f'PSNR of each image: {each} dB')}"
+                    f'<span class="cap {"ok" if med >= SUCCESS_PSNR else ""}">{esc(observer)}/{esc(attack)}: '
+                    f"{esc(cap)}</span></td>"
+                )
+            first = _img(truth, f"client {pid}, round {rnd}, true batch") if truth is not None else ""
             body.append(f"<tr><th>{pid}</th><td>{first}</td>{''.join(cells)}</tr>")
-        out.append(f'<div class="round"><h3>Round {rnd}</h3><div class="scroll"><table class="grid">'
-                   f"<thead>{head}</thead><tbody>{''.join(body)}</tbody></table></div></div>")
-    return (f"<p>Each row: a client's true batch, then what each observer reconstructed of it, with the median PSNR "
-            f"of its images (and how many reached {SUCCESS_PSNR:g} dB, for a batch); hover an image for each one's "
-            "PSNR. An aggregate observer's images are matched to the clients after the fact.</p>" + "\n".join(out))
+        out.append(
+            f'<div class="round"><h3>Round {rnd}</h3><div class="scroll"><table class="grid">'
+            f"<thead>{head}</thead><tbody>{''.join(body)}</tbody></table></div></div>"
+        )
+    return (
+        f"<p>Each row: a client's true batch, then what each observer reconstructed of it, with the median PSNR "
+        f"of its images (and how many reached {SUCCESS_PSNR:g} dB, for a batch); hover an image for each one's "
+        "PSNR. An aggregate observer's images are matched to the clients after the fact.</p>" + "\n".join(out)
+    )
 
 
 def _no_score(folder: Path, results: pd.DataFrame) -> str:
     rows = []
     for name, sub in (("federation", folder), ("SecAgg+", folder / "secagg")):
         for d in csv_rows(sub / "dropped.csv"):
-            rows.append([Cell(esc(d.get("round", "")), _number(d.get("round")), True), d.get("client", ""),
-                         f"{name}: reply not aggregated (node {d.get('node_id', '')})", d.get("status", ""),
-                         d.get("reason", "")])
+            rows.append(
+                [
+                    Cell(esc(d.get("round", "")), _number(d.get("round")), True),
+                    d.get("client", ""),
+                    f"{name}: reply not aggregated (node {d.get('node_id', '')})",
+                    d.get("status", ""),
+                    d.get("reason", ""),
+                ]
+            )
     if not results.empty:
         for e in results[results["status"].isin(UNSCORED)].itertuples():
-            rows.append([Cell(esc(e.round), e.round, True), e.client, f"{e.observer}/{e.attack}", e.status,
-                         fmt(e.reason)])
+            rows.append(
+                [Cell(esc(e.round), e.round, True), e.client, f"{e.observer}/{e.attack}", e.status, fmt(e.reason)]
+            )
     audit = csv_rows(folder / "audit.csv") + csv_rows(folder / "secagg" / "audit.csv")
     acted = {}
     for a in audit:
         acted[a.get("action", "")] = acted.get(a.get("action", ""), 0) + 1
-    said = (f"<p>The clients' audit: {len(audit)} replies checked; "
-            + ", ".join(f"{esc(k or '?')} {v}" for k, v in sorted(acted.items())) + " (audit.csv).</p>") if audit else ""
-    intro = ("<p>Replies the server did not aggregate (missing: never arrived; invalid: failed the server's checks; "
-             "refused: the client's audit; error: its ClientApp raised) and attack rows with no score.</p>")
+    said = (
+        (
+            f"<p>The clients' audit: {len(audit)} replies checked; "
+            + ", ".join(f"{esc(k or '?')} {v}" for k, v in sorted(acted.items()))
+            + " (audit.csv).</p>"
+        )
+        if audit
+        else ""
+    )
+    intro = (
+        "<p>Replies the server did not aggregate (missing: never arrived; invalid: failed the server's checks; "
+        "refused: the client's audit; error: its ClientApp raised) and attack rows with no score.</p>"
+    )
     return intro + table(["round", "client", "where", "status", "reason"], rows, id_="no-score-table") + said
 
 
 def _files(folder: Path) -> str:
-    names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix in (".csv", ".png", ".json", ".md", ".pt")
-                   and p.name != PAGE)
+    names = sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.is_file() and p.suffix in (".csv", ".png", ".json", ".md", ".pt") and p.name != PAGE
+    )
     subs = [p.name + "/" for p in sorted(folder.iterdir()) if p.is_dir()]
     return "<p>" + ", ".join(f'<a href="{esc(n)}">{esc(n)}</a>' for n in names + subs) + "</p>"
 
 
-def write_run_page(folder: Path, config: Mapping[str, Any], outcomes: Mapping[str, Mapping[str, str]],
-                   results: pd.DataFrame, summary: pd.DataFrame) -> Path:
+def write_run_page(
+    folder: Path,
+    config: Mapping[str, Any],
+    outcomes: Mapping[str, Mapping[str, str]],
+    results: pd.DataFrame,
+    summary: pd.DataFrame,
+) -> Path:
     """report.html of a run folder; ``summary``: :func:`experiments.report.summarise`."""
     folder = Path(folder)
-    subtitle = (f"<p>{esc(setting(config))}</p><p>{_phases(folder, config, outcomes)}</p>"
-                f'<p class="mute">{esc(folder.resolve())}</p>')
+    subtitle = (
+        f"<p>{esc(setting(config))}</p><p>{_phases(folder, config, outcomes)}</p>"
+        f'<p class="mute">{esc(folder.resolve())}</p>'
+    )
     sections = [
         ("threat", "Setting and threat model", _threat_model(folder, config, results) + _config_table(config, folder)),
         ("training", "Central evaluation", _training(folder)),
@@ -478,14 +641,25 @@ def write_run_page(folder: Path, config: Mapping[str, Any], outcomes: Mapping[st
     if attacked(config, folder):
         sections += [
             ("observers", "Who reconstructs what", _observer_table(summary)),
-            ("per-round", "PSNR per round", figure(folder / "psnr_per_round.png", "Test accuracy per round (attacked "
-                                                   "rounds in red) above the PSNR of each attacked round's updates.")),
+            (
+                "per-round",
+                "PSNR per round",
+                figure(
+                    folder / "psnr_per_round.png",
+                    "Test accuracy per round (attacked rounds in red) above the PSNR of each attacked round's updates.",
+                ),
+            ),
             ("images", "Reconstructions, round by round", _grids(folder, config, results)),
         ]
-    sections += [("no-score", "Missing, refused and failed", _no_score(folder, results)),
-                 ("files", "Files", _files(folder))]
-    text = page(f"Run {folder.name}", subtitle, [(a, t) for a, t, _ in sections],
-                [section(a, t, b) for a, t, b in sections], f"python -m experiments.report {folder}")
+    sections += [
+        ("no-score", "Missing, refused and failed", _no_score(folder, results)),
+        ("files", "Files", _files(folder)),
+    ]
+    text = page(
+        f"Run {folder.name}",
+        subtitle,
+        [(a, t) for a, t, _ in sections],
+        [section(a, t, b) for a, t, b in sections],
+        f"python -m experiments.report {folder}",
+    )
     return write_page(folder, text)
-
-

@@ -35,8 +35,14 @@ __all__ = ["write_summary", "outcomes_of", "finish", "report_run"]
 log = logging.getLogger(__name__)
 
 
-def write_summary(folder: Path, config: Mapping[str, Any], outcomes: Mapping[str, Mapping[str, str]],
-                  results: pd.DataFrame, summary: pd.DataFrame, figures: list[Path]) -> Path:
+def write_summary(
+    folder: Path,
+    config: Mapping[str, Any],
+    outcomes: Mapping[str, Mapping[str, str]],
+    results: pd.DataFrame,
+    summary: pd.DataFrame,
+    figures: list[Path],
+) -> Path:
     """summary.md; ``outcomes``: phase -> {"status", "reason"} (:func:`outcomes_of`)."""
     folder = Path(folder)
     lines = ["# Run summary", "", setting(config), ""]
@@ -44,45 +50,69 @@ def write_summary(folder: Path, config: Mapping[str, Any], outcomes: Mapping[str
         lines.append(f"- {phase} federation: **{o['status']}**" + (f" ({o['reason']})" if o.get("reason") else ""))
     privacy = json.loads((folder / "privacy.json").read_text()) if (folder / "privacy.json").exists() else {}
     if privacy.get("defences"):
-        lines += ["", "## Defences", "", "Applied in this order: " + "; ".join(f"`{d}`" for d in privacy["defences"]) + "."]
+        lines += [
+            "",
+            "## Defences",
+            "",
+            "Applied in this order: " + "; ".join(f"`{d}`" for d in privacy["defences"]) + ".",
+        ]
         for g in privacy.get("guarantees", []):
-            lines.append(f"- `{g['defence']}`: epsilon {g['epsilon']:.4g} at delta {g['delta']:.2g} ({g['level']} level; "
-                         f"{g['accountant']}; {g['note']})")
+            lines.append(
+                f"- `{g['defence']}`: epsilon {g['epsilon']:.4g} at delta {g['delta']:.2g} ({g['level']} level; "
+                f"{g['accountant']}; {g['note']})"
+            )
         if not privacy.get("guarantees"):
             lines.append("- no formal guarantee (pruning and plain noise are not differential privacy)")
     for name, sub in (("federation", folder), ("SecAgg+ federation", folder / "secagg")):
         rows = csv_rows(sub / "rounds.csv")
         if not rows:
             continue
-        lines += ["", f"## Central evaluation of the {name}", "",
-                  "| round | test accuracy | test loss | replies aggregated | dropped |", "|---|---|---|---|---|"]
-        lines += [f"| {r['round']} | {num(r['test_accuracy'], '.3f')} | {num(r['test_loss'], '.4f')} | "
-                  f"{r.get('aggregated') or '-'} | {r.get('dropped') or '-'} |" for r in rows]
+        lines += [
+            "",
+            f"## Central evaluation of the {name}",
+            "",
+            "| round | test accuracy | test loss | replies aggregated | dropped |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['round']} | {num(r['test_accuracy'], '.3f')} | {num(r['test_loss'], '.4f')} | "
+            f"{r.get('aggregated') or '-'} | {r.get('dropped') or '-'} |"
+            for r in rows
+        ]
         dropped = csv_rows(sub / "dropped.csv")
         if dropped:
             lines += ["", f"Replies of the {name} that were not aggregated:", ""]
-            lines += [f"- round {d['round']}, client {d['client']} (node {d['node_id']}): {d['status']}: {d['reason']}"
-                      for d in dropped]
+            lines += [
+                f"- round {d['round']}, client {d['client']} (node {d['node_id']}): {d['status']}: {d['reason']}"
+                for d in dropped
+            ]
     if attacked(config, folder):
         lines += [
-            "", "## What each observer reconstructs", "",
-            f"Median over the scored (round, client) rows; success = images at >= {SUCCESS_PSNR:.0f} dB. "
-            "Batch size: what the attacker was told (reply: the reply's num-examples; clear-counts: SecAgg+'s clear-text "
-            "counts; granted: beyond what it sees; none: estimated). Attribution post-hoc: matched to clients afterwards.",
             "",
-            "| observer | attack | rows | median PSNR (dB) | median SSIM | label acc | recovered | batch size | labels | "
-            "attribution | errors | unscored |",
+            "## What each observer reconstructs",
+            "",
+            f"Median over the scored (round, client) rows; success = images at >= {SUCCESS_PSNR:.0f} dB. "
+            "Batch size: what the attacker was told (reply: the reply's num-examples; clear-counts: SecAgg+'s "
+            "clear-text counts; granted: beyond what it sees; none: estimated). Attribution post-hoc: matched to "
+            "clients afterwards.",
+            "",
+            "| observer | attack | rows | median PSNR (dB) | median SSIM | label acc | recovered | batch size "
+            "| labels | attribution | errors | unscored |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in summary.itertuples():
-            lines.append(f"| {r.observer} | {r.attack} | {r.n} | {r.median_psnr:.2f} | {r.median_ssim:.3f} | "
-                         f"{r.label_acc:.2f} | {r.recovered}/{r.images} | {r.batch_size} | {r.labels} | "
-                         f"{r.attribution} | {r.errors} | {r.unscored} |")
+            lines.append(
+                f"| {r.observer} | {r.attack} | {r.n} | {r.median_psnr:.2f} | {r.median_ssim:.3f} | "
+                f"{r.label_acc:.2f} | {r.recovered}/{r.images} | {r.batch_size} | {r.labels} | "
+                f"{r.attribution} | {r.errors} | {r.unscored} |"
+            )
         unscored = results[results["status"].isin(UNSCORED)] if not results.empty else results
         if len(unscored):
             lines += ["", "## Rows with no score", ""]
-            lines += [f"- round {e.round}, client {e.client}, {e.observer}/{e.attack}: {e.status}: {e.reason}"
-                      for e in unscored.itertuples()]
+            lines += [
+                f"- round {e.round}, client {e.client}, {e.observer}/{e.attack}: {e.status}: {e.reason}"
+                for e in unscored.itertuples()
+            ]
     if figures:
         lines += ["", "## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures]
     path = folder / "summary.md"
@@ -118,8 +148,9 @@ def _last_round(path: Path) -> int | None:
     return max(rounds) if rounds else None
 
 
-def finish(folder: str | Path, plan: Any, outcomes: Mapping[str, Any] | None = None, *,
-           strict: bool = False) -> pd.DataFrame:
+def finish(
+    folder: str | Path, plan: Any, outcomes: Mapping[str, Any] | None = None, *, strict: bool = False
+) -> pd.DataFrame:
     """Draw the figures and write summary.md and report.html from the files in ``folder``;
     returns the observer x attack table (empty for a run without attacks). ``plan``: the
     run's :class:`~experiments.plan.ExperimentPlan` or its run config (config.json's

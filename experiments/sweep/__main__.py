@@ -17,18 +17,27 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python -m experiments.sweep",
-               description="Run a grid of Flower federations, attacked and trained under defences, and write a sweep "
-                           "folder (cells.csv, results.csv, figures, summary.md).")
+    p = Parser(
+        prog="python -m experiments.sweep",
+        description="Run a grid of Flower federations, attacked and trained under defences, and write a sweep "
+        "folder (cells.csv, results.csv, figures, summary.md).",
+    )
     names = ", ".join(sorted(p.stem for p in PRESETS.glob("*.toml")))
     p.add_argument("spec", help=f"a preset ({names}) or a TOML file")
     p.add_argument("--out", default=None, help="sweep folder (default: sweeps/<name>); the same folder again resumes")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (default: 1)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="empty --out first (otherwise the runs it holds with unchanged settings are kept)")
-    p.add_argument("--engine", choices=ENGINES, default=None,
-                   help="each run's engine: ray, or inprocess for small cells (no Ray start per run; same results for "
-                        "the same seed); default: $FL_SIM_ENGINE, else ray")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="empty --out first (otherwise the runs it holds with unchanged settings are kept)",
+    )
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=None,
+        help="each run's engine: ray, or inprocess for small cells (no Ray start per run; same results for "
+        "the same seed); default: $FL_SIM_ENGINE, else ray",
+    )
     p.add_argument("--list", action="store_true", help="print the cells and exit")
     return p
 

@@ -57,9 +57,13 @@ class Sweep:
             old = json.loads(state.read_text())
             if overwrite:
                 shutil.rmtree(self.out)
-            elif {k: old.get(k) for k in ("attack", "train", "grid")} != {k: record[k] for k in ("attack", "train", "grid")}:
-                self.console.print(f"note: {self.out} held another version of the spec; its runs with unchanged settings "
-                                   "are kept (--overwrite to start afresh)")
+            elif {k: old.get(k) for k in ("attack", "train", "grid")} != {
+                k: record[k] for k in ("attack", "train", "grid")
+            }:
+                self.console.print(
+                    f"note: {self.out} held another version of the spec; its runs with unchanged settings "
+                    "are kept (--overwrite to start afresh)"
+                )
         elif self.out.exists() and any(self.out.iterdir()):
             if not overwrite:
                 raise SweepError(f"{self.out} is not empty and holds no sweep: pass --overwrite or another --out")
@@ -89,14 +93,23 @@ class Sweep:
             return self._save(RunRecord(name, "refused", " ".join(text.split()), 0.0))
         folder = self.out / "runs" / name
         # the attack always named (none for a training run): experiments.run's own default is the demo
-        argv = [sys.executable, "-m", "experiments.run", *argv_for({"attack": "none", **config}), "--out", str(folder),
-                "--overwrite", *(["--engine", self.engine] if self.engine else [])]
+        argv = [
+            sys.executable,
+            "-m",
+            "experiments.run",
+            *argv_for({"attack": "none", **config}),
+            "--out",
+            str(folder),
+            "--overwrite",
+            *(["--engine", self.engine] if self.engine else []),
+        ]
         log = self.out / "runs" / f"{name}.log"
         start = time.monotonic()
         with open(log, "w") as f:
             # the user's working directory: relative data paths mean the same to the run as to the spec
-            proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
-                                    env={**os.environ, "COLUMNS": "120"})
+            proc = subprocess.Popen(
+                argv, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "COLUMNS": "120"}
+            )
             with self.lock:
                 self.procs[name] = proc
             if self.stop.is_set():
@@ -149,10 +162,20 @@ class Sweep:
         def cells_done() -> int:
             return sum(all(self.record(n) is not None for n in (c.attack_run, c.train_run) if n) for c in self.cells)
 
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
-                      TimeElapsedColumn(), console=self.console) as progress:
-            task = progress.add_task("cells", total=len(self.cells), completed=cells_done(),
-                                     status=f"{len(runs) - len(todo)} of {len(runs)} runs done before")
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            console=self.console,
+        ) as progress:
+            task = progress.add_task(
+                "cells",
+                total=len(self.cells),
+                completed=cells_done(),
+                status=f"{len(runs) - len(todo)} of {len(runs)} runs done before",
+            )
             with ThreadPoolExecutor(max_workers=self.jobs) as pool:
                 pending: dict[Future, str] = {}
                 queue = list(todo)
@@ -165,7 +188,8 @@ class Sweep:
                         name = pending.pop(fut)
                         rec = fut.result()
                         status = f"{name}: {rec.status if rec else 'interrupted'}" + (
-                            f" ({rec.reason[:60]})" if rec and rec.reason else "")
+                            f" ({rec.reason[:60]})" if rec and rec.reason else ""
+                        )
                         progress.update(task, completed=cells_done(), status=status)
                 wait(list(pending))
 
@@ -181,8 +205,16 @@ def write_outputs(sweep: Sweep) -> tuple[pd.DataFrame, pd.DataFrame]:
         sweep.console.print(f"[red]figures not drawn[/]: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
         figures = []
     write_summary(sweep.out, sweep.spec, cells, results, figures, total=len(sweep.cells))
-    write_sweep_page(sweep.out, sweep.spec, cells, results, figures, total=len(sweep.cells),
-                     leakage=leakage_table(cells, results), stops=stops_at(cells, results))
+    write_sweep_page(
+        sweep.out,
+        sweep.spec,
+        cells,
+        results,
+        figures,
+        total=len(sweep.cells),
+        leakage=leakage_table(cells, results),
+        stops=stops_at(cells, results),
+    )
     return cells, results
 
 
@@ -190,24 +222,41 @@ def report_sweep(out: Path) -> Path:
     """Write the tables, figures, summary.md and report.html of the sweep folder ``out`` again
     from sweep.json and the runs it holds (a sweep that was killed gets its report too)."""
     record = json.loads((Path(out) / "sweep.json").read_text())
-    spec = SweepSpec(**{k: record.get(k, d) for k, d in (("name", ""), ("description", ""), ("attack", {}),
-                                                         ("train", None), ("grid", []), ("source", ""),
-                                                         ("notes", []))})
+    spec = SweepSpec(
+        **{
+            k: record.get(k, d)
+            for k, d in (
+                ("name", ""),
+                ("description", ""),
+                ("attack", {}),
+                ("train", None),
+                ("grid", []),
+                ("source", ""),
+                ("notes", []),
+            )
+        }
+    )
     write_outputs(Sweep(spec, Path(out), 1, Console(stderr=True)))
     return Path(out) / "report.html"
 
 
-def run_sweep(spec: SweepSpec, out: Path, *, jobs: int = 1, overwrite: bool = False, console=None,
-              engine: str | None = None) -> int:
+def run_sweep(
+    spec: SweepSpec, out: Path, *, jobs: int = 1, overwrite: bool = False, console=None, engine: str | None = None
+) -> int:
     """Run ``spec`` into the sweep folder ``out`` (resuming what it holds) with each run on
     ``engine`` (``experiments.run --engine``); the exit code."""
     console = console or Console(stderr=True)
     sweep = Sweep(spec, out, jobs, console, engine)
     sweep.claim(overwrite)
     console.print(f"sweep [bold]{spec.name}[/]: {len(sweep.cells)} cells -> {out}")
-    stopper = StopOnSignal(on_signal=lambda s: (console.print(
-        "[yellow]stopping[/]: the runs in flight are stopped; what finished stays (again to kill at once)"),
-        sweep.interrupt(s)))
+    stopper = StopOnSignal(
+        on_signal=lambda s: (
+            console.print(
+                "[yellow]stopping[/]: the runs in flight are stopped; what finished stays (again to kill at once)"
+            ),
+            sweep.interrupt(s),
+        )
+    )
     with stopper:
         try:
             sweep.run()
@@ -216,6 +265,7 @@ def run_sweep(spec: SweepSpec, out: Path, *, jobs: int = 1, overwrite: bool = Fa
                 sweep.kill_all()
     cells, _ = write_outputs(sweep)
     done = int((cells["status"] == "done").sum()) if not cells.empty else 0
-    console.print(f"{done} of {len(sweep.cells)} cells done, {len(cells) - done} failed or refused; "
-                  f"{out / 'summary.md'}")
+    console.print(
+        f"{done} of {len(sweep.cells)} cells done, {len(cells) - done} failed or refused; {out / 'summary.md'}"
+    )
     return stopper.exit_code if stopper.event.is_set() else 0

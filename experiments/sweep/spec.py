@@ -60,7 +60,6 @@ __all__ = ["SweepSpec", "Cell", "SweepError", "RunRecord", "PRESETS", "load_spec
 PRESETS = Path(__file__).resolve().parent / "presets"
 
 
-
 class SweepError(ValueError):
     """A spec that cannot be swept; the message is one line."""
 
@@ -123,8 +122,10 @@ class SweepSpec:
                 attack = {**self.attack, **params}
                 train = None
                 if self.train is not None:
-                    train = {**{k: v for k, v in params.items() if k not in ATTACK_KEYS and k not in self.train},
-                             **self.train}
+                    train = {
+                        **{k: v for k, v in params.items() if k not in ATTACK_KEYS and k not in self.train},
+                        **self.train,
+                    }
                     # the training run carries no attack: keep only keys that mean something without one
                     train = {k: v for k, v in train.items() if k not in ATTACK_KEYS}
                 cell = Cell(params, attack, train)
@@ -134,8 +135,15 @@ class SweepSpec:
         return out
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "description": self.description, "attack": self.attack, "train": self.train,
-                "grid": self.grid, "source": self.source, "notes": self.notes}
+        return {
+            "name": self.name,
+            "description": self.description,
+            "attack": self.attack,
+            "train": self.train,
+            "grid": self.grid,
+            "source": self.source,
+            "notes": self.notes,
+        }
 
 
 def load_spec(spec: str) -> SweepSpec:
@@ -182,8 +190,15 @@ def load_spec(spec: str) -> SweepSpec:
             if not isinstance(v, list) or not v:
                 raise SweepError(f"{path.name}: [[grid]] {k}: expected a non-empty list of values")
         grid.append(block)
-    spec_ = SweepSpec(str(raw.get("name", path.stem)), str(raw.get("description", "")), attack, train, grid,
-                      source=str(path), notes=list(raw.get("notes", [])))
+    spec_ = SweepSpec(
+        str(raw.get("name", path.stem)),
+        str(raw.get("description", "")),
+        attack,
+        train,
+        grid,
+        source=str(path),
+        notes=list(raw.get("notes", [])),
+    )
     _check_values(spec_)
     return spec_
 
@@ -192,7 +207,8 @@ def _check_values(spec: SweepSpec) -> None:
     """Every value of the spec on its own: defence specs parse, values have the key's type.
     (A cell whose valid values conflict under the plan's rules is a refused row, not an error.)"""
     for source, values in [("attack", spec.attack), ("train", spec.train or {})] + [
-            (f"grid {k}", {k: v}) for block in spec.grid for k, vs in block.items() for v in vs]:
+        (f"grid {k}", {k: v}) for block in spec.grid for k, vs in block.items() for v in vs
+    ]:
         for k, v in values.items():
             if k == "defences":
                 try:

@@ -35,11 +35,36 @@ from ..report.folder import load_jobs, tile  # noqa: E402
 from ..scoring import SUCCESS_PSNR  # noqa: E402
 from .spec import Cell, read_record  # noqa: E402
 
-__all__ = ["CELL_FIELDS", "tables", "leakage", "leakage_table", "stops_at", "rank_table", "write_figures", "write_summary"]
+__all__ = [
+    "CELL_FIELDS",
+    "tables",
+    "leakage",
+    "leakage_table",
+    "stops_at",
+    "rank_table",
+    "write_figures",
+    "write_summary",
+]
 
 # cells.csv's own columns (not grid axes)
-CELL_FIELDS = ("cell", "family", "strength", "strength_key", "epsilon", "delta", "epsilon_level", "epsilon_train",
-               "test_accuracy", "accuracy_of", "train_rounds", "attack_accuracy", "seconds", "status", "reason", "attack_run")
+CELL_FIELDS = (
+    "cell",
+    "family",
+    "strength",
+    "strength_key",
+    "epsilon",
+    "delta",
+    "epsilon_level",
+    "epsilon_train",
+    "test_accuracy",
+    "accuracy_of",
+    "train_rounds",
+    "attack_accuracy",
+    "seconds",
+    "status",
+    "reason",
+    "attack_run",
+)
 DP_FAMILIES = ("dpsgd", "ldp", "central-dp (server)", "central-dp (client)")
 PSNR_CAP = 150.0  # an exact reconstruction is inf dB: drawn at the cap
 
@@ -51,10 +76,11 @@ def leakage(results: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=["cell", "observer", "attack", "psnr", "recovered", "images", "rows"])
     r = results.copy()
     r["psnr"] = pd.to_numeric(r["psnr"], errors="coerce").clip(upper=PSNR_CAP)
-    return (r.groupby(["cell", "observer", "attack"], sort=False)
-            .agg(psnr=("psnr", "median"), recovered=("recovered", "sum"), images=("images", "sum"),
-                 rows=("psnr", "size"))
-            .reset_index())
+    return (
+        r.groupby(["cell", "observer", "attack"], sort=False)
+        .agg(psnr=("psnr", "median"), recovered=("recovered", "sum"), images=("images", "sum"), rows=("psnr", "size"))
+        .reset_index()
+    )
 
 
 def _joined(cells: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
@@ -80,8 +106,16 @@ def stops_at(cells: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
             if (per["recovered"].iloc[i:] == 0).all():
                 stop, psnr = per["strength"].iloc[i], per["psnr"].iloc[i]
                 break
-        rows.append({"family": family, "attack": attack, "observer": observer,
-                     "undefended": base.get((attack, observer), math.nan), "stops_at": stop, "psnr_there": psnr})
+        rows.append(
+            {
+                "family": family,
+                "attack": attack,
+                "observer": observer,
+                "undefended": base.get((attack, observer), math.nan),
+                "stops_at": stop,
+                "psnr_there": psnr,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -127,7 +161,7 @@ def _plot(out: Path, j: pd.DataFrame, x: str, name: str, xlabel: str, families, 
         ax.set_xlabel(xlabel, fontsize=8)
         ax.set_ylabel("median PSNR (dB)", fontsize=8)
         ax.tick_params(labelsize=7)
-    for ax in axes[len(panels):]:
+    for ax in axes[len(panels) :]:
         ax.axis("off")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", ncol=min(6, len(labels)), fontsize=8, frameon=False)
@@ -152,8 +186,14 @@ def _strength_plot(out: Path, j: pd.DataFrame) -> Path | None:
         g = j[j["family"] == family]
         for i, ((attack, observer), ag) in enumerate(g.groupby(["attack", "observer"])):
             pts = ag.groupby("strength")["psnr"].median().sort_index()
-            ax.plot(pts.index, pts.values, "o-" if observer == "server" else "s--", color=f"C{i}", ms=4,
-                    label=f"{attack}, {observer}")
+            ax.plot(
+                pts.index,
+                pts.values,
+                "o-" if observer == "server" else "s--",
+                color=f"C{i}",
+                ms=4,
+                label=f"{attack}, {observer}",
+            )
             if (attack, observer) in undefended:  # the undefended level, dotted
                 ax.axhline(undefended[(attack, observer)], color=f"C{i}", ls=":", lw=1)
         ax.axhline(SUCCESS_PSNR, color="grey", ls="--", lw=0.8)
@@ -170,7 +210,7 @@ def _strength_plot(out: Path, j: pd.DataFrame) -> Path | None:
         ax.set_ylabel("median PSNR (dB)", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=6)
-    for ax in axes[len(families):]:
+    for ax in axes[len(families) :]:
         ax.axis("off")
     fig.tight_layout()
     path = out / "psnr_vs_strength.png"
@@ -195,8 +235,14 @@ def _axis_plot(out: Path, j: pd.DataFrame, axis: str) -> Path | None:
         ax.bar(xs, [0 if math.isnan(y) else y for y in ys], width, color=f"C{i}", label=f"{attack}, {observer}")
         for x, v, y in zip(xs, values, ys):
             rec, n = g["recovered"].sum().get(v, 0), g["images"].sum().get(v, 0)
-            ax.text(x, 0 if math.isnan(y) else y, "x" if math.isnan(y) else f"{int(rec)}/{int(n)}", ha="center",
-                    va="bottom", fontsize=6)
+            ax.text(
+                x,
+                0 if math.isnan(y) else y,
+                "x" if math.isnan(y) else f"{int(rec)}/{int(n)}",
+                ha="center",
+                va="bottom",
+                fontsize=6,
+            )
     ax.axhline(SUCCESS_PSNR, color="grey", ls="--", lw=0.8)
     ax.set_xticks(range(len(values)), values, fontsize=8)
     ax.set_ylabel("median PSNR (dB)", fontsize=8)
@@ -219,18 +265,30 @@ def reconstruction_sheet(out: Path, cells: pd.DataFrame) -> Path | None:
             rows.append((cell, jobs))
     if not rows:
         return None
-    columns = sorted({(j["observer"], j["attack"]) for _, jobs in rows for j in jobs}, key=lambda t: (t[0] != "server", t))
-    owners = [set.intersection(*[{int(o) for j in jobs if (j["observer"], j["attack"]) == c for o in j["owners"].tolist()}
-                                 for c in columns if any((j["observer"], j["attack"]) == c for j in jobs)])
-              for _, jobs in rows]
+    columns = sorted(
+        {(j["observer"], j["attack"]) for _, jobs in rows for j in jobs}, key=lambda t: (t[0] != "server", t)
+    )
+    owners = [
+        set.intersection(
+            *[
+                {int(o) for j in jobs if (j["observer"], j["attack"]) == c for o in j["owners"].tolist()}
+                for c in columns
+                if any((j["observer"], j["attack"]) == c for j in jobs)
+            ]
+        )
+        for _, jobs in rows
+    ]
     common = set.intersection(*owners) if owners else set()
     pid = min(common) if common else None
     if pid is None:
         return None
-    fig, axes = plt.subplots(len(rows), 1 + len(columns), figsize=(1.25 * (1 + len(columns)), 1.3 * len(rows)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(rows), 1 + len(columns), figsize=(1.25 * (1 + len(columns)), 1.3 * len(rows)), squeeze=False
+    )
     for i, (cell, jobs) in enumerate(rows):
-        label = cell["defences"] if "defences" in cell and isinstance(cell["defences"], str) and cell["defences"] else ""
+        label = (
+            cell["defences"] if "defences" in cell and isinstance(cell["defences"], str) and cell["defences"] else ""
+        )
         label = label or ("; ".join(f"{k}={cell[k]}" for k in _other_axes(cells)) or "undefended")
         for k, c in enumerate(columns):
             ax = axes[i][k + 1]
@@ -242,14 +300,28 @@ def reconstruction_sheet(out: Path, cells: pd.DataFrame) -> Path | None:
                 continue
             sel = match[0]["owners"] == pid
             ax.imshow(tile(match[0]["recon"][sel][:1]), cmap="gray")
-            ax.text(0.5, -0.02, f"{match[0]['psnr'][sel][0].clamp(max=300).item():.0f} dB", transform=ax.transAxes,
-                    ha="center", va="top", fontsize=5)
+            ax.text(
+                0.5,
+                -0.02,
+                f"{match[0]['psnr'][sel][0].clamp(max=300).item():.0f} dB",
+                transform=ax.transAxes,
+                ha="center",
+                va="top",
+                fontsize=5,
+            )
             truth = match[0]["truth"][sel][:1]
         ax = axes[i][0]
         ax.axis("off")
         ax.imshow(tile(truth), cmap="gray")
-        ax.text(-0.1, 0.5, label.replace(",", ",\n").replace(";", ";\n"), transform=ax.transAxes, ha="right",
-                va="center", fontsize=5)
+        ax.text(
+            -0.1,
+            0.5,
+            label.replace(",", ",\n").replace(";", ";\n"),
+            transform=ax.transAxes,
+            ha="right",
+            va="center",
+            fontsize=5,
+        )
         if i == 0:
             ax.set_title(f"client {pid}\ntrue", fontsize=6)
     fig.tight_layout(h_pad=0.6, w_pad=0.2)
@@ -267,10 +339,26 @@ def write_figures(out: Path, cells: pd.DataFrame, results: pd.DataFrame) -> list
         return []
     of = cells["accuracy_of"].dropna().iloc[0] if cells["accuracy_of"].notna().any() else ""
     made = [
-        _plot(out, j, "test_accuracy", "privacy_utility.png", f"test accuracy ({of})", None, False,
-              f"x: accuracy of the {of}; y: the attacked run's reconstructions; dashed: {SUCCESS_PSNR:g} dB"),
-        _plot(out, j, "epsilon", "psnr_vs_epsilon.png", "epsilon of the attacked run", DP_FAMILIES, True,
-              "epsilon from Opacus's / Flower's accountants (ldp: per-round epsilon x rounds)"),
+        _plot(
+            out,
+            j,
+            "test_accuracy",
+            "privacy_utility.png",
+            f"test accuracy ({of})",
+            None,
+            False,
+            f"x: accuracy of the {of}; y: the attacked run's reconstructions; dashed: {SUCCESS_PSNR:g} dB",
+        ),
+        _plot(
+            out,
+            j,
+            "epsilon",
+            "psnr_vs_epsilon.png",
+            "epsilon of the attacked run",
+            DP_FAMILIES,
+            True,
+            "epsilon from Opacus's / Flower's accountants (ldp: per-round epsilon x rounds)",
+        ),
         _strength_plot(out, j),
         *(_axis_plot(out, j, axis) for axis in _other_axes(cells)),
         reconstruction_sheet(out, cells),
@@ -312,14 +400,29 @@ def rank_table(cells: pd.DataFrame) -> pd.DataFrame:
             net = build_model(model, data.input_shape, data.num_classes, seed=0)
             table = rank_analysis(net, data.input_shape)
             deficits = [f"{r['layer']}: {r['deficit']}" for r in table if r["deficit"] > 0]
-            rows.append({"model": model, "layers": len(table), "unknowns": sum(r["unknowns"] for r in table),
-                         "deficit": sum(max(r["deficit"], 0) for r in table), "ra_index": ra_index(table),
-                         "rank-deficient layers": ", ".join(deficits) or "none",
-                         "about": MODELS[model].summary})
+            rows.append(
+                {
+                    "model": model,
+                    "layers": len(table),
+                    "unknowns": sum(r["unknowns"] for r in table),
+                    "deficit": sum(max(r["deficit"], 0) for r in table),
+                    "ra_index": ra_index(table),
+                    "rank-deficient layers": ", ".join(deficits) or "none",
+                    "about": MODELS[model].summary,
+                }
+            )
         except Exception as exc:  # noqa: BLE001 - a layer R-GAP cannot invert: say which
-            rows.append({"model": model, "layers": "", "unknowns": "", "deficit": "", "ra_index": "",
-                         "rank-deficient layers": f"R-GAP refuses: {' '.join(str(exc).split())[:120]}",
-                         "about": MODELS[model].summary if model in MODELS else ""})
+            rows.append(
+                {
+                    "model": model,
+                    "layers": "",
+                    "unknowns": "",
+                    "deficit": "",
+                    "ra_index": "",
+                    "rank-deficient layers": f"R-GAP refuses: {' '.join(str(exc).split())[:120]}",
+                    "about": MODELS[model].summary if model in MODELS else "",
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -329,8 +432,10 @@ def leakage_table(cells: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
     j = _joined(cells, results) if not cells.empty else pd.DataFrame()
     if j.empty:
         return pd.DataFrame()
-    j["value"] = [f"{p:.1f} ({int(r)}/{int(n)})" if not math.isnan(p) else "no reconstruction"
-                  for p, r, n in zip(j["psnr"], j["recovered"], j["images"])]
+    j["value"] = [
+        f"{p:.1f} ({int(r)}/{int(n)})" if not math.isnan(p) else "no reconstruction"
+        for p, r, n in zip(j["psnr"], j["recovered"], j["images"])
+    ]
     index = ["family", "strength", *_other_axes(cells)]
     for k in index:
         j[k] = j[k].fillna("")
@@ -344,11 +449,17 @@ def leakage_table(cells: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
     return acc.merge(table, on=index, how="right")
 
 
-def write_summary(out: Path, spec, cells: pd.DataFrame, results: pd.DataFrame, figures: list[Path], *,
-                  total: int) -> Path:
-    lines = [f"# Sweep `{spec.name}`", "", spec.description.strip(), "",
-             f"Spec: `{spec.source}`. {len(cells)} of {total} cells finished"
-             + (f" ({int((cells['status'] != 'done').sum())} failed or refused)." if not cells.empty else ".")]
+def write_summary(
+    out: Path, spec, cells: pd.DataFrame, results: pd.DataFrame, figures: list[Path], *, total: int
+) -> Path:
+    lines = [
+        f"# Sweep `{spec.name}`",
+        "",
+        spec.description.strip(),
+        "",
+        f"Spec: `{spec.source}`. {len(cells)} of {total} cells finished"
+        + (f" ({int((cells['status'] != 'done').sum())} failed or refused)." if not cells.empty else "."),
+    ]
     for note in spec.notes:
         lines += ["", note]
     for fig in figures:
@@ -358,25 +469,41 @@ def write_summary(out: Path, spec, cells: pd.DataFrame, results: pd.DataFrame, f
         lines += ["", "## Cells", ""] + _md(shown)
         table = leakage_table(cells, results)
         if not table.empty:
-            lines += ["", f"## Leakage: median PSNR in dB (images recovered at >= {SUCCESS_PSNR:g} dB)", ""] + _md(table)
+            lines += ["", f"## Leakage: median PSNR in dB (images recovered at >= {SUCCESS_PSNR:g} dB)", ""] + _md(
+                table
+            )
             stops = stops_at(cells, results)
-            lines += ["", "## Where each attack stops", "",
-                      "The weakest setting of each family from which on the attack recovers no image "
-                      "(empty: not stopped in this grid).", ""] + _md(stops)
+            lines += [
+                "",
+                "## Where each attack stops",
+                "",
+                "The weakest setting of each family from which on the attack recovers no image "
+                "(empty: not stopped in this grid).",
+                "",
+            ] + _md(stops)
         errors = results[results["status"] == "error"] if "status" in results else results.iloc[:0]
         if not errors.empty:
             lines += ["", "## Attacks that refused an update", ""] + [
-                f"- {k[0]} on {k[1]}: {k[2]}" for k, _ in errors.fillna("").groupby(
-                    ["attack", *(["model"] if "model" in errors else ["cell"]), "reason"])]
+                f"- {k[0]} on {k[1]}: {k[2]}"
+                for k, _ in errors.fillna("").groupby(
+                    ["attack", *(["model"] if "model" in errors else ["cell"]), "reason"]
+                )
+            ]
         if "model" in cells and cells["model"].nunique() > 1:
-            lines += ["", "## R-GAP's rank analysis of each model", "",
-                      "From the weights alone (`attacks.rgap.rank_analysis`): per layer, the unknowns and the "
-                      "rank of R-GAP's system; a deficit leaves part of the input undetermined.", ""]
+            lines += [
+                "",
+                "## R-GAP's rank analysis of each model",
+                "",
+                "From the weights alone (`attacks.rgap.rank_analysis`): per layer, the unknowns and the "
+                "rank of R-GAP's system; a deficit leaves part of the input undetermined.",
+                "",
+            ]
             lines += _md(rank_table(cells))
         failed = cells[cells["status"] != "done"]
         if not failed.empty:
-            lines += ["", "## Failed or refused cells", ""] + [f"- `{r['cell']}`: {r['status']}: {r['reason']}"
-                                                              for _, r in failed.iterrows()]
+            lines += ["", "## Failed or refused cells", ""] + [
+                f"- `{r['cell']}`: {r['status']}: {r['reason']}" for _, r in failed.iterrows()
+            ]
     path = out / "summary.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -414,21 +541,36 @@ def _cell_row(out: Path, cell: Cell) -> dict[str, Any] | None:
     train_guarantees = _privacy(runs / cell.train_run) if cell.train_run else []
     g = guarantees[0] if guarantees else {}
     attacked = ExperimentPlan.from_mapping(cell.attack).fed if attack.status != "refused" else None
-    row = {"cell": cell.id, "attack_run": cell.attack_run, **cell.params, "model": cell.attack.get("model", attacked.model if attacked else ""),
-           "dataset": cell.attack.get("dataset", attacked.dataset if attacked else ""), **cell.defence_columns(),
-           "epsilon": g.get("epsilon", math.nan), "delta": g.get("delta", math.nan),
-           "epsilon_level": g.get("level", ""),
-           "epsilon_train": train_guarantees[0]["epsilon"] if train_guarantees else math.nan,
-           "attack_accuracy": _final_accuracy(runs / cell.attack_run)}
+    row = {
+        "cell": cell.id,
+        "attack_run": cell.attack_run,
+        **cell.params,
+        "model": cell.attack.get("model", attacked.model if attacked else ""),
+        "dataset": cell.attack.get("dataset", attacked.dataset if attacked else ""),
+        **cell.defence_columns(),
+        "epsilon": g.get("epsilon", math.nan),
+        "delta": g.get("delta", math.nan),
+        "epsilon_level": g.get("level", ""),
+        "epsilon_train": train_guarantees[0]["epsilon"] if train_guarantees else math.nan,
+        "attack_accuracy": _final_accuracy(runs / cell.attack_run),
+    }
     if train is not None:
-        row.update(test_accuracy=_final_accuracy(runs / cell.train_run), accuracy_of="training run",
-                   train_rounds=(cell.train or {}).get("num-server-rounds", default_mapping()["num-server-rounds"]))
+        row.update(
+            test_accuracy=_final_accuracy(runs / cell.train_run),
+            accuracy_of="training run",
+            train_rounds=(cell.train or {}).get("num-server-rounds", default_mapping()["num-server-rounds"]),
+        )
     else:
-        row.update(test_accuracy=row["attack_accuracy"], accuracy_of="attacked run",
-                   train_rounds=attacked.num_server_rounds if attacked else math.nan)
-    row.update(seconds=round(sum(r.seconds for r in recs.values()), 1),
-               status="done" if not bad else bad[0].status,
-               reason="; ".join(f"{'training' if r is train else 'attacked'} run {r.status}: {r.reason}" for r in bad))
+        row.update(
+            test_accuracy=row["attack_accuracy"],
+            accuracy_of="attacked run",
+            train_rounds=attacked.num_server_rounds if attacked else math.nan,
+        )
+    row.update(
+        seconds=round(sum(r.seconds for r in recs.values()), 1),
+        status="done" if not bad else bad[0].status,
+        reason="; ".join(f"{'training' if r is train else 'attacked'} run {r.status}: {r.reason}" for r in bad),
+    )
     return row
 
 
@@ -442,11 +584,14 @@ def tables(out: Path, cells: list[Cell]) -> tuple[pd.DataFrame, pd.DataFrame]:
         rows.append(row)
         res = _csv(out / "runs" / cell.attack_run / "results.csv")
         if not res.empty:
-            tags = {k: row[k] for k in ["cell", *cell.params, "family", "strength", "strength_key", "epsilon",
-                                        "test_accuracy"]}
+            tags = {
+                k: row[k]
+                for k in ["cell", *cell.params, "family", "strength", "strength_key", "epsilon", "test_accuracy"]
+            }
             results.append(res.assign(**{k: [v] * len(res) for k, v in tags.items()}))
     params = list(dict.fromkeys(k for c in cells for k in c.params))
-    table = pd.DataFrame(rows, columns=["cell", *params, *[c for c in ("model", "dataset") if c not in params],
-                                        *CELL_FIELDS[1:]])
+    table = pd.DataFrame(
+        rows, columns=["cell", *params, *[c for c in ("model", "dataset") if c not in params], *CELL_FIELDS[1:]]
+    )
     res = pd.concat(results, ignore_index=True) if results else pd.DataFrame()
     return table, res

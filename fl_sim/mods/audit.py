@@ -80,13 +80,35 @@ REFUSAL = "refused by the client's leakage audit"
 MEMORY = "audit-memory"  # the auditor's memory in the node's context state
 # audit.csv's columns, in order (the server adds round, node_id, client; the rest come from the client)
 AUDIT_FIELDS = [
-    "round", "node_id", "client", "policy", "kind", "images", "local_steps", "update_norm", "update_zeros",
-    "label_readable", "labels_distinct",
-    "batch_size_estimate", "rgap_invertible", "rgap_deficit", "flagged", "tampered", "tamper_reason",
-    "probe_attack", "probe_psnr", "probe_seconds", "probe_status", "action", "defence", "protected_psnr",
-    "checks_seconds", "train_seconds", "seconds", "reason",
+    "round",
+    "node_id",
+    "client",
+    "policy",
+    "kind",
+    "images",
+    "local_steps",
+    "update_norm",
+    "update_zeros",
+    "label_readable",
+    "labels_distinct",
+    "batch_size_estimate",
+    "rgap_invertible",
+    "rgap_deficit",
+    "flagged",
+    "tampered",
+    "tamper_reason",
+    "probe_attack",
+    "probe_psnr",
+    "probe_seconds",
+    "probe_status",
+    "action",
+    "defence",
+    "protected_psnr",
+    "checks_seconds",
+    "train_seconds",
+    "seconds",
+    "reason",
 ]
-
 
 
 @dataclass(frozen=True)
@@ -172,11 +194,14 @@ def tampering(own: Mapping[str, Tensor], sent: Mapping[str, Tensor]) -> str:
     missing = [k for k in own if k not in sent]
     extra = [k for k in sent if k not in own]
     if missing or extra:
-        parts = ([f"missing {', '.join(missing[:3])}"] if missing else []) + ([f"unexpected {', '.join(extra[:3])}"] if extra else [])
+        parts = ([f"missing {', '.join(missing[:3])}"] if missing else []) + (
+            [f"unexpected {', '.join(extra[:3])}"] if extra else []
+        )
         return f"the model sent is not this ClientApp's model: {'; '.join(parts)}"
     for name, ref in own.items():
         if tuple(sent[name].shape) != tuple(ref.shape):
-            return f"the model sent is not this ClientApp's model: {name} has shape {tuple(sent[name].shape)}, expected {tuple(ref.shape)}"
+            got, want = tuple(sent[name].shape), tuple(ref.shape)
+            return f"the model sent is not this ClientApp's model: {name} has shape {got}, expected {want}"
     for name, value in sent.items():
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             return f"the model sent holds non-finite weights in {name}"
@@ -200,8 +225,9 @@ def protection_ladder(defence: str) -> tuple[float, ...]:
     return AUDIT_DEFENCES[defence]
 
 
-def _protect(tensors: tuple[Tensor, ...], defence: str, strength: float, *, seed: int, partition_id: int,
-             server_round: int) -> tuple[Tensor, ...]:
+def _protect(
+    tensors: tuple[Tensor, ...], defence: str, strength: float, *, seed: int, partition_id: int, server_round: int
+) -> tuple[Tensor, ...]:
     """The update under ``defence`` at ``strength`` (noise: sigma = strength x the update's RMS
     entry; prune: the smallest-magnitude fraction of each tensor zeroed), through the same
     functions the run's own defences use (:func:`fl_sim.mods.defences.defend_update`)."""
@@ -225,7 +251,7 @@ def refusal_of(reason: str) -> tuple[str, dict[str, Any]] | None:
     text = str(reason)
     if REFUSAL not in text:
         return None
-    body = text[text.index(REFUSAL) + len(REFUSAL):].lstrip(": ")
+    body = text[text.index(REFUSAL) + len(REFUSAL) :].lstrip(": ")
     why, sep, row = body.partition(" | audit ")
     try:
         values = json.loads(row) if sep else {}
@@ -248,8 +274,9 @@ def audit_row(msg) -> dict[str, Any] | None:
 # ---- the audit of one update (both clients) ---------------------------------------------------
 
 
-def update_view(cfg, pid: int, server_round: int, model: nn.Module, update: Mapping[str, Tensor],
-                input_shape) -> UpdateView:
+def update_view(
+    cfg, pid: int, server_round: int, model: nn.Module, update: Mapping[str, Tensor], input_shape
+) -> UpdateView:
     """The audit's view of ``update`` (by parameter name: FedSGD's gradient, or FedAvg's
     weight delta) of a model holding the weights sent, with the client's own batch behind it."""
     tensors = tuple(update[n].detach().clone() for n in parameter_names(model))
@@ -265,8 +292,17 @@ def update_view(cfg, pid: int, server_round: int, model: nn.Module, update: Mapp
     data = load_dataset(cfg.dataset, cfg.data_root)
     idx = torch.tensor(list(order))
     schedule = tuple(tuple(order[int(i)] for i in batch.tolist()) for batch in batches)
-    return UpdateView(model, tensors, "weight_delta", cfg.lr, len(batches), to_float(data.train_x[idx]),
-                      data.train_y[idx], schedule, tuple(input_shape))
+    return UpdateView(
+        model,
+        tensors,
+        "weight_delta",
+        cfg.lr,
+        len(batches),
+        to_float(data.train_x[idx]),
+        data.train_y[idx],
+        schedule,
+        tuple(input_shape),
+    )
 
 
 @dataclass
@@ -294,8 +330,9 @@ class Audit:
         self.data = load_dataset(cfg.dataset, cfg.data_root)
         self.own = build_model(cfg.model, self.data.input_shape, self.data.num_classes)
         self.row: dict[str, Any] = {k: "" for k in AUDIT_FIELDS if k not in ("round", "node_id")}
-        self.row.update(client=pid, policy=self.policy.spec(),
-                        kind="gradient" if cfg.mode == "fedsgd" else "weight_delta")
+        self.row.update(
+            client=pid, policy=self.policy.spec(), kind="gradient" if cfg.mode == "fedsgd" else "weight_delta"
+        )
         self.tamper_seconds = 0.0
 
     def _done(self, action: str, update: dict[str, Tensor] | None = None, reason: str = "") -> AuditOutcome:
@@ -330,35 +367,67 @@ class Audit:
         policy, row, auditor, memory = self.policy, self.row, self.auditor, self.memory
         view = update_view(self.cfg, self.pid, self.server_round, self.own, update, self.data.input_shape)
         count = sum(t.numel() for t in view.tensors)
-        row.update(images=int(view.labels.numel()), local_steps=view.local_steps,
-                   update_norm=round(math.sqrt(sum(float((t.double() ** 2).sum()) for t in view.tensors)), 6),
-                   update_zeros=round(sum(int((t == 0).sum()) for t in view.tensors) / max(count, 1), 4))
+        row.update(
+            images=int(view.labels.numel()),
+            local_steps=view.local_steps,
+            update_norm=round(math.sqrt(sum(float((t.double() ** 2).sum()) for t in view.tensors)), 6),
+            update_zeros=round(sum(int((t == 0).sum()) for t in view.tensors) / max(count, 1), 4),
+        )
         t0 = time.perf_counter()
         checks = auditor.assess(view, memory)
         row["checks_seconds"] = round(self.tamper_seconds + time.perf_counter() - t0, 5)
-        row.update({k: checks.get(k, "") for k in ("label_readable", "labels_distinct", "batch_size_estimate",
-                                                   "rgap_invertible", "rgap_deficit", "flagged")})
+        row.update(
+            {
+                k: checks.get(k, "")
+                for k in (
+                    "label_readable",
+                    "labels_distinct",
+                    "batch_size_estimate",
+                    "rgap_invertible",
+                    "rgap_deficit",
+                    "flagged",
+                )
+            }
+        )
         probe = auditor.probe(view, policy.budget, policy.psnr, memory) if policy.probe else None
         if probe is not None:
-            row.update(probe_attack=probe.attack, probe_psnr=round(probe.psnr, 3), probe_seconds=round(probe.seconds, 3),
-                       probe_status=probe.status)
+            row.update(
+                probe_attack=probe.attack,
+                probe_psnr=round(probe.psnr, 3),
+                probe_seconds=round(probe.seconds, 3),
+                probe_status=probe.status,
+            )
         at_risk = (probe.psnr >= policy.psnr) if probe is not None else bool(checks.get("flagged"))
         if not at_risk or policy.action == "log":
             return self._done("sent")
         if policy.action == "block":
-            return self._done("refused", reason=(
-                f"the probe's {probe.attack} reconstructs this update at {probe.psnr:.1f} dB (bar {policy.psnr:g})"
-                if probe is not None else "the analytic checks flag this update as recoverable"))
+            return self._done(
+                "refused",
+                reason=(
+                    f"the probe's {probe.attack} reconstructs this update at {probe.psnr:.1f} dB (bar {policy.psnr:g})"
+                    if probe is not None
+                    else "the analytic checks flag this update as recoverable"
+                ),
+            )
         for strength in protection_ladder(policy.defence):
-            tensors = _protect(view.tensors, policy.defence, strength, seed=self.cfg.seed, partition_id=self.pid,
-                               server_round=self.server_round)
+            tensors = _protect(
+                view.tensors,
+                policy.defence,
+                strength,
+                seed=self.cfg.seed,
+                partition_id=self.pid,
+                server_round=self.server_round,
+            )
             again = auditor.probe(view.with_tensors(tensors), policy.budget, policy.psnr, memory)
             row["probe_seconds"] = round(float(row["probe_seconds"] or 0) + again.seconds, 3)
             if again.psnr < policy.psnr:
                 row.update(defence=f"{policy.defence}:{strength:g}", protected_psnr=round(again.psnr, 3))
                 return self._done("protected", dict(zip(parameter_names(self.own), tensors)))
-        return self._done("refused", reason=f"the strongest {policy.defence} ({protection_ladder(policy.defence)[-1]:g}) "
-                                            f"leaves the probe above {policy.psnr:g} dB")
+        return self._done(
+            "refused",
+            reason=f"the strongest {policy.defence} ({protection_ladder(policy.defence)[-1]:g}) "
+            f"leaves the probe above {policy.psnr:g} dB",
+        )
 
 
 def write_audit_row(path, row: Mapping[str, Any]) -> None:
@@ -434,8 +503,15 @@ def make_audit_mod(auditor: Auditor) -> Callable:
         arrays = reply.content["arrays"].to_torch_state_dict()
         names = parameter_names(audit.own)
         foreign = not all(n in arrays and n in sent for n in names)  # another architecture (logged): nothing to analyse
-        update = ({} if foreign else {n: arrays[n] for n in names} if cfg.mode == "fedsgd" else
-                  {n: arrays[n] - sent[n] for n in names} if not audit.row["tampered"] else {})
+        update = (
+            {}
+            if foreign
+            else {n: arrays[n] for n in names}
+            if cfg.mode == "fedsgd"
+            else {n: arrays[n] - sent[n] for n in names}
+            if not audit.row["tampered"]
+            else {}
+        )
         outcome = audit.check_update(update, train_seconds)
         if outcome.action == "refused":
             return refuse(outcome)

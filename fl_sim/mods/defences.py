@@ -53,7 +53,9 @@ __all__ = ["defend_update", "defence_mod"]
 
 
 def _generator(seed: int, partition_id: int, server_round: int, salt: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, partition_id, server_round, salt]).generate_state(1)[0]))
+    return torch.Generator().manual_seed(
+        int(np.random.SeedSequence([seed, partition_id, server_round, salt]).generate_state(1)[0])
+    )
 
 
 def _prune(t: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -65,8 +67,9 @@ def _prune(t: torch.Tensor, ratio: float) -> torch.Tensor:
     return torch.where(t.abs() <= threshold, torch.zeros_like(t), t)
 
 
-def defend_update(update: dict[str, torch.Tensor], defences: tuple[Defence, ...], *, seed: int, partition_id: int,
-                  server_round: int) -> dict[str, torch.Tensor]:
+def defend_update(
+    update: dict[str, torch.Tensor], defences: tuple[Defence, ...], *, seed: int, partition_id: int, server_round: int
+) -> dict[str, torch.Tensor]:
     """Apply the client's own update defences (pruning, Gaussian noise) to ``update`` (a
     gradient, or a weight delta), in order; the others live elsewhere. Seeded by (seed,
     partition, round), so a run repeats."""
@@ -92,8 +95,13 @@ def _update_mod(msg, context, call_next):
     arrays = reply.content["arrays"].to_torch_state_dict()
     sent = msg.content["arrays"].to_torch_state_dict() if cfg.mode == "fedavg" else None
     update = arrays if sent is None else {k: arrays[k] - sent[k] for k in arrays}
-    defended = defend_update(update, cfg.defence_list, seed=cfg.seed, partition_id=pid,
-                             server_round=int(msg.content["config"]["server-round"]))
+    defended = defend_update(
+        update,
+        cfg.defence_list,
+        seed=cfg.seed,
+        partition_id=pid,
+        server_round=int(msg.content["config"]["server-round"]),
+    )
     new = defended if sent is None else {k: sent[k] + defended[k] for k in defended}
     reply.content["arrays"] = ArrayRecord({k: v.contiguous() for k, v in new.items()})
     return reply
@@ -111,8 +119,11 @@ def defence_mod(msg, context, call_next):
     if any(isinstance(d, LocalDP) for d in defences):
         # LocalDpMod draws from numpy's global generator: seed it per (seed, client, round) so a run repeats
         round_ = int(msg.content["config"].get("server-round", 0))
-        np.random.seed(np.random.SeedSequence([cfg.seed, node_partition(cfg, context.node_config), round_, 2000])
-                       .generate_state(1)[0])
+        np.random.seed(
+            np.random.SeedSequence([cfg.seed, node_partition(cfg, context.node_config), round_, 2000]).generate_state(
+                1
+            )[0]
+        )
     handler: Callable = call_next
     for d in defences:  # the first named applies first: innermost
         if isinstance(d, (Prune, GaussianNoise)):
