@@ -147,3 +147,44 @@ def test_an_import_inside_a_function_says_why():
                     if not any("#" in line for line in around):
                         unexplained.append(f"{m}:{node.lineno}: {lines[node.lineno - 1].strip()}")
     assert unexplained == []
+
+
+# The layers of the project, bottom first: a module imports only from its own layer or below.
+LAYERS = [
+    ("attacks", "fl_sim"),
+    (
+        "experiments.plan",
+        "experiments.cli",
+        "experiments.observe",
+        "experiments.scoring",
+        "experiments.results",
+        "experiments.run_folder",
+        "experiments.stopping",
+        "experiments.runner",
+    ),
+    ("experiments.report",),  # reading run folders, their figures and pages
+    ("experiments.experiment",),  # one plan's run: the federation, the attack runner, the report
+    ("experiments.apps",),  # what `flwr run` loads
+    ("experiments.run", "experiments.deploy", "experiments.sweep"),  # the commands
+    ("experiments.report.__main__", "experiments.bench", "experiments"),  # commands over the others
+]
+
+
+def _layer(module: str) -> int:
+    best, depth = len(LAYERS), -1
+    for i, names in enumerate(LAYERS):
+        for name in names:
+            if (module == name or module.startswith(name + ".")) and name.count(".") > depth:
+                best, depth = i, name.count(".")
+    return best
+
+
+def test_every_module_imports_only_from_its_layer_or_below():
+    assert all(_layer(m) < len(LAYERS) for m in MODULES)
+    upward = [
+        f"{m} ({_layer(m)}) imports {t} ({_layer(t)})"
+        for m, targets in _graph().items()
+        for t in targets
+        if _layer(t) > _layer(m)
+    ]
+    assert upward == []
