@@ -84,6 +84,8 @@ def test_several_local_steps_every_observer(tmp_path):
             "1",
             "--attack-workers",
             "2",
+            "--attack-time-limit",
+            "10",  # what is checked here is who sees what and how it is read, not the PSNR
             "--out",
             str(out),
         ]
