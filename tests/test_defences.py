@@ -333,3 +333,34 @@ def test_central_dp_noise_is_added_at_aggregation_after_the_server_saw_the_updat
     assert moved.std().item() == pytest.approx(1.0 * 1e-4 / 4, rel=0.05)
     privacy = json.loads((out / "privacy.json").read_text())
     assert privacy["guarantees"][0]["accountant"] == "flwr RdpAccountant"
+
+
+def test_a_local_dp_federation_repeats_on_the_inprocess_engine(tmp_path):
+    """Flower's LocalDpMod draws its noise from numpy's global generator; on the in-process
+    engine three clients train at once in one process, and the run must still repeat: the same
+    final model twice, and not the model of a run without the noise."""
+    common = [
+        "--attack",
+        "none",
+        "--mode",
+        "fedavg",
+        "--local-steps",
+        "1",
+        "--clients",
+        "3",
+        "--rounds",
+        "2",
+        "--engine",
+        "inprocess",
+    ]
+    models = []
+    for name, defence in (
+        ("a", ["--defence", "ldp:clip=1,epsilon=8"]),
+        ("b", ["--defence", "ldp:clip=1,epsilon=8"]),
+        ("plain", []),
+    ):
+        assert run_main([*common, *defence, "--out", str(tmp_path / name)]) == 0
+        models.append(torch.load(tmp_path / name / "final_model.pt"))
+    a, b, plain = models
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], plain[k]) for k in a)

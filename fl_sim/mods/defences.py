@@ -37,6 +37,7 @@ accountant for central DP); pruning and plain noise have none.
 
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import numpy as np
@@ -50,6 +51,8 @@ from ..settings import CentralDP, Defence, GaussianNoise, LocalDP, Prune
 from ..task import node_partition
 
 __all__ = ["defend_update", "defence_mod"]
+
+_NUMPY_GLOBAL_RNG = threading.Lock()  # numpy's global generator, which Flower's LocalDpMod draws from
 
 
 def _generator(seed: int, partition_id: int, server_round: int, salt: int) -> torch.Generator:
@@ -116,14 +119,6 @@ def defence_mod(msg, context, call_next):
         return call_next(msg, context)
     cfg = RunConfig.from_mapping(dict(msg.content["config"]))
     defences = cfg.defence_list
-    if any(isinstance(d, LocalDP) for d in defences):
-        # LocalDpMod draws from numpy's global generator: seed it per (seed, client, round) so a run repeats
-        round_ = int(msg.content["config"].get("server-round", 0))
-        np.random.seed(
-            np.random.SeedSequence([cfg.seed, node_partition(cfg, context.node_config), round_, 2000]).generate_state(
-                1
-            )[0]
-        )
     handler: Callable = call_next
     for d in defences:  # the first named applies first: innermost
         if isinstance(d, (Prune, GaussianNoise)):
@@ -135,4 +130,13 @@ def defence_mod(msg, context, call_next):
         else:
             continue
         handler = (lambda inner, m: lambda msg_, ctx_: m(msg_, ctx_, inner))(handler, mod)
-    return handler(msg, context)
+    if not any(isinstance(d, LocalDP) for d in defences):
+        return handler(msg, context)
+    # LocalDpMod draws from numpy's global generator: seed it per (seed, client, round) so a run
+    # repeats, and hold the generator for the whole call, so clients running at once in one
+    # process (the in-process engine's threads) cannot interleave their draws
+    round_ = int(msg.content["config"].get("server-round", 0))
+    seed = np.random.SeedSequence([cfg.seed, node_partition(cfg, context.node_config), round_, 2000])
+    with _NUMPY_GLOBAL_RNG:
+        np.random.seed(seed.generate_state(1)[0])
+        return handler(msg, context)
