@@ -299,10 +299,10 @@ def test_fl_sim_engine_bogus_is_a_one_line_value_error(monkeypatch, tmp_path):
 
 
 def test_fl_sim_engine_inprocess_sends_run_apps_without_an_engine_to_the_inprocess_engine(monkeypatch):
-    import fl_sim.engine
+    import fl_sim.simulation
 
     calls = []
-    monkeypatch.setattr(fl_sim.engine, "run_inprocess", lambda *args, **kwargs: calls.append((args, kwargs)))
+    monkeypatch.setattr(fl_sim.simulation, "run_inprocess", lambda *args, **kwargs: calls.append((args, kwargs)))
     monkeypatch.setenv("FL_SIM_ENGINE", "inprocess")
     server_app, client_app = ServerApp(), ClientApp()
     run_apps(server_app, client_app, 4)
