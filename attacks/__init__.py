@@ -23,6 +23,7 @@ from .base import (
     training_loss,
 )
 from .dlg import DLG
+from .fedavg import FedAvgSim
 from .idlg import IDLG
 from .imprint import BlockImprint, Imprint
 from .inverting import InvertingGradients
@@ -39,6 +40,7 @@ __all__ = [
     "IDLG",
     "RGAP",
     "InvertingGradients",
+    "FedAvgSim",
     "Imprint",
     "BlockImprint",
     "AttackResult",

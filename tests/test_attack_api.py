@@ -195,7 +195,18 @@ def test_no_flower_no_nested_imports_and_no_import_cycle():
 
 
 def test_attack_modules_keep_no_mutable_state():
-    for name in ("base", "_gradient_matching", "dlg", "idlg", "rgap", "inverting", "imprint", "lbfgs", "metrics"):
+    for name in (
+        "base",
+        "_gradient_matching",
+        "dlg",
+        "idlg",
+        "rgap",
+        "inverting",
+        "imprint",
+        "lbfgs",
+        "metrics",
+        "fedavg",
+    ):
         module = __import__(f"attacks.{name}", fromlist=["_"])
         mutable = [
             k for k, v in vars(module).items() if not k.startswith("__") and isinstance(v, (dict, list, set, bytearray))

@@ -87,7 +87,7 @@ def test_deploy_survives_a_killed_supernode(tmp_path):
         "--kill-node-after-round",
         "1",
         "--round-timeout",
-        "30",
+        "30",  # waits this long for the killed node; round 1 includes the SuperNodes' cold start
         "--out",
         str(out),
         "--run-config",
