@@ -244,7 +244,16 @@ files. Everything shown is inside this file (its figures are also in the folder 
 """
 
 
-def write_page(folder: Path, text: str) -> Path:
+def write_page(folder: Path, title: str, subtitle: str, sections: Sequence[tuple[str, str, str]]) -> Path:
+    """report.html in ``folder``: ``sections`` as (anchor, title, body HTML), each in the page's
+    navigation; the footer names the command that makes the page again. Written atomically."""
+    text = page(
+        title,
+        subtitle,
+        [(a, t) for a, t, _ in sections],
+        [section(a, t, b) for a, t, b in sections],
+        f"python -m experiments.report {folder}",
+    )
     path = Path(folder) / PAGE
     tmp = path.with_suffix(".html.tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -655,11 +664,4 @@ def write_run_page(
         ("no-score", "Missing, refused and failed", _no_score(folder, results)),
         ("files", "Files", _files(folder)),
     ]
-    text = page(
-        f"Run {folder.name}",
-        subtitle,
-        [(a, t) for a, t, _ in sections],
-        [section(a, t, b) for a, t, b in sections],
-        f"python -m experiments.report {folder}",
-    )
-    return write_page(folder, text)
+    return write_page(folder, f"Run {folder.name}", subtitle, sections)

@@ -9,7 +9,7 @@ import pandas as pd
 
 from attacks import SUCCESS_PSNR
 
-from ..report.html import PAGE, Cell, esc, figure, frame, page, section, table, write_page
+from ..report.html import PAGE, Cell, esc, figure, frame, table, write_page
 
 __all__ = ["write_sweep_page"]
 
@@ -97,11 +97,4 @@ def write_sweep_page(
         sections.append(
             ("refusals", "Attacks that refused an update", table(keys, [k for k, _ in errors.fillna("").groupby(keys)]))
         )
-    text = page(
-        f"Sweep {spec.name}",
-        subtitle,
-        [(a, t) for a, t, _ in sections],
-        [section(a, t, b) for a, t, b in sections],
-        f"python -m experiments.report {out}",
-    )
-    return write_page(out, text)
+    return write_page(out, f"Sweep {spec.name}", subtitle, sections)
