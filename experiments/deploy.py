@@ -160,7 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="'K=V ...'",
         help="more run-config settings, Flower syntax, e.g. --run-config 'seed=1 dataset=\"mnist5k\"'",
     )
-    d.add_argument("--poll", type=_positive(float), default=2.0, help="seconds between status polls (default: 2)")
+    d.add_argument(
+        "--poll",
+        type=_positive(float),
+        default=10.0,
+        help="seconds between `flwr ls` status polls; asked at once when the run folder shows the run's end "
+        "(default: 10)",
+    )
     return p
 
 
@@ -409,6 +415,14 @@ def _rounds_done(out: Path) -> int:
     return done
 
 
+def _ended_since(out: Path, wall0: float) -> bool:
+    """Whether the ServerApp wrote the run's summary.md after ``wall0`` (time.time())."""
+    try:
+        return (out / "summary.md").stat().st_mtime >= wall0
+    except OSError:
+        return False
+
+
 def deploy(args: argparse.Namespace, plan) -> dict[str, Any]:
     """Start (unless --superlink), submit, wait, collect. Returns the deploy record."""
     config = {**plan.to_mapping(), "resume": plan.resume}
@@ -435,7 +449,7 @@ def deploy(args: argparse.Namespace, plan) -> dict[str, Any]:
         "killed": None,
         "run_config": config,
     }
-    t0 = time.monotonic()
+    t0, wall0 = time.monotonic(), time.time()
     run_id = None
     flwr = Flwr(env, ROOT)
     try:
@@ -516,7 +530,7 @@ def deploy(args: argparse.Namespace, plan) -> dict[str, Any]:
                 break
             if time.monotonic() > deadline:
                 raise DeployError(f"only {online} of {n_nodes} SuperNodes came online within {wait_s:.0f}s")
-            time.sleep(1.0)
+            time.sleep(2.0)  # each `flwr supernode ls` is a Python process too
         _say(f"{online} SuperNodes online")
 
         overrides = work / "run_config.toml"
@@ -527,7 +541,7 @@ def deploy(args: argparse.Namespace, plan) -> dict[str, Any]:
         _say(f"run {run_id} submitted; results go to {out}")
 
         deadline = t0 + args.timeout
-        status, last_round = "pending", -1
+        status, last_round, next_status = "pending", -1, time.monotonic() + 1.0
         while True:
             if not args.superlink:
                 topo.check_alive(
@@ -547,15 +561,20 @@ def deploy(args: argparse.Namespace, plan) -> dict[str, Any]:
                     "at_s": round(time.monotonic() - t0, 1),
                 }
                 _say(f"killed the SuperNode of partition {args.kill_node} after round {done}")
-            runs = flwr.json("ls", CONNECTION, "--run-id", run_id).get("runs", [])
-            status = runs[0].get("status", "unknown") if runs else "unknown"
-            if status.startswith("finished"):
-                record["status_details"] = runs[0].get("status-details")
-                break
+            # Each `flwr ls` is a Python process (about 1.5 s of CPU): asked every --poll
+            # seconds, and at once when the run folder shows the ServerApp's end (summary.md).
+            ended = _ended_since(out, wall0)
+            if time.monotonic() >= next_status or ended:
+                runs = flwr.json("ls", CONNECTION, "--run-id", run_id).get("runs", [])
+                status = runs[0].get("status", "unknown") if runs else "unknown"
+                if status.startswith("finished"):
+                    record["status_details"] = runs[0].get("status-details")
+                    break
+                next_status = time.monotonic() + args.poll
             if time.monotonic() > deadline:
                 record["status"] = "timeout"
                 raise DeployError(f"run {run_id} still {status} after {args.timeout:.0f}s: stopped it")
-            time.sleep(args.poll)
+            time.sleep(1.0 if ended else 0.5)
         record["status"] = status
         return record
     except BaseException as exc:
