@@ -227,4 +227,4 @@ class Experiment:
                 self.runner.stop()
             else:
                 self.runner.close()  # a stop while the attacks finish abandons the rest
-        return report(self.out, self.plan, self.outcomes)
+        return report(self.out, self._config(), self.outcomes)  # config.json's keys, the resolved device with them
