@@ -31,6 +31,7 @@ from .base import (
     as_update,
     check_gradients,
     check_input_shape,
+    model_device,
     num_outputs,
     training_loss,
 )
@@ -215,7 +216,7 @@ def _run_lbfgsb(variables: list[Tensor], closure: Any, opts: DLGOptions, check: 
     x = variables[0]
 
     def load(z: np.ndarray) -> None:
-        flat = torch.from_numpy(z).to(x.dtype)
+        flat = torch.from_numpy(z).to(device=x.device, dtype=x.dtype)
         with torch.no_grad():
             offset = 0
             for v, n in zip(variables, sizes):
@@ -226,9 +227,9 @@ def _run_lbfgsb(variables: list[Tensor], closure: Any, opts: DLGOptions, check: 
         load(z)
         with torch.enable_grad():
             value = float(closure())
-        return value, torch.cat([v.grad.reshape(-1) for v in variables]).double().numpy()
+        return value, torch.cat([v.grad.reshape(-1) for v in variables]).double().cpu().numpy()
 
-    z0 = torch.cat([v.detach().reshape(-1) for v in variables]).double().numpy()
+    z0 = torch.cat([v.detach().reshape(-1) for v in variables]).double().cpu().numpy()  # scipy works on the CPU
     state["start"] = fg(z0)[0]
     counter = {"iterations": 0, "step": 0, "done": False}
     previous = [x.detach().clone()]
@@ -310,6 +311,7 @@ def match_gradients(
     ``opts.label_init="idlg"``. ``batch_source`` and ``label_source`` only go into the
     diagnostics; ``start_time`` (``time.perf_counter()``) is when the attack began."""
     dtype = opts.dtype
+    device = model_device(model)  # the caller's choice: the dummies live beside the model
     outputs = num_outputs(model)
     opts = for_batch(opts, batch)
 
@@ -321,12 +323,12 @@ def match_gradients(
         p.grad = None
         p.requires_grad_(True)
     plist = list(work.parameters())
-    target = [t.to(dtype) for t in target]
+    target = [t.to(device=device, dtype=dtype) for t in target]
     scale = float(sum(float((t.double() ** 2).sum()) for t in target)) or 1.0
     tv_weight = float(opts.tv) * scale  # the prior's weight in the objective's units
     fixed_target: Tensor | None = None
     if labels is not None:
-        fixed_target = labels.to(dtype) if outputs == 1 else labels
+        fixed_target = (labels.to(dtype) if outputs == 1 else labels).to(device)
 
     gen = torch.Generator().manual_seed(int(seed))
     label_start: Tensor | None = None
@@ -337,7 +339,8 @@ def match_gradients(
             label_start = (2.0 * label_guess.to(dtype) - 1.0)[:, None] * opts.label_scale
         else:
             label_start = torch.zeros((batch, outputs), dtype=dtype)
-            label_start[torch.arange(batch), label_guess] = opts.label_scale
+            label_start[torch.arange(batch), label_guess.cpu()] = opts.label_scale
+        label_start = label_start.to(device)
 
     def objective(x: Tensor, label_logits: Tensor | None) -> Tensor:
         logits = work(x)
@@ -356,13 +359,14 @@ def match_gradients(
     stall_checks = opts.stall_checks or ()
 
     for _attempt in range(opts.max_restarts + 1):
-        x = (opts.image_mean + opts.image_std * torch.randn((batch, *shape), generator=gen)).to(dtype)
+        # drawn on the CPU (the same start on every device), then moved
+        x = (opts.image_mean + opts.image_std * torch.randn((batch, *shape), generator=gen)).to(device, dtype)
         if opts.box != "none":
             x = x.clamp(0.0, 1.0)
         x.requires_grad_(True)
         lab = None
         if labels is None:
-            lab = torch.randn((batch, outputs), generator=gen).to(dtype)
+            lab = torch.randn((batch, outputs), generator=gen).to(device, dtype)
             if label_start is not None:
                 lab = label_start.clone()
             lab.requires_grad_(True)
@@ -483,9 +487,9 @@ def match_gradients(
         if labels is not None:
             rec_labels = labels
         elif outputs == 1:
-            rec_labels = (blab.squeeze(-1) > 0).to(torch.int64)
+            rec_labels = (blab.squeeze(-1) > 0).to(torch.int64).cpu()
         else:
-            rec_labels = blab.argmax(dim=-1).to(torch.int64)
+            rec_labels = blab.argmax(dim=-1).to(torch.int64).cpu()
         if status != "ok" and tv_weight == 0 and final / scale < opts.tol:
             status = "ok"
     return AttackResult(
@@ -512,5 +516,6 @@ def match_gradients(
             "update_kind": update.kind,
             "approximate_update": update.kind == "weight_delta" and update.local_steps > 1,
             "parameters": names,
+            "device": str(device),
         },
     )

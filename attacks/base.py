@@ -42,6 +42,7 @@ __all__ = [
     "training_loss",
     "num_outputs",
     "check_input_shape",
+    "model_device",
     "AttackOptions",
     "Attack",
 ]
@@ -127,8 +128,9 @@ class ThreatModel:
 class AttackResult:
     """The outcome of one attack on one update.
 
-    ``images``: reconstructions, ``(B, C, H, W)`` float32 on the CPU, clamped to [0, 1].
-    ``labels``: recovered (or granted) labels, ``(B,)`` int64, or ``None``.
+    ``images``: reconstructions, ``(B, C, H, W)`` float32 on the CPU, clamped to [0, 1],
+    whatever device the attack computed on (``diagnostics["device"]`` says which).
+    ``labels``: recovered (or granted) labels, ``(B,)`` int64 on the CPU, or ``None``.
     ``history``: the objective per optimisation step (empty for analytic attacks).
     ``status``: ``"ok"``, or a short word for what went wrong (``"diverged"``, ...).
     ``diagnostics``: attack-specific facts, e.g. R-GAP's rank analysis, DLG's restarts.
@@ -153,12 +155,20 @@ def as_update(update: Update | Sequence[Tensor]) -> Update:
     return Update(tensors=tuple(update))
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s parameters (the CPU for a model without any). An attack
+    computes where the model it is handed lives: the caller decides by placing the model."""
+    return next(model.parameters(), torch.empty(0)).device
+
+
 def check_gradients(model: nn.Module, tensors: Sequence[Tensor]) -> list[Tensor]:
     """Check an observed update against ``model``: one finite tensor per parameter, in
     ``model.parameters()`` order, of the parameter's shape. Raises ``ValueError`` naming the
-    parameter at fault; returns the tensors detached."""
+    parameter at fault; returns the tensors detached, on the model's device
+    (:func:`model_device`)."""
     names = [name for name, _ in model.named_parameters()]
     params = list(model.parameters())
+    device = model_device(model)
     if len(tensors) != len(params):
         raise ValueError(
             f"update has {len(tensors)} tensors but the model has {len(params)} parameters ({', '.join(names)})"
@@ -170,7 +180,7 @@ def check_gradients(model: nn.Module, tensors: Sequence[Tensor]) -> list[Tensor]
             raise ValueError(f"update for parameter {name!r} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
         if not torch.isfinite(t).all():
             raise ValueError(f"update for parameter {name!r} contains NaN or Inf")
-        out.append(t.detach())
+        out.append(t.detach().to(device))
     return out
 
 

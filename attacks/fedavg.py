@@ -76,6 +76,7 @@ from .base import (
     as_update,
     check_gradients,
     check_input_shape,
+    model_device,
     num_outputs,
 )
 from .idlg import batch_size_for, idlg_labels, last_linear_gradients
@@ -328,6 +329,7 @@ def _attack(
     shape = check_input_shape(input_shape)
     outputs = num_outputs(model)
     dtype = opts.dtype
+    device = model_device(model)  # the caller's choice: the dummies live beside the model; labels stay on the CPU
     if upd.kind == "gradient":  # one step of lr 1 on the gradient: the delta is its negative
         upd = Update(tuple(-t for t in observed), "weight_delta", lr=1.0, local_steps=1)
         observed = list(upd.tensors)
@@ -374,7 +376,7 @@ def _attack(
         probs, sums = _interpolated_outputs(model, params, target, x_sets.reshape(-1, *shape), sched)
         if outputs == 1:
             return idlg_labels(model, upd, batch_size=n)
-        return counts_to_labels(estimate_label_counts(w_delta, b_delta, lr, sizes, n, probs, sums))
+        return counts_to_labels(estimate_label_counts(w_delta, b_delta, lr, sizes, n, probs, sums).cpu())
 
     def relabel(old: Tensor, new: Tensor) -> Tensor:
         """``old``'s slots relabelled to ``new``'s counts, moving as few slots as possible."""
@@ -389,7 +391,7 @@ def _attack(
                 out[i] = spare.pop()
         return out
 
-    x_start = (torch.rand((sets, n, *shape), generator=gen)).to(dtype)
+    x_start = (torch.rand((sets, n, *shape), generator=gen)).to(device, dtype)
     if granted is not None:
         labels, label_source = granted, "granted"
     elif opts.label_strategy == "idlg" or outputs == 1:
@@ -404,7 +406,7 @@ def _attack(
     def objective(x_sets: Tensor, labels: Tensor, perms: list[np.ndarray]) -> tuple[Tensor, Tensor]:
         nonlocal evaluations
         evaluations += 1
-        flat_labels = slot_labels(labels).reshape(-1)
+        flat_labels = slot_labels(labels).reshape(-1).to(device)
         y = flat_labels.to(dtype) if outputs == 1 else flat_labels
         delta = simulate_local_update(model, params, x_sets.reshape(-1, *shape), y, lr, steps, schedule=sched)
         if opts.distance == "cosine":
@@ -427,7 +429,8 @@ def _attack(
     for restart in range(opts.restarts):
         if restart and out_of_time():
             break
-        x = (x_start if restart == 0 else torch.rand((sets, n, *shape), generator=gen).to(dtype)).requires_grad_(True)
+        fresh = x_start if restart == 0 else torch.rand((sets, n, *shape), generator=gen).to(device, dtype)
+        x = fresh.requires_grad_(True)
         run_labels = labels.clone()
         perms = [np.arange(n) for _ in range(sets)]
         opt = torch.optim.Adam([x], lr=opts.lr)
@@ -501,5 +504,6 @@ def _attack(
             "distance": opts.distance,
             "evaluations": evaluations,
             "local_steps": steps,
+            "device": str(device),
         },
     )

@@ -89,7 +89,7 @@ def idlg_labels(model: nn.Module, gradients: Update | Sequence[Tensor], batch_si
 
     ``gradients``: one tensor per parameter in ``model.parameters()`` order, or an
     :class:`Update` (a weight delta is turned into its gradient). Returns ``(batch_size,)``
-    int64 labels (class indices; 0/1 for a single-logit model).
+    int64 labels on the CPU (class indices; 0/1 for a single-logit model).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -104,7 +104,7 @@ def idlg_labels(model: nn.Module, gradients: Update | Sequence[Tensor], batch_si
 
     if batch_size == 1:
         if b is not None:
-            return torch.argmin(b).reshape(1).to(torch.int64)
+            return torch.argmin(b).reshape(1).to(torch.int64).cpu()
         sums = w.sum(dim=1)
         negative = sums < 0
         if int(negative.sum()) == 1 or classes == 2:
@@ -113,7 +113,7 @@ def idlg_labels(model: nn.Module, gradients: Update | Sequence[Tensor], batch_si
             pick = torch.argmax(sums)
         else:
             pick = torch.argmin(sums)
-        return pick.reshape(1).to(torch.int64)
+        return pick.reshape(1).to(torch.int64).cpu()
 
     signal = b if b is not None else w.min(dim=1).values
     present = None

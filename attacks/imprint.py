@@ -111,7 +111,7 @@ def plan_imprint(public: Tensor, bins: int, *, seed: int = 0) -> ImprintPlan:
         raise ValueError(f"an imprint needs at least one bin, got {bins}")
     if public.dim() != 4 or len(public) < 2:
         raise ValueError("plan_imprint needs a batch of at least 2 public images (N, C, H, W)")
-    flat = public.detach().double().flatten(1)
+    flat = public.detach().double().flatten(1).cpu()  # the plan is made on the CPU
     gen = torch.Generator().manual_seed(int(seed))
     m = torch.randn(flat.shape[1], generator=gen, dtype=torch.float64)
     m = m / m.norm()
@@ -175,10 +175,10 @@ def plant_imprint(model: nn.Sequential, input_shape, plan: ImprintPlan) -> nn.Se
     enc, head = built[at], built[at + 2]
     with torch.no_grad():
         enc.weight.zero_()
-        enc.weight[:k] = (plan.measurement / plan.reach).to(enc.weight.dtype)
+        enc.weight[:k] = (plan.measurement / plan.reach).to(enc.weight)
         if enc.bias is not None:
             enc.bias.fill_(-1.0)
-            enc.bias[:k] = (-plan.thresholds / plan.reach).to(enc.bias.dtype)
+            enc.bias[:k] = (-plan.thresholds / plan.reach).to(enc.bias)
         head.weight.zero_()
         head.weight[0, :k] = 2.0
         if head.bias is not None:
@@ -350,13 +350,14 @@ def _read_back(model: nn.Module, update: Update | Sequence[Tensor], input_shape,
     if len(update.tensors) <= at + 1:
         raise ValueError("the update has no gradient for the imprint's layer")
     grads = update.as_gradients() if update.kind == "weight_delta" else list(update.tensors)
-    dw, db = grads[at].double(), grads[at + 1].double()
+    # the read-back is a few divisions: on the CPU, whatever the model's device
+    dw, db = grads[at].double().cpu(), grads[at + 1].double().cpu()
     if dw.shape != layer.weight.shape or db.shape != layer.bias.shape:
         raise ValueError(
             f"the update's imprint gradients {tuple(dw.shape)}, {tuple(db.shape)} do not match the layer "
             f"{tuple(layer.weight.shape)}"
         )
-    w, b = layer.weight.detach().double(), layer.bias.detach().double()
+    w, b = layer.weight.detach().double().cpu(), layer.bias.detach().double().cpu()
     live = torch.nonzero(w.abs().sum(1) > 0).flatten()
     if len(live) == 0:
         raise ValueError("the layer carries no imprint (every row is zero)")
@@ -386,5 +387,5 @@ def _read_back(model: nn.Module, update: Update | Sequence[Tensor], input_shape,
         labels=None,
         seconds=time.perf_counter() - start,
         status="ok" if images else "empty",
-        diagnostics={"bins": len(order), "filled": int(filled.sum()), "kept": kept},
+        diagnostics={"bins": len(order), "filled": int(filled.sum()), "kept": kept, "device": "cpu"},
     )

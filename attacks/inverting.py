@@ -58,6 +58,7 @@ from .base import (
     as_update,
     check_gradients,
     check_input_shape,
+    model_device,
     num_outputs,
     training_loss,
 )
@@ -141,7 +142,9 @@ def simulate_local_update(
     if schedule is not None and len(schedule) != local_steps:
         raise ValueError(f"the schedule has {len(schedule)} steps, the update {local_steps}")
     steps = (
-        [None] * local_steps if schedule is None else [torch.as_tensor(list(b), dtype=torch.int64) for b in schedule]
+        [None] * local_steps
+        if schedule is None
+        else [torch.as_tensor(list(b), dtype=torch.int64, device=x.device) for b in schedule]
     )
     current = dict(params)
     for batch in steps:
@@ -216,6 +219,7 @@ def _invert(
     observed = check_gradients(model, upd.tensors)
     shape = check_input_shape(input_shape)
     dtype = opts.dtype
+    device = model_device(model)  # the caller's choice: the dummies live beside the model
 
     def out_of_time() -> bool:
         return opts.time_limit > 0 and time.perf_counter() - start_time > opts.time_limit
@@ -234,7 +238,7 @@ def _invert(
         labels = idlg_labels(model, upd, batch_size=batch)
         label_source = "idlg"
     outputs = num_outputs(model)
-    y = labels.to(dtype) if outputs == 1 else labels
+    y = (labels.to(dtype) if outputs == 1 else labels).to(device)
 
     params = {n: p.detach().to(dtype).requires_grad_(True) for n, p in model.named_parameters()}
     plist = list(params.values())
@@ -268,7 +272,7 @@ def _invert(
     for _ in range(opts.restarts):
         if best is not None and out_of_time():
             break
-        x = torch.rand((batch, *shape), generator=gen).to(dtype).requires_grad_(True)
+        x = torch.rand((batch, *shape), generator=gen).to(device, dtype).requires_grad_(True)  # drawn on the CPU
         opt = torch.optim.Adam([x], lr=opts.lr)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
         value = math.nan
@@ -349,5 +353,6 @@ def _invert(
             "batch_size_source": batch_source,
             "replayed_local_steps": upd.local_steps if replay else 0,
             "update_kind": upd.kind,
+            "device": str(device),
         },
     )

@@ -149,10 +149,12 @@ class _Memory:
     stored pair; ``order`` lists the filled slots, oldest first; ``wg`` is ``W g`` for the
     current gradient ``g``."""
 
-    def __init__(self, n: int, m: int, dtype: torch.dtype, memory_dtype: torch.dtype) -> None:
+    def __init__(
+        self, n: int, m: int, dtype: torch.dtype, memory_dtype: torch.dtype, device: torch.device | str = "cpu"
+    ) -> None:
         self.m = m
-        self.W = torch.zeros(2 * m, n, dtype=memory_dtype)
-        self.gram = torch.zeros(2 * m, 2 * m, dtype=dtype)
+        self.W = torch.zeros(2 * m, n, dtype=memory_dtype, device=device)
+        self.gram = torch.zeros(2 * m, 2 * m, dtype=dtype, device=device)
         self.order: list[int] = []
         self.gamma = 1.0
         self.f: float | None = None
@@ -173,7 +175,7 @@ class _Memory:
         m, n_pairs = self.m, len(self.order)
         if not n_pairs:
             return -g, -wg
-        coef = torch.zeros(2 * m, dtype=g.dtype)
+        coef = torch.zeros(2 * m, dtype=g.dtype, device=g.device)
         gam = self.gamma
         k = self.order[0]
         sy = self.gram[:n_pairs, m : m + n_pairs]  # s_i . y_j by slot
@@ -261,8 +263,8 @@ class CompactLBFGS(torch.optim.Optimizer):
                     raise ValueError(f"bounds must have lower < upper, got {b}")
                 if bool((p.detach() < a).any() or (p.detach() > z).any()):
                     raise ValueError(f"a parameter starts outside its bounds {b}")
-                lo.append(torch.full((p.numel(),), a, dtype=dtype))
-                hi.append(torch.full((p.numel(),), z, dtype=dtype))
+                lo.append(torch.full((p.numel(),), a, dtype=dtype, device=p.device))
+                hi.append(torch.full((p.numel(),), z, dtype=dtype, device=p.device))
             self._lo, self._hi = torch.cat(lo), torch.cat(hi)
 
     @property
@@ -273,7 +275,9 @@ class CompactLBFGS(torch.optim.Optimizer):
             group = self.param_groups[0]
             dtype = self._params[0].dtype
             n = sum(p.numel() for p in self._params)
-            state["memory"] = _Memory(n, group["history_size"], dtype, group["memory_dtype"] or dtype)
+            state["memory"] = _Memory(
+                n, group["history_size"], dtype, group["memory_dtype"] or dtype, self._params[0].device
+            )
             state["evaluations"] = 0
         return state["memory"]
 

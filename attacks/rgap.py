@@ -210,7 +210,7 @@ def _plan(model: nn.Module, input_shape: Sequence[int]) -> _Plan:
 
 def _forward_shape(m: nn.Module, x: Tensor) -> Tensor:
     if isinstance(m, _PARAM):
-        w = torch.zeros_like(m.weight, dtype=torch.float64)
+        w = torch.zeros_like(m.weight, dtype=torch.float64, device="cpu")
         if isinstance(m, nn.Linear):
             if x.dim() == 2 and x.shape[1] == m.in_features:
                 return torch.zeros((x.shape[0], m.out_features), dtype=torch.float64)
@@ -1028,6 +1028,7 @@ class RGAP(Attack):
             ],
             "head_error": [float(v) for v in np.ravel(best.head.error)],
             "label_granted": threat.labels is not None,
+            "device": "cpu",  # scipy's sparse solvers: R-GAP computes on the CPU whatever the model's device
         }
         if options.rank:
             diagnostics["rank"] = self.rank_analysis(model, shape)

@@ -75,6 +75,12 @@ PLAN_FLAGS: list[Flag] = [
     Flag(("--classes-per-client",), "classes-per-client", "pathological partition: classes per client"),
     Flag(("--seed",), "seed", "seed of the model, the partitions and the clients' batches"),
     Flag(
+        ("--device",),
+        "device",
+        "where clients train and attacks run: auto (cuda when torch sees a GPU, else cpu), cpu or cuda; each "
+        "machine resolves auto itself, and config.json records the device it resolved to",
+    ),
+    Flag(
         ("--defence",),
         "defences",
         "a defence, repeatable, applied in the order given: NAME[:KEY=VALUE,...] with NAME one of "

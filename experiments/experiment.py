@@ -27,6 +27,7 @@ from typing import Any, Callable
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fl_sim.device import resolve_device
 from fl_sim.intercepting_strategy import InterceptingStrategy
 from fl_sim.privacy import privacy_spent
 from fl_sim.secagg import serve_secagg
@@ -34,7 +35,7 @@ from fl_sim.server_app import FederationLog, RunStopped, run_server
 from fl_sim.strategy import RoundFailed
 from fl_sim.task import client_indices, local_schedule
 
-from .plan import ConfigError, ExperimentPlan
+from .plan import RESOLVED_DEVICE, ConfigError, ExperimentPlan
 from .report.summary import finish as report
 from .runner import AttackRunner
 
@@ -131,7 +132,9 @@ class Experiment:
         return (lambda row: self.on_round(phase, row)) if self.on_round else None
 
     def _config(self) -> dict[str, Any]:
-        return self.plan.to_mapping()
+        """config.json: the plan, and the device ``device`` resolved to on this machine (where
+        the attacks ran, and the simulated clients trained)."""
+        return {**self.plan.to_mapping(), RESOLVED_DEVICE: str(resolve_device(self.plan.fed.device))}
 
     def _swap(self):
         """The active server's model swap (None for an honest server)."""
@@ -224,4 +227,4 @@ class Experiment:
                 self.runner.stop()
             else:
                 self.runner.close()  # a stop while the attacks finish abandons the rest
-        return report(self.out, self.plan, self.outcomes)
+        return report(self.out, self._config(), self.outcomes)  # config.json's keys, the resolved device with them

@@ -49,6 +49,7 @@ from attacks import ACTIVE, ATTACKS
 from attacks.imprint import construct
 from fl_sim.config import ConfigError, RunConfig
 from fl_sim.data import load_dataset, partition
+from fl_sim.device import DeviceError, resolve_device
 from fl_sim.models import build_model
 
 __all__ = [
@@ -63,6 +64,7 @@ __all__ = [
     "AttackPlan",
     "ExperimentPlan",
     "ConfigError",
+    "RESOLVED_DEVICE",
     "attack_names",
 ]
 
@@ -119,6 +121,9 @@ PRESETS = {"paper": ATTACK_PRESET, "demo": DEMO_PRESET, "active": ACTIVE_PRESET}
 # The most images one attacked update may hold: an attack optimises one dummy image per image
 # (Inverting Gradients on 32 CIFAR images in 3 local steps: 200 s on one core).
 MAX_UPDATE_IMAGES = 64
+# config.json's record of the device the run resolved ``device`` to on the machine that wrote it
+# (a record, not a setting: from_mapping accepts it back and ignores it).
+RESOLVED_DEVICE = "resolved-device"
 SILENT_ROUND_TIMEOUT = 30.0  # seconds a round waits when a client is configured to stay silent
 Engine = Literal["simulation", "deployment"]
 
@@ -245,7 +250,7 @@ class ExperimentPlan:
         with no preset, a named attack brings the papers' FedSGD setting
         (:data:`ATTACK_PRESET`). Unknown keys are refused. Validated for ``engine``."""
         given = {str(k).replace("_", "-"): v for k, v in values.items()}
-        unknown = sorted(set(given) - set(default_mapping()) - {"resume", "server-round"})
+        unknown = sorted(set(given) - set(default_mapping()) - {"resume", "server-round", RESOLVED_DEVICE})
         if unknown:
             raise ConfigError(unknown[0], "not a setting of this app (the keys are those of [tool.flwr.app.config])")
         if preset is not None and preset not in PRESETS:
@@ -403,10 +408,15 @@ class ExperimentPlan:
                 raise ConfigError("attack-clients", f"{outside[0]} is not a partition id (0..{c.num_clients - 1})")
 
     def check_data(self):
-        """What needs the data, checked before any process starts: the dataset loads (a
+        """What needs the data and the machine, checked before any process starts: the device
+        exists here (``cuda`` needs CUDA), the dataset loads (a
         :class:`fl_sim.data.DatasetError` otherwise) and the partition is feasible (a
         ConfigError naming the setting). Returns the dataset."""
         c = self.fed
+        try:
+            resolve_device(c.device)
+        except DeviceError as exc:
+            raise ConfigError("device", str(exc)) from None
         data = load_dataset(c.dataset, c.data_root)
         if c.num_clients > len(data.train_y):
             raise ConfigError("num-clients", f"{c.num_clients} clients for {len(data.train_y)} training images")

@@ -46,6 +46,7 @@ from rich.table import Table
 
 from experiments.apps.client_app import app, imprint_app, imprint_secagg_app, secagg_app
 from fl_sim.data import DatasetError
+from fl_sim.device import resolve_device
 from fl_sim.simulation import ENGINES, resolve_engine, run_apps
 
 from .cli import Parser, add_plan_arguments, plan_from_args, say_error
@@ -155,7 +156,7 @@ def _run(plan, data, verbose: bool, engine: str) -> int:
     console.print(
         f"[bold]{c.mode}[/] on [bold]{c.dataset}[/] ({len(data.train_y)} train / {len(data.test_y)} test images, "
         f"{data.input_shape}), model [bold]{c.model}[/], {c.num_clients} clients, batch size {c.batch_size}, "
-        f"{c.partition} partition, {c.num_server_rounds} rounds"
+        f"{c.partition} partition, {c.num_server_rounds} rounds on {resolve_device(c.device)}"
         + (f"; attacks {', '.join(a.attacks)} for observers {', '.join(a.passive)}" if a and a.attacks else "")
         + (
             f"; an active server ({a.active}, {a.active_bins} bins) in rounds "
@@ -212,13 +213,20 @@ def _run(plan, data, verbose: bool, engine: str) -> int:
         crash = None
         try:
             if plan.runs_main:
-                run_apps(experiment.server_app(), client_app, c.num_clients, verbose=verbose, engine=engine)
+                run_apps(
+                    experiment.server_app(), client_app, c.num_clients, verbose=verbose, engine=engine, device=c.device
+                )
             if plan.runs_secagg and not experiment.stopped and experiment.failure is None:
                 secagg_client_app = imprint_secagg_app if client_app is imprint_app else secagg_app
 
                 progress.update(task, completed=0, description="secagg", status="starting the SecAgg+ run ...")
                 run_apps(
-                    experiment.secagg_server_app(), secagg_client_app, c.num_clients, verbose=verbose, engine=engine
+                    experiment.secagg_server_app(),
+                    secagg_client_app,
+                    c.num_clients,
+                    verbose=verbose,
+                    engine=engine,
+                    device=c.device,
                 )
         except Exception as exc:  # noqa: BLE001 - Flower or Ray failed: still write what finished
             crash = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]

@@ -29,8 +29,19 @@ __all__ = ["RunFolder", "RunFolderError", "default_run_dir", "RUNTIME_KEYS"]
 
 LOCK = "run.lock"
 # Keys that may differ between a run and its resumption: they change how the run is carried
-# out or how long it goes on, not what a finished round means.
-RUNTIME_KEYS = frozenset({"num-server-rounds", "attack-workers", "defer-attacks", "out-dir", "round-timeout", "resume"})
+# out (where it computes, too) or how long it goes on, not what a finished round means.
+RUNTIME_KEYS = frozenset(
+    {
+        "num-server-rounds",
+        "attack-workers",
+        "defer-attacks",
+        "out-dir",
+        "round-timeout",
+        "resume",
+        "device",
+        "resolved-device",
+    }
+)
 
 
 class RunFolderError(ValueError):

@@ -31,6 +31,7 @@ from attacks import get_attack
 from attacks.imprint import construct
 from fl_sim.config import RunConfig
 from fl_sim.data import load_dataset, to_float
+from fl_sim.device import resolve_device
 from fl_sim.intercepting_strategy import InterceptedUpdate, RoundAggregate
 from fl_sim.models import build_model
 from fl_sim.replies import DroppedReply
@@ -107,6 +108,7 @@ def run_job(job: AttackJob, cfg: RunConfig) -> tuple[list[dict[str, Any]], dict[
     try:
         truth = true_batch(cfg, o.key, o.server_round)
         data, model = _model(cfg, o)
+        model = model.to(resolve_device(cfg.device))  # the attack computes where its model lives
         threat = o.grants.threat(truth)
         options = dict(RUN_OPTIONS.get(job.attack, {}))
         if job.time_limit and job.attack in TIMED:

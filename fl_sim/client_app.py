@@ -26,6 +26,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from .config import RunConfig
+from .device import resolve_device
 from .mods.defences import defence_mod
 from .mods.faults import fault_mod
 from .task import (
@@ -44,17 +45,18 @@ def _setup(msg: Message, context: Context, build: Builder):
     cfg = RunConfig.from_mapping(dict(msg.content["config"]))
     pid = node_partition(cfg, context.node_config)
     data, model = build(cfg, msg.content["arrays"].to_torch_state_dict())
-    return cfg, pid, data, model
+    return cfg, pid, data, model.to(resolve_device(cfg.device))  # this node's own answer to the run's device
 
 
 def train(msg: Message, context: Context, build: Builder = model_with) -> Message:
     cfg, pid, data, model = _setup(msg, context, build)
     server_round = int(msg.content["config"]["server-round"])
     done = client_round(cfg, pid, server_round, data, model)
+    # Flower's records carry numpy arrays: the reply leaves from the CPU
     if done.gradients is not None:
-        arrays = ArrayRecord(OrderedDict(zip(parameter_names(model), done.gradients)))
+        arrays = ArrayRecord(OrderedDict(zip(parameter_names(model), (g.cpu() for g in done.gradients))))
     else:
-        arrays = ArrayRecord(model.state_dict())
+        arrays = ArrayRecord(OrderedDict((k, v.cpu()) for k, v in model.state_dict().items()))
     loss, num_examples, steps = done.loss, done.num_examples, done.steps
     metrics = MetricRecord(
         {"train_loss": loss, "num-examples": num_examples, "partition-id": pid, "local-steps": steps}

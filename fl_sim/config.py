@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 from .data import DATASETS, PARTITIONS
+from .device import DeviceError, check_device_name
 from .models import INITS, model_names
 from .settings import AuditError, AuditPolicy, Defence, DefenceError, parse_defences
 
@@ -75,6 +76,7 @@ class RunConfig:
     faulty_clients: str = ""
     audit: str = ""  # the clients' leakage audit (fl_sim/audit.py), e.g. "protect:psnr=20"; "": none
     out_dir: str = ""  # the run folder; "" lets the entry point make a new one under runs/
+    device: str = "auto"  # where clients train and attacks run: auto | cpu | cuda (fl_sim/device.py)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "RunConfig":
@@ -125,6 +127,10 @@ class RunConfig:
             raise bad("init", f"unknown init {c.init!r}: choose one of {', '.join(INITS)}")
         if c.mode not in MODES:
             raise bad("mode", f"unknown mode {c.mode!r}: choose one of {', '.join(MODES)}")
+        try:
+            c = dataclasses.replace(c, device=check_device_name(c.device))
+        except DeviceError as exc:
+            raise bad("device", str(exc)) from None
         if c.partition not in PARTITIONS:
             raise bad("partition", f"unknown partition {c.partition!r}: choose one of {', '.join(PARTITIONS)}")
         for name in (

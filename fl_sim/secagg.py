@@ -79,6 +79,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from .config import RunConfig
 from .data import load_dataset
+from .device import resolve_device
 from .intercepting_strategy import RoundAggregate
 from .models import build_model
 from .mods.audit import Audit, node_memory, refusal_of, refusal_reason, remember, write_audit_row
@@ -220,7 +221,7 @@ class SecAggClient(NumPyClient):
         cfg = RunConfig.from_mapping(dict(config))
         pid = node_partition(cfg, self.node_config)
         data, model = self.build(cfg, [torch.as_tensor(np.asarray(a)) for a in parameters])
-        return cfg, pid, data, model
+        return cfg, pid, data, model.to(resolve_device(cfg.device))  # this node's own answer to the run's device
 
     def _audit(self, parameters: NDArrays, config: dict[str, Scalar]):
         """The clients' leakage audit of this round (None when the run has none for this client)."""
@@ -272,6 +273,7 @@ class SecAggClient(NumPyClient):
         grads = (
             done.gradients if done.gradients is not None else [p.detach() - s for p, s in zip(model.parameters(), sent)]
         )
+        grads = [g.cpu() for g in grads]  # the defences, the audit and the masking work on the CPU
         loss, examples = done.loss, done.num_examples
         # the client's own update defences (pruning, noise) before masking, as the plain client's mod
         by_name = defend_update(
@@ -639,4 +641,11 @@ def simulate_secagg(
     process: see :func:`fl_sim.simulation.run_apps`); ``kwargs`` go to
     :func:`make_secagg_server_app`. ``log_`` defaults to a new log in ``cfg.out_dir``."""
     log_ = log_ or FederationLog(cfg.out_dir, cfg.to_flower())
-    run_apps(make_secagg_server_app(cfg, log_, **kwargs), client_app, cfg.num_clients, verbose=verbose, engine=engine)
+    run_apps(
+        make_secagg_server_app(cfg, log_, **kwargs),
+        client_app,
+        cfg.num_clients,
+        verbose=verbose,
+        engine=engine,
+        device=cfg.device,
+    )

@@ -13,6 +13,7 @@ from typing import Any
 
 from .client_app import app as default_client_app
 from .config import RunConfig
+from .device import gpu_share
 from .engine import run_inprocess
 from .server_app import make_server_app
 
@@ -34,10 +35,13 @@ def resolve_engine(engine: str | None = None) -> str:
     return engine
 
 
-def backend_config(verbose: bool = False) -> dict[str, Any]:
-    """One CPU per simulated client, as many clients at once as the machine has cores."""
+def backend_config(verbose: bool = False, device: str = "auto", num_clients: int = 1) -> dict[str, Any]:
+    """One CPU per simulated client, as many clients at once as the machine has cores; when
+    ``device`` resolves to CUDA, each client also gets ``1 / num_clients`` of the GPUs
+    (:func:`fl_sim.device.gpu_share`), so every client of a round fits on them at once (Ray
+    hides the GPUs from a client that asks for none)."""
     return {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "client_resources": {"num_cpus": 1, "num_gpus": gpu_share(device, num_clients)},
         "init_args": {
             "num_cpus": os.cpu_count() or 1,
             "include_dashboard": False,
@@ -47,10 +51,20 @@ def backend_config(verbose: bool = False) -> dict[str, Any]:
     }
 
 
-def run_apps(server_app, client_app, num_supernodes: int, *, verbose: bool = False, engine: str | None = None) -> None:
+def run_apps(
+    server_app,
+    client_app,
+    num_supernodes: int,
+    *,
+    verbose: bool = False,
+    engine: str | None = None,
+    device: str = "auto",
+) -> None:
     """``server_app`` and ``client_app`` with ``num_supernodes`` SuperNodes (partition ids
     0..N-1, ``num-partitions`` N) on ``engine``: ``ray`` (Flower's simulation engine) or
-    ``inprocess`` (:func:`fl_sim.engine.run_inprocess`); None: :func:`resolve_engine`."""
+    ``inprocess`` (:func:`fl_sim.engine.run_inprocess`); None: :func:`resolve_engine`.
+    ``device``: the run's ``device`` setting, for Ray's GPU share (the clients place their
+    models themselves; in-process they share this process's devices)."""
     if resolve_engine(engine) == "inprocess":
         run_inprocess(server_app, client_app, num_supernodes, verbose=verbose)
         return
@@ -60,7 +74,7 @@ def run_apps(server_app, client_app, num_supernodes: int, *, verbose: bool = Fal
         server_app=server_app,
         client_app=client_app,
         num_supernodes=num_supernodes,
-        backend_config=backend_config(verbose),
+        backend_config=backend_config(verbose, device, num_supernodes),
         verbose_logging=verbose,
     )
 
@@ -77,4 +91,5 @@ def simulate(
         cfg.num_clients,
         verbose=verbose,
         engine=engine,
+        device=cfg.device,
     )

@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 from .config import RunConfig
 from .data import Dataset, batch_indices, load_dataset, partition, to_float
+from .device import model_device
 from .models import build_model
 from .settings import DPSGD
 
@@ -82,32 +83,37 @@ def loss_fn(logits: Tensor, labels: Tensor) -> Tensor:
 
 def batch_gradient(model: nn.Module, images: Tensor, labels: Tensor) -> tuple[list[Tensor], float]:
     """FedSGD: the loss gradient on one batch, one tensor per parameter in ``parameters()``
-    order (named by :func:`parameter_names`), and the loss. ``images`` are float in [0, 1]."""
+    order (named by :func:`parameter_names`), on the model's device, and the loss. ``images``
+    are float in [0, 1], on any device."""
     model.eval()  # the attacked models have no dropout or batch norm; eval keeps it that way
-    loss = loss_fn(model(images), labels)
+    device = model_device(model)
+    loss = loss_fn(model(images.to(device)), labels.to(device))
     grads = torch.autograd.grad(loss, list(model.parameters()))
     return [g.detach() for g in grads], loss.item()
 
 
 def local_sgd(model: nn.Module, data: Dataset, batches: list[np.ndarray], *, lr: float) -> tuple[float, int]:
     """FedAvg: plain SGD at ``lr``, one step per batch of ``batches`` (sample indices, in order:
-    :func:`local_schedule`). Returns the mean training loss and the number of steps."""
+    :func:`local_schedule`), on the model's device. Returns the mean training loss and the
+    number of steps."""
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     model.train()
+    device = model_device(model)
     total = 0.0
     for batch in batches:
         chunk = torch.as_tensor(batch)
         opt.zero_grad()
-        loss = loss_fn(model(to_float(data.train_x[chunk])), data.train_y[chunk])
+        loss = loss_fn(model(to_float(data.train_x[chunk].to(device))), data.train_y[chunk].to(device))
         loss.backward()
         opt.step()
         total += loss.item()
     return total / max(len(batches), 1), len(batches)
 
 
-def dp_generator(cfg: RunConfig, partition_id: int, server_round: int) -> torch.Generator:
-    """The seeded generator of a client's DP-SGD noise in a round, so a run repeats."""
-    return torch.Generator().manual_seed(
+def dp_generator(cfg: RunConfig, partition_id: int, server_round: int, device: str = "cpu") -> torch.Generator:
+    """The seeded generator of a client's DP-SGD noise in a round, so a run repeats; on
+    ``device``, where Opacus draws the noise (beside the model's parameters)."""
+    return torch.Generator(device=device).manual_seed(
         int(np.random.SeedSequence([cfg.seed, partition_id, server_round, 77]).generate_state(1)[0])
     )
 
@@ -140,9 +146,10 @@ def dp_batch_gradient(
     clipping, Gaussian noise), one tensor per parameter, and the (non-private) loss."""
     model.train()  # Opacus records activations in training mode only (the models have no dropout or batch norm)
     sampled, opt = _dp_optimizer(model, 0.0, noise, clip, len(labels), generator)
+    device = model_device(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # backward hooks on an input that needs no gradient
-        loss = loss_fn(sampled(images), labels)
+        loss = loss_fn(sampled(images.to(device)), labels.to(device))
         loss.backward()
     opt.pre_step()  # clip, sum, noise, scale: into each parameter's .grad
     grads = [p.grad.detach().clone() for p in model.parameters()]
@@ -164,13 +171,14 @@ def dp_local_sgd(
     gradient clipped per sample and noised)."""
     model.train()
     sampled, opt = _dp_optimizer(model, lr, noise, clip, len(batches[0]) if batches else 1, generator)
+    device = model_device(model)
     total = 0.0
     for batch in batches:
         chunk = torch.as_tensor(batch)
         opt.zero_grad()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            loss = loss_fn(sampled(to_float(data.train_x[chunk])), data.train_y[chunk])
+            loss = loss_fn(sampled(to_float(data.train_x[chunk].to(device))), data.train_y[chunk].to(device))
             loss.backward()
         opt.step()
         total += loss.item()
@@ -193,11 +201,12 @@ class LocalUpdate:
 def client_round(cfg: RunConfig, partition_id: int, server_round: int, data: Dataset, model: nn.Module) -> LocalUpdate:
     """One client's training in ``server_round``, as the run configures it: FedSGD's gradient
     of its batch, or FedAvg's local SGD over its :func:`local_schedule` (in place), either
-    under Opacus's DP-SGD when the run's defences name it. Both client apps (plain and
-    SecAgg+) train through this."""
+    under Opacus's DP-SGD when the run's defences name it, on the model's device (the caller
+    placed it: :func:`fl_sim.device.resolve_device`; FedSGD's gradients come back there). Both
+    client apps (plain and SecAgg+) train through this."""
 
     dp = next((d for d in cfg.defence_list if isinstance(d, DPSGD)), None)
-    gen = dp_generator(cfg, partition_id, server_round)
+    gen = dp_generator(cfg, partition_id, server_round, model_device(model).type)
     if cfg.mode == "fedsgd":
         images, labels = client_batch(cfg, partition_id, cfg.num_clients, server_round)
         grads, loss = (
@@ -217,10 +226,12 @@ def client_round(cfg: RunConfig, partition_id: int, server_round: int, data: Dat
 
 @torch.no_grad()
 def evaluate(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 1000) -> tuple[float, float]:
-    """Mean loss and accuracy on uint8 ``images``."""
+    """Mean loss and accuracy on uint8 ``images``, computed on the model's device."""
     model.eval()
+    device = model_device(model)
     loss, correct = 0.0, 0
     for xb, yb in zip(images.split(batch_size), labels.split(batch_size)):
+        xb, yb = xb.to(device), yb.to(device)
         logits = model(to_float(xb))
         loss += float(F.cross_entropy(logits, yb, reduction="sum"))
         correct += int((logits.argmax(1) == yb).sum())

@@ -30,6 +30,7 @@ the defences; it asks this class two questions through a narrow interface, so th
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from typing import Any
@@ -116,11 +117,12 @@ class LeakageAuditor:
             plan.append(("dlg", {"time_limit": budget}))
         plan.append(("ig", {"time_limit": budget}))
         best = Probe(psnr=-math.inf, attack="", seconds=0.0, status="none")
+        model = copy.deepcopy(view.model).to(view.device)  # the attacks compute where their model lives
         spent = 0.0
         for name, options in plan:
             start = time.perf_counter()
             try:
-                res = get_attack(name)(view.model, upd, view.input_shape, threat, seed=0, **options)
+                res = get_attack(name)(model, upd, view.input_shape, threat, seed=0, **options)
                 rows = score_batch(res.images, view.images)
                 value = float(torch.tensor([r["psnr"] for r in rows]).median())
                 status = res.status

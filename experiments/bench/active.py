@@ -42,13 +42,14 @@ from torch.nn import functional as F
 from attacks import SUCCESS_PSNR, Update, score_batch
 from attacks.imprint import expected_recovery, imprint, imprint_block_model, plan_imprint, plant_imprint
 from fl_sim.data import load_dataset, to_float
+from fl_sim.device import DEVICES
 from fl_sim.models import build_model
 
 from ..run import main as run_main
 
 
-def _run(args: list[str], out: Path) -> Path:
-    code = run_main(args + ["--out", str(out), "--overwrite", "--attack-workers", "0"])
+def _run(args: list[str], out: Path, device: str = "auto") -> Path:
+    code = run_main(args + ["--out", str(out), "--overwrite", "--attack-workers", "0", "--device", device])
     if code != 0:
         raise SystemExit(f"bench_active: the run in {out} failed (exit {code})")
     return out
@@ -117,11 +118,11 @@ def _by_observer(folder: Path) -> dict[str, tuple[int, int, float, float]]:
     return out
 
 
-def target(out: Path, trials: int) -> None:
+def target(out: Path, trials: int, device: str = "auto") -> None:
     got = {"active": [0, 0], "active-secagg": [0, 0]}
     for seed in range(trials):
         folder = _run(["--attack", "none", "--observers", "active,secagg", "--batch-size", "16", "--clients", "4",
-                       "--seed", str(seed)], out / f"target-s{seed}")
+                       "--seed", str(seed)], out / f"target-s{seed}", device)
         for observer, (rec, images, psnr, secs) in _by_observer(folder).items():
             got[observer][0] += rec
             got[observer][1] += images
@@ -132,25 +133,25 @@ def target(out: Path, trials: int) -> None:
               f"(expected {expected_recovery(500, 64 if observer == 'active-secagg' else 16):.3f})")
 
 
-def table(out: Path) -> None:
+def table(out: Path, device: str = "auto") -> None:
     for clients in (4, 10):
         for batch in (1, 8, 32):
             folder = _run(["--attack", "none", "--observers", "active,secagg", "--batch-size", str(batch),
-                           "--clients", str(clients)], out / f"table-c{clients}-b{batch}")
+                           "--clients", str(clients)], out / f"table-c{clients}-b{batch}", device)
             for observer, (rec, images, psnr, _) in _by_observer(folder).items():
                 n = batch if observer == "active" else batch * clients
                 print(f"   {clients:2d} clients x batch {batch:2d} {observer:13s}: {rec}/{images} "
                       f"({rec / max(images, 1):.3f}; expected {expected_recovery(500, n):.3f}), median {psnr:.1f} dB")
 
 
-def clients_see(out: Path) -> None:
+def clients_see(out: Path, device: str = "auto") -> None:
     common = ["--attack", "none", "--observers", "active", "--batch-size", "16", "--clients", "4"]
-    folder = _run(common + ["--audit", "log:probe=false"], out / "audit-log")
+    folder = _run(common + ["--audit", "log:probe=false"], out / "audit-log", device)
     audit = pd.read_csv(folder / "audit.csv")
     for r, g in audit.groupby("round"):
         print(f"   log: round {r}: tampering flagged by {int(g['tampered'].astype(str).isin(['True', 'true']).sum())} "
               f"of {len(g)} clients ({g['tamper_reason'].dropna().astype(str).head(1).tolist()})")
-    folder = _run(common + ["--audit", "block:probe=false"], out / "audit-block")
+    folder = _run(common + ["--audit", "block:probe=false"], out / "audit-block", device)
     d = pd.read_csv(folder / "results.csv")
     print(f"   block: active rows {len(d)}, statuses {d['status'].value_counts().to_dict()}, "
           f"recovered {int(pd.to_numeric(d['recovered'], errors='coerce').fillna(0).sum())}")
@@ -161,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/bench-active")
     p.add_argument("--parts", default="1,2,3,4")
     p.add_argument("--trials", type=int, default=5)
+    p.add_argument("--device", default="auto", choices=DEVICES, help="each run's --device (default: auto)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -170,13 +172,13 @@ def main(argv: list[str] | None = None) -> int:
         bins_and_images(out, args.trials)
     if 2 in parts:
         print("2. the target: 4 clients x batch 16 under SecAgg+, 500 bins")
-        target(out, args.trials)
+        target(out, args.trials, args.device)
     if 3 in parts:
         print("3. the observer table")
-        table(out)
+        table(out, args.device)
     if 4 in parts:
         print("4. what the clients' audit sees")
-        clients_see(out)
+        clients_see(out, args.device)
     return 0
 
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import csv
 import inspect
 import math
@@ -58,6 +59,7 @@ from attacks.dlg import DEFAULT as DLG_DEFAULT
 from attacks.dlg import FAITHFUL
 from attacks.rgap import RGAP, RGAPOptions
 from fl_sim.data import DatasetError, load_dataset, read_npz
+from fl_sim.device import DeviceError, resolve_device
 from fl_sim.models import build_model, model_names
 
 FIELDS = ["seed", "variant", "index", "label", "psnr", "mse", "ssim", "label_correct", "seconds", "steps", "evaluations",
@@ -106,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1,
                    help="PyTorch intra-op threads; 1 because the attacks' small operations gain little from a "
                         "second thread, and on a shared machine a busy core makes two threads many times slower (default: 1)")
+    p.add_argument("--device", default="auto",
+                   help="where the attacks compute: auto (cuda when torch sees a GPU), cpu or cuda; the updates are "
+                        "computed on the CPU either way (default: auto)")
     p.add_argument("--out", default=None, help="CSV with one row per image")
     return p
 
@@ -282,6 +287,8 @@ def _run_seed(args: argparse.Namespace, seed: int, data: BenchImages, head: str,
     kwargs = {"head": head} if args.model.startswith("cnn6") else {}
     model = build_model(args.model, tuple(data.images.shape[1:]), data.num_classes, init="paper", seed=seed,
                         **kwargs).eval()
+    # the client's gradients on the CPU model; the attacks on a copy where --device says
+    attacked = copy.deepcopy(model).to(args.device)
     label_gen = torch.Generator().manual_seed(seed)
     attacks = {v.name: v.make() for v in runs}
     rows: dict[str, list[dict]] = {v.name: [] for v in runs}
@@ -294,7 +301,7 @@ def _run_seed(args: argparse.Namespace, seed: int, data: BenchImages, head: str,
         for v in runs if number % 2 == 0 else runs[::-1]:
             if v.fresh_solver:
                 attacks[v.name] = v.make()
-            for i, row in enumerate(_attack_rows(attacks[v.name], model, grads, x, target, threat, seed + start)):
+            for i, row in enumerate(_attack_rows(attacks[v.name], attacked, grads, x, target, threat, seed + start)):
                 row = {"seed": seed, "variant": v.name, "index": int(data.index[start + i]), "label": int(target[i]), **row}
                 rows[v.name].append(row)
                 write(row)
@@ -353,6 +360,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.label is not None and head != "logit":
             raise BenchError("--label applies to a single-logit head (--head logit, or the cnn6 family)")
         runs = variants(args)
+        try:
+            args.device = str(resolve_device(args.device))
+        except DeviceError as exc:
+            raise BenchError(f"--device: {exc}") from None
         data = load_images(args.data, args.images)
         out_file = open_out(args.out)
     except BenchError as exc:
@@ -371,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.attack}{' (faithful)' if args.faithful else ''} on {args.model} ({head} head, paper init), {args.data}: "
           f"{len(data.images)} images in batches of {args.batch}, seeds {', '.join(map(str, seeds))}"
           + (f", label {args.label or 'demo'}" if head == "logit" else "")
-          + f", labels {'granted' if granted else 'not granted'}, {args.threads} thread(s)"
+          + f", labels {'granted' if granted else 'not granted'}, {args.threads} thread(s) on {args.device}"
           + (f", options {runs[0].describe()}" if runs[0].overrides or runs[0].fresh_solver else ""), flush=True)
     if len(runs) > 1:
         print(f"A: {runs[0].describe()}; B: {runs[1].describe()} (each image attacked by both, in alternating order)")

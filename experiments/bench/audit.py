@@ -37,12 +37,13 @@ import torch
 from ..run import main as run_main
 from fl_sim.mods.audit import tampering
 from fl_sim.data import load_dataset
+from fl_sim.device import DEVICES
 from fl_sim.models import build_model
 
 
-def _run(args: list[str], out: Path) -> tuple[float, Path]:
+def _run(args: list[str], out: Path, device: str = "auto") -> tuple[float, Path]:
     start = time.perf_counter()
-    code = run_main(args + ["--out", str(out), "--overwrite"])
+    code = run_main(args + ["--out", str(out), "--overwrite", "--device", device])
     if code != 0:
         raise SystemExit(f"bench_audit: the run in {out} failed (exit {code})")
     if (out / "dropped.csv").exists():
@@ -55,10 +56,10 @@ def _medians(results: Path) -> dict[str, float]:
     return {a: float(g["psnr"].median()) for a, g in d.groupby("attack")}
 
 
-def protect(out: Path, budget: float) -> None:
+def protect(out: Path, budget: float, device: str = "auto") -> None:
     common = ["--attack", "all", "--observers", "server"]
-    t0, plain = _run(common, out / "undefended")
-    t1, guarded = _run(common + ["--audit", f"protect:psnr=20,budget={budget:g}"], out / "protect")
+    t0, plain = _run(common, out / "undefended", device)
+    t1, guarded = _run(common + ["--audit", f"protect:psnr=20,budget={budget:g}"], out / "protect", device)
     before, after = _medians(plain / "results.csv"), _medians(guarded / "results.csv")
     audit = pd.read_csv(guarded / "audit.csv")
     print("\n1. protect:psnr=20 in the papers' attack setting (LeNet, FedSGD, 1 image, 4 clients, 2 rounds)")
@@ -76,10 +77,10 @@ def protect(out: Path, budget: float) -> None:
     print(f"   wall: undefended {t0:.0f} s, protected {t1:.0f} s (probe cap {budget:g} s)")
 
 
-def analytic(out: Path, rounds: int) -> None:
+def analytic(out: Path, rounds: int, device: str = "auto") -> None:
     t, folder = _run(["--attack", "none", "--mode", "fedsgd", "--batch-size", "1", "--clients", "10",
                       "--rounds", str(rounds), "--server-lr", "0.1", "--model", "cnn6",
-                      "--audit", "log:probe=false"], out / "honest")
+                      "--audit", "log:probe=false"], out / "honest", device)
     audit = pd.read_csv(folder / "audit.csv")
     later = audit[audit["round"] > 1]  # round 1 computes R-GAP's rank once per client (kept in its context)
     ratio = (later["checks_seconds"] / later["train_seconds"]).median()
@@ -120,11 +121,11 @@ def tampering_check(folder: Path) -> None:
           f"the trained model: detected {detected}/{trials}; the same copies unconstructed: {honest_alarm}/{trials} alarms")
 
 
-def ranking(out: Path, attacked: Path | None, dataset: str) -> None:
+def ranking(out: Path, attacked: Path | None, dataset: str, device: str = "auto") -> None:
     args = ["--attack", "none", "--dataset", dataset, "--mode", "fedavg", "--lr", "0.01", "--clients", "10",
             "--local-epochs", "3", "--batch-size", "32", "--rounds", "2", "--model", "lenet", "--init", "paper",
             "--audit", "log:probe=false"]
-    _, folder = _run(args, out / "quickstart")
+    _, folder = _run(args, out / "quickstart", device)
     audit = pd.read_csv(folder / "audit.csv")
     print(f"\n4. risk ranking, Flower's quickstart configuration on {dataset} (FedAvg, 3 epochs, batch 32, 10 clients, "
           "2 rounds)")
@@ -145,7 +146,7 @@ def ranking(out: Path, attacked: Path | None, dataset: str) -> None:
     print("   " + table.to_string().replace("\n", "\n   "))
 
 
-def accuracy_cost(out: Path, strengths: tuple[float, ...] = (0.1, 0.3)) -> None:
+def accuracy_cost(out: Path, strengths: tuple[float, ...] = (0.1, 0.3), device: str = "auto") -> None:
     """The demo federation trained under the noise protect applies (fixed at each strength it
     chose; protect itself adapts per reply, and its probe on CNN6 for 1,500 replies is beyond
     a benchmark's time here), against the same federation undefended."""
@@ -154,7 +155,7 @@ def accuracy_cost(out: Path, strengths: tuple[float, ...] = (0.1, 0.3)) -> None:
     rows = []
     for k in (0.0, *strengths):
         extra = ["--defence", f"noise:rms={k:g}"] if k else []
-        t, folder = _run(common + extra, out / f"train-rms{k:g}")
+        t, folder = _run(common + extra, out / f"train-rms{k:g}", device)
         acc = float(pd.read_csv(folder / "rounds.csv")["test_accuracy"].iloc[-1])
         rows.append((k, acc, t))
     base = rows[0][1]
@@ -171,21 +172,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attacked", default=None, help="a realistic-row run folder, for the confusion table (4.)")
     p.add_argument("--quick", action="store_true", help="10 honest rounds")
     p.add_argument("--parts", default="1,2,3,4,5", help="which measurements, e.g. 1,4 (3 needs 2's folder)")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="each run's --device (default: auto)")
     args = p.parse_args(argv)
     out = Path(args.out)
     cifar = Path("data/cifar10_train400.npz")  # made by scripts/make_npz.py (docs/data.md)
     dataset = f"npz:{cifar}" if cifar.exists() else "mnist5k"
     parts = {p.strip() for p in args.parts.split(",")}
     if "1" in parts:
-        protect(out, args.budget)
+        protect(out, args.budget, args.device)
     if "2" in parts:
-        analytic(out, 10 if args.quick else args.rounds)
+        analytic(out, 10 if args.quick else args.rounds, args.device)
     if "3" in parts:
         tampering_check(out / "honest")
     if "4" in parts:
-        ranking(out, Path(args.attacked) if args.attacked else None, dataset)
+        ranking(out, Path(args.attacked) if args.attacked else None, dataset, args.device)
     if "5" in parts:
-        accuracy_cost(out)
+        accuracy_cost(out, device=args.device)
     return 0
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import psutil
 
+from fl_sim.device import DEVICES
+
 
 def _rss(proc: psutil.Process) -> int:
     """Memory of ``proc``, its descendants and Ray's daemons (GCS, raylet, workers), each
@@ -71,7 +73,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--modes", nargs="+", default=["fedsgd", "fedavg"], choices=["fedsgd", "fedavg"])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default=None, help="CSV of the figures (default: print only)")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="each run's --device (default: auto)")
     args, extra = p.parse_known_args(argv)
+    extra = [*extra, "--device", args.device]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for clients in args.clients:

@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 from experiments.run import main as run_main
+from fl_sim.device import DEVICES
 
 
 def _per_round(out: Path) -> list[float]:
@@ -37,9 +38,10 @@ def main(argv: list[str] | None = None) -> int:
                    "but does the same work)")
     p.add_argument("--model", default="cnn6")
     p.add_argument("--defer", action="store_true", help="hold the attacks until training ends (--defer-attacks)")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="both runs' --device (default: auto)")
     args = p.parse_args(argv)
     common = ["--mode", "fedsgd", "--batch-size", str(args.batch_size), "--model", args.model, "--init", "paper",
-              "--clients", str(args.clients), "--rounds", str(args.rounds)]
+              "--clients", str(args.clients), "--rounds", str(args.rounds), "--device", args.device]
     figures = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, extra in (

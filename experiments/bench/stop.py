@@ -27,6 +27,8 @@ from pathlib import Path
 
 import psutil
 
+from fl_sim.device import DEVICES
+
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = {
     # name: (module, flags, file whose rows say the moment has come, rows needed, signal)
@@ -53,8 +55,9 @@ def _leftovers(tree: list[psutil.Process]) -> int:
     return sum(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in tree)
 
 
-def stop_once(name: str, out: Path) -> dict:
+def stop_once(name: str, out: Path, device: str = "auto") -> dict:
     module, flags, watch, needed, sig = SCENARIOS[name]
+    flags = [*flags, "--device", device]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FLWR_HOME")}
     proc = subprocess.Popen([sys.executable, "-m", module, *flags, "--out", str(out)], cwd=ROOT, env=env,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -81,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.bench.stop", description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--only", default=",".join(SCENARIOS), help=f"comma list of {', '.join(SCENARIOS)}")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="each run's --device (default: auto)")
     args = p.parse_args(argv)
     names = [n for n in args.only.split(",") if n]
     bad = [n for n in names if n not in SCENARIOS]
@@ -88,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown scenario {bad[0]!r}: choose from {', '.join(SCENARIOS)}")
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            runs = [stop_once(name, Path(tmp) / f"{name}-{i}") for i in range(args.repeats)]
+            runs = [stop_once(name, Path(tmp) / f"{name}-{i}", args.device) for i in range(args.repeats)]
             secs = [r["seconds"] for r in runs]
             print(f"{name:9s} stopped in median {statistics.median(secs):.1f} s (max {max(secs):.1f} s) over {len(runs)}; "
                   f"exit codes {sorted({r['code'] for r in runs})}; processes left {sum(r['left'] for r in runs)} of "

@@ -337,6 +337,7 @@ def setting(config: Mapping[str, Any]) -> str:
         f"{c.get('num-clients')} clients, batch size {c.get('batch-size')}, {c.get('num-server-rounds')} rounds, "
         f"{c.get('partition')} partition, seed {c.get('seed')}"
         + (f", faulty clients {c['faulty-clients']}" if c.get("faulty-clients") else "")
+        + (f", on {c['resolved-device']}" if c.get("resolved-device") else "")
         + "."
     )
 

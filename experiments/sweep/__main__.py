@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from fl_sim.device import DEVICES, DeviceError, resolve_device
 from fl_sim.simulation import ENGINES
 
 from ..cli import Parser
@@ -38,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="each run's engine: ray, or inprocess for small cells (no Ray start per run; same results for "
         "the same seed); default: $FL_SIM_ENGINE, else ray",
     )
+    p.add_argument(
+        "--device",
+        default=None,
+        help=f"each run's device: {', '.join(DEVICES)} (auto: cuda when torch sees a GPU); default: the spec's, "
+        "else auto",
+    )
     p.add_argument("--list", action="store_true", help="print the cells and exit")
     return p
 
@@ -47,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs: must be >= 1, got {args.jobs}")
+    if args.device is not None:
+        try:
+            resolve_device(args.device)
+        except DeviceError as exc:
+            parser.error(f"--device: {exc}")
     try:
         spec = load_spec(args.spec)
         if args.list:
@@ -54,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(c.id, json.dumps(c.params))
             return 0
         out = Path(args.out) if args.out else Path("sweeps") / spec.name
-        return run_sweep(spec, out, jobs=args.jobs, overwrite=args.overwrite, engine=args.engine)
+        return run_sweep(spec, out, jobs=args.jobs, overwrite=args.overwrite, engine=args.engine, device=args.device)
     except SweepError as exc:
         print(f"{parser.prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2

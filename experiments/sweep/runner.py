@@ -37,9 +37,12 @@ __all__ = ["Sweep", "run_sweep", "write_outputs", "report_sweep"]
 class Sweep:
     """A sweep folder and the runs in it (state on the instance; the folder is the record)."""
 
-    def __init__(self, spec: SweepSpec, out: Path, jobs: int, console, engine: str | None = None) -> None:
+    def __init__(
+        self, spec: SweepSpec, out: Path, jobs: int, console, engine: str | None = None, device: str | None = None
+    ) -> None:
         self.spec, self.out, self.jobs, self.console = spec, out, jobs, console
         self.engine = engine  # each run's engine (None: the run's default); not part of a run's digest
+        self.device = device  # each run's --device (None: the cell's, default auto); not part of a run's digest
         self.cells = spec.cells()
         self.stop = threading.Event()
         self.procs: dict[str, subprocess.Popen] = {}
@@ -86,7 +89,7 @@ class Sweep:
     # one run
     def _run(self, name: str, config: dict[str, Any]) -> RunRecord | None:
         try:
-            plan = ExperimentPlan.from_mapping(config)
+            plan = ExperimentPlan.from_mapping({**config, **({"device": self.device} if self.device else {})})
             plan.check_data()
         except Exception as exc:  # noqa: BLE001 - the plan's rules: a refused cell, with the reason
             text = f"{exc.key}: {exc.problem}" if isinstance(exc, ConfigError) else str(exc)
@@ -102,6 +105,7 @@ class Sweep:
             str(folder),
             "--overwrite",
             *(["--engine", self.engine] if self.engine else []),
+            *(["--device", self.device] if self.device else []),
         ]
         log = self.out / "runs" / f"{name}.log"
         start = time.monotonic()
@@ -241,12 +245,20 @@ def report_sweep(out: Path) -> Path:
 
 
 def run_sweep(
-    spec: SweepSpec, out: Path, *, jobs: int = 1, overwrite: bool = False, console=None, engine: str | None = None
+    spec: SweepSpec,
+    out: Path,
+    *,
+    jobs: int = 1,
+    overwrite: bool = False,
+    console=None,
+    engine: str | None = None,
+    device: str | None = None,
 ) -> int:
     """Run ``spec`` into the sweep folder ``out`` (resuming what it holds) with each run on
-    ``engine`` (``experiments.run --engine``); the exit code."""
+    ``engine`` (``experiments.run --engine``) and ``device`` (``experiments.run --device``);
+    the exit code."""
     console = console or Console(stderr=True)
-    sweep = Sweep(spec, out, jobs, console, engine)
+    sweep = Sweep(spec, out, jobs, console, engine, device)
     sweep.claim(overwrite)
     console.print(f"sweep [bold]{spec.name}[/]: {len(sweep.cells)} cells -> {out}")
     stopper = StopOnSignal(

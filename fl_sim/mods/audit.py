@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from ..config import RunConfig
 from ..data import load_dataset, to_float
+from ..device import resolve_device
 from ..models import build_model
 from ..settings import AUDIT_DEFENCES, AuditPolicy, GaussianNoise, Prune
 from ..task import client_batch, local_schedule, node_partition, parameter_names
@@ -120,7 +121,8 @@ class UpdateView:
     the weight delta, reply - sent); ``kind``: ``"gradient"`` or ``"weight_delta"``; ``lr``,
     ``local_steps``: FedAvg's local training; ``images`` (float in [0, 1]) and ``labels``: the
     distinct samples the update used, in the order of first use; ``schedule``: per local step,
-    the indices into ``images`` of its batch.
+    the indices into ``images`` of its batch; ``device``: where the run's ``device`` setting
+    resolves on this client (where a probe's attacks compute; the view itself is on the CPU).
     """
 
     model: nn.Module
@@ -132,6 +134,7 @@ class UpdateView:
     labels: Tensor
     schedule: tuple[tuple[int, ...], ...]
     input_shape: tuple[int, int, int]
+    device: str = "cpu"
 
     def with_tensors(self, tensors: tuple[Tensor, ...]) -> "UpdateView":
         return dataclasses.replace(self, tensors=tuple(tensors))
@@ -280,10 +283,11 @@ def update_view(
     """The audit's view of ``update`` (by parameter name: FedSGD's gradient, or FedAvg's
     weight delta) of a model holding the weights sent, with the client's own batch behind it."""
     tensors = tuple(update[n].detach().clone() for n in parameter_names(model))
+    device = str(resolve_device(cfg.device))
     if cfg.mode == "fedsgd":
         images, labels = client_batch(cfg, pid, cfg.num_clients, server_round)
         schedule = (tuple(range(len(labels))),)
-        return UpdateView(model, tensors, "gradient", cfg.lr, 1, images, labels, schedule, tuple(input_shape))
+        return UpdateView(model, tensors, "gradient", cfg.lr, 1, images, labels, schedule, tuple(input_shape), device)
     batches = local_schedule(cfg, pid, cfg.num_clients, server_round)
     order: dict[int, int] = {}
     for batch in batches:
@@ -302,6 +306,7 @@ def update_view(
         data.train_y[idx],
         schedule,
         tuple(input_shape),
+        device,
     )
 
 
