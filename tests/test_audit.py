@@ -354,5 +354,7 @@ def test_time_limit_stops_the_optimisation_attacks_with_their_best_image():
     view = _fedsgd_view(4)
     for attack in (dlg, inverting_gradients):
         res = attack(view.model, list(view.tensors), view.input_shape, ThreatModel(batch_size=4), time_limit=0.3)
-        assert res.status == "time_limit" and res.images.shape == (4, 1, 28, 28) and res.seconds < 5
+        # stopped by the limit (its status is set only there), long before its own budget of
+        # minutes: the bound is loose because a loaded machine stretches one evaluation
+        assert res.status == "time_limit" and res.images.shape == (4, 1, 28, 28) and res.seconds < 30
         assert torch.isfinite(res.images).all()
