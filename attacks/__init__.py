@@ -59,8 +59,9 @@ __all__ = [
     "ssim",
 ]
 
-# The attacks on what an honest server's round shows, by name.
-ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (DLG, IDLG, RGAP, InvertingGradients)}
+# The attacks on what an honest server's round shows, by name. FedAvgSim ("fedavg-sim") reads a
+# FedAvg weight delta of one client (experiments.plan says where it applies).
+ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (DLG, IDLG, RGAP, InvertingGradients, FedAvgSim)}
 
 # The active server's inversions: each reads an update of a model the server built for it
 # (``ACTIVE[name].construct``, :func:`attacks.imprint.construct`), so none of them is in ATTACKS.

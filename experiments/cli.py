@@ -73,6 +73,11 @@ PLAN_FLAGS: list[Flag] = [
     ),
     Flag(("--alpha",), "alpha", "Dirichlet concentration: smaller means more label skew"),
     Flag(("--classes-per-client",), "classes-per-client", "pathological partition: classes per client"),
+    Flag(
+        ("--samples-per-client",),
+        "samples-per-client",
+        "each client trains on N images of its partition, a seeded choice (0: all of it)",
+    ),
     Flag(("--seed",), "seed", "seed of the model, the partitions and the clients' batches"),
     Flag(
         ("--device",),
@@ -106,7 +111,7 @@ PLAN_FLAGS: list[Flag] = [
         ("--attack",),
         "attack",
         "gradient-inversion attack(s) on what each observer sees: a comma list of dlg, idlg, "
-        "rgap, ig, or all; none: plain training",
+        "rgap, ig, fedavg-sim (FedAvg, the server only), or all (those that apply to the mode); none: plain training",
     ),
     Flag(
         ("--observers", "--observer"),
@@ -138,8 +143,8 @@ PLAN_FLAGS: list[Flag] = [
     Flag(
         ("--attack-time-limit",),
         "attack-time-limit",
-        "seconds after which DLG, iDLG or Inverting Gradients stops with its best image so far (status time_limit; "
-        "0: no limit)",
+        "seconds after which DLG, iDLG, Inverting Gradients or fedavg-sim stops with its best image so far "
+        "(status time_limit; 0: no limit)",
     ),
     Flag(
         ("--grant-batch-size",),

@@ -11,13 +11,19 @@ from a command line into a deployment's run config and back. Every rule lives he
 - names: attacks (the registry in :mod:`attacks`), observers, grant policies;
 - attacks run on FedSGD updates, or on FedAvg updates (the server configured the local
   learning rate, steps or epochs and batch size; the reply's num-examples gives the steps an
-  epoch took); R-GAP only on a one-step update (it inverts one sample's gradient), and
-  ``attack = "all"`` leaves it out where it does not apply;
+  epoch took); R-GAP only on a one-step update (it inverts one sample's gradient), fedavg-sim
+  only on FedAvg weight deltas (it simulates a client's local training), and only for the
+  ``server`` observer (the one that sees one client's own update: an aggregate mixes several
+  clients' trainings); ``attack = "all"`` is every passive attack that applies to the mode
+  (so fedavg-sim is in it only for ``mode = "fedavg"``), each observer running those that
+  apply to what it sees (:meth:`AttackPlan.attacks_for`), and an attack named where it does
+  not apply is refused;
 - the curious client needs 3 or more clients per round (with 2, subtracting its own update
   leaves the other client's update exactly: that is the server's view, not an aggregate);
 - SecAgg+ needs 2 or more clients per round and the simulation engine (its legacy
   apps are not in the deployment's app); ``observers = "all"`` (the default) means every
-  observer the engine can run;
+  observer the engine can run that one of the named attacks applies to (``--attack
+  fedavg-sim`` alone: the server), and a named observer that none applies to is refused;
 - attacked rounds and clients must exist (``attack-rounds = "spread"``: the first, middle and
   last round); a silent faulty client shortens the round timeout;
 - an attack setting (observers, attacked rounds, grants, ...) given without an attack is
@@ -27,8 +33,9 @@ from a command line into a deployment's run config and back. Every rule lives he
   ``observers = "all"`` means the passive ones; the weights-only imprint needs a model whose
   first layer is linear on the image (``mlp``) with at least ``active-bins`` units, the
   imprint block the simulation engine (the clients run the server's ClientApp);
-- what the data allows (``check_data``): the dataset loads and the partition is feasible,
-  and an attacked FedAvg update holds at most :data:`MAX_UPDATE_IMAGES` images (a client with
+- what the data allows (``check_data``): the dataset loads and the partition is feasible
+  (every client holds an image, and at least ``samples-per-client`` when it is set), and an
+  attacked FedAvg update holds at most :data:`MAX_UPDATE_IMAGES` images (a client with
   1,000 images and one local epoch of batch 1 would ask for 1,000 dummy images), checked
   before any process starts.
 
@@ -54,6 +61,7 @@ from fl_sim.models import build_model
 
 __all__ = [
     "OBSERVERS",
+    "ONE_CLIENT_ATTACKS",
     "PASSIVE_OBSERVERS",
     "ACTIVE_ATTACKS",
     "BATCH_SIZE_GRANTS",
@@ -70,6 +78,10 @@ __all__ = [
 
 OBSERVERS = ("server", "client", "secagg", "active")
 PASSIVE_OBSERVERS = ("server", "client", "secagg")  # what "all" means: the servers that send the honest model
+# Attacks that read one client's own update, not an aggregate of several (fedavg-sim simulates
+# one client's local training), and the passive observer that sees one: the server.
+ONE_CLIENT_ATTACKS = frozenset({"fedavg-sim"})
+ONE_CLIENT_OBSERVERS = ("server",)
 # The active server's constructions (attacks.ACTIVE, built by attacks.imprint.construct).
 ACTIVE_ATTACKS = tuple(ACTIVE)
 # What the attackers are told of the number of images in the update they attack:
@@ -224,6 +236,11 @@ class AttackPlan:
     def is_active(self) -> bool:
         return "active" in self.observers
 
+    def attacks_for(self, observer: str) -> tuple[str, ...]:
+        """The plan's passive attacks that apply to what ``observer`` sees: those of
+        :data:`ONE_CLIENT_ATTACKS` only for an observer of one client's own update."""
+        return tuple(a for a in self.attacks if a not in ONE_CLIENT_ATTACKS or observer in ONE_CLIENT_OBSERVERS)
+
     def attacked(self, server_round: int, partition_id: int | None = None) -> bool:
         """Whether updates of ``server_round`` (and of client ``partition_id``) are attacked."""
         if self.rounds is not None and server_round not in self.rounds:
@@ -274,13 +291,13 @@ class ExperimentPlan:
                 if key != "attack" and key in given and str(given[key]).strip().lower() != str(default).strip().lower():
                     raise ConfigError(
                         key,
-                        "has no effect without an attack: name one (attack = rgap, dlg, idlg, ig "
+                        f"has no effect without an attack: name one (attack = {', '.join(attack_names())} "
                         "or all) or leave it out",
                     )
         if attacks or active:
             attack = AttackPlan(
                 attacks=tuple(attacks),
-                observers=tuple(_observer_list(resolved["observers"], engine)),
+                observers=tuple(_observer_list(resolved["observers"], engine, attacks)),
                 rounds=_rounds(resolved["attack-rounds"], fed.num_server_rounds),
                 clients=_ints("attack-clients", resolved["attack-clients"]),
                 max_per_round=_int("max-attacks-per-round", resolved["max-attacks-per-round"], 0),
@@ -366,6 +383,14 @@ class ExperimentPlan:
                 "active-attack" if a.active != _ATTACK_DEFAULTS["active-attack"] else "active-bins",
                 "has no effect without the active observer (--observers active)",
             )
+        for observer in a.passive if a.attacks else ():
+            if not a.attacks_for(observer):
+                raise ConfigError(
+                    "observers",
+                    f"the {observer} observer sees an aggregate of several clients' updates, and "
+                    f"{', '.join(a.attacks)} reads one client's own update: add another attack "
+                    "(ig, dlg, idlg) or leave that observer out (e.g. --observers server)",
+                )
         if a.grant_order and c.mode != "fedavg":
             raise ConfigError(
                 "grant-batch-order",
@@ -435,6 +460,13 @@ class ExperimentPlan:
         empty = [i for i, p in enumerate(parts) if len(p) == 0]
         if empty:
             raise ConfigError(key, f"client {empty[0]} gets no training image under this partition")
+        short = [i for i, p in enumerate(parts) if len(p) < c.samples_per_client]
+        if short:
+            raise ConfigError(
+                "samples-per-client",
+                f"client {short[0]} holds {len(parts[short[0]])} training images under this partition, "
+                f"fewer than {c.samples_per_client}",
+            )
         if self.attack is not None and self.attack.is_active:
             model = build_model(c.model, data.input_shape, data.num_classes)
             try:  # the construction on stand-in public images: does the model hold it?
@@ -450,6 +482,7 @@ class ExperimentPlan:
                 raise ConfigError(key, f"the active server's imprint: {exc}") from None
         if self.attack is not None and self.attack.passive and c.mode == "fedavg":
             held = max(len(p) for p in parts)
+            held = min(held, c.samples_per_client) if c.samples_per_client else held
             images = c.images_for(held)
             if images > MAX_UPDATE_IMAGES:
                 steps = c.steps_for(held)
@@ -457,7 +490,7 @@ class ExperimentPlan:
                     "local-steps" if c.local_steps else "local-epochs",
                     f"a client's FedAvg update would hold {images} images ({steps} local steps of "
                     f"{c.batch_size}): the attacks reconstruct at most {MAX_UPDATE_IMAGES} per update "
-                    "(set --local-steps, e.g. 5, or fewer images per client)",
+                    "(set --local-steps, e.g. 5, or fewer images per client with --samples-per-client)",
                 )
         return data
 
@@ -490,25 +523,39 @@ def one_step(cfg: RunConfig) -> bool:
     return cfg.mode == "fedsgd" or cfg.local_steps == 1
 
 
+def not_applicable(name: str, cfg: RunConfig) -> str | None:
+    """Why attack ``name`` does not apply to the updates of a run of ``cfg`` (one line), or
+    None when it does: the one rule that both ``attack = "all"`` and a named attack follow."""
+    if name == "rgap" and not one_step(cfg):
+        return (
+            "rgap inverts one sample's gradient, and a FedAvg update of several local steps is "
+            "not one: use ig, dlg or idlg (or --local-steps 1)"
+        )
+    if name == "fedavg-sim" and cfg.mode != "fedavg":
+        return (
+            "fedavg-sim simulates a FedAvg client's local training and reads its weight delta; "
+            "a FedSGD update is one batch's gradient: use --mode fedavg, or dlg, idlg, rgap or ig"
+        )
+    return None
+
+
 def _attack_list(text: Any, cfg: RunConfig) -> list[str]:
     """The named attacks; ``all`` is every registered attack that applies to the run's updates."""
     names = _names(text)
     if not names or names == ["none"]:
         return []
     if names == ["all"]:
-        return [n for n in attack_names() if n != "rgap" or one_step(cfg)]
+        return [n for n in attack_names() if not_applicable(n, cfg) is None]
     known = attack_names()
     bad = [n for n in names if n not in known]
     if bad or "none" in names:
         raise ConfigError(
             "attack", f"unknown attack {(bad or ['none'])[0]!r}: choose from {', '.join(known)}, all or none"
         )
-    if "rgap" in names and not one_step(cfg):
-        raise ConfigError(
-            "attack",
-            "rgap inverts one sample's gradient, and a FedAvg update of several local steps is "
-            "not one: use ig, dlg or idlg (or --local-steps 1)",
-        )
+    for name in names:
+        reason = not_applicable(name, cfg)
+        if reason is not None:
+            raise ConfigError("attack", reason)
     return list(dict.fromkeys(names))
 
 
@@ -524,10 +571,14 @@ def _rounds(text: Any, num_rounds: int) -> frozenset[int] | None:
         ) from None
 
 
-def _observer_list(text: Any, engine: Engine) -> list[str]:
-    """``all`` is every observer the engine can run (no SecAgg+ in a deployment)."""
+def _observer_list(text: Any, engine: Engine, attacks: list[str]) -> list[str]:
+    """``all`` is every observer the engine can run (no SecAgg+ in a deployment) that one of
+    ``attacks`` applies to (an attack of :data:`ONE_CLIENT_ATTACKS` only to the server)."""
     if str(text).strip() == "all":
-        return [o for o in PASSIVE_OBSERVERS if engine == "simulation" or o != "secagg"]
+        runs = [o for o in PASSIVE_OBSERVERS if engine == "simulation" or o != "secagg"]
+        if attacks and all(a in ONE_CLIENT_ATTACKS for a in attacks):
+            runs = [o for o in runs if o in ONE_CLIENT_OBSERVERS]
+        return runs
     names = _names(text)
     bad = [n for n in names if n not in OBSERVERS]
     if bad:

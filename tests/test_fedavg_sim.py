@@ -127,10 +127,9 @@ def test_epoch_alignment_undoes_a_shuffle_within_labels():
     assert epoch_layout(7, 6, assumed_schedule(7, 3, 6)) == ([3, 3, 1, 3, 3, 1], 3)
 
 
-def test_follows_the_interface_but_is_not_yet_in_the_registry():
-    """The plan's rules for a FedAvg-only attack (and what ``attack = "all"`` means then) come
-    before it joins ATTACKS: until then it is called as a class."""
-    assert "fedavg-sim" not in ATTACKS and issubclass(FedAvgSim, Attack) and FedAvgSim.name == "fedavg-sim"
+def test_follows_the_interface_and_is_registered():
+    """Registered like the others (the plan's rules for it: tests/test_plan.py)."""
+    assert ATTACKS["fedavg-sim"] is FedAvgSim and issubclass(FedAvgSim, Attack) and FedAvgSim.name == "fedavg-sim"
     attack = FedAvgSim(epoch_prior=0.5)
     assert attack.options.epoch_prior == 0.5
     with pytest.raises(ValueError, match="relabel_at"):

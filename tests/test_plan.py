@@ -164,10 +164,10 @@ def test_presets_fill_what_the_command_line_leaves_out():
 
 
 def test_fedavg_attacks_and_what_applies():
-    """Several local steps (or epochs): ig, dlg and idlg apply, R-GAP does not (named: refused;
-    in all: left out); one local step is a gradient, so R-GAP applies."""
+    """Several local steps (or epochs): ig, dlg, idlg and fedavg-sim apply, R-GAP does not
+    (named: refused; in all: left out); one local step is a gradient, so R-GAP applies."""
     many = ExperimentPlan.from_mapping({"attack": "all", "mode": "fedavg", "local-epochs": 2})
-    assert set(many.attack.attacks) == {"dlg", "idlg", "ig"}
+    assert set(many.attack.attacks) == {"dlg", "idlg", "ig", "fedavg-sim"}
     one = ExperimentPlan.from_mapping({"attack": "all", "mode": "fedavg", "local-steps": 1})
     assert "rgap" in one.attack.attacks
     with pytest.raises(ConfigError, match="rgap inverts one sample's gradient") as err:
@@ -178,3 +178,61 @@ def test_fedavg_attacks_and_what_applies():
     )
     assert granted.attack.grant_order and granted.to_mapping()["grant-batch-order"] is True
     assert ExperimentPlan.from_mapping(granted.to_mapping()) == granted
+
+
+def test_fedavg_sim_reads_fedavg_weight_deltas_and_only_the_servers_view():
+    """fedavg-sim simulates one FedAvg client's local training: in "all" only for mode fedavg,
+    named under FedSGD refused; among the observers only the server (one client's own update)
+    runs it, "all" observers with fedavg-sim alone is the server, and a named aggregate
+    observer left without any attack is refused."""
+    fedsgd = ExperimentPlan.from_mapping({"attack": "all", "mode": "fedsgd"})
+    assert "fedavg-sim" not in fedsgd.attack.attacks
+    with pytest.raises(ConfigError, match="fedavg-sim simulates a FedAvg client's local training") as err:
+        ExperimentPlan.from_mapping({"attack": "fedavg-sim"})  # the papers' FedSGD preset
+    assert err.value.key == "attack" and "\n" not in str(err.value)
+    alone = ExperimentPlan.from_mapping({"attack": "fedavg-sim", "mode": "fedavg", "num-clients": 2})
+    assert alone.attack.attacks == ("fedavg-sim",) and alone.attack.observers == ("server",)
+    every = ExperimentPlan.from_mapping({"attack": "all", "mode": "fedavg", "observers": "all"})
+    assert every.attack.observers == ("server", "client", "secagg")
+    assert every.attack.attacks_for("server") == ("dlg", "idlg", "ig", "fedavg-sim")
+    assert every.attack.attacks_for("client") == every.attack.attacks_for("secagg") == ("dlg", "idlg", "ig")
+    with pytest.raises(ConfigError, match="the client observer sees an aggregate") as err:
+        ExperimentPlan.from_mapping({"attack": "fedavg-sim", "mode": "fedavg", "observers": "server,client"})
+    assert err.value.key == "observers"
+    mixed = ExperimentPlan.from_mapping({"attack": "fedavg-sim,ig", "mode": "fedavg", "observers": "server,secagg"})
+    assert mixed.attack.attacks_for("secagg") == ("ig",) and ExperimentPlan.from_mapping(mixed.to_mapping()) == mixed
+
+
+def test_samples_per_client_keeps_a_seeded_nested_choice_of_each_partition():
+    """--samples-per-client N: each client trains on N images of its partition, a seeded
+    choice (the first N of a seeded order: nested in N + 10, not one class of a dataset stored
+    class by class); its FedAvg schedule and reply count use them; too many for a partition,
+    or a negative N, is refused naming the key."""
+    from fl_sim.task import client_indices, client_round, local_schedule
+
+    plan = ExperimentPlan.from_mapping(
+        {"attack": "fedavg-sim", "mode": "fedavg", "num-clients": 2, "local-epochs": 5, "batch-size": 5}
+        | {"samples-per-client": 50, "model": "cnn6", "init": "kaiming", "lr": 0.004}
+    )
+    data = plan.check_data()
+    c = plan.fed
+    assert c.samples_per_client == 50 and ExperimentPlan.from_mapping(plan.to_mapping()) == plan
+    full = client_indices(c.replace(samples_per_client=0), 0, 2)
+    mine = client_indices(c, 0, 2)
+    assert len(full) == 2000 and len(mine) == 50 and set(mine) <= set(full)
+    assert set(mine) <= set(client_indices(c.replace(samples_per_client=60), 0, 2))
+    assert len(set(mine) & set(client_indices(c, 1, 2))) == 0
+    assert len(data.train_y[mine].unique()) >= 8  # a random choice, not the first class
+    assert list(mine) == list(client_indices(c, 0, 2))  # seeded
+    batches = local_schedule(c, 0, 2, 1)
+    assert len(batches) == 50 and sorted({int(i) for b in batches for i in b}) == sorted(mine.tolist())
+    from fl_sim.models import build_model
+
+    model = build_model("cnn6", data.input_shape, data.num_classes, init="kaiming", seed=0)
+    update = client_round(c, 0, 1, data, model)
+    assert (update.num_examples, update.steps) == (50, 50)
+    with pytest.raises(ConfigError, match=r"must be >= 1 \(or 0: all of the partition\), got -1") as err:
+        ExperimentPlan.from_mapping({"samples-per-client": -1})
+    assert err.value.key == "samples-per-client"
+    with pytest.raises(ConfigError, match="client 0 holds 2000 training images under this partition, fewer than 3000"):
+        ExperimentPlan.from_mapping({"num-clients": 2, "samples-per-client": 3000}).check_data()

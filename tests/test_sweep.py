@@ -69,6 +69,7 @@ def test_cells_share_a_training_run_when_only_the_attack_setting_differs(tmp_pat
         ("[[grid]]\nseed = 3", "[[grid]] seed: expected a non-empty list of values"),
         ("[train]\nbatch-size = 0\n[[grid]]\nseed = [0]", "[train] batch-size: must be >= 1, got 0"),
         ('[attack]\nattack = "rgap"', "no [[grid]] block"),
+        ('[attack]\nattack = "nope"\n[[grid]]\nseed = [0]', "[attack] attack: unknown attack 'nope'"),
         ("[[grid]\n", "not valid TOML"),
         ("extra = 1\n[[grid]]\nseed = [0]", "unknown entry 'extra'"),
     ],
@@ -264,3 +265,19 @@ def test_pooling_small_grid_in_parallel_max_pool_refused_by_rgap_with_its_rank_t
     summary = (out / "summary.md").read_text()
     assert "## R-GAP's rank analysis of each model" in summary and "| cnn6 | 6 |" in summary
     assert (out / "psnr_by_model.png").exists()
+
+
+def test_a_fedavg_sim_spec_parses_and_its_cells_are_valid_plans(tmp_path):
+    """An attack that applies to one mode only (fedavg-sim: FedAvg) is a valid spec value; the
+    cells carry --samples-per-client into both runs."""
+    spec = tmp_path / "fedavg-sim.toml"
+    spec.write_text(
+        '[attack]\nattack = "fedavg-sim"\nmode = "fedavg"\nnum-clients = 2\n[train]\nmode = "fedavg"\n'
+        "[[grid]]\nsamples-per-client = [10, 20]\nlocal-epochs = [1, 2]\n"
+    )
+    cells = load_spec(str(spec)).cells()
+    assert len(cells) == 4
+    for cell in cells:
+        plan = ExperimentPlan.from_mapping(cell.attack)
+        assert plan.attack.attacks == ("fedavg-sim",) and plan.attack.observers == ("server",)
+        assert cell.train["samples-per-client"] == plan.fed.samples_per_client

@@ -74,18 +74,32 @@ def bins_and_images(out: Path, trials: int) -> pd.DataFrame:
         if name == "mlp":
             model = plant_imprint(build_model("mlp", shape, data.num_classes, seed=0), shape, plan)
         else:
-            model = imprint_block_model(build_model("cnn6", shape, data.num_classes, init="kaiming", seed=0), shape, plan)
+            model = imprint_block_model(
+                build_model("cnn6", shape, data.num_classes, init="kaiming", seed=0), shape, plan
+            )
         for images in (8, 16, 32, 64, 128, 256):
             got, secs = [], []
             for t in range(trials):
-                idx = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(1000 * t + images))[:images]
+                idx = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(1000 * t + images))[
+                    :images
+                ]
                 n, s = _recovered(model, to_float(data.train_x[idx]), data.train_y[idx], shape)
                 got.append(n / images)
                 secs.append(s)
-            rows.append({"model": name, "bins": bins, "images": images, "recovered": statistics.mean(got),
-                         "expected": expected_recovery(bins, images), "attack_seconds": statistics.median(secs)})
-            print(f"   {name:10s} bins {bins:5d} images {images:4d}: recovered {rows[-1]['recovered']:.3f} "
-                  f"(expected {rows[-1]['expected']:.3f}), {rows[-1]['attack_seconds'] * 1000:.1f} ms")
+            rows.append(
+                {
+                    "model": name,
+                    "bins": bins,
+                    "images": images,
+                    "recovered": statistics.mean(got),
+                    "expected": expected_recovery(bins, images),
+                    "attack_seconds": statistics.median(secs),
+                }
+            )
+            print(
+                f"   {name:10s} bins {bins:5d} images {images:4d}: recovered {rows[-1]['recovered']:.3f} "
+                f"(expected {rows[-1]['expected']:.3f}), {rows[-1]['attack_seconds'] * 1000:.1f} ms"
+            )
     table = pd.DataFrame(rows)
     table.to_csv(out / "recovery.csv", index=False)
     _plot(table, out / "recovery.png")
@@ -113,35 +127,71 @@ def _by_observer(folder: Path) -> dict[str, tuple[int, int, float, float]]:
     d = pd.read_csv(folder / "results.csv")
     out = {}
     for observer, g in d.groupby("observer"):
-        out[observer] = (int(g["recovered"].sum()), int(g["images"].sum()), float(g["psnr"].median()),
-                         float(g["seconds"].median()))
+        out[observer] = (
+            int(g["recovered"].sum()),
+            int(g["images"].sum()),
+            float(g["psnr"].median()),
+            float(g["seconds"].median()),
+        )
     return out
 
 
 def target(out: Path, trials: int, device: str = "auto") -> None:
     got = {"active": [0, 0], "active-secagg": [0, 0]}
     for seed in range(trials):
-        folder = _run(["--attack", "none", "--observers", "active,secagg", "--batch-size", "16", "--clients", "4",
-                       "--seed", str(seed)], out / f"target-s{seed}", device)
+        folder = _run(
+            [
+                "--attack",
+                "none",
+                "--observers",
+                "active,secagg",
+                "--batch-size",
+                "16",
+                "--clients",
+                "4",
+                "--seed",
+                str(seed),
+            ],
+            out / f"target-s{seed}",
+            device,
+        )
         for observer, (rec, images, psnr, secs) in _by_observer(folder).items():
             got[observer][0] += rec
             got[observer][1] += images
-            print(f"   seed {seed} {observer:13s}: {rec}/{images} at >= 30 dB, median {psnr:.1f} dB, "
-                  f"{secs:.2f} s per row (scoring included)")
+            print(
+                f"   seed {seed} {observer:13s}: {rec}/{images} at >= 30 dB, median {psnr:.1f} dB, "
+                f"{secs:.2f} s per row (scoring included)"
+            )
     for observer, (rec, images) in got.items():
-        print(f"   {observer}: {rec}/{images} = {rec / max(images, 1):.3f} over {trials} seeds "
-              f"(expected {expected_recovery(500, 64 if observer == 'active-secagg' else 16):.3f})")
+        print(
+            f"   {observer}: {rec}/{images} = {rec / max(images, 1):.3f} over {trials} seeds "
+            f"(expected {expected_recovery(500, 64 if observer == 'active-secagg' else 16):.3f})"
+        )
 
 
 def table(out: Path, device: str = "auto") -> None:
     for clients in (4, 10):
         for batch in (1, 8, 32):
-            folder = _run(["--attack", "none", "--observers", "active,secagg", "--batch-size", str(batch),
-                           "--clients", str(clients)], out / f"table-c{clients}-b{batch}", device)
+            folder = _run(
+                [
+                    "--attack",
+                    "none",
+                    "--observers",
+                    "active,secagg",
+                    "--batch-size",
+                    str(batch),
+                    "--clients",
+                    str(clients),
+                ],
+                out / f"table-c{clients}-b{batch}",
+                device,
+            )
             for observer, (rec, images, psnr, _) in _by_observer(folder).items():
                 n = batch if observer == "active" else batch * clients
-                print(f"   {clients:2d} clients x batch {batch:2d} {observer:13s}: {rec}/{images} "
-                      f"({rec / max(images, 1):.3f}; expected {expected_recovery(500, n):.3f}), median {psnr:.1f} dB")
+                print(
+                    f"   {clients:2d} clients x batch {batch:2d} {observer:13s}: {rec}/{images} "
+                    f"({rec / max(images, 1):.3f}; expected {expected_recovery(500, n):.3f}), median {psnr:.1f} dB"
+                )
 
 
 def clients_see(out: Path, device: str = "auto") -> None:
@@ -149,12 +199,16 @@ def clients_see(out: Path, device: str = "auto") -> None:
     folder = _run(common + ["--audit", "log:probe=false"], out / "audit-log", device)
     audit = pd.read_csv(folder / "audit.csv")
     for r, g in audit.groupby("round"):
-        print(f"   log: round {r}: tampering flagged by {int(g['tampered'].astype(str).isin(['True', 'true']).sum())} "
-              f"of {len(g)} clients ({g['tamper_reason'].dropna().astype(str).head(1).tolist()})")
+        print(
+            f"   log: round {r}: tampering flagged by {int(g['tampered'].astype(str).isin(['True', 'true']).sum())} "
+            f"of {len(g)} clients ({g['tamper_reason'].dropna().astype(str).head(1).tolist()})"
+        )
     folder = _run(common + ["--audit", "block:probe=false"], out / "audit-block", device)
     d = pd.read_csv(folder / "results.csv")
-    print(f"   block: active rows {len(d)}, statuses {d['status'].value_counts().to_dict()}, "
-          f"recovered {int(pd.to_numeric(d['recovered'], errors='coerce').fillna(0).sum())}")
+    print(
+        f"   block: active rows {len(d)}, statuses {d['status'].value_counts().to_dict()}, "
+        f"recovered {int(pd.to_numeric(d['recovered'], errors='coerce').fillna(0).sum())}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

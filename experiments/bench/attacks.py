@@ -62,8 +62,21 @@ from fl_sim.data import DatasetError, load_dataset, read_npz
 from fl_sim.device import DeviceError, resolve_device
 from fl_sim.models import build_model, model_names
 
-FIELDS = ["seed", "variant", "index", "label", "psnr", "mse", "ssim", "label_correct", "seconds", "steps", "evaluations",
-          "status", "reason"]
+FIELDS = [
+    "seed",
+    "variant",
+    "index",
+    "label",
+    "psnr",
+    "mse",
+    "ssim",
+    "label_correct",
+    "seconds",
+    "steps",
+    "evaluations",
+    "status",
+    "reason",
+]
 
 
 class BenchError(Exception):
@@ -79,38 +92,73 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m experiments.bench.attacks", description=__doc__.split("\n\n")[0])
     p.add_argument("--attack", required=True, choices=list(ATTACKS))
     p.add_argument("--model", required=True, choices=model_names())
-    p.add_argument("--data", required=True,
-                   help="npz:PATH (keys images, labels), e.g. npz:data/cifar10_test150.npz, or mnist5k")
+    p.add_argument(
+        "--data", required=True, help="npz:PATH (keys images, labels), e.g. npz:data/cifar10_test150.npz, or mnist5k"
+    )
     p.add_argument("--images", type=int, default=20, help="attack the first N images (default: 20)")
     p.add_argument("--batch", type=int, default=1, help="images per update (default: 1)")
     seeds = p.add_mutually_exclusive_group()
-    seeds.add_argument("--seed", type=int, default=None, help="one seed (the model's initialisation and the attack's draws)")
-    seeds.add_argument("--seeds", default=None, metavar="SPEC",
-                       help="several seeds, one run each: 0-4, 0,1,2 or 0-2,7 (default: 0)")
-    p.add_argument("--head", choices=["paper", "multiclass", "logit"], default="paper",
-                   help="paper (the default): a logit for the CNN6 family (R-GAP), softmax otherwise")
-    p.add_argument("--label", choices=["demo", "random"], default=None,
-                   help="a logit head's binary label: demo (opposite to the model's prediction, R-GAP's demo; "
-                        "the default) or random (seeded)")
+    seeds.add_argument(
+        "--seed", type=int, default=None, help="one seed (the model's initialisation and the attack's draws)"
+    )
+    seeds.add_argument(
+        "--seeds", default=None, metavar="SPEC", help="several seeds, one run each: 0-4, 0,1,2 or 0-2,7 (default: 0)"
+    )
+    p.add_argument(
+        "--head",
+        choices=["paper", "multiclass", "logit"],
+        default="paper",
+        help="paper (the default): a logit for the CNN6 family (R-GAP), softmax otherwise",
+    )
+    p.add_argument(
+        "--label",
+        choices=["demo", "random"],
+        default=None,
+        help="a logit head's binary label: demo (opposite to the model's prediction, R-GAP's demo; "
+        "the default) or random (seeded)",
+    )
     grant = p.add_mutually_exclusive_group()
     grant.add_argument("--labels-known", action="store_true", help="grant the attacker the labels")
-    grant.add_argument("--no-labels", action="store_true", help="grant no labels, R-GAP included (it then recovers them)")
+    grant.add_argument(
+        "--no-labels", action="store_true", help="grant no labels, R-GAP included (it then recovers them)"
+    )
     p.add_argument("--max-steps", type=int, default=None, help="cap on the attack's optimisation steps")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="an option of the attack (a Python literal), e.g. image_std=1.0; repeatable")
-    p.add_argument("--faithful", action="store_true",
-                   help="dlg/idlg: the original algorithm (attacks.dlg.FAITHFUL, 300 steps)")
-    p.add_argument("--fresh-solver", action="store_true",
-                   help="rgap: a new solver per image (no reuse of the weights' matrices across images)")
-    p.add_argument("--versus", action="append", default=[], metavar="KEY=VALUE",
-                   help="also run every image with these options on top (variant B; the word fresh-solver: R-GAP "
-                        "with a new solver per image) and print B against A; repeatable")
-    p.add_argument("--threads", type=int, default=1,
-                   help="PyTorch intra-op threads; 1 because the attacks' small operations gain little from a "
-                        "second thread, and on a shared machine a busy core makes two threads many times slower (default: 1)")
-    p.add_argument("--device", default="auto",
-                   help="where the attacks compute: auto (cuda when torch sees a GPU), cpu or cuda; the updates are "
-                        "computed on the CPU either way (default: auto)")
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the attack (a Python literal), e.g. image_std=1.0; repeatable",
+    )
+    p.add_argument(
+        "--faithful", action="store_true", help="dlg/idlg: the original algorithm (attacks.dlg.FAITHFUL, 300 steps)"
+    )
+    p.add_argument(
+        "--fresh-solver",
+        action="store_true",
+        help="rgap: a new solver per image (no reuse of the weights' matrices across images)",
+    )
+    p.add_argument(
+        "--versus",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="also run every image with these options on top (variant B; the word fresh-solver: R-GAP "
+        "with a new solver per image) and print B against A; repeatable",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="PyTorch intra-op threads; 1 because the attacks' small operations gain little from a "
+        "second thread, and on a shared machine a busy core makes two threads many times slower (default: 1)",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="where the attacks compute: auto (cuda when torch sees a GPU), cpu or cuda; the updates are "
+        "computed on the CPU either way (default: auto)",
+    )
     p.add_argument("--out", default=None, help="CSV with one row per image")
     return p
 
@@ -204,7 +252,9 @@ class Variant:
     make: Callable[[], Callable[..., AttackResult]]
 
     def describe(self) -> str:
-        parts = [f"{k}={v}" for k, v in self.overrides.items()] + (["fresh solver per image"] if self.fresh_solver else [])
+        parts = [f"{k}={v}" for k, v in self.overrides.items()] + (
+            ["fresh solver per image"] if self.fresh_solver else []
+        )
         return ", ".join(parts) or "defaults"
 
 
@@ -218,7 +268,7 @@ def make_variant(args: argparse.Namespace, name: str, overrides: dict[str, Any],
     try:
         if args.attack in ("dlg", "idlg"):
             opts = (FAITHFUL if args.faithful else DLG_DEFAULT).override(overrides, attack=args.attack)
-            return Variant(name, overrides, fresh_solver, lambda: (lambda *a, **k: fn(*a, options=opts, **k)))
+            return Variant(name, overrides, fresh_solver, lambda: lambda *a, **k: fn(*a, options=opts, **k))
         if args.attack == "rgap":
             rgap_opts = RGAPOptions().override(overrides, attack="rgap")
             return Variant(name, overrides, fresh_solver, lambda: RGAP(rgap_opts))
@@ -228,7 +278,7 @@ def make_variant(args: argparse.Namespace, name: str, overrides: dict[str, Any],
     unknown = sorted(set(overrides) - accepted)
     if unknown:
         raise BenchError(f"{args.attack} has no option {', '.join(unknown)} (options: {', '.join(sorted(accepted))})")
-    return Variant(name, overrides, fresh_solver, lambda: (lambda *a, **k: fn(*a, **overrides, **k)))
+    return Variant(name, overrides, fresh_solver, lambda: lambda *a, **k: fn(*a, **overrides, **k))
 
 
 def variants(args: argparse.Namespace) -> list[Variant]:
@@ -249,8 +299,9 @@ def variants(args: argparse.Namespace) -> list[Variant]:
 # --------------------------------------------------------------------------- the runs
 
 
-def _targets(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, head: str, rule: str,
-             gen: torch.Generator | None) -> torch.Tensor:
+def _targets(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, head: str, rule: str, gen: torch.Generator | None
+) -> torch.Tensor:
     """The labels the client trains on: the dataset's for a softmax head; for a logit head
     R-GAP's demo label (opposite to the prediction) or a seeded random one."""
     if head != "logit":
@@ -261,8 +312,15 @@ def _targets(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, head: str
         return (model(x).squeeze(-1) <= 0).long()
 
 
-def _attack_rows(attack: Callable[..., AttackResult], model: torch.nn.Module, grads: list[torch.Tensor],
-                 x: torch.Tensor, target: torch.Tensor, threat: ThreatModel, seed: int) -> list[dict]:
+def _attack_rows(
+    attack: Callable[..., AttackResult],
+    model: torch.nn.Module,
+    grads: list[torch.Tensor],
+    x: torch.Tensor,
+    target: torch.Tensor,
+    threat: ThreatModel,
+    seed: int,
+) -> list[dict]:
     """Run one attack on one update; one row per image of the batch (an exception is a row)."""
     t0 = time.perf_counter()
     try:
@@ -275,25 +333,43 @@ def _attack_rows(attack: Callable[..., AttackResult], model: torch.nn.Module, gr
         status, reason, steps, secs = "error", f"{type(exc).__name__}: {exc}"[:200], 0, time.perf_counter() - t0
         evaluations = math.nan
     granted = threat.labels is not None
-    return [{"psnr": sc["psnr"], "mse": sc["mse"], "ssim": sc["ssim"],
-             "label_correct": math.nan if granted else sc.get("label_correct", math.nan),
-             "seconds": secs / len(x), "steps": steps, "evaluations": evaluations, "status": status, "reason": reason}
-            for sc in scores]
+    return [
+        {
+            "psnr": sc["psnr"],
+            "mse": sc["mse"],
+            "ssim": sc["ssim"],
+            "label_correct": math.nan if granted else sc.get("label_correct", math.nan),
+            "seconds": secs / len(x),
+            "steps": steps,
+            "evaluations": evaluations,
+            "status": status,
+            "reason": reason,
+        }
+        for sc in scores
+    ]
 
 
-def _run_seed(args: argparse.Namespace, seed: int, data: BenchImages, head: str, runs: list[Variant], granted: bool,
-              write: Callable[[dict], None]) -> dict[str, list[dict]]:
+def _run_seed(
+    args: argparse.Namespace,
+    seed: int,
+    data: BenchImages,
+    head: str,
+    runs: list[Variant],
+    granted: bool,
+    write: Callable[[dict], None],
+) -> dict[str, list[dict]]:
     """Every image (or batch) of one seed, attacked by every variant; rows by variant."""
     kwargs = {"head": head} if args.model.startswith("cnn6") else {}
-    model = build_model(args.model, tuple(data.images.shape[1:]), data.num_classes, init="paper", seed=seed,
-                        **kwargs).eval()
+    model = build_model(
+        args.model, tuple(data.images.shape[1:]), data.num_classes, init="paper", seed=seed, **kwargs
+    ).eval()
     # the client's gradients on the CPU model; the attacks on a copy where --device says
     attacked = copy.deepcopy(model).to(args.device)
     label_gen = torch.Generator().manual_seed(seed)
     attacks = {v.name: v.make() for v in runs}
     rows: dict[str, list[dict]] = {v.name: [] for v in runs}
     for number, start in enumerate(range(0, len(data.images), args.batch)):
-        x, y = data.images[start:start + args.batch], data.labels[start:start + args.batch]
+        x, y = data.images[start : start + args.batch], data.labels[start : start + args.batch]
         target = _targets(model, x, y, head, args.label or "demo", label_gen)
         grads = [g.detach() for g in torch.autograd.grad(training_loss(model(x), target), list(model.parameters()))]
         threat = ThreatModel(labels=target if granted else None, batch_size=len(x))
@@ -302,16 +378,29 @@ def _run_seed(args: argparse.Namespace, seed: int, data: BenchImages, head: str,
             if v.fresh_solver:
                 attacks[v.name] = v.make()
             for i, row in enumerate(_attack_rows(attacks[v.name], attacked, grads, x, target, threat, seed + start)):
-                row = {"seed": seed, "variant": v.name, "index": int(data.index[start + i]), "label": int(target[i]), **row}
+                row = {
+                    "seed": seed,
+                    "variant": v.name,
+                    "index": int(data.index[start + i]),
+                    "label": int(target[i]),
+                    **row,
+                }
                 rows[v.name].append(row)
                 write(row)
-                lab = "granted" if granted else ("--" if math.isnan(row["label_correct"]) else
-                                                 "ok" if row["label_correct"] == 1 else "WRONG")
+                lab = (
+                    "granted"
+                    if granted
+                    else ("--" if math.isnan(row["label_correct"]) else "ok" if row["label_correct"] == 1 else "WRONG")
+                )
                 evals = "" if math.isnan(row["evaluations"]) else f"  {row['evaluations']:6.0f} evals"
                 tag = f"{v.name}  " if len(runs) > 1 else ""
-                print(f"  {tag}seed {seed}  image {row['index']:5d}  label {row['label']:3d}  PSNR {row['psnr']:6.2f} dB  "
-                      f"SSIM {row['ssim']:.3f}  label {lab}  {row['seconds']:6.2f} s  {row['steps']:5d} steps{evals}  "
-                      f"{row['status']}", flush=True)
+                print(
+                    f"  {tag}seed {seed}  image {row['index']:5d}  label "
+                    f"{row['label']:3d}  PSNR {row['psnr']:6.2f} dB  "
+                    f"SSIM {row['ssim']:.3f}  label {lab}  {row['seconds']:6.2f} s  {row['steps']:5d} steps{evals}  "
+                    f"{row['status']}",
+                    flush=True,
+                )
     return rows
 
 
@@ -325,25 +414,35 @@ def summary(rows: list[dict], granted: bool) -> str:
     finite = [min(p, 300.0) for p in psnrs if p > -math.inf]
     labels = [r["label_correct"] for r in rows if not math.isnan(r["label_correct"])]
     evals = [r["evaluations"] for r in rows if not math.isnan(r["evaluations"])]
-    label_text = "labels granted" if granted else (f"labels {100 * statistics.mean(labels):.0f}%" if labels else "labels --")
-    return (f"success (>= {SUCCESS_PSNR:.0f} dB) {sum(p >= SUCCESS_PSNR for p in psnrs)}/{len(rows)} | "
-            f"median PSNR {statistics.median(psnrs):.2f} dB | min {min(psnrs):.2f} dB | "
-            f"mean {statistics.mean(finite) if finite else math.nan:.2f} dB | {label_text} | "
-            f"median {statistics.median(r['seconds'] for r in rows):.2f} s/image"
-            + (f" | median {statistics.median(evals):.0f} evaluations/image" if evals else ""))
+    label_text = (
+        "labels granted" if granted else (f"labels {100 * statistics.mean(labels):.0f}%" if labels else "labels --")
+    )
+    return (
+        f"success (>= {SUCCESS_PSNR:.0f} dB) {sum(p >= SUCCESS_PSNR for p in psnrs)}/{len(rows)} | "
+        f"median PSNR {statistics.median(psnrs):.2f} dB | min {min(psnrs):.2f} dB | "
+        f"mean {statistics.mean(finite) if finite else math.nan:.2f} dB | {label_text} | "
+        f"median {statistics.median(r['seconds'] for r in rows):.2f} s/image"
+        + (f" | median {statistics.median(evals):.0f} evaluations/image" if evals else "")
+    )
 
 
 def comparison(a: list[dict], b: list[dict]) -> str:
     """B against A on the same images: medians of the per-image ratios of seconds and
     evaluations (both measured in this process, side by side) and of the PSNR difference."""
+
     def ratio(key: str) -> str:
-        pairs = [rb[key] / ra[key] for ra, rb in zip(a, b)
-                 if ra[key] > 0 and not (math.isnan(ra[key]) or math.isnan(rb[key]))]
+        pairs = [
+            rb[key] / ra[key]
+            for ra, rb in zip(a, b)
+            if ra[key] > 0 and not (math.isnan(ra[key]) or math.isnan(rb[key]))
+        ]
         return f"{statistics.median(pairs):.2f}" if pairs else "--"
 
     diffs = [min(_psnr(rb), 300.0) - min(_psnr(ra), 300.0) for ra, rb in zip(a, b)]
-    return (f"B/A seconds {ratio('seconds')} | B/A evaluations {ratio('evaluations')} | "
-            f"B - A PSNR {statistics.median(diffs):+.2f} dB (median per image)")
+    return (
+        f"B/A seconds {ratio('seconds')} | B/A evaluations {ratio('evaluations')} | "
+        f"B - A PSNR {statistics.median(diffs):+.2f} dB (median per image)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -379,11 +478,15 @@ def main(argv: list[str] | None = None) -> int:
             out_file.flush()
 
     granted = args.labels_known or (args.attack == "rgap" and not args.no_labels)
-    print(f"{args.attack}{' (faithful)' if args.faithful else ''} on {args.model} ({head} head, paper init), {args.data}: "
-          f"{len(data.images)} images in batches of {args.batch}, seeds {', '.join(map(str, seeds))}"
-          + (f", label {args.label or 'demo'}" if head == "logit" else "")
-          + f", labels {'granted' if granted else 'not granted'}, {args.threads} thread(s) on {args.device}"
-          + (f", options {runs[0].describe()}" if runs[0].overrides or runs[0].fresh_solver else ""), flush=True)
+    print(
+        f"{args.attack}{' (faithful)' if args.faithful else ''} on "
+        f"{args.model} ({head} head, paper init), {args.data}: "
+        f"{len(data.images)} images in batches of {args.batch}, seeds {', '.join(map(str, seeds))}"
+        + (f", label {args.label or 'demo'}" if head == "logit" else "")
+        + f", labels {'granted' if granted else 'not granted'}, {args.threads} thread(s) on {args.device}"
+        + (f", options {runs[0].describe()}" if runs[0].overrides or runs[0].fresh_solver else ""),
+        flush=True,
+    )
     if len(runs) > 1:
         print(f"A: {runs[0].describe()}; B: {runs[1].describe()} (each image attacked by both, in alternating order)")
     for note in data.notes:
@@ -410,7 +513,9 @@ def main(argv: list[str] | None = None) -> int:
         for seed, by_variant in per_seed.items():
             print(f"seed {seed}: {comparison(by_variant['A'], by_variant['B'])}")
         if len(seeds) > 1:
-            print(f"all {len(seeds)} seeds: {comparison(*([r for bv in per_seed.values() for r in bv[k]] for k in 'AB'))}")
+            print(
+                f"all {len(seeds)} seeds: {comparison(*([r for bv in per_seed.values() for r in bv[k]] for k in 'AB'))}"
+            )
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS {peak_mib:.0f} MiB")
     return 0

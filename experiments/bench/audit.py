@@ -16,7 +16,8 @@ Five measurements, each a real run of ``python -m experiments.run`` in its own f
    of an imprint's bins) in each round's honest global model of run 2, checked by the same
    function the mod uses: detected in how many rounds.
 4. **risk ranking**: Flower's quickstart configuration (FedAvg, 3 local epochs, batches of
-   32, 10 clients, CIFAR-10 from data/cifar10_train400.npz when present: ``scripts/make_npz.py`` makes it) with ``--audit log:probe=false``
+   32, 10 clients, CIFAR-10 from data/cifar10_train400.npz when present: ``scripts/make_npz.py``
+   makes it) with ``--audit log:probe=false``
    for the flags; what the server's attacks recover on the same updates comes from a
    finished realistic-row run folder (``--attacked FOLDER``, optional): the confusion table
    of flagged against recovered (>= 30 dB).
@@ -34,11 +35,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..run import main as run_main
-from fl_sim.mods.audit import tampering
 from fl_sim.data import load_dataset
 from fl_sim.device import DEVICES
 from fl_sim.models import build_model
+from fl_sim.mods.audit import tampering
+
+from ..run import main as run_main
 
 
 def _run(args: list[str], out: Path, device: str = "auto") -> tuple[float, Path]:
@@ -66,37 +68,70 @@ def protect(out: Path, budget: float, device: str = "auto") -> None:
     print(f"   {'attack':8s} {'undefended dB':>14s} {'protected dB':>13s}")
     for a in sorted(before):
         print(f"   {a:8s} {before[a]:14.1f} {after.get(a, float('nan')):13.1f}")
-    print(f"   actions: {audit['action'].value_counts().to_dict()}; strengths chosen: "
-          f"{audit['defence'].value_counts().to_dict()}")
-    print(f"   probe seconds per reply: median {audit['probe_seconds'].median():.1f} (max {audit['probe_seconds'].max():.1f}); "
-          f"probe's PSNR after protection: median {audit['protected_psnr'].median():.1f} dB")
+    print(
+        f"   actions: {audit['action'].value_counts().to_dict()}; strengths chosen: "
+        f"{audit['defence'].value_counts().to_dict()}"
+    )
+    print(
+        f"   probe seconds per reply: median {audit['probe_seconds'].median():.1f} "
+        f"(max {audit['probe_seconds'].max():.1f}); "
+        f"probe's PSNR after protection: median {audit['protected_psnr'].median():.1f} dB"
+    )
     res = pd.read_csv(guarded / "results.csv")
     best = res.groupby(["round", "client"])["psnr"].max()
-    print(f"   replies some server attack still reconstructs at >= 20 dB: {int((best >= 20).sum())}/{len(best)} "
-          f"(best per reply: median {best.median():.1f}, max {best.max():.1f} dB)")
+    print(
+        f"   replies some server attack still reconstructs at >= 20 dB: {int((best >= 20).sum())}/{len(best)} "
+        f"(best per reply: median {best.median():.1f}, max {best.max():.1f} dB)"
+    )
     print(f"   wall: undefended {t0:.0f} s, protected {t1:.0f} s (probe cap {budget:g} s)")
 
 
 def analytic(out: Path, rounds: int, device: str = "auto") -> None:
-    t, folder = _run(["--attack", "none", "--mode", "fedsgd", "--batch-size", "1", "--clients", "10",
-                      "--rounds", str(rounds), "--server-lr", "0.1", "--model", "cnn6",
-                      "--audit", "log:probe=false"], out / "honest", device)
+    t, folder = _run(
+        [
+            "--attack",
+            "none",
+            "--mode",
+            "fedsgd",
+            "--batch-size",
+            "1",
+            "--clients",
+            "10",
+            "--rounds",
+            str(rounds),
+            "--server-lr",
+            "0.1",
+            "--model",
+            "cnn6",
+            "--audit",
+            "log:probe=false",
+        ],
+        out / "honest",
+        device,
+    )
     audit = pd.read_csv(folder / "audit.csv")
     later = audit[audit["round"] > 1]  # round 1 computes R-GAP's rank once per client (kept in its context)
     ratio = (later["checks_seconds"] / later["train_seconds"]).median()
     acc = pd.read_csv(folder / "rounds.csv")["test_accuracy"].iloc[-1]
-    print(f"\n2. the analytic checks on the demo federation (CNN6, FedSGD, 10 clients, {rounds} rounds, {t:.0f} s, "
-          f"final accuracy {acc:.3f})")
-    print(f"   per reply after round 1: checks {later['checks_seconds'].median() * 1e3:.2f} ms, the client's handler "
-          f"{later['train_seconds'].median() * 1e3:.2f} ms: ratio {ratio:.2f} (median over {len(later)} replies)")
+    print(
+        f"\n2. the analytic checks on the demo federation (CNN6, FedSGD, 10 clients, {rounds} rounds, {t:.0f} s, "
+        f"final accuracy {acc:.3f})"
+    )
+    print(
+        f"   per reply after round 1: checks {later['checks_seconds'].median() * 1e3:.2f} ms, the client's handler "
+        f"{later['train_seconds'].median() * 1e3:.2f} ms: ratio {ratio:.2f} (median over {len(later)} replies)"
+    )
     round_s = pd.read_csv(folder / "rounds.csv")["seconds"].iloc[2:].median()
-    print(f"   against the round's wall time ({round_s * 1e3:.0f} ms median): "
-          f"{later['checks_seconds'].median() / round_s:.3f}")
+    print(
+        f"   against the round's wall time ({round_s * 1e3:.0f} ms median): "
+        f"{later['checks_seconds'].median() / round_s:.3f}"
+    )
     first = audit[audit["round"] == 1]["checks_seconds"]
     print(f"   round 1 (with R-GAP's rank analysis): median {first.median():.2f} s")
-    print(f"   flagged {int(audit['flagged'].sum())}/{len(audit)}; label readable {int(audit['label_readable'].sum())}"
-          f"/{len(audit)}; tampering alarms on honest models: {int(audit['tampered'].sum())}/{len(audit)}")
-
+    print(
+        f"   flagged {int(audit['flagged'].sum())}/{len(audit)}; label readable {int(audit['label_readable'].sum())}"
+        f"/{len(audit)}; tampering alarms on honest models: {int(audit['tampered'].sum())}/{len(audit)}"
+    )
 
 
 def tampering_check(folder: Path) -> None:
@@ -107,7 +142,7 @@ def tampering_check(folder: Path) -> None:
     detected, honest_alarm = 0, 0
     gen = torch.Generator().manual_seed(0)
     trials = 100
-    for i in range(trials):
+    for _ in range(trials):
         # the honest final model, perturbed per trial as rounds differ, then the construction
         state = {k: v + 1e-3 * torch.randn(v.shape, generator=gen) for k, v in final.items()}
         honest_alarm += bool(tampering(own, state))
@@ -117,23 +152,55 @@ def tampering_check(folder: Path) -> None:
         if bias in state:  # CNN6's head has none: the copied rows alone
             state[bias][:rows] = torch.linspace(-1, 1, rows)
         detected += bool(tampering(own, state))
-    print(f"\n3. a constructed layer ({head}: half its rows one vector, a bias ladder where it has a bias) in {trials} perturbed copies of "
-          f"the trained model: detected {detected}/{trials}; the same copies unconstructed: {honest_alarm}/{trials} alarms")
+    print(
+        f"\n3. a constructed layer ({head}: half its rows one vector, a "
+        f"bias ladder where it has a bias) in {trials} perturbed copies of "
+        f"the trained model: detected {detected}/{trials}; the same "
+        f"copies unconstructed: {honest_alarm}/{trials} alarms"
+    )
 
 
 def ranking(out: Path, attacked: Path | None, dataset: str, device: str = "auto") -> None:
-    args = ["--attack", "none", "--dataset", dataset, "--mode", "fedavg", "--lr", "0.01", "--clients", "10",
-            "--local-epochs", "3", "--batch-size", "32", "--rounds", "2", "--model", "lenet", "--init", "paper",
-            "--audit", "log:probe=false"]
+    args = [
+        "--attack",
+        "none",
+        "--dataset",
+        dataset,
+        "--mode",
+        "fedavg",
+        "--lr",
+        "0.01",
+        "--clients",
+        "10",
+        "--local-epochs",
+        "3",
+        "--batch-size",
+        "32",
+        "--rounds",
+        "2",
+        "--model",
+        "lenet",
+        "--init",
+        "paper",
+        "--audit",
+        "log:probe=false",
+    ]
     _, folder = _run(args, out / "quickstart", device)
     audit = pd.read_csv(folder / "audit.csv")
-    print(f"\n4. risk ranking, Flower's quickstart configuration on {dataset} (FedAvg, 3 epochs, batch 32, 10 clients, "
-          "2 rounds)")
-    print(f"   checks {audit['checks_seconds'].median() * 1e3:.2f} ms per reply, the handler "
-          f"{audit['train_seconds'].median() * 1e3:.1f} ms: ratio {(audit['checks_seconds'] / audit['train_seconds']).median():.3f}")
-    print(f"   flagged {int(audit['flagged'].sum())}/{len(audit)} updates ({audit['images'].median():.0f} images, "
-          f"{audit['local_steps'].median():.0f} local steps each); label set readable "
-          f"{int(audit['label_readable'].sum())}/{len(audit)}")
+    print(
+        f"\n4. risk ranking, Flower's quickstart configuration on {dataset} (FedAvg, 3 epochs, batch 32, 10 clients, "
+        "2 rounds)"
+    )
+    print(
+        f"   checks {audit['checks_seconds'].median() * 1e3:.2f} ms per reply, the handler "
+        f"{audit['train_seconds'].median() * 1e3:.1f} ms: ratio "
+        f"{(audit['checks_seconds'] / audit['train_seconds']).median():.3f}"
+    )
+    print(
+        f"   flagged {int(audit['flagged'].sum())}/{len(audit)} updates ({audit['images'].median():.0f} images, "
+        f"{audit['local_steps'].median():.0f} local steps each); label set readable "
+        f"{int(audit['label_readable'].sum())}/{len(audit)}"
+    )
     if attacked is None or not (attacked / "results.csv").exists():
         print("   (no attacked run folder given: --attacked FOLDER for the confusion table)")
         return
@@ -150,8 +217,22 @@ def accuracy_cost(out: Path, strengths: tuple[float, ...] = (0.1, 0.3), device: 
     """The demo federation trained under the noise protect applies (fixed at each strength it
     chose; protect itself adapts per reply, and its probe on CNN6 for 1,500 replies is beyond
     a benchmark's time here), against the same federation undefended."""
-    common = ["--attack", "none", "--mode", "fedsgd", "--batch-size", "1", "--clients", "10", "--rounds", "150",
-              "--server-lr", "0.1", "--model", "cnn6"]
+    common = [
+        "--attack",
+        "none",
+        "--mode",
+        "fedsgd",
+        "--batch-size",
+        "1",
+        "--clients",
+        "10",
+        "--rounds",
+        "150",
+        "--server-lr",
+        "0.1",
+        "--model",
+        "cnn6",
+    ]
     rows = []
     for k in (0.0, *strengths):
         extra = ["--defence", f"noise:rms={k:g}"] if k else []

@@ -47,8 +47,22 @@ def _rss(proc: psutil.Process) -> int:
 
 
 def run_one(mode: str, clients: int, rounds: int, out: Path, extra: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "experiments.run", "--attack", "none", "--mode", mode, "--clients", str(clients),
-           "--rounds", str(rounds), "--out", str(out), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.run",
+        "--attack",
+        "none",
+        "--mode",
+        mode,
+        "--clients",
+        str(clients),
+        "--rounds",
+        str(rounds),
+        "--out",
+        str(out),
+        *extra,
+    ]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     ps, peak = psutil.Process(proc.pid), 0
@@ -61,9 +75,14 @@ def run_one(mode: str, clients: int, rounds: int, out: Path, extra: list[str]) -
     rows = list(csv.DictReader(open(out / "rounds.csv")))
     secs = [float(r["seconds"]) for r in rows if int(r["round"]) >= 1]
     return {
-        "mode": mode, "clients": clients, "rounds": rounds,
-        "round1_s": secs[0], "steady_s_per_round": statistics.median(secs[1:]) if len(secs) > 1 else float("nan"),
-        "final_acc": float(rows[-1]["test_accuracy"]), "wall_s": wall, "peak_mem_gib": peak / 2**30,
+        "mode": mode,
+        "clients": clients,
+        "rounds": rounds,
+        "round1_s": secs[0],
+        "steady_s_per_round": statistics.median(secs[1:]) if len(secs) > 1 else float("nan"),
+        "final_acc": float(rows[-1]["test_accuracy"]),
+        "wall_s": wall,
+        "peak_mem_gib": peak / 2**30,
     }
 
 
@@ -82,8 +101,13 @@ def main(argv: list[str] | None = None) -> None:
             for mode in args.modes:
                 r = run_one(mode, clients, args.rounds, Path(tmp) / f"{mode}-{clients}", extra)
                 results.append(r)
-                print(f"{mode:7s} {clients:4d} clients: round 1 {r['round1_s']:6.1f} s, then {r['steady_s_per_round']:6.2f} s/round; "
-                      f"peak memory {r['peak_mem_gib']:.2f} GiB; wall {r['wall_s']:.0f} s; final test acc {r['final_acc']:.3f}", flush=True)
+                print(
+                    f"{mode:7s} {clients:4d} clients: round 1 {r['round1_s']:6.1f} "
+                    f"s, then {r['steady_s_per_round']:6.2f} s/round; "
+                    f"peak memory {r['peak_mem_gib']:.2f} GiB; wall "
+                    f"{r['wall_s']:.0f} s; final test acc {r['final_acc']:.3f}",
+                    flush=True,
+                )
     if args.out:
         with open(args.out, "w", newline="") as f:
             w = csv.DictWriter(f, list(results[0]))

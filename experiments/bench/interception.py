@@ -1,7 +1,8 @@
 """Benchmark what spying costs the federation: seconds per round of the honest strategy
 versus the intercepting strategy with attacks in worker processes, in one invocation.
 
-    python -m experiments.bench.interception [--clients 10] [--rounds 8] [--batch-size 256] [--model cnn6] [--attack rgap] [--workers 1]
+    python -m experiments.bench.interception [--clients 10] [--rounds 8] [--batch-size 256] [--model cnn6]
+        [--attack rgap] [--workers 1]
 
 Both runs use the same FedSGD setting and seed. The attack workers run at the lowest CPU
 priority, so the rounds keep the cores; the attacks finish after training if they must.
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
 from experiments.run import main as run_main
 from fl_sim.device import DEVICES
 
@@ -34,20 +36,50 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--attack", default="rgap")
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=256, help="images per client update (R-GAP blends batches > 1, "
-                   "but does the same work)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=256,
+        help="images per client update (R-GAP blends batches > 1, but does the same work)",
+    )
     p.add_argument("--model", default="cnn6")
     p.add_argument("--defer", action="store_true", help="hold the attacks until training ends (--defer-attacks)")
     p.add_argument("--device", default="auto", choices=DEVICES, help="both runs' --device (default: auto)")
     args = p.parse_args(argv)
-    common = ["--mode", "fedsgd", "--batch-size", str(args.batch_size), "--model", args.model, "--init", "paper",
-              "--clients", str(args.clients), "--rounds", str(args.rounds), "--device", args.device]
+    common = [
+        "--mode",
+        "fedsgd",
+        "--batch-size",
+        str(args.batch_size),
+        "--model",
+        args.model,
+        "--init",
+        "paper",
+        "--clients",
+        str(args.clients),
+        "--rounds",
+        str(args.rounds),
+        "--device",
+        args.device,
+    ]
     figures = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, extra in (
             ("honest", ["--attack", "none"]),
-            ("intercepting", ["--attack", args.attack, "--observer", "server", "--attack-rounds", "all",
-                              "--attack-workers", str(args.workers)] + (["--defer-attacks"] if args.defer else [])),
+            (
+                "intercepting",
+                [
+                    "--attack",
+                    args.attack,
+                    "--observer",
+                    "server",
+                    "--attack-rounds",
+                    "all",
+                    "--attack-workers",
+                    str(args.workers),
+                ]
+                + (["--defer-attacks"] if args.defer else []),
+            ),
         ):
             out = Path(tmp) / name
             start = time.perf_counter()
@@ -55,12 +87,19 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name} run failed", file=sys.stderr)
                 return 1
             secs = _per_round(out)
-            attacked = sum(1 for _ in csv.DictReader(open(out / "results.csv"))) if (out / "results.csv").exists() else 0
+            attacked = (
+                sum(1 for _ in csv.DictReader(open(out / "results.csv"))) if (out / "results.csv").exists() else 0
+            )
             figures[name] = (statistics.median(secs), statistics.mean(secs), time.perf_counter() - start, attacked)
     (h_med, h_mean, h_wall, _), (i_med, i_mean, i_wall, n) = figures["honest"], figures["intercepting"]
-    print(f"honest FedSGD       : median {h_med:.3f} s/round, mean {h_mean:.3f} s/round (rounds 2..{args.rounds}), wall {h_wall:.0f} s")
-    print(f"intercepting + {args.attack:5s}: median {i_med:.3f} s/round, mean {i_mean:.3f} s/round, wall {i_wall:.0f} s "
-          f"({n} attacks in {args.workers} worker(s), finished after training)")
+    print(
+        f"honest FedSGD       : median {h_med:.3f} s/round, mean {h_mean:.3f} "
+        f"s/round (rounds 2..{args.rounds}), wall {h_wall:.0f} s"
+    )
+    print(
+        f"intercepting + {args.attack:5s}: median {i_med:.3f} s/round, mean {i_mean:.3f} s/round, wall {i_wall:.0f} s "
+        f"({n} attacks in {args.workers} worker(s), finished after training)"
+    )
     print(f"slowdown of the rounds: median {100 * (i_med / h_med - 1):+.1f}%, mean {100 * (i_mean / h_mean - 1):+.1f}%")
     return 0
 

@@ -32,14 +32,47 @@ from fl_sim.device import DEVICES
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = {
     # name: (module, flags, file whose rows say the moment has come, rows needed, signal)
-    "training": ("experiments.run", ["--attack", "rgap", "--observers", "server,client", "--attack-rounds", "all",
-                              "--clients", "3", "--rounds", "40", "--batch-size", "4"], "rounds.csv", 3, signal.SIGINT),
-    "attacks": ("experiments.run", ["--attack", "dlg", "--observers", "server", "--clients", "4", "--rounds", "1",
-                                    "--defer-attacks"], "results.csv", 1, signal.SIGINT),
-    "secagg": ("experiments.run", ["--attack", "rgap", "--observers", "secagg", "--clients", "3", "--rounds", "40"],
-               "secagg/rounds.csv", 2, signal.SIGINT),
-    "deploy": ("experiments.deploy", ["--attack", "none", "--clients", "2", "--rounds", "30", "--local-steps", "2"],
-               "rounds.csv", 2, signal.SIGTERM),
+    "training": (
+        "experiments.run",
+        [
+            "--attack",
+            "rgap",
+            "--observers",
+            "server,client",
+            "--attack-rounds",
+            "all",
+            "--clients",
+            "3",
+            "--rounds",
+            "40",
+            "--batch-size",
+            "4",
+        ],
+        "rounds.csv",
+        3,
+        signal.SIGINT,
+    ),
+    "attacks": (
+        "experiments.run",
+        ["--attack", "dlg", "--observers", "server", "--clients", "4", "--rounds", "1", "--defer-attacks"],
+        "results.csv",
+        1,
+        signal.SIGINT,
+    ),
+    "secagg": (
+        "experiments.run",
+        ["--attack", "rgap", "--observers", "secagg", "--clients", "3", "--rounds", "40"],
+        "secagg/rounds.csv",
+        2,
+        signal.SIGINT,
+    ),
+    "deploy": (
+        "experiments.deploy",
+        ["--attack", "none", "--clients", "2", "--rounds", "30", "--local-steps", "2"],
+        "rounds.csv",
+        2,
+        signal.SIGTERM,
+    ),
 }
 
 
@@ -59,8 +92,14 @@ def stop_once(name: str, out: Path, device: str = "auto") -> dict:
     module, flags, watch, needed, sig = SCENARIOS[name]
     flags = [*flags, "--device", device]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FLWR_HOME")}
-    proc = subprocess.Popen([sys.executable, "-m", module, *flags, "--out", str(out)], cwd=ROOT, env=env,
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, *flags, "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 300
     while len(_rows(out / watch)) < needed:
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -75,9 +114,17 @@ def stop_once(name: str, out: Path, device: str = "auto") -> dict:
     folder = out / "secagg" if name == "secagg" else out
     rounds = [int(r["round"]) for r in _rows(folder / "rounds.csv")]
     stamp = folder / "final_model.json"
-    clean = rounds == list(range(len(rounds))) and stamp.exists() and json.loads(stamp.read_text())["round"] == rounds[-1]
-    return {"seconds": seconds, "code": code, "left": _leftovers(tree), "processes": len(tree), "clean": clean,
-            "rounds": rounds[-1] if rounds else -1}
+    clean = (
+        rounds == list(range(len(rounds))) and stamp.exists() and json.loads(stamp.read_text())["round"] == rounds[-1]
+    )
+    return {
+        "seconds": seconds,
+        "code": code,
+        "left": _leftovers(tree),
+        "processes": len(tree),
+        "clean": clean,
+        "rounds": rounds[-1] if rounds else -1,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,10 +141,14 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             runs = [stop_once(name, Path(tmp) / f"{name}-{i}", args.device) for i in range(args.repeats)]
             secs = [r["seconds"] for r in runs]
-            print(f"{name:9s} stopped in median {statistics.median(secs):.1f} s (max {max(secs):.1f} s) over {len(runs)}; "
-                  f"exit codes {sorted({r['code'] for r in runs})}; processes left {sum(r['left'] for r in runs)} of "
-                  f"{sum(r['processes'] for r in runs)}; rounds.csv clean in {sum(r['clean'] for r in runs)}/{len(runs)} "
-                  f"(stopped after rounds {[r['rounds'] for r in runs]})", flush=True)
+            print(
+                f"{name:9s} stopped in median {statistics.median(secs):.1f} "
+                f"s (max {max(secs):.1f} s) over {len(runs)}; "
+                f"exit codes {sorted({r['code'] for r in runs})}; processes left {sum(r['left'] for r in runs)} of "
+                f"{sum(r['processes'] for r in runs)}; rounds.csv clean in {sum(r['clean'] for r in runs)}/{len(runs)} "
+                f"(stopped after rounds {[r['rounds'] for r in runs]})",
+                flush=True,
+            )
     return 0
 
 

@@ -216,13 +216,24 @@ def _check_values(spec: SweepSpec) -> None:
                 except DefenceError as exc:
                     raise SweepError(f"[{source.split()[0]}] defences: {exc}") from None
                 continue
-            try:
-                # an attack key in the setting where every attack key means something (FedAvg)
-                context = {"attack": "ig", "mode": "fedavg"} if k in ATTACK_KEYS and k != "attack" else {}
-                ExperimentPlan.from_mapping({**context, k: v})
-            except ConfigError as exc:
-                if exc.key == _key(k):
-                    raise SweepError(f"[{source.split()[0]}] {k}: {exc.problem}") from None
+            # an attack key in the setting where every attack key means something (FedAvg); an
+            # attack in either mode (rgap applies to FedSGD's updates, fedavg-sim to FedAvg's)
+            contexts = (
+                [{"attack": "ig", "mode": "fedavg"}]
+                if k in ATTACK_KEYS and k != "attack"
+                else [{}, {"mode": "fedavg"}]
+                if k == "attack"
+                else [{}]
+            )
+            problems = []
+            for context in contexts:
+                try:
+                    ExperimentPlan.from_mapping({**context, k: v})
+                except ConfigError as exc:
+                    if exc.key == _key(k):
+                        problems.append(exc.problem)
+            if len(problems) == len(contexts):
+                raise SweepError(f"[{source.split()[0]}] {k}: {problems[0]}")
 
 
 @dataclass

@@ -14,12 +14,18 @@ sent is built to extract it, then acts on a policy (run config ``audit``, the fl
   update's RMS, or pruning) until the probe falls below the PSNR bar, then send; refuse if
   the strongest step does not bring it there.
 
-Options: ``protect:psnr=20,defence=noise,budget=30,probe=true,clients=0+2`` (``psnr``: the
-probe's bar in dB; ``budget``: a cap in seconds per probe attack, which otherwise runs as the
-server's does (a probe cut short by a loaded machine underrates the leak: measured, a 2 s cap
-passed an update the server then recovered at 40 dB); ``probe=false``: the analytic checks
-alone decide, by their ``flagged`` verdict; ``clients``: the partition ids that run the audit,
-joined by ``+``, default all: a federation where only some clients installed it).
+The probe compares every image of the update with the bar, not the batch's median: one image
+recovered is one image leaked, whatever became of the others.
+
+Options: ``protect:psnr=20,margin=0,defence=noise,budget=30,probe=true,clients=0+2`` (``psnr``:
+the probe's bar in dB, reached when any one image's reconstruction reaches it; ``margin``: dB
+taken off the bar for safety, default 0, since the probe is a bounded attack and a server's may
+be stronger (``margin=3``: an image at 17 dB against a bar of 20 is at risk); ``budget``: a
+cap in seconds per probe attack, which otherwise runs as the server's does (a probe cut short
+by a loaded machine underrates the leak: measured, a 2 s cap passed an update the server then
+recovered at 40 dB); ``probe=false``: the analytic checks alone decide, by their ``flagged``
+verdict; ``clients``: the partition ids that run the audit, joined by ``+``, default all: a
+federation where only some clients installed it).
 
 What a client can check without knowing any attack lives here: the update's kind and its
 images, and the **tampering checks** on the model it was sent (its entries and shapes
@@ -100,6 +106,8 @@ AUDIT_FIELDS = [
     "tamper_reason",
     "probe_attack",
     "probe_psnr",
+    "probe_median",
+    "probe_at_bar",
     "probe_seconds",
     "probe_status",
     "action",
@@ -142,13 +150,18 @@ class UpdateView:
 
 @dataclass(frozen=True)
 class Probe:
-    """A probe's outcome: the best PSNR of the attacks it ran against the client's own batch
-    (median over the batch's images), which attack reached it, and its cost."""
+    """A probe's outcome against the client's own batch, each image scored against the
+    reconstruction matched to it: ``psnr``, the highest image PSNR of the attacks it ran (the
+    image that leaks most, what the bar is compared with), which attack reached it, its cost,
+    and that attack's ``median`` over the images and its images at or above the bar
+    (``at_bar``)."""
 
     psnr: float
     attack: str
     seconds: float
     status: str = "ok"
+    median: float = math.nan
+    at_bar: int = 0
 
 
 class Auditor(Protocol):
@@ -163,8 +176,8 @@ class Auditor(Protocol):
         checks' verdict: this update is likely recoverable)."""
 
     def probe(self, view: UpdateView, budget: float, bar: float, memory: dict[str, Any]) -> Probe:
-        """An attack on ``view``'s update, scored against ``view.images``; at most ``budget``
-        seconds per attack; may stop early once an attack reaches ``bar`` dB."""
+        """An attack on ``view``'s update, each image scored against ``view.images``; at most
+        ``budget`` seconds per attack; may stop early once an image reaches ``bar`` dB."""
 
 
 # ---- tampering: what a client can see in the model it was sent -------------------------------
@@ -394,22 +407,25 @@ class Audit:
                 )
             }
         )
-        probe = auditor.probe(view, policy.budget, policy.psnr, memory) if policy.probe else None
+        probe = auditor.probe(view, policy.budget, policy.bar, memory) if policy.probe else None
         if probe is not None:
             row.update(
                 probe_attack=probe.attack,
                 probe_psnr=round(probe.psnr, 3),
+                probe_median=round(probe.median, 3),
+                probe_at_bar=probe.at_bar,
                 probe_seconds=round(probe.seconds, 3),
                 probe_status=probe.status,
             )
-        at_risk = (probe.psnr >= policy.psnr) if probe is not None else bool(checks.get("flagged"))
+        at_risk = (probe.psnr >= policy.bar) if probe is not None else bool(checks.get("flagged"))
         if not at_risk or policy.action == "log":
             return self._done("sent")
         if policy.action == "block":
             return self._done(
                 "refused",
                 reason=(
-                    f"the probe's {probe.attack} reconstructs this update at {probe.psnr:.1f} dB (bar {policy.psnr:g})"
+                    f"the probe's {probe.attack} reconstructs {probe.at_bar} of its images at up to "
+                    f"{probe.psnr:.1f} dB (bar {policy.bar:g})"
                     if probe is not None
                     else "the analytic checks flag this update as recoverable"
                 ),
@@ -423,15 +439,15 @@ class Audit:
                 partition_id=self.pid,
                 server_round=self.server_round,
             )
-            again = auditor.probe(view.with_tensors(tensors), policy.budget, policy.psnr, memory)
+            again = auditor.probe(view.with_tensors(tensors), policy.budget, policy.bar, memory)
             row["probe_seconds"] = round(float(row["probe_seconds"] or 0) + again.seconds, 3)
-            if again.psnr < policy.psnr:
+            if again.psnr < policy.bar:
                 row.update(defence=f"{policy.defence}:{strength:g}", protected_psnr=round(again.psnr, 3))
                 return self._done("protected", dict(zip(parameter_names(self.own), tensors)))
         return self._done(
             "refused",
             reason=f"the strongest {policy.defence} ({protection_ladder(policy.defence)[-1]:g}) "
-            f"leaves the probe above {policy.psnr:g} dB",
+            f"leaves the probe at or above {policy.bar:g} dB",
         )
 
 
