@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+JOBS   ?= auto
 
 .PHONY: setup demo lint test clean
 
@@ -21,7 +22,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 
 test: lint
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n $(JOBS) $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -12,8 +12,13 @@ os.environ["FL_SIM_OFFLINE"] = "1"
 # inherits the environment) runs on the in-process engine: the real ServerApp and ClientApp
 # exchanging real Messages, without Ray's start. Tests whose point is Ray say engine="ray".
 os.environ.setdefault("FL_SIM_ENGINE", "inprocess")
-# Fast and repeatable on a 2-core machine.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One thread per test process, and `make test` runs one pytest worker per core (pytest-xdist):
+# the tests' tensors are small, and two threads per process on two cores spent four times the
+# CPU for the same tests (tests/test_dlg.py, test_inverting.py, test_rgap.py: 204 s of CPU at
+# two threads, 54 s at one, on a loaded machine). OMP_NUM_THREADS reaches the processes the
+# tests start (experiments.run, the deployment, the sweeps' cells).
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
