@@ -115,6 +115,23 @@ def test_a_granted_order_is_followed_with_one_dummy_set(data):
     assert res.diagnostics["order"] == "unknown"
 
 
+def test_a_shared_dummy_set_is_visited_once_per_epoch_in_a_new_order(data):
+    """``dummies="shared"``: one set of N dummies; every epoch's steps use each of them once
+    (so each epoch holds the N labels), the epochs in different orders (as the client's
+    reshuffles are), and no epoch prior is needed."""
+    idx = [_index(data, c) for c in (1, 2, 3, 4)]
+    model, update, _, _ = _fedavg_update(data, idx, epochs=3, batch=2)
+    threat = ThreatModel(batch_size=4, schedule=assumed_schedule(4, 2, update.local_steps))
+    res = FedAvgSim(max_steps=1, dummies="shared")(model, update, data.input_shape, threat, seed=0)
+    d = res.diagnostics
+    assert d["dummy_sets"] == 1 and d["epochs"] == 3 and d["steps_per_epoch"] == 2
+    epochs = [[v for step in d["step_labels"][2 * e : 2 * e + 2] for v in step] for e in range(3)]
+    assert all(sorted(e) == sorted(res.labels.tolist()) for e in epochs)
+    assert len({tuple(e) for e in epochs}) > 1  # not the same order every epoch
+    with pytest.raises(ValueError, match="dummies"):
+        FedAvgSim(dummies="many")
+
+
 def test_epoch_alignment_undoes_a_shuffle_within_labels():
     gen = torch.Generator().manual_seed(0)
     base = torch.rand(5, 1, 4, 4, generator=gen)
