@@ -49,8 +49,21 @@ Here:
   (``order="auto"``) or ``order="granted"``, and the labels are granted, one dummy set follows
   the schedule (no prior needed).
 
+- *one shared set* (``dummies="shared"``, the paper's variant without the prior): N dummies,
+  every epoch visiting them in a seeded order of its own. Replaying the true images in another
+  shuffle sits as far from the delta as 20 dB-noisy images in the true order (cosine distance
+  0.002-0.004 on CNN6, 5 x 10 x 5, lr 0.004); the in-order schedule is worse (0.003-0.006).
+
 Optimiser: Adam (on the gradient's sign by default, as Inverting Gradients), step size divided
 by 10 at 3/8, 5/8 and 7/8 of ``max_steps``, pixels projected into [0, 1] after every step.
+
+Defaults and tuning: ``max_steps=400`` is the paper's budget (their 2 x 200 attack epochs);
+the step size, ``tv`` and the decay are Inverting Gradients' (as in :mod:`attacks.inverting`);
+``epoch_prior`` and ``align_every`` are untuned. Tuning set: MNIST test digits 0-49
+(``data/mnist_test.npz``); there ``dummies="shared"`` at the default budget recovered none of
+the 50 images at 20 dB (median 9.2 dB, label counts 0.84 right), so the default stays the
+paper's per-epoch sets, not measured at the full budget. Evaluation figures (mnist5k, CIFAR-10
+test 5000-) and the commands: ``docs/results/fedavg-sim.md``.
 """
 
 from __future__ import annotations

@@ -236,53 +236,57 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    writer = csv.DictWriter(out, FIELDS) if out else None
-    if writer:
-        writer.writeheader()
-    print(
-        f"# {args.data} from {args.offset}, {args.images} images, {args.epochs} epochs x batch {args.batch}, "
-        f"lr {args.lr}, {args.model} ({args.init}); labels and order not granted; >= {BAR:g} dB after MSE matching, "
-        f"paper: > {BAR:g} dB after PSNR matching"
-    )
-    for seed in seeds:
-        start = args.offset + seed * args.images
-        idx = np.arange(start, start + args.images)
-        model, update, x, y, schedule = client_update(data, idx, args, seed)
-        if args.floor:
-            cases = floor(model, update, x, y, schedule, args, seed)
-            print(
-                f"seed {seed} floor (cosine distance of the true images' replay): "
-                + ", ".join(f"{k} {v:.4f}" for k, v in cases.items()),
-                flush=True,
-            )
-        threat = ThreatModel(
-            batch_size=args.images, schedule=assumed_schedule(args.images, args.batch, update.local_steps)
+    try:
+        writer = csv.DictWriter(out, FIELDS) if out else None
+        if writer:
+            writer.writeheader()
+        print(
+            f"# {args.data} from {args.offset}, {args.images} images, {args.epochs} epochs x batch {args.batch}, "
+            f"lr {args.lr}, {args.model} ({args.init}); labels and order not granted; "
+            f">= {BAR:g} dB after MSE matching, paper: > {BAR:g} dB after PSNR matching"
         )
-        for name in attacks:
-            t, cpu = time.perf_counter(), time.process_time()
-            res = (sim if name == "fedavg-sim" else ig)(model, update, data.input_shape, threat, seed=seed)
-            row = {
-                "seed": seed,
-                "attack": name,
-                "images": args.images,
-                "epochs": args.epochs,
-                "batch": args.batch,
-                "lr": args.lr,
-                **score(res, x, y, data.num_classes),
-            }
-            row["seconds"], row["cpu_seconds"] = time.perf_counter() - t, time.process_time() - cpu
-            print(
-                f"seed {seed} {name:10s} >=20dB {row['frac_20db']:.2f}  paper {row['paper_frac']:.2f}  "
-                f"median {row['median_psnr']:.1f} dB  label counts {row['label_count_accuracy']:.2f}  "
-                f"{row['seconds']:.0f} s ({row['cpu_seconds']:.0f} s CPU)  ({row['steps']} steps, {row['status']})",
-                flush=True,
+        for seed in seeds:
+            start = args.offset + seed * args.images
+            idx = np.arange(start, start + args.images)
+            model, update, x, y, schedule = client_update(data, idx, args, seed)
+            if args.floor:
+                cases = floor(model, update, x, y, schedule, args, seed)
+                print(
+                    f"seed {seed} floor (cosine distance of the true images' replay): "
+                    + ", ".join(f"{k} {v:.4f}" for k, v in cases.items()),
+                    flush=True,
+                )
+            threat = ThreatModel(
+                batch_size=args.images, schedule=assumed_schedule(args.images, args.batch, update.local_steps)
             )
-            if writer:
-                writer.writerow(row)
-                out.flush()
-    if out:
-        out.close()
+            for name in attacks:
+                t, cpu = time.perf_counter(), time.process_time()
+                res = (sim if name == "fedavg-sim" else ig)(model, update, data.input_shape, threat, seed=seed)
+                row = {
+                    "seed": seed,
+                    "attack": name,
+                    "images": args.images,
+                    "epochs": args.epochs,
+                    "batch": args.batch,
+                    "lr": args.lr,
+                    **score(res, x, y, data.num_classes),
+                }
+                row["seconds"], row["cpu_seconds"] = time.perf_counter() - t, time.process_time() - cpu
+                print(
+                    f"seed {seed} {name:10s} >=20dB {row['frac_20db']:.2f}  paper {row['paper_frac']:.2f}  "
+                    f"median {row['median_psnr']:.1f} dB  label counts {row['label_count_accuracy']:.2f}  "
+                    f"{row['seconds']:.0f} s ({row['cpu_seconds']:.0f} s CPU)  ({row['steps']} steps, {row['status']})",
+                    flush=True,
+                )
+                if writer:
+                    writer.writerow(row)
+                    out.flush()
+    finally:
+        torch.set_num_threads(threads)
+        if out:
+            out.close()
     return 0
 
 
