@@ -24,6 +24,7 @@ from .base import (
 )
 from .dlg import DLG
 from .fedavg import FedAvgSim
+from .gradinversion import GradInversion
 from .idlg import IDLG
 from .imprint import BlockImprint, Imprint
 from .inverting import InvertingGradients
@@ -41,6 +42,7 @@ __all__ = [
     "RGAP",
     "InvertingGradients",
     "FedAvgSim",
+    "GradInversion",
     "Imprint",
     "BlockImprint",
     "AttackResult",
@@ -60,7 +62,7 @@ __all__ = [
 ]
 
 # The attacks on what an honest server's round shows, by name.
-ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (DLG, IDLG, RGAP, InvertingGradients)}
+ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (DLG, IDLG, RGAP, InvertingGradients, GradInversion)}
 
 # The active server's inversions: each reads an update of a model the server built for it
 # (``ACTIVE[name].construct``, :func:`attacks.imprint.construct`), so none of them is in ATTACKS.

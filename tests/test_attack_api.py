@@ -25,6 +25,7 @@ QUICK = {
     "dlg": dict(max_steps=2, max_iter=4, max_restarts=0),
     "idlg": dict(max_steps=2, max_iter=4, max_restarts=0),
     "ig": dict(max_steps=3, refine_steps=1, refine_iter=2),
+    "gradinversion": dict(groups=2, max_steps=2, max_iter=3, group_rounds=1, round_steps=1),
     "rgap": dict(rank=False),
     "imprint": {},
     "imprint-block": {},
@@ -130,7 +131,10 @@ def test_unknown_attack_is_a_one_line_value_error_listing_the_names():
 
 
 def test_registries_hold_the_classes():
-    assert list(ATTACKS) == ["dlg", "idlg", "rgap", "ig"] and list(ACTIVE) == ["imprint", "imprint-block"]
+    assert list(ATTACKS) == ["dlg", "idlg", "rgap", "ig", "gradinversion"] and list(ACTIVE) == [
+        "imprint",
+        "imprint-block",
+    ]
     assert ATTACKS["dlg"].Options is DLGOptions and ATTACKS["idlg"].Options is DLGOptions
     assert ATTACKS["dlg"].Options.names()[:2] == ["max_steps", "max_iter"]
 

@@ -21,7 +21,11 @@ may be smaller) and the attack is told the batch size, not the labels; its recon
 matched to the true images (``attacks.metrics.match_batch``) before scoring, labels after the
 same matching; an image's row carries the batch's seconds divided by N and the batch's
 objective evaluations. DLG and iDLG switch to their batch rules by themselves
-(``attacks.dlg.for_batch``: pixels kept in [0, 1], a small total-variation prior).
+(``attacks.dlg.for_batch``: pixels kept in [0, 1], a small total-variation prior). A model with
+BatchNorm (``resnet18``, ``resnet18_w16``) is trained and attacked in train mode, and the
+batch's BatchNorm statistics are granted (``ThreatModel.bn_statistics``: what the client's
+buffers disclose), which only ``gradinversion`` reads. ``--start N`` skips a file's first N
+images and ``--exclude npz:FILE`` leaves out the images of a tuning set (by official index).
 
 Prints one line per image, one summary line per seed (successes at >= 30 dB, median, minimum
 and mean PSNR, labels, median seconds and objective evaluations per image) and, for several
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import csv
 import inspect
 import math
@@ -56,6 +61,7 @@ import torch
 from attacks import ATTACKS, SUCCESS_PSNR, AttackResult, ThreatModel, get_attack, score_batch, training_loss
 from attacks.dlg import DEFAULT as DLG_DEFAULT
 from attacks.dlg import FAITHFUL
+from attacks.gradinversion import batchnorm_layers, bn_batch_statistics
 from attacks.rgap import RGAP, RGAPOptions
 from fl_sim.data import DatasetError, load_dataset, read_npz
 from fl_sim.models import build_model, model_names
@@ -81,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="npz:PATH (keys images, labels), e.g. npz:data/cifar10_test150.npz, or mnist5k")
     p.add_argument("--images", type=int, default=20, help="attack the first N images (default: 20)")
     p.add_argument("--batch", type=int, default=1, help="images per update (default: 1)")
+    p.add_argument("--start", type=int, default=0,
+                   help="skip the file's first N images (an evaluation set further into a file; default: 0)")
+    p.add_argument("--exclude", default=None, metavar="npz:PATH",
+                   help="leave out every image whose official index is in this file (a tuning set), e.g. "
+                        "npz:data/cifar10_test150.npz")
     seeds = p.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=int, default=None, help="one seed (the model's initialisation and the attack's draws)")
     seeds.add_argument("--seeds", default=None, metavar="SPEC",
@@ -124,14 +135,21 @@ class BenchImages:
     notes: tuple[str, ...] = ()  # repairs the reader made, one line each
 
 
-def load_images(name: str, n: int) -> BenchImages:
+def load_images(name: str, n: int, start: int = 0, exclude: str | None = None) -> BenchImages:
     """``npz:PATH`` (checked by :func:`fl_sim.data.read_npz`; all of it, the official
     indices kept) or a dataset name of :func:`fl_sim.data.load_dataset` (its training split).
     Raises ``BenchError`` with one line."""
     try:
+        if exclude is not None and not exclude.startswith("npz:"):
+            raise BenchError(f"--exclude takes npz:PATH, got {exclude!r}")
         if name.startswith("npz:"):
             z = read_npz(name[4:])
-            x, y, classes, index, notes = z.images[:n], z.labels[:n], z.num_classes, z.index[:n], z.notes
+            keep = np.arange(start, len(z.labels))
+            if exclude is not None:
+                held = set(read_npz(exclude[4:]).index.tolist())
+                keep = np.array([i for i in keep if int(z.index[i]) not in held], dtype=np.int64)
+            keep = keep[:n]
+            x, y, classes, index, notes = z.images[keep], z.labels[keep], z.num_classes, z.index[keep], z.notes
         else:
             data = load_dataset(name)
             x, y, classes, notes = data.train_x[:n], data.train_y[:n], data.num_classes, data.notes
@@ -281,15 +299,21 @@ def _run_seed(args: argparse.Namespace, seed: int, data: BenchImages, head: str,
     """Every image (or batch) of one seed, attacked by every variant; rows by variant."""
     kwargs = {"head": head} if args.model.startswith("cnn6") else {}
     model = build_model(args.model, tuple(data.images.shape[1:]), data.num_classes, init="paper", seed=seed,
-                        **kwargs).eval()
+                        **kwargs)
+    # a model with BatchNorm is attacked as a client trains it: in train mode, on the batch's statistics
+    model.train(any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()))
     label_gen = torch.Generator().manual_seed(seed)
     attacks = {v.name: v.make() for v in runs}
     rows: dict[str, list[dict]] = {v.name: [] for v in runs}
     for number, start in enumerate(range(0, len(data.images), args.batch)):
         x, y = data.images[start:start + args.batch], data.labels[start:start + args.batch]
         target = _targets(model, x, y, head, args.label or "demo", label_gen)
-        grads = [g.detach() for g in torch.autograd.grad(training_loss(model(x), target), list(model.parameters()))]
-        threat = ThreatModel(labels=target if granted else None, batch_size=len(x))
+        # the client trains a copy (a train-mode BatchNorm moves its running statistics); the attack gets
+        # the weights the client started from and, with BatchNorm, the batch's statistics its buffers disclose
+        client = copy.deepcopy(model)
+        grads = [g.detach() for g in torch.autograd.grad(training_loss(client(x), target), list(client.parameters()))]
+        bn = bn_batch_statistics(model, client) if batchnorm_layers(model) and model.training else None
+        threat = ThreatModel(labels=target if granted else None, batch_size=len(x), bn_statistics=bn)
         # alternate which variant goes first, so that drifting load falls on both alike
         for v in runs if number % 2 == 0 else runs[::-1]:
             if v.fresh_solver:
@@ -353,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.label is not None and head != "logit":
             raise BenchError("--label applies to a single-logit head (--head logit, or the cnn6 family)")
         runs = variants(args)
-        data = load_images(args.data, args.images)
+        data = load_images(args.data, args.images, args.start, args.exclude)
         out_file = open_out(args.out)
     except BenchError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
