@@ -55,8 +55,8 @@ from torch.nn import functional as F
 
 from ._gradient_matching import check_observation, gradient_distance, granted_labels, total_variation
 from .base import Attack, AttackOptions, AttackResult, ThreatModel, Update, num_outputs, training_loss
-from .idlg import batch_size_for, idlg_labels
-from .labels import batch_label_counts, labels_from_counts
+from .idlg import batch_size_for
+from .labels import batch_label_counts, idlg_labels, labels_from_counts
 
 __all__ = ["GradInversion", "GradInversionOptions", "bn_batch_statistics", "bn_prior", "batchnorm_layers"]
 

@@ -15,7 +15,7 @@ weight gradient has a negative entry; Ma et al., "Instance-wise batch label rest
 gradients" (iLRG, ICLR 2023): exact counts on untrained models from the last layer's
 low-rank structure. Ours, with no auxiliary data:
 
-- *With a bias on the last layer*: the rule of :func:`attacks.idlg.idlg_labels` (a class is
+- *With a bias on the last layer*: the rule of :func:`idlg_labels` (iDLG's, for a batch: a class is
   present when its weight-gradient row has a negative entry, Yin et al.; the bias ranks the
   classes and LLG's deficit ``-B * db_c`` hands out the repeated counts).
 - *Without a bias* (R-GAP's CNN6): the rows of ``G = B * dW = sum_b (p_b - onehot(y_b)) a_b^T``
@@ -46,9 +46,90 @@ import torch
 from torch import Tensor, nn
 
 from .base import Update, as_update, check_gradients
-from .idlg import idlg_labels, last_linear_gradients
 
-__all__ = ["batch_label_counts", "labels_from_counts"]
+__all__ = ["batch_label_counts", "labels_from_counts", "idlg_labels", "last_linear_gradients", "bias_free_counts"]
+
+
+def last_linear_gradients(model: nn.Module, gradients: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
+    """The observed gradients of the model's last ``nn.Linear``: ``(weight_grad, bias_grad or None)``."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError("the model has no linear layer: cannot recover labels")
+    head = linears[-1]
+    index = {id(p): i for i, p in enumerate(model.parameters())}
+    w = gradients[index[id(head.weight)]].detach().double()
+    b = gradients[index[id(head.bias)]].detach().double() if head.bias is not None else None
+    return w, b
+
+
+def _fill_counts(signal: Tensor, batch_size: int, present: Tensor | None = None) -> list[int]:
+    """Classes for ``batch_size`` images from a per-class signal (negative = present), or from
+    ``present`` (a mask) ranked by the signal."""
+    order = torch.argsort(signal).tolist()
+    negative = [c for c in order if (signal[c] < 0 if present is None else bool(present[c]))]
+    if not negative:  # nothing negative (e.g. all images confidently right): most negative first
+        negative = order[:1]
+    labels = negative[:batch_size]
+    if len(labels) < batch_size:
+        # LLG-style count estimate: each present class accounts for about -B * signal images;
+        # hand the remaining slots to the classes with the largest leftover deficit.
+        deficit = {c: float(-signal[c]) * batch_size - 1.0 for c in labels}
+        while len(labels) < batch_size:
+            c = max(deficit, key=deficit.get)
+            labels.append(c)
+            deficit[c] -= 1.0
+    return labels
+
+
+def idlg_labels(model: nn.Module, gradients: Update | Sequence[Tensor], batch_size: int = 1) -> Tensor:
+    """Recover the labels of the batch behind ``gradients`` (see the module docstring).
+
+    ``gradients``: one tensor per parameter in ``model.parameters()`` order, or an
+    :class:`Update` (a weight delta is turned into its gradient). Returns ``(batch_size,)``
+    int64 labels (class indices; 0/1 for a single-logit model).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    grads = check_gradients(model, as_update(gradients).as_gradients())
+    w, b = last_linear_gradients(model, grads)
+    classes = w.shape[0]
+
+    if classes == 1:  # logistic loss: dL/dz = sigmoid(z) - y < 0  <=>  y = 1
+        s = float(b.sum()) if b is not None else float(w.sum())
+        label = 1 if s < 0 else 0
+        return torch.full((batch_size,), label, dtype=torch.int64)
+
+    if batch_size == 1:
+        if b is not None:
+            return torch.argmin(b).reshape(1).to(torch.int64)
+        sums = w.sum(dim=1)
+        negative = sums < 0
+        if int(negative.sum()) == 1 or classes == 2:
+            pick = torch.argmin(sums)
+        elif int((~negative).sum()) == 1:  # inputs with a negative sum flip every sign
+            pick = torch.argmax(sums)
+        else:
+            pick = torch.argmin(sums)
+        return pick.reshape(1).to(torch.int64)
+
+    if b is None:
+        # no bias: the rows projected on the mean input direction (batch_label_counts), in place of
+        # the row-minimum rule, which the inputs of a leaky ReLU (of either sign) defeat
+        head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+        return labels_from_counts(bias_free_counts(w, head.weight, batch_size))
+    signal, present = b, None
+    # With non-negative inputs to the last layer an absent class's weight-gradient row,
+    # mean_b(p_bc a_b), has no negative entry, while a present class's row has one unless
+    # every coordinate is masked, which is rarer than its bias entry being masked (the
+    # sum). So presence is read off the row minima (Yin et al.), the ranking and the counts
+    # off the bias; when the rows do not look like non-negative inputs (none or every row
+    # with a negative entry), the bias alone. Measured on the benchmark's first 20
+    # CIFAR-10 / CIFAR-100 images in batches of 2, 4 and 8, DLG's LeNet, model seeds 0-5:
+    # labels right 691 / 720 (bias alone 685), never fewer on any dataset, seed and batch size.
+    rows = w.min(dim=1).values < 0
+    if bool(rows.any()) and not bool(rows.all()):
+        present = rows
+    return torch.tensor(_fill_counts(signal, batch_size, present), dtype=torch.int64)
 
 
 def _repair(values: Tensor, total: int) -> Tensor:
@@ -66,6 +147,13 @@ def _repair(values: Tensor, total: int) -> Tensor:
         counts[c] -= 1
         residual[c] += 1.0
     return counts
+
+
+def bias_free_counts(weight_grad: Tensor, head_weight: Tensor, batch_size: int) -> Tensor:
+    """Per-class counts (``(C,)`` int64 summing to ``batch_size``) for a bias-free softmax head
+    from its weight gradient and weights (the module docstring's rule)."""
+    G = weight_grad.double() * batch_size
+    return _repair(_bias_free_estimate(G, head_weight.detach().double(), batch_size), batch_size)
 
 
 def _bias_free_estimate(G: Tensor, W: Tensor, total: int) -> Tensor:
@@ -105,11 +193,10 @@ def batch_label_counts(model: nn.Module, gradients: Update | Sequence[Tensor], b
     classes = w.shape[0]
     if classes < 2:
         raise ValueError("label counts need a softmax head with at least 2 classes")
-    G = w * batch_size
     if b is not None:
         return torch.bincount(idlg_labels(model, grads, batch_size=batch_size), minlength=classes)
     head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
-    return _repair(_bias_free_estimate(G, head.weight.detach().to(G.dtype), batch_size), batch_size)
+    return bias_free_counts(w, head.weight, batch_size)
 
 
 def labels_from_counts(counts: Tensor) -> Tensor:

@@ -12,6 +12,7 @@ from torch import nn
 from attacks import ThreatModel, get_attack, training_loss
 from attacks.gradinversion import _Recorder, batchnorm_layers, bn_batch_statistics, bn_prior
 from attacks.labels import batch_label_counts, labels_from_counts
+from experiments.bench.batches import main as batches_main
 from fl_sim.data import load_dataset
 from fl_sim.models import build_model
 
@@ -113,3 +114,13 @@ def test_gradinversion_bn_prior_improves_a_tiny_batch_on_the_bn_model():
         assert res.diagnostics["bn_targets"] == ("none" if bn == 0 else "granted")
         err[bn] = float(((res.images - x) ** 2).mean())
     assert err[1e-2] < err[0.0]
+
+
+def test_batches_bench_counts_exact_labels_and_refuses_bad_input(capsys):
+    code = batches_main(
+        ["--labels-only", "--models", "resnet18_w16", "--data", "mnist5k", "--images", "16", "--seeds", "0"]
+    )
+    assert code == 0
+    assert "resnet18_w16   exact label counts in 2/2 batches" in capsys.readouterr().out
+    assert batches_main(["--models", "nope", "--data", "mnist5k"]) == 2
+    assert "unknown model or attack: nope" in capsys.readouterr().err
