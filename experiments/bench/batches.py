@@ -79,7 +79,11 @@ def label_exactness(args: argparse.Namespace, models: list[str], seeds: list[int
 
 
 def summarise(folder: Path) -> int:
-    files = sorted(folder.glob("*_b*.csv"))
+    def key(f: Path) -> tuple[str, str, int]:
+        head, _, batch = f.stem.rpartition("_b")
+        return head.partition("_")[2], head.partition("_")[0], int(batch) if batch.isdigit() else 0
+
+    files = sorted(folder.glob("*_b*.csv"), key=key)
     if not files:
         raise BenchError(f"no cell files (ATTACK_MODEL_bN.csv) in {folder}")
     print("| model | attack | batch | images x seeds | >= 30 dB | median dB | lowest seed median dB | labels |")
