@@ -35,8 +35,11 @@ squared norm; labels are fixed hard labels from the counts. Group consistency ru
 every group optimised alone first, then ``group_rounds`` rounds in which each group is
 re-optimised with ``group`` times its mean squared distance to the others' aligned mean. The
 answer is the aligned mean of the groups or the best single group, whichever has the lower
-gradient mismatch (no ground truth is looked at). The weights (``tv``, ``bn``, ``group``) were
-chosen on the tuning set named in docs/results/batches.md.
+gradient mismatch (no ground truth is looked at). The weights were set, not tuned (no CPU time
+was left to tune them): ``tv`` is DLG's batch prior (:data:`attacks.dlg.BATCH_TV`, chosen on
+CIFAR-100 images 0-3), ``bn`` and ``group`` 1e-3. ``settle`` is DLG's (1e-4): on the ResNet it
+stopped L-BFGS after 14 steps, long before convergence; use ``settle=0`` with a ``time_limit``
+there (docs/results/batches.md).
 """
 
 from __future__ import annotations
