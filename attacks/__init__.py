@@ -24,6 +24,7 @@ from .base import (
 )
 from .dlg import DLG
 from .fedavg import FedAvgSim
+from .gradinversion import GradInversion
 from .idlg import IDLG
 from .imprint import BlockImprint, Imprint
 from .inverting import InvertingGradients
@@ -41,6 +42,7 @@ __all__ = [
     "RGAP",
     "InvertingGradients",
     "FedAvgSim",
+    "GradInversion",
     "Imprint",
     "BlockImprint",
     "AttackResult",
@@ -61,7 +63,9 @@ __all__ = [
 
 # The attacks on what an honest server's round shows, by name. FedAvgSim ("fedavg-sim") reads a
 # FedAvg weight delta of one client (experiments.plan says where it applies).
-ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (DLG, IDLG, RGAP, InvertingGradients, FedAvgSim)}
+ATTACKS: dict[str, type[Attack]] = {
+    cls.name: cls for cls in (DLG, IDLG, RGAP, InvertingGradients, GradInversion, FedAvgSim)
+}
 
 # The active server's inversions: each reads an update of a model the server built for it
 # (``ACTIVE[name].construct``, :func:`attacks.imprint.construct`), so none of them is in ATTACKS.

@@ -95,11 +95,16 @@ class ThreatModel:
     in the order the steps ran. The server configured the learning rate, the number of steps
     and the batch size, so it knows the shape of the schedule; which image went into which
     step (the client's shuffle) only when granted. ``None``: every step used every image.
+    ``bn_statistics``: for a model with BatchNorm trained in train mode, per BatchNorm layer
+    (``model.modules()`` order) the batch's mean and unbiased variance of the layer's input, when
+    the observer has them (from the client's BatchNorm buffers before and after the step:
+    :func:`attacks.gradinversion.bn_batch_statistics`); ``None``: not granted.
     """
 
     labels: Tensor | None = None
     batch_size: int | None = None
     schedule: tuple[tuple[int, ...], ...] | None = None
+    bn_statistics: tuple[tuple[Tensor, Tensor], ...] | None = None
 
     def __post_init__(self) -> None:
         if self.schedule is not None:

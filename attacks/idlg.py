@@ -1,6 +1,7 @@
 """iDLG (:class:`IDLG`): the labels read off the last layer's gradient, then DLG on the image
 alone; and that label rule (:func:`idlg_labels`, with its batch extensions), which the other
-attacks use too when the labels are not granted.
+attacks use too when the labels are not granted. The rule lives in :mod:`attacks.labels` (with
+the batch's label counts, :func:`attacks.labels.batch_label_counts`) and is re-exported here.
 
 Threat model of the label rule: the observer sees the weights a client started from and the
 client's loss gradient (or a one-step weight delta, which is the gradient up to ``-lr``).
@@ -44,95 +45,13 @@ from __future__ import annotations
 import time
 from typing import Any, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from ._gradient_matching import DLGOptions, check_observation, granted_labels, match_gradients
 from .base import Attack, AttackResult, ThreatModel, Update, as_update, check_gradients
+from .labels import idlg_labels, last_linear_gradients
 
 __all__ = ["IDLG", "idlg", "idlg_labels", "last_linear_gradients", "estimate_batch_size", "batch_size_for"]
-
-
-def last_linear_gradients(model: nn.Module, gradients: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
-    """The observed gradients of the model's last ``nn.Linear``: ``(weight_grad, bias_grad or None)``."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError("the model has no linear layer: cannot recover labels")
-    head = linears[-1]
-    index = {id(p): i for i, p in enumerate(model.parameters())}
-    w = gradients[index[id(head.weight)]].detach().double()
-    b = gradients[index[id(head.bias)]].detach().double() if head.bias is not None else None
-    return w, b
-
-
-def _fill_counts(signal: Tensor, batch_size: int, present: Tensor | None = None) -> list[int]:
-    """Classes for ``batch_size`` images from a per-class signal (negative = present), or from
-    ``present`` (a mask) ranked by the signal."""
-    order = torch.argsort(signal).tolist()
-    negative = [c for c in order if (signal[c] < 0 if present is None else bool(present[c]))]
-    if not negative:  # nothing negative (e.g. all images confidently right): most negative first
-        negative = order[:1]
-    labels = negative[:batch_size]
-    if len(labels) < batch_size:
-        # LLG-style count estimate: each present class accounts for about -B * signal images;
-        # hand the remaining slots to the classes with the largest leftover deficit.
-        deficit = {c: float(-signal[c]) * batch_size - 1.0 for c in labels}
-        while len(labels) < batch_size:
-            c = max(deficit, key=deficit.get)
-            labels.append(c)
-            deficit[c] -= 1.0
-    return labels
-
-
-def idlg_labels(model: nn.Module, gradients: Update | Sequence[Tensor], batch_size: int = 1) -> Tensor:
-    """Recover the labels of the batch behind ``gradients`` (see the module docstring).
-
-    ``gradients``: one tensor per parameter in ``model.parameters()`` order, or an
-    :class:`Update` (a weight delta is turned into its gradient). Returns ``(batch_size,)``
-    int64 labels on the CPU (class indices; 0/1 for a single-logit model).
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    grads = check_gradients(model, as_update(gradients).as_gradients())
-    w, b = last_linear_gradients(model, grads)
-    classes = w.shape[0]
-
-    if classes == 1:  # logistic loss: dL/dz = sigmoid(z) - y < 0  <=>  y = 1
-        s = float(b.sum()) if b is not None else float(w.sum())
-        label = 1 if s < 0 else 0
-        return torch.full((batch_size,), label, dtype=torch.int64)
-
-    if batch_size == 1:
-        if b is not None:
-            return torch.argmin(b).reshape(1).to(torch.int64).cpu()
-        sums = w.sum(dim=1)
-        negative = sums < 0
-        if int(negative.sum()) == 1 or classes == 2:
-            pick = torch.argmin(sums)
-        elif int((~negative).sum()) == 1:  # inputs with a negative sum flip every sign
-            pick = torch.argmax(sums)
-        else:
-            pick = torch.argmin(sums)
-        return pick.reshape(1).to(torch.int64).cpu()
-
-    signal = b if b is not None else w.min(dim=1).values
-    present = None
-    if b is None:
-        # row-minimum (Yin et al.); scale so that the count estimate stays meaningful
-        signal = signal / signal.abs().max().clamp_min(1e-30) / batch_size
-    else:
-        # With non-negative inputs to the last layer an absent class's weight-gradient row,
-        # mean_b(p_bc a_b), has no negative entry, while a present class's row has one unless
-        # every coordinate is masked, which is rarer than its bias entry being masked (the
-        # sum). So presence is read off the row minima (Yin et al.), the ranking and the counts
-        # off the bias; when the rows do not look like non-negative inputs (none or every row
-        # with a negative entry), the bias alone. Measured on the benchmark's first 20
-        # CIFAR-10 / CIFAR-100 images in batches of 2, 4 and 8, DLG's LeNet, model seeds 0-5:
-        # labels right 691 / 720 (bias alone 685), never fewer on any dataset, seed and batch size.
-        rows = w.min(dim=1).values < 0
-        if bool(rows.any()) and not bool(rows.all()):
-            present = rows
-    return torch.tensor(_fill_counts(signal, batch_size, present), dtype=torch.int64)
 
 
 def estimate_batch_size(model: nn.Module, gradients: Update | Sequence[Tensor]) -> int:

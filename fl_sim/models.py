@@ -2,14 +2,17 @@
 
 Every model is a flat ``nn.Sequential`` (layers in forward order, ``nn.Flatten`` before the
 head) so that an analytic attack such as R-GAP can walk it layer by layer without knowing
-the class. Input shape and class count come from the dataset, so 1x28x28 and 3x32x32 both
+the class. The BatchNorm ResNets are an ``nn.Sequential`` of a stem, residual blocks (each one
+module), a pool and the head: flat at the level of blocks, so R-GAP refuses them (a block is not
+a layer it can invert). Input shape and class count come from the dataset, so 1x28x28 and 3x32x32 both
 work.
 
 Initialisations:
 - ``"torch"``: PyTorch's default initialisation (after the caller seeds torch). What the
   federation trains from, and what R-GAP's demo used for CNN6.
 - ``"paper"``: what the model's attack paper used: uniform(-0.5, 0.5) on every weight and
-  bias for DLG's LeNet; PyTorch's default for CNN6 (R-GAP's demo).
+  bias for DLG's LeNet; PyTorch's default for CNN6 (R-GAP's demo) and for the ResNets
+  (GradInversion attacked a trained ResNet-50; untrained, PyTorch's default is the nearest).
 - ``"kaiming"``: He-normal weights for the activation's slope, zero biases. The federation's
   default: the deep bias-free CNN6 barely trains from PyTorch's default (its signal shrinks
   layer by layer), and an attack is only as interesting as the model it breaks.
@@ -23,7 +26,16 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["MODELS", "INITS", "build_model", "model_names", "init_weights"]
+__all__ = [
+    "MODELS",
+    "INITS",
+    "build_model",
+    "model_names",
+    "init_weights",
+    "BasicBlock",
+    "RESNET_WIDTH",
+    "RESNET_NARROW_WIDTH",
+]
 
 INITS = ("torch", "paper", "kaiming")
 
@@ -109,6 +121,57 @@ def mlp(input_shape: tuple[int, int, int], num_classes: int) -> nn.Sequential:
     return nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, MLP_WIDTH), nn.ReLU(), nn.Linear(MLP_WIDTH, num_classes))
 
 
+class BasicBlock(nn.Module):
+    """ResNet's basic block: two 3x3 convolutions, each followed by BatchNorm, ReLU after the
+    sum with the shortcut (a strided 1x1 convolution + BatchNorm where the shape changes)."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), nn.BatchNorm2d(out_ch)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+def _resnet18(width: int) -> Callable[..., nn.Sequential]:
+    def build(input_shape: tuple[int, int, int], num_classes: int) -> nn.Sequential:
+        """ResNet-18 for CIFAR-sized images (He et al. 2016, the CIFAR variant): a 3x3 stem
+        (stride 1, no max-pool) with BatchNorm and ReLU, four stages of two basic blocks of
+        ``width``, 2, 4 and 8 times ``width`` channels (strides 1, 2, 2, 2), global average
+        pooling and a linear head with bias."""
+        c = input_shape[0]
+        layers: list[nn.Module] = [
+            nn.Conv2d(c, width, 3, stride=1, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+        ]
+        channels = width
+        for stage, stride in enumerate((1, 2, 2, 2)):
+            out = width * 2**stage
+            layers += [BasicBlock(channels, out, stride), BasicBlock(out, out, 1)]
+            channels = out
+        return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes))
+
+    return build
+
+
+RESNET_WIDTH = 64
+"""The width of ``resnet18`` (the standard ResNet-18: 64, 128, 256, 512 channels)."""
+RESNET_NARROW_WIDTH = 16
+"""The width of ``resnet18_w16`` (16, 32, 64, 128 channels): the same network at about 1/16 of
+the arithmetic, which the attack benchmarks can afford on two CPU cores."""
+
+
 MODELS: dict[str, ModelSpec] = {
     "lenet": ModelSpec(lenet, "uniform", "DLG's LeNet: 3 conv 5x5 + sigmoid, linear head"),
     "mlp": ModelSpec(mlp, "torch", f"fully connected: {MLP_WIDTH} ReLU units, linear head (first layer linear)"),
@@ -123,6 +186,10 @@ MODELS: dict[str, ModelSpec] = {
         for kind in ("avgpool", "maxpool")
         for after in (1, 3)
     },
+    "resnet18": ModelSpec(_resnet18(RESNET_WIDTH), "torch", f"ResNet-18 (CIFAR stem, BatchNorm), width {RESNET_WIDTH}"),
+    "resnet18_w16": ModelSpec(
+        _resnet18(RESNET_NARROW_WIDTH), "torch", f"ResNet-18 (CIFAR stem, BatchNorm), width {RESNET_NARROW_WIDTH}"
+    ),
 }
 
 
@@ -141,11 +208,16 @@ def init_weights(model: nn.Module, scheme: str) -> nn.Module:
         layers = list(model)
         for i, layer in enumerate(layers):
             if isinstance(layer, (nn.Conv2d, nn.Linear)):
-                act = layers[i + 1] if i + 1 < len(layers) else None
+                # the activation that follows (past a BatchNorm), for its slope
+                after = [m for m in layers[i + 1 :] if not isinstance(m, nn.BatchNorm2d)][:1]
+                act = after[0] if after else None
                 slope = act.negative_slope if isinstance(act, nn.LeakyReLU) else 1.0
                 nn.init.kaiming_normal_(layer.weight, a=slope, nonlinearity="leaky_relu")
                 if layer.bias is not None:
                     nn.init.zeros_(layer.bias)
+            elif isinstance(layer, BasicBlock):  # its convolutions feed BatchNorm and ReLU
+                for conv in (m for m in layer.modules() if isinstance(m, nn.Conv2d)):
+                    nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
     elif scheme != "torch":
         raise ValueError(f"unknown initialisation {scheme!r}")
     return model

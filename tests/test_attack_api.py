@@ -26,6 +26,7 @@ QUICK = {
     "idlg": dict(max_steps=2, max_iter=4, max_restarts=0),
     "ig": dict(max_steps=3, refine_steps=1, refine_iter=2),
     "fedavg-sim": dict(max_steps=3),
+    "gradinversion": dict(groups=2, max_steps=2, max_iter=3, group_rounds=1, round_steps=1),
     "rgap": dict(rank=False),
     "imprint": {},
     "imprint-block": {},
@@ -131,7 +132,8 @@ def test_unknown_attack_is_a_one_line_value_error_listing_the_names():
 
 
 def test_registries_hold_the_classes():
-    assert list(ATTACKS) == ["dlg", "idlg", "rgap", "ig", "fedavg-sim"] and list(ACTIVE) == ["imprint", "imprint-block"]
+    assert list(ATTACKS) == ["dlg", "idlg", "rgap", "ig", "gradinversion", "fedavg-sim"]
+    assert list(ACTIVE) == ["imprint", "imprint-block"]
     assert ATTACKS["dlg"].Options is DLGOptions and ATTACKS["idlg"].Options is DLGOptions
     assert ATTACKS["dlg"].Options.names()[:2] == ["max_steps", "max_iter"]
 

@@ -21,7 +21,11 @@ may be smaller) and the attack is told the batch size, not the labels; its recon
 matched to the true images (``attacks.metrics.match_batch``) before scoring, labels after the
 same matching; an image's row carries the batch's seconds divided by N and the batch's
 objective evaluations. DLG and iDLG switch to their batch rules by themselves
-(``attacks.dlg.for_batch``: pixels kept in [0, 1], a small total-variation prior).
+(``attacks.dlg.for_batch``: pixels kept in [0, 1], a small total-variation prior). A model with
+BatchNorm (``resnet18``, ``resnet18_w16``) is trained and attacked in train mode, and the
+batch's BatchNorm statistics are granted (``ThreatModel.bn_statistics``: what the client's
+buffers disclose), which only ``gradinversion`` reads. ``--start N`` skips a file's first N
+images and ``--exclude npz:FILE`` leaves out the images of a tuning set (by official index).
 
 Prints one line per image, one summary line per seed (successes at >= 30 dB, median, minimum
 and mean PSNR, labels, median seconds and objective evaluations per image) and, for several
@@ -57,6 +61,7 @@ import torch
 from attacks import ATTACKS, SUCCESS_PSNR, AttackResult, ThreatModel, get_attack, score_batch, training_loss
 from attacks.dlg import DEFAULT as DLG_DEFAULT
 from attacks.dlg import FAITHFUL
+from attacks.gradinversion import batchnorm_layers, bn_batch_statistics
 from attacks.rgap import RGAP, RGAPOptions
 from fl_sim.data import DatasetError, load_dataset, read_npz
 from fl_sim.device import DeviceError, resolve_device
@@ -97,6 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--images", type=int, default=20, help="attack the first N images (default: 20)")
     p.add_argument("--batch", type=int, default=1, help="images per update (default: 1)")
+    p.add_argument(
+        "--start",
+        type=int,
+        default=0,
+        help="skip the file's first N images (an evaluation set further into a file; default: 0)",
+    )
+    p.add_argument(
+        "--exclude",
+        default=None,
+        metavar="npz:PATH",
+        help="leave out every image whose official index is in this file (a tuning set), e.g. "
+        "npz:data/cifar10_test150.npz",
+    )
     seeds = p.add_mutually_exclusive_group()
     seeds.add_argument(
         "--seed", type=int, default=None, help="one seed (the model's initialisation and the attack's draws)"
@@ -177,14 +195,21 @@ class BenchImages:
     notes: tuple[str, ...] = ()  # repairs the reader made, one line each
 
 
-def load_images(name: str, n: int) -> BenchImages:
+def load_images(name: str, n: int, start: int = 0, exclude: str | None = None) -> BenchImages:
     """``npz:PATH`` (checked by :func:`fl_sim.data.read_npz`; all of it, the official
     indices kept) or a dataset name of :func:`fl_sim.data.load_dataset` (its training split).
     Raises ``BenchError`` with one line."""
     try:
+        if exclude is not None and not exclude.startswith("npz:"):
+            raise BenchError(f"--exclude takes npz:PATH, got {exclude!r}")
         if name.startswith("npz:"):
             z = read_npz(name[4:])
-            x, y, classes, index, notes = z.images[:n], z.labels[:n], z.num_classes, z.index[:n], z.notes
+            keep = np.arange(start, len(z.labels))
+            if exclude is not None:
+                held = set(read_npz(exclude[4:]).index.tolist())
+                keep = np.array([i for i in keep if int(z.index[i]) not in held], dtype=np.int64)
+            keep = keep[:n]
+            x, y, classes, index, notes = z.images[keep], z.labels[keep], z.num_classes, z.index[keep], z.notes
         else:
             data = load_dataset(name)
             x, y, classes, notes = data.train_x[:n], data.train_y[:n], data.num_classes, data.notes
@@ -360,9 +385,9 @@ def _run_seed(
 ) -> dict[str, list[dict]]:
     """Every image (or batch) of one seed, attacked by every variant; rows by variant."""
     kwargs = {"head": head} if args.model.startswith("cnn6") else {}
-    model = build_model(
-        args.model, tuple(data.images.shape[1:]), data.num_classes, init="paper", seed=seed, **kwargs
-    ).eval()
+    model = build_model(args.model, tuple(data.images.shape[1:]), data.num_classes, init="paper", seed=seed, **kwargs)
+    # a model with BatchNorm is attacked as a client trains it: in train mode, on the batch's statistics
+    model.train(any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()))
     # the client's gradients on the CPU model; the attacks on a copy where --device says
     attacked = copy.deepcopy(model).to(args.device)
     label_gen = torch.Generator().manual_seed(seed)
@@ -371,8 +396,12 @@ def _run_seed(
     for number, start in enumerate(range(0, len(data.images), args.batch)):
         x, y = data.images[start : start + args.batch], data.labels[start : start + args.batch]
         target = _targets(model, x, y, head, args.label or "demo", label_gen)
-        grads = [g.detach() for g in torch.autograd.grad(training_loss(model(x), target), list(model.parameters()))]
-        threat = ThreatModel(labels=target if granted else None, batch_size=len(x))
+        # the client trains a copy (a train-mode BatchNorm moves its running statistics); the attack gets
+        # the weights the client started from and, with BatchNorm, the batch's statistics its buffers disclose
+        client = copy.deepcopy(model)
+        grads = [g.detach() for g in torch.autograd.grad(training_loss(client(x), target), list(client.parameters()))]
+        bn = bn_batch_statistics(model, client) if batchnorm_layers(model) and model.training else None
+        threat = ThreatModel(labels=target if granted else None, batch_size=len(x), bn_statistics=bn)
         # alternate which variant goes first, so that drifting load falls on both alike
         for v in runs if number % 2 == 0 else runs[::-1]:
             if v.fresh_solver:
@@ -463,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
             args.device = str(resolve_device(args.device))
         except DeviceError as exc:
             raise BenchError(f"--device: {exc}") from None
-        data = load_images(args.data, args.images)
+        data = load_images(args.data, args.images, args.start, args.exclude)
         out_file = open_out(args.out)
     except BenchError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
