@@ -153,7 +153,7 @@ def test_presets_fill_what_the_command_line_leaves_out():
     shorter = ExperimentPlan.from_mapping({"num-server-rounds": 20}, preset="demo")
     assert shorter.attack.rounds == {1, 10, 20}  # spread: first, middle, last
     every = ExperimentPlan.from_mapping({"attack": "all", "observers": "server"}, preset="demo")
-    assert every.fed.model == "cnn6" and set(every.attack.attacks) == {"dlg", "idlg", "rgap", "ig"}
+    assert every.fed.model == "cnn6" and set(every.attack.attacks) == {"dlg", "idlg", "rgap", "ig", "gradinversion"}
     paper = ExperimentPlan.from_mapping({"attack": "dlg"})
     assert (paper.fed.model, paper.fed.num_clients, paper.attack.rounds) == ("lenet", 4, {1})
     for preset in (None, "demo"):
@@ -164,10 +164,10 @@ def test_presets_fill_what_the_command_line_leaves_out():
 
 
 def test_fedavg_attacks_and_what_applies():
-    """Several local steps (or epochs): ig, dlg, idlg and fedavg-sim apply, R-GAP does not
+    """Several local steps (or epochs): ig, dlg, idlg, gradinversion and fedavg-sim apply, R-GAP does not
     (named: refused; in all: left out); one local step is a gradient, so R-GAP applies."""
     many = ExperimentPlan.from_mapping({"attack": "all", "mode": "fedavg", "local-epochs": 2})
-    assert set(many.attack.attacks) == {"dlg", "idlg", "ig", "fedavg-sim"}
+    assert set(many.attack.attacks) == {"dlg", "idlg", "ig", "gradinversion", "fedavg-sim"}
     one = ExperimentPlan.from_mapping({"attack": "all", "mode": "fedavg", "local-steps": 1})
     assert "rgap" in one.attack.attacks
     with pytest.raises(ConfigError, match="rgap inverts one sample's gradient") as err:
@@ -194,8 +194,12 @@ def test_fedavg_sim_reads_fedavg_weight_deltas_and_only_the_servers_view():
     assert alone.attack.attacks == ("fedavg-sim",) and alone.attack.observers == ("server",)
     every = ExperimentPlan.from_mapping({"attack": "all", "mode": "fedavg", "observers": "all"})
     assert every.attack.observers == ("server", "client", "secagg")
-    assert every.attack.attacks_for("server") == ("dlg", "idlg", "ig", "fedavg-sim")
-    assert every.attack.attacks_for("client") == every.attack.attacks_for("secagg") == ("dlg", "idlg", "ig")
+    assert every.attack.attacks_for("server") == ("dlg", "idlg", "ig", "gradinversion", "fedavg-sim")
+    assert (
+        every.attack.attacks_for("client")
+        == every.attack.attacks_for("secagg")
+        == ("dlg", "idlg", "ig", "gradinversion")
+    )
     with pytest.raises(ConfigError, match="the client observer sees an aggregate") as err:
         ExperimentPlan.from_mapping({"attack": "fedavg-sim", "mode": "fedavg", "observers": "server,client"})
     assert err.value.key == "observers"
