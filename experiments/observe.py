@@ -73,13 +73,15 @@ class Truth:
     """The true batch behind an update: images in [0, 1], labels, each image's owner and, for
     one client's FedAvg update, its true local schedule (per step, the indices into
     ``images`` of that step's batch); ``indices``: each image's index in its dataset
-    (:meth:`fl_sim.data.Dataset.source_index`), None when unknown."""
+    (:meth:`fl_sim.data.Dataset.source_index`), None when unknown; ``partitions``: each
+    owner's images (its partition, the candidates of the IIP score), None when unknown."""
 
     images: Tensor
     labels: Tensor
     owners: tuple[int, ...]
     schedule: tuple[tuple[int, ...], ...] | None = None
     indices: tuple[int, ...] | None = None
+    partitions: Mapping[int, Tensor] | None = None
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,11 @@ reconstructed (``batch_size_used``) and how the row was tied to its client
 (``attribution``: ``direct`` for an observer that saw the client's own update, ``post-hoc``
 for one that saw an aggregate and was matched to the clients' images afterwards). ``psnr``,
 ``ssim`` and ``mse`` are medians over the client's images, ``recovered`` of ``images`` were
-at >= 30 dB (:mod:`experiments.scoring`). ``bins``: the number of bins of the active server's
-imprint (empty for the passive observers).
+at >= 30 dB (:mod:`experiments.scoring`); at the end, ``iip`` is the share of the client's
+images identified (image identifiability precision), ``rpsnr`` the median registered PSNR and
+``lpips`` the median LPIPS (nan where its weights are not on disk; docs/metrics.md).
+``bins``: the number of bins of the active server's imprint (empty for the passive
+observers).
 
 ``status`` is the attack's own (``ok``, ``blend``, ``diverged``, ``not_converged``,
 ``inconsistent``, ...) for a scored row, or why there is no score: ``error`` (the attack
@@ -24,8 +27,10 @@ rows for a row of ``images`` images; none for an unscored one): its ``round``, `
 the ``psnr`` and ``ssim`` of the reconstruction matched to it (the optimal assignment of
 :mod:`experiments.scoring`: each true image gets at most one reconstruction), ``label_true``,
 the matched reconstruction's ``label_recovered`` (empty when the attack returned no labels),
-and ``status``: the attack's, or ``unmatched`` when no reconstruction was left for the image
-(the attack returned fewer than there were; scored against mid-grey). A job that runs again
+``status``: the attack's, or ``unmatched`` when no reconstruction was left for the image
+(the attack returned fewer than there were; scored against mid-grey); and at the end ``iip``
+(True when the reconstruction's nearest neighbour among the client's images is this image),
+``rpsnr`` and ``lpips``. A job that runs again
 (its round rerun after a resume) replaces its images' rows: one row per (round, client,
 observer, attack, index).
 """
@@ -74,6 +79,9 @@ RESULT_FIELDS = [
     "seconds",
     "status",
     "reason",
+    "iip",
+    "rpsnr",
+    "lpips",
 ]
 UNSCORED = ("error", "missing", "invalid", "skipped", "interrupted")
 IMAGES_CSV = "images.csv"
@@ -88,6 +96,9 @@ IMAGE_FIELDS = [
     "label_true",
     "label_recovered",
     "status",
+    "iip",
+    "rpsnr",
+    "lpips",
 ]
 _IMAGE_KEY = ("round", "client", "observer", "attack", "index")
 
@@ -104,6 +115,9 @@ def blank_row(server_round: int, client: int, observer: str, attack: str, **valu
         ssim=math.nan,
         mse=math.nan,
         label_acc=math.nan,
+        iip=math.nan,
+        rpsnr=math.nan,
+        lpips=math.nan,
         seconds=0.0,
         status="ok",
     )
@@ -128,6 +142,9 @@ def image_rows(
             "label_true": r["label_true"],
             "label_recovered": r["label_recovered"],
             "status": status if r.get("matched", True) else "unmatched",
+            "iip": r.get("iip", ""),
+            "rpsnr": r["rpsnr"],
+            "lpips": r["lpips"],
         }
         for r in per_image
     ]

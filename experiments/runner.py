@@ -29,6 +29,7 @@ import torch
 
 from attacks import ATTACKS, get_attack
 from attacks.imprint import construct
+from attacks.metrics import lpips_unavailable
 from fl_sim.config import RunConfig
 from fl_sim.data import load_dataset, to_float
 from fl_sim.device import resolve_device
@@ -130,9 +131,7 @@ def run_job(
             bins=res.diagnostics.get("bins", ""),
         ):
             c = by_client[row["client"]]
-            row.update(
-                psnr=c.psnr, ssim=c.ssim, mse=c.mse, label_acc=c.label_acc, images=c.images, recovered=c.recovered
-            )
+            row.update(c.columns())
             rows.append(row)
         images = {
             "truth": truth.images,
@@ -200,6 +199,8 @@ class AttackRunner:
         self.recon_dir = self.out_dir / RECONSTRUCTIONS
         self.recon_dir.mkdir(parents=True, exist_ok=True)
         self.writer = ResultsWriter(self.out_dir / "results.csv")
+        if (why := lpips_unavailable()) is not None:
+            log.info(why)  # once per run: the lpips column stays empty
         self.on_row = on_row
         data = load_dataset(self.cfg.dataset, self.cfg.data_root)
         self.param_names = parameter_names(build_model(self.cfg.model, data.input_shape, data.num_classes))

@@ -13,10 +13,16 @@ not recovered. A client's row scores that client's images: the median PSNR, SSIM
 them, the share of their labels recovered, and how many were recovered at >= 30 dB. Never
 the best image of a batch: one exact image beside a failure is a median between the two,
 and one image recovered out of two.
+
+Beside them (docs/metrics.md): the median registered PSNR (``rpsnr``: a translation of up to
+2 pixels allowed), the median LPIPS where its weights are on disk, and the IIP, the share of
+the client's images whose reconstruction's nearest neighbour among the client's own images
+(its partition, ``Truth.partitions``) is that image.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from dataclasses import dataclass
@@ -26,9 +32,10 @@ import torch
 from torch import Tensor
 
 from attacks import SUCCESS_PSNR, match_batch, score_batch
+from attacks.metrics import identified
 from fl_sim.config import RunConfig
 from fl_sim.data import load_dataset, to_float
-from fl_sim.task import client_batch_indices, local_schedule
+from fl_sim.task import client_batch_indices, client_indices, local_schedule
 
 from .observe import RefereeKey, Truth
 
@@ -46,15 +53,25 @@ class ClientScore:
     ssim: float
     mse: float
     label_acc: float  # share of labels right; nan when the attack returned none
+    iip: float  # share of the images identified (nearest neighbour in the partition); nan without partitions
+    rpsnr: float  # median registered PSNR
+    lpips: float  # median LPIPS; nan where LPIPS is not available
+
+    def columns(self) -> dict[str, float | int]:
+        """The results.csv columns this score fills."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "client"}
 
 
 def true_batch(cfg: RunConfig, key: RefereeKey, server_round: int) -> Truth:
     """The images behind an observation: each target client's FedSGD batch of
-    ``server_round``, or under FedAvg every image of its local schedule (each once)."""
+    ``server_round``, or under FedAvg every image of its local schedule (each once); and each
+    target's partition (its images, uint8), the candidates of IIP."""
     data = load_dataset(cfg.dataset, cfg.data_root)
     xs, ys, owners, indices = [], [], [], []
     schedule = None
+    partitions = {}
     for pid in key.targets:
+        partitions[pid] = data.train_x[torch.as_tensor(client_indices(cfg, pid, cfg.num_clients))]
         if cfg.mode == "fedsgd":
             positions = client_batch_indices(cfg, pid, cfg.num_clients, server_round)
         else:
@@ -69,7 +86,12 @@ def true_batch(cfg: RunConfig, key: RefereeKey, server_round: int) -> Truth:
         owners += [pid] * len(idx)
         indices += data.source_index(positions)
     return Truth(
-        torch.cat(xs), torch.cat(ys), tuple(owners), schedule if len(key.targets) == 1 else None, tuple(indices)
+        torch.cat(xs),
+        torch.cat(ys),
+        tuple(owners),
+        schedule if len(key.targets) == 1 else None,
+        tuple(indices),
+        partitions,
     )
 
 
@@ -81,10 +103,12 @@ def _median(values: list[float]) -> float:
 def score(recon: Tensor, recon_labels: Tensor | None, truth: Truth) -> tuple[list[ClientScore], list[dict], Tensor]:
     """Score ``recon`` against ``truth``: one :class:`ClientScore` per owner (in the order of
     ``truth.owners``), the per-image scores in the order of the true images (``psnr``,
-    ``ssim``, ``mse``, ``label_correct`` when labels are compared, ``matched``, and the
-    image's ``client``, dataset ``index``, ``label_true`` and the ``label_recovered`` of its
-    matched reconstruction, "" when there is none), and the reconstructions in the order of
-    the true images (mid-grey where none was matched), for the figures."""
+    ``ssim``, ``mse``, ``rpsnr``, ``lpips``, ``label_correct`` when labels are compared,
+    ``matched``, ``iip`` (True when identified, False when not or unmatched, "" when
+    ``truth`` has no partitions), and the image's ``client``, dataset ``index``,
+    ``label_true`` and the ``label_recovered`` of its matched reconstruction, "" when there is
+    none), and the reconstructions in the order of the true images (mid-grey where none was
+    matched), for the figures."""
     recon = torch.nan_to_num(recon.detach().to(torch.float32), nan=0.5).clamp(0, 1)
     perm = match_batch(recon, truth.images)
     per_image = score_batch(
@@ -98,21 +122,32 @@ def score(recon: Tensor, recon_labels: Tensor | None, truth: Truth) -> tuple[lis
             index=truth.indices[i] if truth.indices is not None else "",
             label_true=int(truth.labels[i]),
             label_recovered=int(recovered[j]) if recovered is not None and 0 <= j < len(recovered) else "",
+            iip="",
         )
     ordered = torch.stack([recon[j] if j >= 0 else torch.full_like(truth.images[i], 0.5) for i, j in enumerate(perm)])
     clients = []
     for pid in dict.fromkeys(truth.owners):
-        mine = [row for row, owner in zip(per_image, truth.owners) if owner == pid]
-        labels = [row["label_correct"] for row in mine if "label_correct" in row]
+        mine = [i for i, owner in enumerate(truth.owners) if owner == pid]
+        rows = [per_image[i] for i in mine]
+        iip = math.nan
+        if truth.partitions is not None and pid in truth.partitions:
+            found = identified(ordered[mine], truth.images[mine], truth.partitions[pid])
+            for row, hit in zip(rows, found):
+                row["iip"] = hit and row["matched"]  # an unmatched image is never identified
+            iip = sum(row["iip"] for row in rows) / len(rows)
+        labels = [row["label_correct"] for row in rows if "label_correct" in row]
         clients.append(
             ClientScore(
                 client=pid,
-                images=len(mine),
-                recovered=sum(row["psnr"] >= SUCCESS_PSNR for row in mine),
-                psnr=_median([row["psnr"] for row in mine]),
-                ssim=_median([row["ssim"] for row in mine]),
-                mse=_median([row["mse"] for row in mine]),
+                images=len(rows),
+                recovered=sum(row["psnr"] >= SUCCESS_PSNR for row in rows),
+                psnr=_median([row["psnr"] for row in rows]),
+                ssim=_median([row["ssim"] for row in rows]),
+                mse=_median([row["mse"] for row in rows]),
                 label_acc=float(sum(labels) / len(labels)) if labels else math.nan,
+                iip=iip,
+                rpsnr=_median([row["rpsnr"] for row in rows]),
+                lpips=_median([row["lpips"] for row in rows]),
             )
         )
     return clients, per_image, ordered

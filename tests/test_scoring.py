@@ -8,10 +8,13 @@ import pytest
 import torch
 
 from attacks.metrics import psnr
-from experiments.observe import observe_curious_client, observe_secagg, observe_server
+from experiments.observe import RefereeKey, observe_curious_client, observe_secagg, observe_server
 from experiments.plan import ExperimentPlan
+from experiments.results import IMAGE_FIELDS, RESULT_FIELDS
 from experiments.scoring import Truth, score, true_batch
+from fl_sim.data import load_dataset
 from fl_sim.intercepting_strategy import InterceptedUpdate, RoundAggregate
+from fl_sim.task import client_indices
 
 
 def _truth():
@@ -45,7 +48,6 @@ def test_images_without_a_reconstruction_count_as_not_recovered():
 
 def test_the_referee_rebuilds_each_targets_batch():
     plan = ExperimentPlan.from_mapping({"attack": "rgap", "batch-size": 2, "out-dir": "unused"})
-    from experiments.observe import RefereeKey
     from fl_sim.task import client_batch
 
     truth = true_batch(plan.fed, RefereeKey((3, 1), "post-hoc"), server_round=2)
@@ -97,3 +99,38 @@ def test_the_curious_client_without_its_own_update_has_nothing_to_attack():
         agg, None, plan.fed, ["w"], curious_client=0, grant_batch_size="observed", grant_labels=False
     )
     assert isinstance(why, str) and "no update of its own" in why
+
+
+def test_iip_is_the_share_of_a_clients_images_whose_nearest_neighbour_in_its_partition_is_itself():
+    """The referee's truth carries each target's partition (the images the client holds); a
+    reconstruction equal to the true image is identified, one that is another image of the
+    same partition is not; the client's ``iip`` is the share, per image in ``iip``."""
+    plan = ExperimentPlan.from_mapping({"attack": "rgap", "batch-size": 2, "num-clients": 4, "out-dir": "unused"})
+    truth = true_batch(plan.fed, RefereeKey((3, 1), "post-hoc"), server_round=1)
+    data = load_dataset(plan.fed.dataset)
+    for pid in (3, 1):
+        assert torch.equal(truth.partitions[pid], data.train_x[torch.as_tensor(client_indices(plan.fed, pid, 4))])
+    clients, per_image, _ = score(truth.images, None, truth)
+    assert [c.iip for c in clients] == [1.0, 1.0] and [r["iip"] for r in per_image] == [True] * 4
+    # client 3's first image reconstructed as another image of client 3's partition
+    pool = truth.partitions[3].float() / 255
+    other = next(x for x in pool if not torch.equal(x, truth.images[0]) and not torch.equal(x, truth.images[1]))
+    recon = truth.images.clone()
+    recon[0] = other
+    clients, per_image, _ = score(recon, None, truth)
+    assert [c.iip for c in clients] == [0.5, 1.0] and [r["iip"] for r in per_image] == [False, True, True, True]
+    assert set(clients[0].columns()) <= set(RESULT_FIELDS) and {"iip", "rpsnr", "lpips"} <= set(clients[0].columns())
+
+
+def test_the_new_score_columns_come_after_the_columns_issue_22_fixed():
+    old_results = ["round", "client", "observer", "attack", "psnr", "ssim", "mse", "label_acc", "images", "recovered"]
+    old_results += ["batch_size_used", "labels_granted", "batch_size_granted", "batch_size_source", "local_steps"]
+    old_results += ["order_granted", "attribution", "bins", "seconds", "status", "reason"]
+    old_images = ["round", "client", "observer", "attack", "index", "psnr", "ssim", "label_true", "label_recovered"]
+    assert RESULT_FIELDS == [*old_results, "iip", "rpsnr", "lpips"]
+    assert IMAGE_FIELDS == [*old_images, "status", "iip", "rpsnr", "lpips"]
+
+
+def test_a_truth_without_partitions_leaves_iip_empty():
+    clients, per_image, _ = score(_truth().images, None, _truth())
+    assert all(math.isnan(c.iip) for c in clients) and all(r["iip"] == "" for r in per_image)
