@@ -69,7 +69,9 @@ def test_all_observers_means_what_the_engine_can_run():
     [
         ({"attack": "rgap", "num-clients": 2}, "observers"),
         ({"attack": "rgap", "num-clients": 4, "fraction-train": 0.5}, "observers"),  # 2 clients per round
-        ({"attack": "rgap", "mode": "fedavg"}, "attack"),  # R-GAP inverts one sample's gradient, not local steps
+        # R-GAP inverts one sample's gradient, not local steps (the steps given: the preset takes 1)
+        ({"attack": "rgap", "mode": "fedavg", "local-steps": 2}, "attack"),
+        ({"attack": "rgap", "mode": "fedavg", "local-epochs": 1}, "attack"),
         ({"attack": "ig", "grant-batch-order": True}, "grant-batch-order"),  # FedSGD has no local batches
         ({"attack": "rgap", "observers": "secagg", "num-clients": 1, "min-clients": 1}, "observers"),
         ({"attack": "rgap", "attack-rounds": "0"}, "attack-rounds"),
