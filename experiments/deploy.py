@@ -50,13 +50,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from flwr.common.config import parse_config_args
 
-from fl_sim.data import DatasetError
-
-from .cli import Parser, add_plan_arguments, given, plan_from_args, say_error
-from .plan import ConfigError
-from .report.summary import report_run
+from .cli import Parser, add_plan_arguments, add_run_config_argument, given, plan_from_args, run_config, say_error
 from .run_folder import RunFolder, RunFolderError
 from .stopping import terminate
 
@@ -112,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_plan_arguments(p, defaults={"num-clients": DEFAULT_NODES})
     d = p.add_argument_group("the deployment")
-    d.add_argument("--out", type=Path, default=None, help="run folder (default: a new runs/deploy-<date>-<time>)")
+    d.add_argument(
+        "--out", "--out-dir", type=Path, default=None, help="run folder (default: a new runs/deploy-<date>-<time>)"
+    )
     how = d.add_mutually_exclusive_group()
     how.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished round")
     how.add_argument("--overwrite", action="store_true", help="empty the run folder --out first")
@@ -153,13 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="submit to this running SuperLink instead of starting one (the compose submit job)",
     )
-    d.add_argument(
-        "--run-config",
-        action="append",
-        default=[],
-        metavar="'K=V ...'",
-        help="more run-config settings, Flower syntax, e.g. --run-config 'seed=1 dataset=\"mnist5k\"'",
-    )
+    add_run_config_argument(d)
     d.add_argument(
         "--poll",
         type=_positive(float),
@@ -184,15 +175,8 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser):
         missing = [n for n in needed if not (args.certs / n).is_file()]
         if missing:
             parser.error(f"--certs {args.certs}: missing {', '.join(missing)} (make them with scripts/gen_certs.sh)")
-    try:
-        extra = parse_config_args(args.run_config) if args.run_config else {}
-    except Exception as exc:  # noqa: BLE001 - Flower's parser raises several kinds
-        parser.error(f"--run-config: cannot parse: {exc}".splitlines()[0])
-    clash = sorted(set(extra) & set(given(args)))
-    if clash:
-        parser.error(f"--run-config: {clash[0]!r} is set by a flag too")
-    if "out-dir" in extra or "resume" in extra:
-        parser.error("--run-config: use --out / --resume for the run folder")
+    extra = run_config(args, parser)
+    typed = set(extra)  # the keys the user gave in --run-config (errors name them so)
     flags = given(args)
     clients = int(flags.get("num-clients", DEFAULT_NODES)) if str(flags.get("num-clients", "")).isdigit() else None
     if args.kill_node is not None:
@@ -205,6 +189,11 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser):
         extra.setdefault("min-clients", flags.get("min-clients", clients - 1))
         extra.setdefault("round-timeout", flags.get("round-timeout", KILL_NODE_ROUND_TIMEOUT))
     mode = "resume" if args.resume else "overwrite" if args.overwrite else "new"
+    # the plan's modules load torch: after parsing, so that --help answers at once
+    from fl_sim.data import DatasetError
+
+    from .plan import ConfigError  # after parsing, as above
+
     try:
         base = _saved_config(args.out) if args.resume else {}
         plan = plan_from_args(
@@ -225,10 +214,12 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser):
                 parser.error(
                     f"--min-clients {c.min_clients}: only {c.num_clients - 1} SuperNode(s) will be left to reply"
                 )
-        plan.check_data()
+        data = plan.check_data()
         folder = RunFolder.claim(args.out, mode, plan.to_mapping(), default_prefix="deploy-")
     except (ConfigError, DatasetError, RunFolderError) as exc:
-        raise SystemExit(say_error(parser.prog, exc)) from None
+        raise SystemExit(say_error(parser.prog, exc, run_config=typed)) from None
+    for note in (*plan.notes, *data.notes):
+        _say(f"note: {note}")
     return plan.replace(out_dir=str(folder.path)), folder
 
 
@@ -606,6 +597,8 @@ def _report_again(out: Path) -> None:
     deploy.json says how it ended (a folder the run never wrote to has none)."""
     if not (out / "config.json").exists():
         return
+    from .report.summary import report_run  # pandas and matplotlib: not loaded for --help
+
     try:
         report_run(out)
     except Exception as exc:  # noqa: BLE001 - the report must not hide the deployment's outcome

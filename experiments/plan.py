@@ -37,7 +37,12 @@ from a command line into a deployment's run config and back. Every rule lives he
   (every client holds an image, and at least ``samples-per-client`` when it is set), and an
   attacked FedAvg update holds at most :data:`MAX_UPDATE_IMAGES` images (a client with
   1,000 images and one local epoch of batch 1 would ask for 1,000 dummy images), checked
-  before any process starts.
+  before any process starts; a batch size above a client's images is said in one line (its
+  batch is all of them);
+- a preset's attack on FedAvg with neither ``local-steps`` nor ``local-epochs`` given takes
+  :data:`~experiments.presets.FEDAVG_ATTACK_STEPS` local steps (1 for R-GAP), so that the
+  first command a user tries makes an update the attacks take; the plan's ``notes`` say so in
+  one line. The presets are plain data in :mod:`experiments.presets`.
 
 Errors are :class:`fl_sim.config.ConfigError` with the key at fault; entry points name it the
 way their user typed it (``--rounds`` on a command line, ``num-server-rounds`` in a run
@@ -59,6 +64,19 @@ from fl_sim.data import load_dataset, partition
 from fl_sim.device import DeviceError, resolve_device
 from fl_sim.models import build_model
 
+from .presets import (
+    ACTIVE_PRESET,
+    ATTACK_DEFAULTS,
+    ATTACK_PRESET,
+    BATCH_SIZE_GRANTS,
+    DEMO_PRESET,
+    FEDAVG_ATTACK_STEPS,
+    MAX_UPDATE_IMAGES,
+    OBSERVERS,
+    PASSIVE_OBSERVERS,
+    PRESETS,
+)
+
 __all__ = [
     "OBSERVERS",
     "ONE_CLIENT_ATTACKS",
@@ -76,63 +94,12 @@ __all__ = [
     "attack_names",
 ]
 
-OBSERVERS = ("server", "client", "secagg", "active")
-PASSIVE_OBSERVERS = ("server", "client", "secagg")  # what "all" means: the servers that send the honest model
 # Attacks that read one client's own update, not an aggregate of several (fedavg-sim simulates
 # one client's local training), and the passive observer that sees one: the server.
 ONE_CLIENT_ATTACKS = frozenset({"fedavg-sim"})
 ONE_CLIENT_OBSERVERS = ("server",)
 # The active server's constructions (attacks.ACTIVE, built by attacks.imprint.construct).
 ACTIVE_ATTACKS = tuple(ACTIVE)
-# What the attackers are told of the number of images in the update they attack:
-# observed: what each observer sees (the server: the reply's num-examples; SecAgg+: the sum of
-#           the clients' clear-text num-examples; the curious client: nothing, it estimates);
-# all: every observer is granted the true count; none: no observer is, every attack estimates.
-BATCH_SIZE_GRANTS = ("observed", "all", "none")
-# With an attack, keys the user left unset take the papers' FedSGD setting: DLG's LeNet with its
-# U(-0.5, 0.5) initialisation (which R-GAP inverts too), one image per client update, and a run
-# short enough to finish in a few minutes on two cores.
-ATTACK_PRESET: dict[str, Any] = {
-    "mode": "fedsgd",
-    "batch-size": 1,
-    "num-clients": 4,
-    "num-server-rounds": 2,
-    "model": "lenet",
-    "init": "paper",
-}
-# The demo (``python -m experiments.run`` with no --attack): a federation that trains while its
-# server spies. FedSGD with one image per client, so each reply is one sample's gradient (what
-# R-GAP inverts exactly, trained or not); 10 clients make each step a batch of 10, at a server
-# learning rate at which CNN6 passes 0.85 test accuracy on mnist5k within about 120 rounds
-# (measured over model seeds 0-2); 150 rounds of about 0.3 s; attacked in the first, middle and
-# last round. SecAgg+ (a second federation of 1.3 s rounds) is left to --observers all.
-DEMO_PRESET: dict[str, Any] = {
-    "attack": "rgap",
-    "mode": "fedsgd",
-    "batch-size": 1,
-    "num-clients": 10,
-    "num-server-rounds": 150,
-    "server-lr": 0.1,
-    "model": "cnn6",
-    "init": "kaiming",
-    "attack-rounds": "spread",
-    "observers": "server,client",
-}
-# With the active observer named, keys left unset take the setting of the issue's target: FedSGD
-# with 16 images per client and 4 clients (64 images in a SecAgg+ aggregate), on the fully
-# connected model whose first layer holds the weights-only imprint.
-ACTIVE_PRESET: dict[str, Any] = {
-    "mode": "fedsgd",
-    "batch-size": 16,
-    "num-clients": 4,
-    "num-server-rounds": 2,
-    "model": "mlp",
-    "init": "torch",
-}
-PRESETS = {"paper": ATTACK_PRESET, "demo": DEMO_PRESET, "active": ACTIVE_PRESET}
-# The most images one attacked update may hold: an attack optimises one dummy image per image
-# (Inverting Gradients on 32 CIFAR images in 3 local steps: 200 s on one core).
-MAX_UPDATE_IMAGES = 64
 # config.json's record of the device the run resolved ``device`` to on the machine that wrote it
 # (a record, not a setting: from_mapping accepts it back and ignores it).
 RESOLVED_DEVICE = "resolved-device"
@@ -255,6 +222,8 @@ class ExperimentPlan:
     fed: RunConfig
     attack: AttackPlan | None = None
     resume: bool = False  # continue the run in ``fed.out_dir`` (an invocation setting, not the experiment's)
+    # what a preset chose that the user did not ask for, one line each (printed by the entry points)
+    notes: tuple[str, ...] = dataclasses.field(default=(), compare=False)
 
     # ---- building -------------------------------------------------------------------------
 
@@ -275,19 +244,24 @@ class ExperimentPlan:
         active = "active" in _names(given.get("observers", PRESETS.get(preset or "", {}).get("observers", "")))
         chosen = PRESETS[preset] if preset else ACTIVE_PRESET if active else ATTACK_PRESET
         named = given.get("attack", chosen.get("attack", "none"))
+        attacked = _names(named) not in ([], ["none"])
         resolved = dict(default_mapping())
-        if _names(named) not in ([], ["none"]) or active:  # a preset is an attacked setting; plain training has none
+        if attacked or active:  # a preset is an attacked setting; plain training has none
             resolved.update(chosen)
         if "silent" in str(given.get("faulty-clients", "")) and "round-timeout" not in given:
             resolved["round-timeout"] = SILENT_ROUND_TIMEOUT
         resolved.update(given)
         resolved["attack"] = named
         fed = RunConfig.from_mapping(resolved)
+        notes: list[str] = []
+        if attacked and fed.mode == "fedavg" and not {"local-steps", "local-epochs"} & set(given):
+            fed, note = _fedavg_attack_schedule(fed, _names(named))
+            notes.append(note)
         attacks = _attack_list(named, fed)
         attack = None
         if not attacks and not active:
             # an attack setting given without an attack has no effect: say so rather than ignore it
-            for key, default in _ATTACK_DEFAULTS.items():
+            for key, default in ATTACK_DEFAULTS.items():
                 if key != "attack" and key in given and str(given[key]).strip().lower() != str(default).strip().lower():
                     raise ConfigError(
                         key,
@@ -311,7 +285,7 @@ class ExperimentPlan:
                 active=str(resolved["active-attack"]).strip(),
                 active_bins=_int("active-bins", resolved["active-bins"], 1),
             )
-        plan = cls(fed, attack, resume=_bool("resume", given.get("resume", False)))
+        plan = cls(fed, attack, resume=_bool("resume", given.get("resume", False)), notes=tuple(notes))
         plan.validate(engine)
         return plan
 
@@ -376,11 +350,11 @@ class ExperimentPlan:
                     "python -m experiments.run ships; a deployment runs pyproject's clientapp",
                 )
         if not a.is_active and (a.active, a.active_bins) != (
-            _ATTACK_DEFAULTS["active-attack"],
-            _ATTACK_DEFAULTS["active-bins"],
+            ATTACK_DEFAULTS["active-attack"],
+            ATTACK_DEFAULTS["active-bins"],
         ):
             raise ConfigError(
-                "active-attack" if a.active != _ATTACK_DEFAULTS["active-attack"] else "active-bins",
+                "active-attack" if a.active != ATTACK_DEFAULTS["active-attack"] else "active-bins",
                 "has no effect without the active observer (--observers active)",
             )
         for observer in a.passive if a.attacks else ():
@@ -436,7 +410,9 @@ class ExperimentPlan:
         """What needs the data and the machine, checked before any process starts: the device
         exists here (``cuda`` needs CUDA), the dataset loads (a
         :class:`fl_sim.data.DatasetError` otherwise) and the partition is feasible (a
-        ConfigError naming the setting). Returns the dataset."""
+        ConfigError naming the setting). Returns the dataset, its ``notes`` extended by what the
+        data made of the settings (a batch size above a client's images: its batch is all of
+        them), one line each for the entry point to print."""
         c = self.fed
         try:
             resolve_device(c.device)
@@ -467,6 +443,17 @@ class ExperimentPlan:
                 f"client {short[0]} holds {len(parts[short[0]])} training images under this partition, "
                 f"fewer than {c.samples_per_client}",
             )
+        held = [min(len(p), c.samples_per_client) if c.samples_per_client else len(p) for p in parts]
+        fewer = [n for n in held if n < c.batch_size]
+        notes = list(data.notes)
+        if fewer and min(held) == max(held):
+            notes.append(f"batch size {c.batch_size}: each client holds {held[0]} images, so its batch is all of them")
+        elif fewer:
+            who = "every client holds" if len(fewer) == len(held) else f"{len(fewer)} of {len(held)} clients hold"
+            notes.append(
+                f"batch size {c.batch_size}: {who} fewer images ({min(fewer)} to {max(fewer)}), so a client's "
+                "batch is all of its images"
+            )
         if self.attack is not None and self.attack.is_active:
             model = build_model(c.model, data.input_shape, data.num_classes)
             try:  # the construction on stand-in public images: does the model hold it?
@@ -492,7 +479,7 @@ class ExperimentPlan:
                     f"{c.batch_size}): the attacks reconstruct at most {MAX_UPDATE_IMAGES} per update "
                     "(set --local-steps, e.g. 5, or fewer images per client with --samples-per-client)",
                 )
-        return data
+        return dataclasses.replace(data, notes=tuple(notes))
 
     # ---- what the rules decide ------------------------------------------------------------
 
@@ -537,6 +524,22 @@ def not_applicable(name: str, cfg: RunConfig) -> str | None:
             "a FedSGD update is one batch's gradient: use --mode fedavg, or dlg, idlg, rgap or ig"
         )
     return None
+
+
+def _fedavg_attack_schedule(cfg: RunConfig, attacks: list[str]) -> tuple[RunConfig, str]:
+    """The local schedule of an attacked FedAvg run that names neither local steps nor epochs:
+    :data:`FEDAVG_ATTACK_STEPS` local steps (1 for R-GAP, which inverts one step), fewer where
+    the batch would put more than :data:`MAX_UPDATE_IMAGES` images in an update; with the one
+    line that says so."""
+    rgap = "rgap" in attacks
+    steps = 1 if rgap else max(1, min(FEDAVG_ATTACK_STEPS, MAX_UPDATE_IMAGES // cfg.batch_size))
+    images = steps * cfg.batch_size
+    why = "the one step R-GAP inverts" if rgap else f"so an update holds {images} images, not a whole epoch's"
+    note = (
+        f"FedAvg attack preset: {steps} local step{'s' if steps > 1 else ''} of batch {cfg.batch_size} per round, "
+        f"{why} (--local-steps or --local-epochs to choose)"
+    )
+    return cfg.replace(local_steps=steps), note
 
 
 def _attack_list(text: Any, cfg: RunConfig) -> list[str]:
@@ -586,29 +589,11 @@ def _observer_list(text: Any, engine: Engine, attacks: list[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-_ATTACK_DEFAULTS: dict[str, Any] = {
-    "attack": "none",
-    "observers": "all",
-    "attack-rounds": "1",
-    "attack-clients": "all",
-    "max-attacks-per-round": 0,
-    "curious-client": 0,
-    "attack-workers": 1,
-    "defer-attacks": False,
-    "grant-batch-size": "observed",
-    "grant-labels": False,
-    "grant-batch-order": False,
-    "attack-time-limit": 0.0,
-    "active-attack": "imprint",
-    "active-bins": 500,
-}
-
-
-ATTACK_KEYS = frozenset(_ATTACK_DEFAULTS)  # the plan keys that belong to the attacks, not the federation
+ATTACK_KEYS = frozenset(ATTACK_DEFAULTS)  # the plan keys that belong to the attacks, not the federation
 
 
 def default_mapping() -> dict[str, Any]:
     """Every plan key with its default (the federation's from RunConfig): what pyproject's
     ``[tool.flwr.app.config]`` must hold (a test checks that it does)."""
     fed = {f.name.replace("_", "-"): f.default for f in fields(RunConfig)}
-    return {**fed, **_ATTACK_DEFAULTS}
+    return {**fed, **ATTACK_DEFAULTS}

@@ -4,7 +4,9 @@ spying server.
     python -m experiments.run                       # the demo: a federation that trains while its server spies
     python -m experiments.run --attack all          # DLG, iDLG, R-GAP and Inverting Gradients, the papers' setting
     python -m experiments.run --preset demo --attack all --observers server   # every attack in the demo's setting
+    python -m experiments.run --mode fedavg --attack ig   # FedAvg: 2 local steps of 1 image (the preset's)
     python -m experiments.run --mode fedavg --local-steps 5 --attack ig       # a FedAvg update of 5 local steps
+    python -m experiments.run --attack dlg --run-config "num-server-rounds=3 seed=1"   # Flower's syntax (or a .toml)
     python -m experiments.run --attack none         # plain training: 10 clients, FedAvg
     python -m experiments.run --attack none --observers active,secagg   # the active server, through SecAgg+ too
     python -m experiments.run --faulty-client 1:nan --faulty-client 2:shape   # what a run survives
@@ -13,7 +15,10 @@ spying server.
 Presets (:data:`experiments.plan.PRESETS`) fill the keys a command line leaves out: without
 ``--attack`` the demo (CNN6 trained by FedSGD for 150 rounds, one image per client and round,
 R-GAP by the server and a curious client in the first, middle and last round); with an
-attack, the papers' FedSGD setting (DLG's LeNet, 4 clients, 2 rounds); ``--preset`` chooses.
+attack, the papers' FedSGD setting (DLG's LeNet, 4 clients, 2 rounds; under ``--mode fedavg``,
+2 local steps unless ``--local-steps`` or ``--local-epochs`` is given, said in one line);
+``--preset`` chooses. Every plan flag also takes its run-config key (``--num-server-rounds``
+for ``--rounds``), and ``--run-config`` takes Flower's ``'k=v ...'`` or a TOML file.
 
 The run folder (``--out``, default ``runs/<date>-<time>``) holds config.json, rounds.csv (a
 row per finished round), final_model.pt (the model after the last finished round),
@@ -38,29 +43,29 @@ import sys
 import warnings
 from pathlib import Path
 
-from flwr.supercore.logger import update_console_handler
-from rich.console import Console
-from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from .cli import (
+    HELP_NAMES,
+    LOG_LEVELS,
+    Parser,
+    add_plan_arguments,
+    add_run_config_argument,
+    plan_from_args,
+    run_config,
+    say_error,
+)
+from .presets import PRESETS
 
-from experiments.apps.client_app import app, imprint_app, imprint_secagg_app, secagg_app
-from fl_sim.data import DatasetError
-from fl_sim.device import resolve_device
-from fl_sim.simulation import ENGINES, resolve_engine, run_apps
-
-from .cli import Parser, add_plan_arguments, plan_from_args, say_error
-from .experiment import Experiment
-from .plan import PRESETS, ConfigError
-from .run_folder import RunFolder, RunFolderError
-from .stopping import StopOnSignal
+# Everything a run needs beyond parsing (torch, Flower, Ray, rich) is imported in the functions
+# that run it, after the command line is parsed: --help and a bad flag answer in well under a
+# second instead of the seconds those imports take.
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="python -m experiments.run",
         description="Train a CNN across simulated Flower clients on real images, optionally with a spying server, "
-        "and write a run folder.",
+        "and write a run folder. Each plan flag is also accepted under its run-config key (Flower's name, e.g. "
+        "--num-server-rounds for --rounds).",
     )
     add_plan_arguments(p, demo=True)
     p.add_argument(
@@ -70,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the setting under the flags given: demo (the default without --attack) or paper (the "
         "default with --attack)",
     )
+    add_run_config_argument(p)
     folder = p.add_argument_group("the run folder")
-    folder.add_argument("--out", default=None, help="run folder (default: a new runs/<date>-<time>)")
+    folder.add_argument("--out", "--out-dir", default=None, help="run folder (default: a new runs/<date>-<time>)")
     how = folder.add_mutually_exclusive_group()
     how.add_argument(
         "--resume",
@@ -81,35 +87,60 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--overwrite", action="store_true", help="empty the run folder --out first")
     p.add_argument(
         "--engine",
-        choices=ENGINES,
+        choices=HELP_NAMES["engine"],
         default=None,
         help="where the simulated federation runs: ray (Flower's simulation engine) or inprocess (the real "
         "ServerApp and ClientApps in this process, no Ray start: for small runs); default: "
         "$FL_SIM_ENGINE, else ray. Same results for the same seed",
     )
-    p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    out = p.add_argument_group("what is printed")
+    out.add_argument(
+        "--quiet",
+        "-q",
+        action="store_true",
+        help="no header, notes, progress bars or tables: only warnings, errors and the run folder's path",
+    )
+    out.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        default=None,
+        metavar="LEVEL",
+        help=f"{', '.join(LOG_LEVELS)}: the testbed's log lines at this level and above, and Flower's too "
+        "(without it: the testbed's warnings; Flower's only with --verbose)",
+    )
+    out.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs and Python's warnings")
     return p
 
 
-def _quiet(verbose: bool, console) -> None:
-    """Our warnings (a dropped reply, a skipped observer) in one line each above the progress
-    bars; Flower's and Ray's logs only with --verbose."""
+def _logging(verbose: bool, level: str | None, console) -> None:
+    """Our log lines (a dropped reply, a skipped observer) in one line each above the progress
+    bars, at ``level`` (default WARNING); Flower's console at ``level`` too when it is given,
+    else only with --verbose; Ray's logs and Python's warnings only with --verbose."""
+    # rich and Flower load after parsing (see the module's top)
+    from flwr.supercore.logger import update_console_handler
+    from rich.logging import RichHandler  # after parsing, as Flower above
+
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    ours = getattr(logging, level or "WARNING")
     handler = RichHandler(console=console, show_time=False, show_path=False, markup=False, rich_tracebacks=False)
-    handler.setLevel(logging.WARNING)
+    handler.setLevel(ours)
     for name in ("fl_sim", "experiments"):
         logger = logging.getLogger(name)
         logger.addHandler(handler)
-        logger.setLevel(logging.WARNING)
+        logger.setLevel(ours)
         logger.propagate = False
+    if level is not None:
+        update_console_handler(level=ours)
     if verbose:
         return
     warnings.filterwarnings("ignore")
     os.environ["PYTHONWARNINGS"] = "ignore"  # reaches Ray's worker processes
-
-    # Flower logs every client failure with its traceback; the run reports each dropped reply
-    # in one line of its own (and in dropped.csv), so Flower's console stays for --verbose.
-    update_console_handler(level=logging.CRITICAL)
+    if level is None:
+        # Flower logs every client failure with its traceback; the run reports each dropped
+        # reply in one line of its own (and in dropped.csv), so Flower's console stays for
+        # --verbose or --log-level.
+        update_console_handler(level=logging.CRITICAL)
 
 
 def _saved_config(out: str | None) -> dict:
@@ -125,6 +156,14 @@ def _saved_config(out: str | None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    extra = run_config(args, parser)
+    # the plan's modules load torch: after parsing (see the module's top)
+    from fl_sim.data import DatasetError
+    from fl_sim.simulation import resolve_engine  # after parsing: Flower and Ray
+
+    from .plan import ConfigError  # after parsing: torch
+    from .run_folder import RunFolder, RunFolderError  # after parsing, with the plan it records
+
     mode = "resume" if args.resume else "overwrite" if args.overwrite else "new"
     try:
         engine = resolve_engine(args.engine)
@@ -133,30 +172,46 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         base = _saved_config(args.out) if args.resume else {}
-        active = "active" in str(args.plan_observers or "")
-        preset = args.preset or (None if args.resume or args.plan_attack or active else "demo")
-        plan = plan_from_args(args, engine="simulation", base=base, resume=args.resume, preset=preset)
+        observers = extra.get("observers", args.plan_observers)
+        active = "active" in str(observers or "")
+        attack = args.plan_attack or extra.get("attack")
+        preset = args.preset or (None if args.resume or attack or active else "demo")
+        plan = plan_from_args(args, engine="simulation", base=base, extra=extra, resume=args.resume, preset=preset)
         data = plan.check_data()  # before Ray starts
         folder = RunFolder.claim(args.out, mode, plan.to_mapping())
         plan = plan.replace(out_dir=str(folder.path))
     except (ConfigError, DatasetError, RunFolderError) as exc:
-        return say_error(parser.prog, exc)
+        return say_error(parser.prog, exc, run_config=extra)
     with folder:
-        return _run(plan, data, args.verbose, engine)
+        return _run(plan, data, args.verbose, engine, quiet=args.quiet, log_level=args.log_level)
 
 
-def _run(plan, data, verbose: bool, engine: str) -> int:
+def _run(plan, data, verbose: bool, engine: str, *, quiet: bool = False, log_level: str | None = None) -> int:
+    # the run's modules: after parsing (see the module's top)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # as above
+
+    from experiments.apps.client_app import app, imprint_app, imprint_secagg_app, secagg_app  # as above
+    from fl_sim.device import resolve_device  # as above
+    from fl_sim.simulation import run_apps  # as above
+
+    from .experiment import Experiment  # as above
+    from .stopping import StopOnSignal  # as above
+
     console = Console(stderr=True)
-    _quiet(verbose, console)
-    for note in data.notes:
-        console.print(f"note: {note}")
+    _logging(verbose, log_level, console)
+    say = (lambda *a, **k: None) if quiet else console.print
+    for note in (*plan.notes, *data.notes):
+        say(f"note: {note}", soft_wrap=True)
     c, a = plan.fed, plan.attack
     # an imprint block changes the architecture: the clients run the ClientApp the server ships
     client_app = imprint_app if a is not None and a.is_active and a.active == "imprint-block" else app
-    console.print(
+    say(
         f"[bold]{c.mode}[/] on [bold]{c.dataset}[/] ({len(data.train_y)} train / {len(data.test_y)} test images, "
-        f"{data.input_shape}), model [bold]{c.model}[/], {c.num_clients} clients, batch size {c.batch_size}, "
-        f"{c.partition} partition, {c.num_server_rounds} rounds on {resolve_device(c.device)}"
+        f"{data.input_shape}), model [bold]{c.model}[/], {c.num_clients} clients, batch size {c.batch_size}"
+        + (f", {c.local_steps} local steps" if c.mode == "fedavg" and c.local_steps else "")
+        + (f", {c.local_epochs} local epochs" if c.mode == "fedavg" and not c.local_steps else "")
+        + f", {c.partition} partition, {c.num_server_rounds} rounds on {resolve_device(c.device)}"
         + (f"; attacks {', '.join(a.attacks)} for observers {', '.join(a.passive)}" if a and a.attacks else "")
         + (
             f"; an active server ({a.active}, {a.active_bins} bins) in rounds "
@@ -177,6 +232,7 @@ def _run(plan, data, verbose: bool, engine: str) -> int:
             TimeElapsedColumn(),
             console=console,
             transient=False,
+            disable=quiet,
         ) as progress,
         StopOnSignal(
             on_signal=lambda s: console.print(
@@ -237,7 +293,8 @@ def _run(plan, data, verbose: bool, engine: str) -> int:
         summary = experiment.finish()
         if attack_task is not None:
             progress.update(attack_task, total=experiment.runner.submitted, completed=experiment.runner.completed)
-    _print_tables(experiment, summary, console)
+    if not quiet:
+        _print_tables(experiment, summary, console)
     if experiment.stopped:
         console.print(
             f"stopped: finished rounds and attacks are in {c.out_dir} (--resume continues the run)", soft_wrap=True
@@ -254,7 +311,21 @@ def _run(plan, data, verbose: bool, engine: str) -> int:
     return 0
 
 
+def _print_table(console, table) -> None:
+    """A table whole: a terminal gets it at its own width; a file or pipe gets it at the
+    table's full width, where rich would cut its columns to 80 characters ("obser…")."""
+    from rich.console import Console  # after parsing (see the module's top)
+
+    if console.is_terminal:
+        console.print(table)
+        return
+    width = Console(file=console.file, width=100_000).measure(table).maximum
+    Console(file=console.file, width=max(width, console.width)).print(table)
+
+
 def _print_tables(experiment, summary, console) -> None:
+    from rich.table import Table  # after parsing (see the module's top)
+
     rows = experiment.logs["main"].rows if "main" in experiment.logs else []
     if rows:
         table = Table(title="Central evaluation per round")
@@ -267,7 +338,7 @@ def _print_tables(experiment, summary, console) -> None:
                     for k in ("round", "train_loss", "test_loss", "test_accuracy", "aggregated", "dropped", "seconds")
                 )
             )
-        console.print(table)
+        _print_table(console, table)
     if experiment.plan.attack is None or summary.empty:
         return
     table = Table(title="What each observer reconstructs (medians over the attacked updates)")
@@ -285,7 +356,7 @@ def _print_tables(experiment, summary, console) -> None:
             r.batch_size,
             str(r.errors + r.unscored),
         )
-    console.print(table)
+    _print_table(console, table)
     console.print(f"results: {experiment.runner.csv_path}, summary: {experiment.out / 'summary.md'}")
 
 

@@ -44,6 +44,8 @@ def files(tmp_path_factory):
         "full": str(_full(d / "full")),
         "file": str(_plainfile(d / "a-file")),
         "readonly": str(_readonly(d / "ro")),
+        "missing_toml": str(d / "missing.toml"),
+        "bad_toml": str(_plainfile(d / "bad.toml")),
     }
 
 
@@ -87,7 +89,7 @@ CASES = [
     (["--faulty-client", "12:nan"], "--faulty-client: client 12 is not a partition id (0..9)"),
     (["--faulty-client", "1:nan", "--faulty-client", "1:inf"], "--faulty-client: client 1 is listed twice"),
     # the plan's rules
-    (["--attack", "rgap", "--mode", "fedavg"], "--attack: rgap inverts one sample's gradient"),
+    (["--attack", "rgap", "--mode", "fedavg", "--local-steps", "2"], "--attack: rgap inverts one sample's gradient"),
     (["--attack", "ig", "--grant-batch-order"], "--grant-batch-order: a FedSGD update is one batch"),
     (["--attack", "ig", "--attack-time-limit", "-1"], "--attack-time-limit: must be a number of seconds >= 0"),
     (["--attack", "ig", "--attack-time-limit", "soon"], "--attack-time-limit: must be a number of seconds"),
@@ -107,7 +109,7 @@ CASES = [
     (["--attack", "rgap", "--observers", "active"], "--attack: rgap attacks what a passive observer sees"),
     (["--attack", "rgap", "--active-bins", "100"], "--active-bins: has no effect without the active observer"),
     (
-        ["--attack", "ig", "--mode", "fedavg"],
+        ["--attack", "ig", "--mode", "fedavg", "--local-epochs", "1"],
         "--local-epochs: a client's FedAvg update would hold 1000 images (1000 local",
     ),
     (
@@ -160,7 +162,15 @@ CASES = [
     (["--out", "{file}/run"], "cannot write the run folder"),
     (["--resume"], "--resume needs --out"),
     (["--out", "{readonly}", "--resume"], "nothing to resume"),
+    # --run-config, as deploy takes it
+    (["--run-config", "no-such-key=1"], "--run-config no-such-key: not a setting of this app"),
+    (["--run-config", "num-server-rounds=3", "--rounds", "2"], "--run-config: 'num-server-rounds' is set by a flag"),
+    (["--run-config", "{missing_toml}"], "--run-config: cannot read"),
+    (["--run-config", "{bad_toml}"], "--run-config: cannot parse"),
+    (["--run-config", "out-dir='x'"], "--run-config: use --out / --resume for the run folder"),
+    (["--run-config", "num-server-rounds=0"], "--run-config num-server-rounds: must be >= 1, got 0"),
     # argparse's own
+    (["--log-level", "loud"], "argument --log-level: invalid choice: 'LOUD'"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--resume", "--overwrite"], "not allowed with argument"),
 ]

@@ -153,6 +153,7 @@ def test_an_import_inside_a_function_says_why():
 LAYERS = [
     ("attacks", "fl_sim"),
     (
+        "experiments.presets",
         "experiments.plan",
         "experiments.cli",
         "experiments.observe",

@@ -69,7 +69,9 @@ def test_all_observers_means_what_the_engine_can_run():
     [
         ({"attack": "rgap", "num-clients": 2}, "observers"),
         ({"attack": "rgap", "num-clients": 4, "fraction-train": 0.5}, "observers"),  # 2 clients per round
-        ({"attack": "rgap", "mode": "fedavg"}, "attack"),  # R-GAP inverts one sample's gradient, not local steps
+        # R-GAP inverts one sample's gradient, not local steps (the steps given: the preset takes 1)
+        ({"attack": "rgap", "mode": "fedavg", "local-steps": 2}, "attack"),
+        ({"attack": "rgap", "mode": "fedavg", "local-epochs": 1}, "attack"),
         ({"attack": "ig", "grant-batch-order": True}, "grant-batch-order"),  # FedSGD has no local batches
         ({"attack": "rgap", "observers": "secagg", "num-clients": 1, "min-clients": 1}, "observers"),
         ({"attack": "rgap", "attack-rounds": "0"}, "attack-rounds"),
@@ -240,3 +242,40 @@ def test_samples_per_client_keeps_a_seeded_nested_choice_of_each_partition():
     assert err.value.key == "samples-per-client"
     with pytest.raises(ConfigError, match="client 0 holds 2000 training images under this partition, fewer than 3000"):
         ExperimentPlan.from_mapping({"num-clients": 2, "samples-per-client": 3000}).check_data()
+
+
+def test_a_fedavg_attack_preset_takes_local_steps_an_attack_reads_and_says_so():
+    """--mode fedavg with an attack and no local schedule: 2 local steps (1 for R-GAP), one
+    note line; a schedule the user gives wins, and so does its refusal."""
+    ig = ExperimentPlan.from_mapping({"attack": "ig", "mode": "fedavg"})
+    assert (ig.fed.local_steps, ig.fed.batch_size) == (2, 1) and len(ig.notes) == 1
+    assert ig.notes[0].startswith("FedAvg attack preset: 2 local steps of batch 1 per round")
+    ig.check_data()  # 2 images per update: no refusal
+    rgap = ExperimentPlan.from_mapping({"attack": "rgap", "mode": "fedavg"})
+    assert rgap.fed.local_steps == 1 and rgap.attack.attacks == ("rgap",) and "R-GAP" in rgap.notes[0]
+    every = ExperimentPlan.from_mapping({"attack": "all", "mode": "fedavg"})
+    assert every.fed.local_steps == 2 and "rgap" not in every.attack.attacks and "fedavg-sim" in every.attack.attacks
+    wide = ExperimentPlan.from_mapping({"attack": "ig", "mode": "fedavg", "batch-size": 64})
+    assert wide.fed.local_steps == 1  # 2 steps of 64 would be 128 images, over MAX_UPDATE_IMAGES
+    told = ExperimentPlan.from_mapping({"attack": "ig", "mode": "fedavg", "local-steps": 5})
+    assert told.fed.local_steps == 5 and told.notes == ()
+    epochs = ExperimentPlan.from_mapping({"attack": "ig", "mode": "fedavg", "local-epochs": 1})
+    assert epochs.fed.local_steps == 0 and epochs.notes == ()
+    with pytest.raises(ConfigError) as err:
+        epochs.check_data()
+    assert err.value.key == "local-epochs" and "1000 images" in err.value.problem
+    for plain in ({"mode": "fedavg"}, {"attack": "ig"}, {"attack": "none", "mode": "fedavg"}):
+        plan = ExperimentPlan.from_mapping(plain)
+        assert plan.notes == () and plan.fed.local_steps == 0, plain
+
+
+def test_a_batch_above_a_clients_images_is_one_note_of_check_data():
+    even = ExperimentPlan.from_mapping({"mode": "fedsgd", "batch-size": 2000, "num-clients": 4}).check_data()
+    assert even.notes == ("batch size 2000: each client holds 1000 images, so its batch is all of them",)
+    skewed = ExperimentPlan.from_mapping(
+        {"mode": "fedsgd", "batch-size": 2000, "num-clients": 4, "partition": "dirichlet"}
+    ).check_data()
+    assert len(skewed.notes) == 1 and skewed.notes[0].startswith("batch size 2000: every client holds fewer images (")
+    assert (
+        ExperimentPlan.from_mapping({"mode": "fedsgd", "batch-size": 1000, "num-clients": 4}).check_data().notes == ()
+    )

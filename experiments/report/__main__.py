@@ -7,16 +7,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..sweep.runner import report_sweep
-from .browser import BrowserError, check_page
-from .summary import report_run
-
 __all__ = ["report_folder", "main"]
 
 
 def report_folder(folder: str | Path) -> Path:
     """Write the report of a run folder or a sweep folder from its files; returns report.html.
     Raises FileNotFoundError for a folder that holds neither (no config.json, no sweep.json)."""
+    # the reports' modules (pandas, matplotlib) load here, not for --help
+    from ..sweep.runner import report_sweep
+    from .summary import report_run  # as above
+
     folder = Path(folder)
     if (folder / "sweep.json").is_file():
         return report_sweep(folder)
@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--scale", type=float, default=1.0, help="the screenshot's size relative to the page (default: 1)")
     args = p.parse_args(argv)
+    from .browser import BrowserError, check_page  # after parsing, as report_folder's modules
+
     try:
         page = report_folder(args.folder)
     except FileNotFoundError as exc:

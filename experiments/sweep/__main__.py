@@ -7,14 +7,13 @@ import json
 import sys
 from pathlib import Path
 
-from fl_sim.device import DEVICES, DeviceError, resolve_device
-from fl_sim.simulation import ENGINES
-
-from ..cli import Parser
-from .runner import run_sweep
-from .spec import PRESETS, SweepError, load_spec
+from ..cli import HELP_NAMES, Parser
 
 __all__ = ["build_parser", "main"]
+
+# The presets' folder (experiments.sweep.spec.PRESETS, a test checks), named here so that --help
+# loads neither the plan nor torch: the sweep's modules are imported after parsing.
+PRESETS = Path(__file__).resolve().parent / "presets"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--engine",
-        choices=ENGINES,
+        choices=HELP_NAMES["engine"],
         default=None,
         help="each run's engine: ray, or inprocess for small cells (no Ray start per run; same results for "
         "the same seed); default: $FL_SIM_ENGINE, else ray",
@@ -42,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--device",
         default=None,
-        help=f"each run's device: {', '.join(DEVICES)} (auto: cuda when torch sees a GPU); default: the spec's, "
-        "else auto",
+        help=f"each run's device: {', '.join(HELP_NAMES['device'])} (auto: cuda when torch sees a GPU); "
+        "default: the spec's, else auto",
     )
     p.add_argument("--list", action="store_true", help="print the cells and exit")
     return p
@@ -54,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs: must be >= 1, got {args.jobs}")
+    # the sweep's modules (the plan, torch, pandas) load after parsing, so that --help answers at once
+    from fl_sim.device import DeviceError, resolve_device
+
+    from .runner import run_sweep  # after parsing, as above
+    from .spec import SweepError, load_spec  # after parsing, as above
+
     if args.device is not None:
         try:
             resolve_device(args.device)
