@@ -17,7 +17,7 @@ import pytest
 
 from experiments.report.__main__ import main as report_main
 from experiments.report.browser import check_page, find_chromium
-from experiments.report.folder import draw_per_round
+from experiments.report.folder import draw_per_round, tile
 from experiments.results import RESULT_FIELDS, blank_row
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,3 +212,14 @@ def test_report_of_a_run_killed_mid_way_shows_the_rows_that_finished(tmp_path):
         _assert_loads(
             out / "report.html", tmp_path / "killed.png", images=2 + 2
         )  # 2 figures, a true image and its R-GAP
+
+
+@pytest.mark.parametrize("batch,channels", [(1, 1), (3, 3), (9, 1), (20, 3)])
+def test_tile_lays_images_out_as_torchvisions_make_grid(batch, channels):
+    import torch
+    from torchvision.utils import make_grid  # the layout tile reproduces without the import
+
+    x = torch.rand(batch, channels, 7, 5, generator=torch.Generator().manual_seed(batch)) * 1.2 - 0.1
+    want = make_grid(x.clamp(0, 1), nrow=min(batch, 8), padding=1, pad_value=1.0).permute(1, 2, 0).numpy()
+    got = tile(x)
+    assert got.shape == want.shape and (got == want).all()
