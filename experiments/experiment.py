@@ -160,6 +160,22 @@ class Experiment:
         the attacks ran, and the simulated clients trained), and the provenance."""
         return {**self.plan.to_mapping(), RESOLVED_DEVICE: self.device, PROVENANCE: self.provenance}
 
+    def _note_flower_run(self, grid: Grid) -> None:
+        """Add the Flower run to this session's provenance where it came from a submitted app
+        bundle (a deployment): its id and the bundle's id, version and hash, which name the
+        code the ServerApp ran (it runs from the installed bundle, not from a checkout)."""
+        try:
+            run = grid.run
+        except Exception:  # noqa: BLE001 - a grid with no run to tell: nothing to add
+            return
+        if getattr(run, "fab_hash", ""):
+            self.provenance[-1]["flower-run"] = {
+                "run-id": run.run_id,
+                "fab-id": run.fab_id,
+                "fab-version": run.fab_version,
+                "fab-hash": run.fab_hash,
+            }
+
     def _record_provenance(self) -> None:
         """Write the provenance into the run's config.json files (a resumed run's were written
         by the session before; the end time is known at the end)."""
@@ -186,6 +202,7 @@ class Experiment:
             )
 
         def body() -> None:
+            self._note_flower_run(grid)
             log_ = self.logs["main"] = FederationLog(self.out, self._config(), resume=plan.resume)
             if plan.resume:
                 self._record_provenance()
@@ -221,6 +238,7 @@ class Experiment:
         app = ServerApp()
 
         def body(grid: Grid, context: Context) -> None:
+            self._note_flower_run(grid)
             log_ = self.logs["secagg"] = FederationLog(
                 cfg.out_dir, {**self._config(), "out-dir": cfg.out_dir}, resume=self.plan.resume
             )

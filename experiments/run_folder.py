@@ -26,6 +26,7 @@ import fcntl
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -43,6 +44,7 @@ __all__ = [
     "RUNTIME_KEYS",
     "PROVENANCE",
     "provenance",
+    "command_line",
     "write_provenance",
     "utc_now",
 ]
@@ -70,6 +72,9 @@ RUNTIME_KEYS = frozenset(
 PACKAGES = ("fl-privacy-testbed", "flwr", "torch", "torchvision", "numpy", "opacus")
 SOURCE_ROOT = Path(__file__).resolve().parents[1]  # where the running code lives: a checkout, or site-packages
 GIT_TIMEOUT = 10.0  # seconds a git query may take before the commit is recorded as unknown
+# A flag whose value a command line must not leave in a run folder (flwr-serverapp's --token)
+SECRET_FLAG = re.compile(r"^--?[\w-]*(token|secret|password|passwd|private-key|api-key)$", re.IGNORECASE)
+HIDDEN = "***"
 
 
 class RunFolderError(ValueError):
@@ -105,9 +110,10 @@ def _version(name: str) -> str | None:
 
 
 def _git(root: Path) -> dict[str, Any] | None:
-    """The commit checked out at ``root`` and whether tracked files differ from it (git
-    describe's ``--dirty``: untracked files do not count); None where ``root`` is not the top
-    of a git checkout (an installed package) or git is missing or fails."""
+    """The commit checked out at ``root`` and whether the tree differs from it (``dirty``: a
+    changed file, or a file git does not ignore and does not track, such as a new module);
+    None where ``root`` is not the top of a git checkout (an installed package) or git is
+    missing or fails."""
 
     def git(*args: str) -> str:
         done = subprocess.run(
@@ -120,20 +126,35 @@ def _git(root: Path) -> dict[str, Any] | None:
             return None  # root sits inside some other repository (a venv inside a checkout)
         return {
             "commit": git("rev-parse", "HEAD"),
-            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "dirty": bool(git("status", "--porcelain")),
         }
     except (OSError, subprocess.SubprocessError):
         return None
 
 
+def command_line(argv: list[str] | None = None) -> str:
+    """``argv`` (default: this process's command line, ``sys.orig_argv``) as one shell line,
+    with the value of every secret flag (:data:`SECRET_FLAG`, ``--flag VALUE`` or
+    ``--flag=VALUE``) replaced by :data:`HIDDEN`."""
+    out: list[str] = []
+    for arg in sys.orig_argv if argv is None else argv:
+        name, eq, _ = arg.partition("=")
+        if out and SECRET_FLAG.match(out[-1]) and not arg.startswith("-"):
+            arg = HIDDEN
+        elif eq and SECRET_FLAG.match(name):
+            arg = f"{name}={HIDDEN}"
+        out.append(arg)
+    return shlex.join(out)
+
+
 def provenance(command: str | None = None, *, device: str | None = None) -> dict[str, Any]:
     """What is making a run, now: ``command`` (default: this process's command line,
-    ``sys.orig_argv``) and the working directory, the start time (``ended`` is filled in by
+    :func:`command_line`) and the working directory, the start time (``ended`` is filled in by
     the run's end), the versions of Python and of :data:`PACKAGES` (None: not installed), the
     git commit of the running code with ``dirty`` (None: not run from a checkout), and
     ``device``'s name where it is a GPU."""
     record: dict[str, Any] = {
-        "command": command if command is not None else shlex.join(sys.orig_argv),
+        "command": command if command is not None else command_line(),
         "cwd": os.getcwd(),
         "started": utc_now(),
         "ended": None,

@@ -11,17 +11,20 @@ import shutil
 import subprocess
 import sys
 import tomllib
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 
 import pytest
+from flwr.serverapp import ServerApp
 
 from experiments import run_folder
 from experiments.apps.client_app import app as client_app
 from experiments.apps.server_app import app as deploy_server_app
+from experiments.experiment import Experiment
 from experiments.plan import ExperimentPlan
 from experiments.run import main as run_main
-from experiments.run_folder import PACKAGES, PROVENANCE, RunFolder, provenance
+from experiments.run_folder import HIDDEN, PACKAGES, PROVENANCE, RunFolder, command_line, provenance
 from fl_sim.engine import run_inprocess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +46,7 @@ def _assert_session(session: dict, command: str) -> None:
     assert session["started"] <= session["ended"]
     if shutil.which("git") and (ROOT / ".git").exists():  # the suite runs from a checkout
         assert session["git"]["commit"] == _git("rev-parse", "HEAD")
-        assert session["git"]["dirty"] == bool(_git("status", "--porcelain", "--untracked-files=no"))
+        assert session["git"]["dirty"] == bool(_git("status", "--porcelain"))
 
 
 def _summary_md_rows(folder: Path) -> list[list[str]]:
@@ -118,6 +121,57 @@ def test_the_deployments_server_app_records_the_provenance_of_its_process(tmp_pa
     assert (out / "summary.json").is_file()
 
 
+class _SubmittedGrid:
+    """A grid whose run came from a submitted app bundle, as a deployment's does (the
+    in-process engine's run has none): everything else is the real grid's."""
+
+    def __init__(self, grid):
+        self._grid = grid
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+    @property
+    def run(self):
+        return replace(self._grid.run, fab_id="flwrlabs/testbed", fab_version="0.1.0", fab_hash="ab" * 32)
+
+
+def test_a_run_from_a_submitted_app_bundle_records_the_bundle(tmp_path):
+    """In a deployment the ServerApp runs the code of the installed bundle, not of a checkout:
+    the bundle's hash names that code."""
+    plan = ExperimentPlan.from_mapping(
+        {"mode": "fedsgd", "num-clients": 2, "num-server-rounds": 1, "samples-per-client": 10, "out-dir": str(tmp_path)}
+    )
+    app = ServerApp()
+    seen = {}
+
+    @app.main()
+    def main(grid, context):
+        seen["run-id"] = grid.run.run_id
+        experiment = Experiment(plan)
+        experiment.serve(_SubmittedGrid(grid))
+        experiment.finish()
+
+    run_inprocess(app, client_app, 2)
+    session = json.loads((tmp_path / "config.json").read_text())[PROVENANCE][0]
+    assert session["flower-run"] == {
+        "run-id": seen["run-id"],
+        "fab-id": "flwrlabs/testbed",
+        "fab-version": "0.1.0",
+        "fab-hash": "ab" * 32,
+    }
+
+
+def test_a_command_line_keeps_no_secret():
+    """flwr-serverapp is started with the SuperLink's token on its command line."""
+    argv = ["flwr-serverapp", "--runtime-api-address", "127.0.0.1:9091", "--token", "e60c2d", "--insecure"]
+    assert command_line(argv) == f"flwr-serverapp --runtime-api-address 127.0.0.1:9091 --token '{HIDDEN}' --insecure"
+    assert command_line(["x", "--api-key=s3cret", "--auth-supernode-private-key", "k.pem", "--seed", "1"]) == (
+        f"x '--api-key={HIDDEN}' --auth-supernode-private-key '{HIDDEN}' --seed 1"
+    )
+    assert command_line() == shlex.join(sys.orig_argv)  # pytest's own has no secret
+
+
 def test_the_provenance_is_a_record_not_a_setting():
     """config.json's provenance goes back into a plan (a resume's base) without complaint, and
     a resume with other provenance is not a different run."""
@@ -148,9 +202,16 @@ def test_the_commit_and_dirt_of_a_checkout_and_nothing_elsewhere(tmp_path, monke
     (repo / "a.py").write_text("x = 1\n")
     _git("add", "a.py", cwd=repo)
     _git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one", cwd=repo)
+    (repo / ".gitignore").write_text("runs/\n")
+    _git("add", ".gitignore", cwd=repo)
+    _git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "two", cwd=repo)
+    (repo / "runs").mkdir()
+    (repo / "runs" / "config.json").write_text("{}")  # ignored: not dirt
     monkeypatch.setattr(run_folder, "SOURCE_ROOT", repo)
-    (repo / "notes.txt").write_text("untracked: not dirt, as for git describe --dirty\n")
     assert provenance()["git"] == {"commit": _git("rev-parse", "HEAD", cwd=repo), "dirty": False}
+    (repo / "b.py").write_text("y = 1\n")  # a new module, not committed
+    assert provenance()["git"]["dirty"] is True
+    (repo / "b.py").unlink()
     (repo / "a.py").write_text("x = 2\n")
     assert provenance()["git"]["dirty"] is True
     # a package installed inside some other repository (site-packages in a venv in a checkout)
