@@ -21,6 +21,7 @@ def _python_blocks(page: Path) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", page.read_text(), flags=re.DOTALL | re.MULTILINE)
 
 
+@pytest.mark.slow  # a run in a process of its own, and a resume refused by another
 def test_the_notebook_pages_code_runs_and_returns_the_runs_tables(tmp_path, monkeypatch, capsys):
     """Every python block of docs/notebook.md, in order, in one namespace, from a fresh folder
     (its run goes to runs/notebook there): R-GAP on 2 clients' gradients, one round."""
@@ -83,6 +84,7 @@ def test_a_bad_key_value_or_option_is_a_value_error_before_anything_runs(tmp_pat
     assert list(tmp_path.iterdir()) == []  # no run folder made
 
 
+@pytest.mark.slow  # a run in a process of its own
 def test_a_run_that_fails_raises_with_what_it_left(tmp_path):
     """Both clients send NaN: the round has no valid reply, the run fails (exit code 1)."""
     with pytest.raises(api.RunFailed, match="did not finish \\(exit code 1\\)") as failed:

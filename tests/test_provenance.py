@@ -61,6 +61,7 @@ def _summary_md_rows(folder: Path) -> list[list[str]]:
     return rows
 
 
+@pytest.mark.slow  # experiments.run in a process of its own: its command line is the one recorded
 def test_a_run_records_its_command_versions_commit_and_times_and_a_resume_adds_its_own(tmp_path):
     """A new run from the command line records that command line; resumed in this process for a
     second round, the first session's record stays as it was and the resume's is added (with
