@@ -11,7 +11,11 @@ A phase (``main``: the federation, with the spying strategy when the plan interc
 ``secagg``: the second, SecAgg+ run) ends ``completed``, ``stopped`` (the stop event was set:
 the round in flight is abandoned, nothing is invented) or ``failed`` (a round with no valid
 reply; the reason is kept). :meth:`finish` then lets the attacks in flight finish (or, after a
-stop, marks them interrupted), and writes the figures and summary.md.
+stop, marks them interrupted), and writes the figures, summary.md and summary.json.
+
+config.json records what made the run beside its plan (:func:`experiments.run_folder.provenance`):
+the command (``command``, default this process's command line), the start and end times, the
+versions and the git commit; a resume adds its own entry.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from fl_sim.task import client_indices, local_schedule
 
 from .plan import RESOLVED_DEVICE, ConfigError, ExperimentPlan
 from .report.summary import finish as report
+from .run_folder import PROVENANCE, provenance, utc_now, write_provenance
 from .runner import AttackRunner
 
 __all__ = ["Experiment", "Outcome", "SECAGG_DIR", "PRIVACY", "privacy_report"]
@@ -71,6 +76,20 @@ def privacy_report(plan: ExperimentPlan) -> dict[str, Any]:
     }
 
 
+def _earlier_sessions(out: Path, resume: bool) -> list[dict[str, Any]]:
+    """The provenance of the sessions that ran ``out``'s run before (none for a new run, or a
+    run folder written before provenance was recorded)."""
+    if not resume:
+        return []
+    for path in (out / "config.json", out / SECAGG_DIR / "config.json"):
+        try:
+            earlier = json.loads(path.read_text()).get(PROVENANCE)
+        except (OSError, ValueError):
+            continue
+        return list(earlier) if isinstance(earlier, list) else []
+    return []
+
+
 @dataclass(frozen=True)
 class Outcome:
     """How a phase ended: ``completed``, ``stopped`` or ``failed`` (with the reason)."""
@@ -84,7 +103,8 @@ class Experiment:
 
     ``stop``: when set, the phase running stops at its next wait for replies and no further
     phase starts. ``on_round(phase, row)`` gets each rounds.csv row; ``on_row`` each
-    results.csv row (progress display)."""
+    results.csv row (progress display). ``command``: what config.json records as the command
+    that made the run (default: this process's command line)."""
 
     def __init__(
         self,
@@ -93,6 +113,7 @@ class Experiment:
         stop: threading.Event | None = None,
         on_round: Callable[[str, dict[str, Any]], None] | None = None,
         on_row: Callable[[dict[str, Any]], None] | None = None,
+        command: str | None = None,
     ) -> None:
         self.plan = plan
         self.out = Path(plan.fed.out_dir)
@@ -101,6 +122,9 @@ class Experiment:
         if not plan.resume and (self.out / "config.json").exists():
             raise ConfigError("out-dir", f"{self.out} already holds a run: resume it or choose another folder")
         self.out.mkdir(parents=True, exist_ok=True)
+        self.device = str(resolve_device(plan.fed.device))
+        # this session's provenance after those of the sessions before it (a resumed run)
+        self.provenance = [*_earlier_sessions(self.out, plan.resume), provenance(command, device=self.device)]
         self.stop = stop or threading.Event()
         self.on_round = on_round
         self.runner = AttackRunner(plan, self.out, on_row=on_row, stop=self.stop) if plan.attacked else None
@@ -132,9 +156,32 @@ class Experiment:
         return (lambda row: self.on_round(phase, row)) if self.on_round else None
 
     def _config(self) -> dict[str, Any]:
-        """config.json: the plan, and the device ``device`` resolved to on this machine (where
-        the attacks ran, and the simulated clients trained)."""
-        return {**self.plan.to_mapping(), RESOLVED_DEVICE: str(resolve_device(self.plan.fed.device))}
+        """config.json: the plan, the device ``device`` resolved to on this machine (where
+        the attacks ran, and the simulated clients trained), and the provenance."""
+        return {**self.plan.to_mapping(), RESOLVED_DEVICE: self.device, PROVENANCE: self.provenance}
+
+    def _note_flower_run(self, grid: Grid) -> None:
+        """Add the Flower run to this session's provenance where it came from a submitted app
+        bundle (a deployment): its id and the bundle's id, version and hash, which name the
+        code the ServerApp ran (it runs from the installed bundle, not from a checkout)."""
+        try:
+            run = grid.run
+        except Exception:  # noqa: BLE001 - a grid with no run to tell: nothing to add
+            return
+        if getattr(run, "fab_hash", ""):
+            self.provenance[-1]["flower-run"] = {
+                "run-id": run.run_id,
+                "fab-id": run.fab_id,
+                "fab-version": run.fab_version,
+                "fab-hash": run.fab_hash,
+            }
+
+    def _record_provenance(self) -> None:
+        """Write the provenance into the run's config.json files (a resumed run's were written
+        by the session before; the end time is known at the end)."""
+        for path in (self.out / "config.json", self.out / SECAGG_DIR / "config.json"):
+            if path.is_file():
+                write_provenance(path, self.provenance)
 
     def _swap(self):
         """The active server's model swap (None for an honest server)."""
@@ -155,7 +202,10 @@ class Experiment:
             )
 
         def body() -> None:
+            self._note_flower_run(grid)
             log_ = self.logs["main"] = FederationLog(self.out, self._config(), resume=plan.resume)
+            if plan.resume:
+                self._record_provenance()
             run_server(
                 grid,
                 plan.fed,
@@ -188,9 +238,12 @@ class Experiment:
         app = ServerApp()
 
         def body(grid: Grid, context: Context) -> None:
+            self._note_flower_run(grid)
             log_ = self.logs["secagg"] = FederationLog(
                 cfg.out_dir, {**self._config(), "out-dir": cfg.out_dir}, resume=self.plan.resume
             )
+            if self.plan.resume:
+                self._record_provenance()
             serve_secagg(
                 grid,
                 context,
@@ -221,10 +274,13 @@ class Experiment:
 
     def finish(self):
         """Let the attacks finish (after a stop: mark them interrupted and stop the workers),
-        then write the figures and summary.md. Returns the summary table (observer x attack)."""
+        then record the end time and write the figures, summary.md and summary.json. Returns
+        the summary table (observer x attack)."""
         if self.runner is not None:
             if self.stopped:
                 self.runner.stop()
             else:
                 self.runner.close()  # a stop while the attacks finish abandons the rest
+        self.provenance[-1]["ended"] = utc_now()
+        self._record_provenance()
         return report(self.out, self._config(), self.outcomes)  # config.json's keys, the resolved device with them

@@ -76,6 +76,7 @@ from .presets import (
     PASSIVE_OBSERVERS,
     PRESETS,
 )
+from .run_folder import PROVENANCE
 
 __all__ = [
     "OBSERVERS",
@@ -236,7 +237,13 @@ class ExperimentPlan:
         with no preset, a named attack brings the papers' FedSGD setting
         (:data:`ATTACK_PRESET`). Unknown keys are refused. Validated for ``engine``."""
         given = {str(k).replace("_", "-"): v for k, v in values.items()}
-        unknown = sorted(set(given) - set(default_mapping()) - {"resume", "server-round", RESOLVED_DEVICE})
+        records = {
+            "resume",
+            "server-round",
+            RESOLVED_DEVICE,
+            PROVENANCE,
+        }  # not settings: a flag, Flower's, config.json's records
+        unknown = sorted(set(given) - set(default_mapping()) - records)
         if unknown:
             raise ConfigError(unknown[0], "not a setting of this app (the keys are those of [tool.flwr.app.config])")
         if preset is not None and preset not in PRESETS:

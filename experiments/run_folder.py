@@ -13,6 +13,11 @@
 
 While the run lasts it holds an exclusive lock on ``run.lock`` in the folder (with its pid),
 and a second run on the same folder is refused with one line.
+
+What made the run is recorded in its config.json under ``provenance`` (:func:`provenance`): a
+list with one entry per session that ran it (the first run, then each resume), each with the
+command, start and end times, the versions of Python and the packages, and the git commit.
+It is a record, not a setting: a resume compares everything else.
 """
 
 from __future__ import annotations
@@ -20,16 +25,36 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import platform
+import re
+import shlex
 import shutil
+import subprocess
+import sys
 import time
+from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-__all__ = ["RunFolder", "RunFolderError", "default_run_dir", "RUNTIME_KEYS"]
+__all__ = [
+    "RunFolder",
+    "RunFolderError",
+    "default_run_dir",
+    "RUNTIME_KEYS",
+    "PROVENANCE",
+    "provenance",
+    "command_line",
+    "write_provenance",
+    "utc_now",
+]
 
 LOCK = "run.lock"
+# config.json's record of what made the run (a list: one entry per session), not a setting
+PROVENANCE = "provenance"
 # Keys that may differ between a run and its resumption: they change how the run is carried
-# out (where it computes, too) or how long it goes on, not what a finished round means.
+# out (where it computes, too) or how long it goes on, not what a finished round means; and the
+# provenance, a record of what ran it.
 RUNTIME_KEYS = frozenset(
     {
         "num-server-rounds",
@@ -40,8 +65,16 @@ RUNTIME_KEYS = frozenset(
         "resume",
         "device",
         "resolved-device",
+        PROVENANCE,
     }
 )
+# The distributions whose versions a run records; the first is this project (pyproject's name).
+PACKAGES = ("fl-privacy-testbed", "flwr", "torch", "torchvision", "numpy", "opacus")
+SOURCE_ROOT = Path(__file__).resolve().parents[1]  # where the running code lives: a checkout, or site-packages
+GIT_TIMEOUT = 10.0  # seconds a git query may take before the commit is recorded as unknown
+# A flag whose value a command line must not leave in a run folder (flwr-serverapp's --token)
+SECRET_FLAG = re.compile(r"^--?[\w-]*(token|secret|password|passwd|private-key|api-key)$", re.IGNORECASE)
+HIDDEN = "***"
 
 
 class RunFolderError(ValueError):
@@ -62,6 +95,90 @@ def default_run_dir(root: str | Path = "runs", prefix: str = "") -> Path:
         except OSError as exc:
             raise RunFolderError(f"cannot create a run folder under {root}: {exc.strerror or exc}") from None
     raise RunFolderError(f"no free run folder name under {root} for {stamp}")
+
+
+def utc_now() -> str:
+    """Now, as an ISO 8601 time in UTC to the second (``2025-01-31T12:00:00+00:00``)."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git(root: Path) -> dict[str, Any] | None:
+    """The commit checked out at ``root`` and whether the tree differs from it (``dirty``: a
+    changed file, or a file git does not ignore and does not track, such as a new module);
+    None where ``root`` is not the top of a git checkout (an installed package) or git is
+    missing or fails."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=GIT_TIMEOUT, check=True
+        )
+        return done.stdout.strip()
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != root.resolve():
+            return None  # root sits inside some other repository (a venv inside a checkout)
+        return {
+            "commit": git("rev-parse", "HEAD"),
+            "dirty": bool(git("status", "--porcelain")),
+        }
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """``argv`` (default: this process's command line, ``sys.orig_argv``) as one shell line,
+    with the value of every secret flag (:data:`SECRET_FLAG`, ``--flag VALUE`` or
+    ``--flag=VALUE``) replaced by :data:`HIDDEN`."""
+    out: list[str] = []
+    for arg in sys.orig_argv if argv is None else argv:
+        name, eq, _ = arg.partition("=")
+        if out and SECRET_FLAG.match(out[-1]) and not arg.startswith("-"):
+            arg = HIDDEN
+        elif eq and SECRET_FLAG.match(name):
+            arg = f"{name}={HIDDEN}"
+        out.append(arg)
+    return shlex.join(out)
+
+
+def provenance(command: str | None = None, *, device: str | None = None) -> dict[str, Any]:
+    """What is making a run, now: ``command`` (default: this process's command line,
+    :func:`command_line`) and the working directory, the start time (``ended`` is filled in by
+    the run's end), the versions of Python and of :data:`PACKAGES` (None: not installed), the
+    git commit of the running code with ``dirty`` (None: not run from a checkout), and
+    ``device``'s name where it is a GPU."""
+    record: dict[str, Any] = {
+        "command": command if command is not None else command_line(),
+        "cwd": os.getcwd(),
+        "started": utc_now(),
+        "ended": None,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": {name: _version(name) for name in PACKAGES},
+        "git": _git(SOURCE_ROOT),
+    }
+    if device is not None and device.startswith("cuda"):
+        import torch  # only to name the GPU; run_folder itself stays light for the command line
+
+        record["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return record
+
+
+def write_provenance(config_path: str | Path, sessions: list[Mapping[str, Any]]) -> None:
+    """Set the provenance of the run whose config.json is ``config_path`` (atomically; the
+    rest of the file is kept)."""
+    path = Path(config_path)
+    config = json.loads(path.read_text())
+    config[PROVENANCE] = [dict(s) for s in sessions]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
 
 
 def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:

@@ -1,14 +1,19 @@
-"""The end of a run: summary.md and report.html from the files in its folder.
+"""The end of a run: summary.md, summary.json and report.html from the files in its folder.
 
 ``finish`` (called at the end of every run and deployment) records how each phase ended in
 ``outcome.json``, so a report made again later says the same; without one (a killed run) the
 page says how many rounds finished.
+
+summary.json (:func:`write_summary_json`) is summary.md's observer x attack table for
+programs: the same numbers (:func:`experiments.report.folder.summarise`), one object per
+(observer, attack), NaN as null, with the success bar and how each phase ended.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -30,9 +35,11 @@ from .folder import (
 )
 from .html import write_run_page
 
-__all__ = ["write_summary", "outcomes_of", "finish", "report_run"]
+__all__ = ["write_summary", "write_summary_json", "outcomes_of", "finish", "report_run", "SUMMARY_JSON"]
 
 log = logging.getLogger(__name__)
+
+SUMMARY_JSON = "summary.json"
 
 
 def write_summary(
@@ -120,6 +127,27 @@ def write_summary(
     return path
 
 
+def _plain(v: Any) -> Any:
+    """A JSON value of a table cell: numpy numbers as Python's, NaN as None."""
+    if hasattr(v, "item"):
+        v = v.item()
+    return None if isinstance(v, float) and math.isnan(v) else v
+
+
+def write_summary_json(folder: Path, outcomes: Mapping[str, Mapping[str, str]], summary: pd.DataFrame) -> Path:
+    """summary.json: ``table``, the observer x attack table (``summary``, from
+    :func:`~experiments.report.folder.summarise`; empty for a run without attacks) as a list
+    of objects with its columns (``n``: scored rows; ``median_psnr`` in dB; ``recovered`` of
+    ``images`` at >= ``success_psnr`` dB, ``success`` their share; ``label_acc`` over the
+    rows whose labels were not granted; ``errors`` and ``unscored`` rows), and ``phases``: how
+    each federation ended (:func:`outcomes_of`)."""
+    path = Path(folder) / SUMMARY_JSON
+    table = [{k: _plain(v) for k, v in row.items()} for row in summary.to_dict(orient="records")]
+    body = {"success_psnr": SUCCESS_PSNR, "phases": dict(outcomes), "table": table}
+    path.write_text(json.dumps(body, indent=2, allow_nan=False) + "\n")
+    return path
+
+
 def outcomes_of(folder: Path, outcomes: Mapping[str, Any] | None) -> dict[str, dict[str, str]]:
     """How each phase ended: from ``outcomes`` (the run's own, which are then kept in
     outcome.json), else from outcome.json if it belongs to the rounds on disk (a run resumed
@@ -151,7 +179,7 @@ def _last_round(path: Path) -> int | None:
 def finish(
     folder: str | Path, plan: Any, outcomes: Mapping[str, Any] | None = None, *, strict: bool = False
 ) -> pd.DataFrame:
-    """Draw the figures and write summary.md and report.html from the files in ``folder``;
+    """Draw the figures and write summary.md, summary.json and report.html from the files in ``folder``;
     returns the observer x attack table (empty for a run without attacks). ``plan``: the
     run's :class:`~experiments.plan.ExperimentPlan` or its run config (config.json's
     mapping); ``outcomes``: how each phase ended (phase -> an object or mapping with
@@ -168,6 +196,7 @@ def finish(
     per_round = plot_per_round(results, folder) if attacked(config, folder) else None
     figures += [p for p in (per_round, training) if p]
     write_summary(folder, config, ended, results, summary, figures)
+    write_summary_json(folder, ended, summary)
     try:
         write_run_page(folder, config, ended, results, summary)
     except Exception as exc:  # noqa: BLE001 - the tables and summary.md are on disk; the page must not take them down
