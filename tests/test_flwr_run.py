@@ -13,7 +13,8 @@ user's first ``flwr run .`` does, with three things of its own:
   instead of pyproject's ``num-clients = 10``.
 
 A run that fails inside (a data file that does not exist) must end ``finished:failed`` with the
-reason. Every Flower process the local SuperLink started is stopped by PID at the end, and none
+reason. (The sizing rule itself, ``fl_sim.server_app.federation_size``, also has a fast test on
+the in-process grid.) Every Flower process the local SuperLink started is stopped by PID at the end, and none
 may be left.
 """
 
@@ -34,12 +35,13 @@ import psutil
 import pytest
 
 from experiments.stopping import terminate
+from fl_sim.client_app import app as client_app
+from fl_sim.engine import InProcessGrid
+from fl_sim.server_app import federation_size
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RUN_TIMEOUT = 300  # seconds for one `flwr run . --stream`; a 1-round run takes 60-90 s on 2 loaded cores
-
-pytestmark = pytest.mark.slow
 
 
 def _free_port() -> int:
@@ -144,6 +146,15 @@ def _rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def test_federation_size_is_the_count_of_connected_nodes_once_it_holds():
+    """The rule the ServerApp sizes an unsized run by, on a real grid with 3 nodes."""
+    with InProcessGrid(client_app, 3) as grid:
+        start = time.monotonic()
+        assert federation_size(grid, timeout=5.0, settle=0.5) == 3
+        assert 0.5 <= time.monotonic() - start < 5.0  # it waited for the count to hold, not for the timeout
+
+
+@pytest.mark.slow
 def test_flwr_run_dot_completes_on_the_local_superlink_and_sizes_the_federation(tmp_path):
     flower = LocalFlower(tmp_path / "flwr-home")
     out = tmp_path / "run"
