@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import signal
@@ -671,5 +672,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def exit_now(code: int) -> None:
+    """Exit with ``code`` once everything is written and every process stopped, skipping the
+    interpreter's teardown of torch, matplotlib and Flower (measured: 2-7 s on two loaded
+    cores), which would only delay the exit code a user, a test or ``docker stop`` waits for."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
