@@ -55,9 +55,11 @@ __all__ = [
     "RunStopped",
     "ROUND_FIELDS",
     "ResumeError",
+    "federation_size",
 ]
 
 NODE_WAIT = 60.0  # seconds the server waits at the start for every node of the run to connect
+NODE_SETTLE = 3.0  # seconds the count of connected nodes must stay unchanged to be the federation's size
 ROUND_FIELDS = ["round", "train_loss", "test_loss", "test_accuracy", "aggregated", "dropped", "seconds"]
 
 
@@ -351,6 +353,26 @@ def _wait_for_nodes(grid: Grid, expected: int, timeout: float, stop: threading.E
         if len(list(grid.get_node_ids())) >= expected:
             return
         time.sleep(0.2)
+
+
+def federation_size(
+    grid: Grid, timeout: float = NODE_WAIT, settle: float = NODE_SETTLE, stop: threading.Event | None = None
+) -> int:
+    """The number of nodes connected to the run, once the count has stayed the same for
+    ``settle`` seconds (at most ``timeout`` seconds in all; 0 if none came). Flower's simulation
+    runtime registers all of its nodes just after the ServerApp starts, so this is its
+    federation size (each node's ``num-partitions``); a deployment's SuperNodes connect when
+    they are started, so there the run config should name ``num-clients``."""
+    end = time.monotonic() + timeout
+    count, since = -1, time.monotonic()
+    while time.monotonic() < end and not (stop is not None and stop.is_set()):
+        now, n = time.monotonic(), len(list(grid.get_node_ids()))
+        if n != count:
+            count, since = n, now
+        elif n > 0 and now - since >= settle:
+            break
+        time.sleep(0.2)
+    return max(count, 0)
 
 
 def make_server_app(overrides: Mapping[str, Any] | None = None, **run_kwargs: Any) -> ServerApp:

