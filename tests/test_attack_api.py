@@ -157,8 +157,11 @@ PACKAGE = Path(attacks.__file__).parent
 
 def _imports(path: Path) -> tuple[set[str], list[str]]:
     """The attacks modules a module imports at its top level, and every import nested in a
-    function or class (``file:line``)."""
-    tree = ast.parse(path.read_text())
+    function or class (``file:line``) but an optional third-party dependency's whose line
+    says so (``# optional ...``: the package may be absent, e.g. LPIPS)."""
+    text = path.read_text()
+    lines = text.splitlines()
+    tree = ast.parse(text)
     local, nested = set(), []
     for node in tree.body:
         if isinstance(node, ast.ImportFrom) and node.level == 1:
@@ -167,7 +170,16 @@ def _imports(path: Path) -> tuple[set[str], list[str]]:
             local.add(node.module.split(".", 1)[1])
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            nested += [f"{path.name}:{n.lineno}" for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom))]
+            nested += [
+                f"{path.name}:{n.lineno}"
+                for n in ast.walk(node)
+                if isinstance(n, (ast.Import, ast.ImportFrom))
+                and not (
+                    isinstance(n, ast.Import)
+                    and n.names[0].name.split(".")[0] not in ("attacks", "torch", "numpy", "scipy")
+                    and "# optional" in lines[n.lineno - 1]
+                )
+            ]
     return local, nested
 
 
