@@ -211,32 +211,18 @@ def test_block_refuses_the_update_and_training_goes_on(tmp_path):
 
 @pytest.mark.slow
 def test_protect_brings_the_probe_and_the_servers_attacks_below_the_bar(tmp_path):
+    # client 0 audits and protects; client 1 does not: the control, whose update the server recovers
     out = tmp_path / "run"
-    assert (
-        run_main(
-            [
-                "--attack",
-                "rgap,idlg",
-                "--observers",
-                "server",
-                "--clients",
-                "2",
-                "--rounds",
-                "1",
-                "--audit",
-                "protect:psnr=20",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    argv = ["--attack", "rgap,idlg", "--observers", "server", "--clients", "2", "--rounds", "1"]
+    assert run_main([*argv, "--audit", "protect:psnr=20,clients=0", "--out", str(out)]) == 0
     audit = _rows(out / "audit.csv")
-    assert len(audit) == 2
+    assert [a["client"] for a in audit] == ["0"]
     assert all(a["action"] == "protected" and float(a["probe_psnr"]) > 60 for a in audit)
     assert all(float(a["protected_psnr"]) < 20 and a["defence"].startswith("noise:") for a in audit)
     results = _rows(out / "results.csv")
-    assert len(results) == 4 and all(float(r["psnr"]) < 20 for r in results)
+    assert len(results) == 4
+    assert all(float(r["psnr"]) < 20 for r in results if r["client"] == "0")  # protected: both attacks fail
+    assert all(float(r["psnr"]) > 30 for r in results if r["client"] == "1")  # unprotected: both recover
 
 
 def test_bad_audit_flag_exits_2_with_one_line(tmp_path, capsys):

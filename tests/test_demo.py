@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 def test_the_demo_trains_while_the_server_reconstructs(tmp_path):
     out = tmp_path / "demo"
-    assert run_main(["--rounds", "20", "--max-attacks-per-round", "3", "--out", str(out)]) == 0
+    assert run_main(["--rounds", "20", "--max-attacks-per-round", "2", "--out", str(out)]) == 0
     config = json.loads((out / "config.json").read_text())
     assert (config["attack"], config["mode"], config["model"], config["attack-rounds"]) == (
         "rgap",
@@ -31,9 +31,9 @@ def test_the_demo_trains_while_the_server_reconstructs(tmp_path):
         rows = list(csv.DictReader(f))
     server = [r for r in rows if r["observer"] == "server"]
     client = [r for r in rows if r["observer"] == "client"]
-    assert sorted({int(r["round"]) for r in server}) == [1, 10, 20] and len(server) == 9
-    for r in (1, 10, 20):  # every attacked round: the server's median is a reconstruction
+    assert sorted({int(r["round"]) for r in server}) == [1, 10, 20] and len(server) == 6
+    for r in (1, 10, 20):  # every attacked round: each image the server attacked is reconstructed
         psnr = sorted(float(x["psnr"]) for x in server if int(x["round"]) == r)
-        assert psnr[1] > 30, (r, psnr)
+        assert len(psnr) == 2 and psnr[0] > 30, (r, psnr)
     assert len(client) == 27 and all(float(r["psnr"]) < 20 for r in client), client  # 9 others x 3 rounds
     assert (out / "psnr_per_round.png").stat().st_size > 20_000

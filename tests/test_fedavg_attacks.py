@@ -83,9 +83,9 @@ def test_several_local_steps_every_observer(tmp_path):
             "--attack-clients",
             "1",
             "--attack-workers",
-            "2",
+            "1",
             "--attack-time-limit",
-            "10",  # what is checked here is who sees what and how it is read, not the PSNR
+            "2",  # what is checked here is who sees what and how it is read, not the PSNR
             "--out",
             str(out),
         ]

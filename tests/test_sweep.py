@@ -173,7 +173,9 @@ def test_dlg_defences_small_grid_is_killed_and_resumes_with_only_what_was_left(t
     spec = _small(
         "dlg-defences",
         tmp_path,
-        attack={"attack": "rgap,dlg", "num-clients": 2},
+        # DLG recovers an undefended image in about 5 s; on the 90%-pruned gradient it spends
+        # its every restart (about 40 s of CPU a job) and fails all the same: 20 s bound that
+        attack={"attack": "rgap,dlg", "num-clients": 2, "attack-time-limit": 20.0},
         train={"num-clients": 4, "num-server-rounds": 2},
         grid=[{"defences": ["", "prune:ratio=0.9"]}],
     )
@@ -219,7 +221,9 @@ def test_dp_small_grid_client_side_central_dp_hinders_the_curious_client_not_the
     spec = _small(
         "dp",
         tmp_path,
-        attack={"attack": "rgap", "num-clients": 3},
+        # attacks in the cell's own process: the preset's two attack workers would each import
+        # torch and the project again (seconds of CPU apiece) for R-GAP's 1-second jobs
+        attack={"attack": "rgap", "num-clients": 3, "attack-workers": 0},
         train={"num-clients": 4, "num-server-rounds": 1},
         grid=[{"defences": ["", "central-dp:noise=1,clip=1,side=client"]}],
     )
@@ -250,7 +254,7 @@ def test_pooling_small_grid_in_parallel_max_pool_refused_by_rgap_with_its_rank_t
     spec = _small(
         "pooling",
         tmp_path,
-        attack={"attack": "rgap", "num-clients": 2, "dataset": f"npz:{CIFAR}"},
+        attack={"attack": "rgap", "num-clients": 2, "dataset": f"npz:{CIFAR}", "attack-workers": 0},  # as in dp's
         train=None,
         grid=[{"model": ["cnn6", "cnn6_maxpool3"]}],
     )
