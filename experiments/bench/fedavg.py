@@ -56,10 +56,12 @@ from fl_sim.data import Dataset, DatasetError, load_dataset, read_npz
 from fl_sim.models import build_model, model_names
 from fl_sim.task import local_sgd
 
+GRANTS = ("none", "labels", "labels+order")
 BAR = 20.0  # dB: the issue's bar and Dimitrov et al.'s (their --delta=20.0 with the PSNR metric)
 FIELDS = [
     "seed",
     "attack",
+    "grant",
     "images",
     "epochs",
     "batch",
@@ -112,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--floor",
         action="store_true",
         help="also print the objective's floor: the replay of the true images in other orders",
+    )
+    p.add_argument(
+        "--grant",
+        default="none",
+        choices=GRANTS,
+        help="what the server is granted beyond a FedAvg server's view: none (the default), labels, "
+        "or labels+order (the labels and the client's true shuffle: the attack's ceiling)",
     )
     p.add_argument("--threads", type=int, default=1, help="PyTorch intra-op threads (default: 1)")
     p.add_argument("--out", default=None, help="CSV with one row per update and attack")
@@ -183,6 +192,18 @@ def floor(model, update: Update, x, y, schedule, args: argparse.Namespace, seed:
     return out
 
 
+def threat_for(grant: str, y, schedule, steps: int, args: argparse.Namespace) -> ThreatModel:
+    """What the server is given: the example count and the in-order schedule a FedAvg server
+    pictures (``none``); with the true labels (``labels``, in the images' order); or with the
+    labels and the client's true shuffle (``labels+order``: only the pixels are unknown)."""
+    if grant == "labels+order":
+        return ThreatModel(labels=y, schedule=schedule)
+    assumed = assumed_schedule(args.images, args.batch, steps)
+    if grant == "labels":
+        return ThreatModel(labels=y, schedule=assumed)
+    return ThreatModel(batch_size=args.images, schedule=assumed)
+
+
 def paper_fraction(images: torch.Tensor, truth: torch.Tensor) -> float:
     """Dimitrov et al.'s criterion: the assignment maximising the summed PSNR, then the fraction
     of the pairs above 20 dB (strictly)."""
@@ -244,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             writer.writeheader()
         print(
             f"# {args.data} from {args.offset}, {args.images} images, {args.epochs} epochs x batch {args.batch}, "
-            f"lr {args.lr}, {args.model} ({args.init}); labels and order not granted; "
+            f"lr {args.lr}, {args.model} ({args.init}); granted: {args.grant}; "
             f">= {BAR:g} dB after MSE matching, paper: > {BAR:g} dB after PSNR matching"
         )
         for seed in seeds:
@@ -258,15 +279,14 @@ def main(argv: list[str] | None = None) -> int:
                     + ", ".join(f"{k} {v:.4f}" for k, v in cases.items()),
                     flush=True,
                 )
-            threat = ThreatModel(
-                batch_size=args.images, schedule=assumed_schedule(args.images, args.batch, update.local_steps)
-            )
+            threat = threat_for(args.grant, y, schedule, update.local_steps, args)
             for name in attacks:
                 t, cpu = time.perf_counter(), time.process_time()
                 res = (sim if name == "fedavg-sim" else ig)(model, update, data.input_shape, threat, seed=seed)
                 row = {
                     "seed": seed,
                     "attack": name,
+                    "grant": args.grant,
                     "images": args.images,
                     "epochs": args.epochs,
                     "batch": args.batch,
