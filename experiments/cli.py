@@ -53,6 +53,7 @@ HELP_NAMES: dict[str, tuple[str, ...]] = {
         "cnn6_maxpool1",
         "cnn6_maxpool3",
         "cnn6d",
+        "femnist_cnn",
         "lenet",
         "mlp",
         "resnet18",

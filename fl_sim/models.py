@@ -121,6 +121,20 @@ def mlp(input_shape: tuple[int, int, int], num_classes: int) -> nn.Sequential:
     return nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, MLP_WIDTH), nn.ReLU(), nn.Linear(MLP_WIDTH, num_classes))
 
 
+FEMNIST_CNN_SPECS = [(32, 3, 1, 1), ("avgpool", 2), (64, 3, 1, 1), ("avgpool", 2)]
+
+
+def femnist_cnn(input_shape: tuple[int, int, int], num_classes: int) -> nn.Sequential:
+    """Dimitrov et al.'s FEMNIST CNN ("Data Leakage in Federated Averaging", TMLR 2022; their
+    code's ``cnn``): two 3x3 convolutions with bias and "same" padding (32 and 64 channels), each
+    followed by ReLU and 2x2 average pooling, a dense layer of 100 ReLU units, a linear head
+    (3136 -> 100 -> classes on 1x28x28). Their flax code initialises LeCun-normal weights and
+    zero biases, which is what ``init="kaiming"`` draws here for ReLU layers (slope 1: variance
+    1/fan_in)."""
+    layers, (c, h, w) = _conv_stack(input_shape, FEMNIST_CNN_SPECS, nn.ReLU, bias=True)
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(c * h * w, 100), nn.ReLU(), nn.Linear(100, num_classes))
+
+
 class BasicBlock(nn.Module):
     """ResNet's basic block: two 3x3 convolutions, each followed by BatchNorm, ReLU after the
     sum with the shortcut (a strided 1x1 convolution + BatchNorm where the shape changes)."""
@@ -186,6 +200,7 @@ MODELS: dict[str, ModelSpec] = {
         for kind in ("avgpool", "maxpool")
         for after in (1, 3)
     },
+    "femnist_cnn": ModelSpec(femnist_cnn, "torch", "Dimitrov et al.'s FEMNIST CNN: 2 conv 3x3 + avg pool, dense 100"),
     "resnet18": ModelSpec(_resnet18(RESNET_WIDTH), "torch", f"ResNet-18 (CIFAR stem, BatchNorm), width {RESNET_WIDTH}"),
     "resnet18_w16": ModelSpec(
         _resnet18(RESNET_NARROW_WIDTH), "torch", f"ResNet-18 (CIFAR stem, BatchNorm), width {RESNET_NARROW_WIDTH}"

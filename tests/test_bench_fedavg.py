@@ -20,6 +20,7 @@ from experiments.bench.fedavg import main
         (["--option", "dummies='many'"], "bad attack option"),
         (["--seeds", "0-200"], "need"),
         (["--data", "npz:/nonexistent.npz"], "nonexistent"),
+        (["--grant", "everything"], "--grant takes"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(argv, message, capsys):
@@ -46,8 +47,21 @@ def test_one_row_per_update_and_attack_with_the_floor(tmp_path, capsys):
     for r in rows:
         assert 0 <= float(r["frac_20db"]) <= 1 and 0 <= float(r["paper_frac"]) <= 1
         assert 0 <= float(r["label_count_accuracy"]) <= 1 and r["steps"] == "2"
+        assert r["grant"] == "none" and 0 <= float(r["frac_over_blank"]) <= 1
+        assert 0 < float(r["median_blank_psnr"]) < 30  # a black page against a digit: 8-10 dB
     floors = [line for line in capsys.readouterr().out.splitlines() if "floor" in line]
     assert len(floors) == 2
     for line in floors:
         values = dict(part.rsplit(" ", 1) for part in line.split(": ", 1)[1].split(", "))
         assert float(values["another shuffle"]) < 0.5 * float(values["random images"])
+
+
+def test_granted_labels_and_order_reach_the_attack(tmp_path):
+    """``--grant labels+order``: fedavg-sim follows the client's shuffle with one dummy set and
+    keeps the true labels (label counts exact); ``--grant labels`` keeps the labels, not the order."""
+    for grant in ("labels+order", "labels"):
+        out = tmp_path / f"{grant}.csv"
+        argv = ["--images", "4", "--epochs", "2", "--batch", "2", "--attacks", "fedavg-sim", "--grant", grant]
+        assert main(argv + ["--option", "max_steps=1", "--out", str(out)]) == 0
+        (row,) = list(csv.DictReader(out.open()))
+        assert row["grant"] == grant and float(row["label_count_accuracy"]) == 1.0

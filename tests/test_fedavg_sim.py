@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 
 import pytest
 import torch
 
 from attacks import ATTACKS, Attack, ThreatModel, Update, match_batch, score_batch
-from attacks.fedavg import FedAvgSim, align_epochs, counts_to_labels, epoch_layout
+from attacks.fedavg import FedAvgSim, align_epochs, counts_to_labels, epoch_layout, layer_weights, update_distance
+from attacks.inverting import simulate_local_update
 from experiments.observe import assumed_schedule
 from fl_sim.data import Dataset, load_dataset, to_float
 from fl_sim.models import build_model
@@ -163,3 +165,23 @@ def test_follows_the_interface_and_is_registered():
     assert attack.options.epoch_prior == 0.5
     with pytest.raises(ValueError, match="relabel_at"):
         FedAvgSim(relabel_at=1.5)
+
+
+def test_paper_distance_weights_each_layer_by_its_depth(data):
+    """``distance="l2-layers"`` (Dimitrov et al.'s): a layer's weight and bias share ``e^-k`` for
+    the ``k``-th layer from the input; relative to the target, so the true images replayed in the
+    true order score 0, random images far above, and the attack records the distance it used."""
+    femnist = build_model("femnist_cnn", (1, 28, 28), 10, seed=0)
+    assert layer_weights(femnist) == pytest.approx([math.exp(-k) for k in (0, 0, 1, 1, 2, 2, 3, 3)])
+    model, update, x, y = _fedavg_update(data, [_index(data, 2), _index(data, 5)], epochs=1, batch=2)
+    weights = layer_weights(model)
+    assert weights == pytest.approx([math.exp(-k) for k in range(7)])
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    target = list(update.tensors)
+    for images, bound in ((x, (0, 1e-6)), (torch.rand(x.shape, generator=torch.Generator().manual_seed(0)), (0.1, 10))):
+        replay = [d.detach() for d in simulate_local_update(model, params, images, y, LR, 1, False)]
+        assert bound[0] <= float(update_distance(replay, target, "l2-layers", weights)) <= bound[1]
+    res = FedAvgSim(distance="l2-layers", max_steps=1)(model, update, data.input_shape, ThreatModel(labels=y), seed=0)
+    assert res.diagnostics["distance"] == "l2-layers" and res.diagnostics["final_distance"] > 0
+    with pytest.raises(ValueError, match="distance"):
+        FedAvgSim(distance="l1")
