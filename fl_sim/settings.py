@@ -13,8 +13,8 @@ each one is applied and whom it protects against:
 - ``central-dp:noise=z,clip=C[,side=server|client,delta=d]`` (Flower's central DP wrappers);
 - ``dpsgd:noise=z,clip=C[,delta=d]`` (Opacus, in the client's local training).
 
-The audit (``audit = "log|block|protect[:psnr=20,margin=0,budget=30,probe=true,defence=noise,clients=0+2]"``):
-see :mod:`fl_sim.mods.audit`.
+The audit (``audit = "log|block|protect[:psnr=20,margin=0,budget=30,probe=true,defence=noise,clients=0+2,
+dsnr=4,rows=true]"``): see :mod:`fl_sim.mods.audit`.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ __all__ = [
     "AUDIT_DEFENCES",
     "AuditError",
     "AuditPolicy",
+    "DSNR_THRESHOLD",
 ]
 
 
@@ -249,6 +250,12 @@ AUDIT_DEFENCES: dict[str, tuple[float, ...]] = {
 }
 
 
+# The D-SNR above which the audit judges that one sample dominates a layer's gradient on the
+# model sent (fl_sim.mods.dsnr): calibrated on honest training, docs/results/audit.md
+# (python -m experiments.bench.dsnr)
+DSNR_THRESHOLD = 4.0
+
+
 class AuditError(ValueError):
     """An ``audit`` setting that cannot be used; the message is one line."""
 
@@ -264,6 +271,8 @@ class AuditPolicy:
     probe: bool = True
     defence: str = "noise"
     clients: frozenset[int] | None = None  # None: every client audits
+    dsnr: float = DSNR_THRESHOLD  # math.inf ("dsnr=off"): the D-SNR check is off
+    rows: bool = True  # the copied-rows statistic of the tampering checks (False: entries and shapes only)
 
     def audits(self, partition_id: int) -> bool:
         return self.clients is None or partition_id in self.clients
@@ -292,12 +301,14 @@ class AuditPolicy:
                 continue
             key, sep, value = item.partition("=")
             key, value = key.strip(), value.strip()
-            if not sep or key not in ("psnr", "margin", "budget", "probe", "defence", "clients"):
+            if not sep or key not in ("psnr", "margin", "budget", "probe", "defence", "clients", "dsnr", "rows"):
                 raise AuditError(
                     f"{action}: expected KEY=VALUE with KEY one of psnr, margin, budget, probe, defence, clients, "
-                    f"got {item!r}"
+                    f"dsnr, rows, got {item!r}"
                 )
-            if key in ("psnr", "margin", "budget"):
+            if key == "dsnr" and value.lower() == "off":
+                values[key] = math.inf
+            elif key in ("psnr", "margin", "budget", "dsnr"):
                 try:
                     values[key] = float(value)
                 except ValueError:
@@ -307,9 +318,9 @@ class AuditPolicy:
                 if not ids or not all(v.isdigit() for v in ids):
                     raise AuditError(f"{action}: clients must be partition ids joined by +, e.g. 0+2, got {value!r}")
                 values[key] = frozenset(int(v) for v in ids)
-            elif key == "probe":
+            elif key in ("probe", "rows"):
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise AuditError(f"{action}: probe must be true or false, got {value!r}")
+                    raise AuditError(f"{action}: {key} must be true or false, got {value!r}")
                 values[key] = value.lower() in ("true", "1", "yes")
             else:
                 values[key] = value
@@ -326,6 +337,8 @@ class AuditPolicy:
             )
         if not (math.isfinite(self.budget) and self.budget > 0):
             raise AuditError(f"{self.action}: budget must be a number of seconds > 0, got {self.budget}")
+        if not (self.dsnr > 0 and not math.isnan(self.dsnr)):
+            raise AuditError(f"{self.action}: dsnr must be a number > 0 or off, got {self.dsnr}")
         if self.defence not in AUDIT_DEFENCES:
             raise AuditError(
                 f"{self.action}: unknown defence {self.defence!r}: choose one of {', '.join(AUDIT_DEFENCES)}"
@@ -338,5 +351,10 @@ class AuditPolicy:
         return (
             f"{self.action}:psnr={self.psnr:g},margin={self.margin:g},budget={self.budget:g},"
             f"probe={str(self.probe).lower()},"
-            f"defence={self.defence}{who}"
+            f"defence={self.defence},dsnr={'off' if math.isinf(self.dsnr) else f'{self.dsnr:g}'},"
+            f"rows={str(self.rows).lower()}{who}"
         )
+
+    @property
+    def checks_dsnr(self) -> bool:
+        return math.isfinite(self.dsnr)

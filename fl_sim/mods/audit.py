@@ -17,7 +17,7 @@ sent is built to extract it, then acts on a policy (run config ``audit``, the fl
 The probe compares every image of the update with the bar, not the batch's median: one image
 recovered is one image leaked, whatever became of the others.
 
-Options: ``protect:psnr=20,margin=0,defence=noise,budget=30,probe=true,clients=0+2`` (``psnr``:
+Options: ``protect:psnr=20,margin=0,defence=noise,budget=30,probe=true,clients=0+2,dsnr=4,rows=true`` (``psnr``:
 the probe's bar in dB, reached when any one image's reconstruction reaches it; ``margin``: dB
 taken off the bar for safety, default 0, since the probe is a bounded attack and a server's may
 be stronger (``margin=3``: an image at 17 dB against a bar of 20 is at risk); ``budget``: a
@@ -25,13 +25,22 @@ cap in seconds per probe attack, which otherwise runs as the server's does (a pr
 by a loaded machine underrates the leak: measured, a 2 s cap passed an update the server then
 recovered at 40 dB); ``probe=false``: the analytic checks alone decide, by their ``flagged``
 verdict; ``clients``: the partition ids that run the audit, joined by ``+``, default all: a
-federation where only some clients installed it).
+federation where only some clients installed it; ``dsnr``: the D-SNR threshold, or ``off``;
+``rows=false``: leave out the copied-rows statistic of the tampering checks, e.g. to see what
+the D-SNR check alone catches).
 
 What a client can check without knowing any attack lives here: the update's kind and its
 images, and the **tampering checks** on the model it was sent (its entries and shapes
 against the ClientApp's own model, non-finite weights, and weight statistics of known
 malicious-server constructions: many identical rows in a layer, most telling with distinct
-biases, the bins of an imprint or trap layer). What needs the attack library (iDLG's label
+biases, the bins of an imprint or trap layer), and the **D-SNR check** (Garov et al., SEER,
+ICLR 2024; :mod:`fl_sim.mods.dsnr`): on the model sent and the client's own batch (FedSGD: its
+batch; FedAvg: its first local step's), whether one sample's gradient dominates a linear
+layer's, from per-sample gradients, before any training. A D-SNR above the policy's ``dsnr``
+is a model built to single samples out; like a tampered model it is refused under ``block``
+and ``protect`` whatever the probe says (no defence of the update changes what the model does
+to the batch), and it sets the analytic ``flagged`` verdict. A batch of one is not judged by
+it: its D-SNR is infinite for every model. What needs the attack library (iDLG's label
 rule, the batch-size estimate, R-GAP's rank analysis, the probe, which is a real attack
 scored against the client's own batch) comes through one narrow interface,
 :class:`Auditor`, which the composing application supplies (``experiments.apps.probe`` does,
@@ -62,6 +71,7 @@ from ..models import build_model
 from ..settings import AUDIT_DEFENCES, AuditPolicy, GaussianNoise, Prune
 from ..task import client_batch, local_schedule, node_partition, parameter_names
 from .defences import defend_update
+from .dsnr import dsnr
 
 __all__ = [
     "AUDIT_FIELDS",
@@ -104,6 +114,9 @@ AUDIT_FIELDS = [
     "flagged",
     "tampered",
     "tamper_reason",
+    "dsnr",
+    "dsnr_layer",
+    "dsnr_flagged",
     "probe_attack",
     "probe_psnr",
     "probe_median",
@@ -202,10 +215,10 @@ def _duplicate_rows(weight: Tensor) -> Tensor:
     return copies
 
 
-def tampering(own: Mapping[str, Tensor], sent: Mapping[str, Tensor]) -> str:
+def tampering(own: Mapping[str, Tensor], sent: Mapping[str, Tensor], *, rows: bool = True) -> str:
     """``""`` when the model sent looks honest, else a one-line reason: entries or shapes
     that differ from the ClientApp's own model (``own``, a state dict), non-finite weights,
-    or a linear layer whose rows are mostly copies of one another (an imprint or trap
+    or (``rows``) a linear layer whose rows are mostly copies of one another (an imprint or trap
     construction: honest initialisations and trained layers have no such rows)."""
     missing = [k for k in own if k not in sent]
     extra = [k for k in sent if k not in own]
@@ -221,7 +234,7 @@ def tampering(own: Mapping[str, Tensor], sent: Mapping[str, Tensor]) -> str:
     for name, value in sent.items():
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             return f"the model sent holds non-finite weights in {name}"
-    for name, value in sent.items():
+    for name, value in sent.items() if rows else ():
         # linear layers: where the published constructions sit (an imprint's bins, trap weights,
         # fishing's head); a convolution's filters are not checked (and would cost most of the time)
         if not name.endswith("weight") or value.dim() != 2 or value.shape[0] < DUPLICATE_LEAST:
@@ -360,14 +373,49 @@ class Audit:
     def check_model(self, sent: Mapping[str, Tensor]) -> AuditOutcome | None:
         """The tampering checks on the model sent; a refusal (block, protect) or None (go on)."""
         t0 = time.perf_counter()
-        reason = tampering(self.own.state_dict(), sent)
-        self.tamper_seconds = time.perf_counter() - t0
-        self.row.update(tampered=bool(reason), tamper_reason=reason, checks_seconds=round(self.tamper_seconds, 5))
+        reason = tampering(self.own.state_dict(), sent, rows=self.policy.rows)
+        self.row.update(tampered=bool(reason), tamper_reason=reason)
         if reason and self.policy.action != "log":
+            self.tamper_seconds = time.perf_counter() - t0
+            self.row["checks_seconds"] = round(self.tamper_seconds, 5)
             return self._done("refused", reason=reason)  # never train on, or answer, a model built to extract data
+        why = ""
         if not reason:
             self.own.load_state_dict(sent)
+            try:
+                why = self._check_dsnr()
+            except Exception as exc:  # noqa: BLE001 - a check that fails must fail closed, not lose the reply
+                why = f"the D-SNR check failed: {' '.join(f'{type(exc).__name__}: {exc}'.split())[:200]}"
+        self.tamper_seconds = time.perf_counter() - t0
+        self.row["checks_seconds"] = round(self.tamper_seconds, 5)
+        if why and self.policy.action != "log":
+            return self._done("refused", reason=why)
         return None
+
+    def first_batch(self) -> tuple[Tensor, Tensor]:
+        """The client's batch the model sent meets first: FedSGD's batch, FedAvg's first local step's."""
+        if self.cfg.mode == "fedsgd":
+            return client_batch(self.cfg, self.pid, self.cfg.num_clients, self.server_round)
+        idx = torch.as_tensor(local_schedule(self.cfg, self.pid, self.cfg.num_clients, self.server_round)[0])
+        return to_float(self.data.train_x[idx]), self.data.train_y[idx]
+
+    def _check_dsnr(self) -> str:
+        """The D-SNR check on ``self.own`` (holding the model sent): records it, and returns the
+        reason to refuse ("" when it does not flag, is off, or the batch is one image)."""
+        if not self.policy.checks_dsnr:
+            return ""
+        images, labels = self.first_batch()
+        if len(labels) < 2:
+            return ""  # one sample always dominates: no verdict on the model (module docstring)
+        got = dsnr(self.own, images, labels)
+        flagged = got.value > self.policy.dsnr
+        self.row.update(dsnr=round(got.value, 5), dsnr_layer=got.layer, dsnr_flagged=flagged)
+        if not flagged:
+            return ""
+        return (
+            f"D-SNR {got.value:.3g} in {got.layer} is above {self.policy.dsnr:g}: one of the "
+            f"{len(labels)} samples dominates the layer's gradient on the model sent"
+        )
 
     def check_update(self, update: Mapping[str, Tensor], train_seconds: float) -> AuditOutcome:
         """The analytic checks, the probe and the policy's action on the update to be sent.
@@ -407,6 +455,7 @@ class Audit:
                 )
             }
         )
+        row["flagged"] = bool(row["flagged"]) or row["dsnr_flagged"] is True
         probe = auditor.probe(view, policy.budget, policy.bar, memory) if policy.probe else None
         if probe is not None:
             row.update(

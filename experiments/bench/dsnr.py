@@ -1,0 +1,170 @@
+"""The audit's D-SNR check: its cost, its false alarms on honest training, what it detects.
+
+    python -m experiments.bench.dsnr [--out runs/bench-dsnr] [--rounds 150] [--quick]
+
+1. **cost**: milliseconds per check (:func:`fl_sim.mods.dsnr.dsnr`, median of 10 after one
+   warm-up) on batches of 16 and 64, for ``mlp`` and ``cnn6``, and the first call of a process.
+2. **honest runs**, each a real ``python -m experiments.run`` with ``--audit
+   log:probe=false``, the D-SNR read from its audit.csv (the value the mod computed on the
+   model each client received and its own first batch):
+   - the demo federation (CNN6, FedSGD, 10 clients, server learning rate 0.1, mnist5k) at
+     batch sizes 2, 4, 8, 16, 32 and 64 for ``--rounds`` rounds, clients 0, 1 and 2 auditing;
+   - Flower's quickstart configuration (LeNet, FedAvg, 3 local epochs, batches of 32, lr 0.01,
+     10 clients, CIFAR-10's 400 training images, ``--cifar``), every client auditing (first local
+     batch: 32), a quarter of ``--rounds``.
+3. **calibration and false alarms**: the calibration set is client 0 of the demo runs; the
+   held-out set is clients 1 and 2 of the same runs (disjoint partitions of images) and every
+   quickstart update (other images, model and training). The threshold in force
+   (:data:`fl_sim.settings.DSNR_THRESHOLD`) against both, by batch size and by training phase
+   (the first tenth of the rounds, the last tenth).
+4. **detection**: D-SNR of each active construction (:data:`attacks.ACTIVE`, on the honest model
+   of the active preset, ``mlp``, and of ``cnn6`` for a block) against the honest model on the
+   same batches, and whether the threshold flags it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from attacks import ACTIVE
+from fl_sim.data import load_dataset, to_float
+from fl_sim.models import build_model
+from fl_sim.mods.dsnr import dsnr
+from fl_sim.settings import DSNR_THRESHOLD
+
+from ..run import main as run_main
+
+BATCHES = (2, 4, 8, 16, 32, 64)
+
+
+def cost() -> None:
+    data = load_dataset("mnist5k", "data")
+    x, y = to_float(data.train_x[:64]), data.train_y[:64]
+    print("\n1. cost per check (ms, median of 10, one thread)")
+    for name in ("mlp", "cnn6"):
+        model = build_model(name, data.input_shape, data.num_classes)
+        t0 = time.perf_counter()
+        dsnr(model, x[:16], y[:16])
+        first = time.perf_counter() - t0
+        cells = []
+        for b in (16, 64):
+            times = []
+            for _ in range(10):
+                t0 = time.perf_counter()
+                dsnr(model, x[:b], y[:b])
+                times.append(time.perf_counter() - t0)
+            cells.append(f"batch {b}: {statistics.median(times) * 1e3:.1f}")
+        print(f"   {name:5s} {', '.join(cells)}; first call in this process {first * 1e3:.0f}")
+
+
+def _run(args: list[str], out: Path) -> pd.DataFrame:
+    if not (out / "audit.csv").exists():
+        code = run_main(args + ["--out", str(out), "--overwrite"])
+        if code != 0:
+            raise SystemExit(f"bench_dsnr: the run in {out} failed (exit {code})")
+    audit = pd.read_csv(out / "audit.csv")
+    return audit[audit["dsnr"].notna()]
+
+
+def honest(out: Path, rounds: int, cifar: Path) -> pd.DataFrame:
+    frames = []
+    for b in BATCHES:
+        args = ["--attack", "none", "--mode", "fedsgd", "--batch-size", str(b), "--clients", "10"]
+        args += ["--rounds", str(rounds), "--server-lr", "0.1", "--model", "cnn6", "--init", "kaiming"]
+        audit = _run(args + ["--audit", "log:probe=false,clients=0+1+2"], out / f"demo-b{b}")
+        frames.append(audit.assign(config="demo", batch=b, rounds=rounds))
+    if cifar.exists():
+        qr = max(2, rounds // 4)
+        args = ["--attack", "none", "--dataset", f"npz:{cifar}", "--mode", "fedavg", "--lr", "0.01"]
+        args += ["--clients", "10", "--local-epochs", "3", "--batch-size", "32", "--rounds", str(qr)]
+        args += ["--model", "lenet", "--init", "paper", "--audit", "log:probe=false"]
+        audit = _run(args, out / "quickstart")
+        frames.append(audit.assign(config="quickstart", batch=32, rounds=qr))
+    else:
+        print(f"   (no {cifar}: the quickstart configuration is left out; scripts/make_npz.py makes it)")
+    return pd.concat(frames, ignore_index=True)
+
+
+def _phase(d: pd.DataFrame) -> pd.Series:
+    tenth = (d["rounds"] / 10).clip(lower=1)
+    return pd.Series(
+        ["early" if r <= t else "late" if r > n - t else "middle" for r, t, n in zip(d["round"], tenth, d["rounds"])],
+        index=d.index,
+    )
+
+
+def false_alarms(d: pd.DataFrame) -> None:
+    d = d.assign(phase=_phase(d), alarm=d["dsnr"] > DSNR_THRESHOLD)
+    calib = d[(d["config"] == "demo") & (d["client"] == 0)]
+    held = d[~d.index.isin(calib.index)]
+    print(f"\n3. D-SNR on honest updates; threshold in force {DSNR_THRESHOLD:g}")
+    print("   calibration set (demo federation, client 0): D-SNR quantiles by batch size")
+    print(f"   {'batch':>5s} {'n':>5s} {'median':>8s} {'99%':>8s} {'max':>8s}")
+    for b, g in calib.groupby("batch"):
+        q = g["dsnr"]
+        print(f"   {b:5d} {len(q):5d} {q.median():8.3f} {q.quantile(0.99):8.3f} {q.max():8.3f}")
+    print("   held-out set: false alarms (D-SNR above the threshold)")
+    print(f"   {'config':10s} {'batch':>5s} {'phase':>6s} {'updates':>8s} {'alarms':>7s} {'max D-SNR':>10s}")
+    for (c, b, ph), g in held.groupby(["config", "batch", "phase"]):
+        print(f"   {c:10s} {b:5d} {ph:>6s} {len(g):8d} {int(g['alarm'].sum()):7d} {g['dsnr'].max():10.3f}")
+    n, k = len(held), int(held["alarm"].sum())
+    print(
+        f"   held-out total: {k}/{n} = {k / max(n, 1):.2%} false alarms; calibration set: "
+        f"{int(calib['alarm'].sum())}/{len(calib)}"
+    )
+
+
+def detection(batches: int = 8) -> None:
+    data = load_dataset("mnist5k", "data")
+    public = to_float(data.test_x[:1000])
+    gen = torch.Generator().manual_seed(0)
+    print(
+        f"\n4. each active construction against the honest model on the same {batches} batches of 16 "
+        f"(threshold {DSNR_THRESHOLD:g})"
+    )
+    print(f"   {'construction':14s} {'model':5s} {'honest D-SNR':>18s} {'constructed D-SNR':>18s} {'flagged':>8s}")
+    for name, cls in ACTIVE.items():
+        base = "mlp" if name == "imprint" else "cnn6"
+        model = build_model(base, data.input_shape, data.num_classes, init="torch" if base == "mlp" else "kaiming")
+        built = cls.construct(model, data.input_shape, public, 500, seed=0)
+        h, m = [], []
+        for _ in range(batches):
+            idx = torch.randperm(len(data.train_y), generator=gen)[:16]
+            x, y = to_float(data.train_x[idx]), data.train_y[idx]
+            h.append(dsnr(model, x, y).value)
+            m.append(dsnr(built, x, y).value)
+        print(
+            f"   {name:14s} {base:5s} {min(h):8.3f}..{max(h):<8.3f} {min(m):8.3f}..{max(m):<8.3f} "
+            f"{sum(v > DSNR_THRESHOLD for v in m):4d}/{batches}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.bench.dsnr", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="runs/bench-dsnr")
+    p.add_argument("--rounds", type=int, default=150, help="rounds of each demo federation")
+    p.add_argument("--quick", action="store_true", help="10 rounds")
+    p.add_argument("--cifar", default="data/cifar10_train400.npz", help="CIFAR-10's 400 training images (2.)")
+    p.add_argument("--parts", default="1,2,4", help="which measurements: 1 cost, 2 honest runs and 3, 4 detection")
+    args = p.parse_args(argv)
+    parts = {s.strip() for s in args.parts.split(",")}
+    torch.set_num_threads(1)
+    if "1" in parts:
+        cost()
+    if "2" in parts:
+        d = honest(Path(args.out), 10 if args.quick else args.rounds, Path(args.cifar))
+        false_alarms(d)
+    if "4" in parts:
+        detection()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
