@@ -42,6 +42,7 @@ __all__ = [
     "AuditError",
     "AuditPolicy",
     "DSNR_THRESHOLD",
+    "DSNR_MIN_BATCH",
 ]
 
 
@@ -254,6 +255,8 @@ AUDIT_DEFENCES: dict[str, tuple[float, ...]] = {
 # model sent (fl_sim.mods.dsnr): calibrated on honest training, docs/results/audit.md
 # (python -m experiments.bench.dsnr)
 DSNR_THRESHOLD = 4.0
+# The smallest batch the D-SNR check judges (smaller ones: recorded, not judged; see fl_sim.mods.audit)
+DSNR_MIN_BATCH = 9
 
 
 class AuditError(ValueError):

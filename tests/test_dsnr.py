@@ -21,7 +21,7 @@ from fl_sim.data import load_dataset, to_float
 from fl_sim.models import build_model
 from fl_sim.mods.audit import Audit
 from fl_sim.mods.dsnr import dsnr, linear_weights, per_sample_norms
-from fl_sim.settings import DSNR_THRESHOLD, AuditError, AuditPolicy
+from fl_sim.settings import DSNR_MIN_BATCH, DSNR_THRESHOLD, AuditError, AuditPolicy
 from fl_sim.task import client_batch
 
 
@@ -79,11 +79,15 @@ def test_policy_takes_a_dsnr_threshold_off_and_the_copied_rows_switch():
             AuditPolicy.parse(bad)
 
 
-def test_a_batch_of_one_is_not_judged_by_dsnr():
-    cfg = RunConfig(mode="fedsgd", batch_size=1, num_clients=4, model="mlp", audit="block:probe=false,dsnr=0.01")
+@pytest.mark.parametrize("batch", [1, DSNR_MIN_BATCH - 1])
+def test_batches_below_the_minimum_are_not_judged_by_dsnr(batch):
+    cfg = RunConfig(mode="fedsgd", batch_size=batch, num_clients=4, model="mlp", audit="block:probe=false,dsnr=0.01")
     audit = Audit(None, cfg, 0, 1, {})
-    assert audit.check_model(audit.own.state_dict()) is None  # not refused, although any D-SNR is above 0.01
-    assert audit.row["dsnr"] == "" and audit.row["dsnr_flagged"] == ""
+    assert audit.check_model(audit.own.state_dict()) is None  # not refused, although the D-SNR is above 0.01
+    assert audit.row["dsnr_flagged"] == ""
+    assert audit.row["dsnr"] == "" if batch == 1 else audit.row["dsnr"] > 0.01  # recorded from 2 images
+    judged = Audit(None, cfg.replace(batch_size=DSNR_MIN_BATCH), 0, 1, {})  # the same model, judged from the minimum
+    assert judged.check_model(judged.own.state_dict()).action == "refused" and judged.row["dsnr_flagged"] is True
 
 
 @pytest.mark.slow

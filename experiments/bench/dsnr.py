@@ -1,6 +1,6 @@
 """The audit's D-SNR check: its cost, its false alarms on honest training, what it detects.
 
-    python -m experiments.bench.dsnr [--out runs/bench-dsnr] [--rounds 150] [--quick]
+    python -m experiments.bench.dsnr [--out runs/bench-dsnr] [--rounds 60] [--quick]
 
 1. **cost**: milliseconds per check (:func:`fl_sim.mods.dsnr.dsnr`, median of 10 after one
    warm-up) on batches of 16 and 64, for ``mlp`` and ``cnn6``, and the first call of a process.
@@ -8,12 +8,12 @@
    log:probe=false``, the D-SNR read from its audit.csv (the value the mod computed on the
    model each client received and its own first batch):
    - the demo federation (CNN6, FedSGD, 10 clients, server learning rate 0.1, mnist5k) at
-     batch sizes 2, 4, 8, 16, 32 and 64 for ``--rounds`` rounds, clients 0, 1 and 2 auditing;
+     batch sizes 2, 4, 8, 16, 32 and 64 for ``--rounds`` rounds, clients 0 to 3 auditing;
    - Flower's quickstart configuration (LeNet, FedAvg, 3 local epochs, batches of 32, lr 0.01,
      10 clients, CIFAR-10's 400 training images, ``--cifar``), every client auditing (first local
      batch: 32), a quarter of ``--rounds``.
 3. **calibration and false alarms**: the calibration set is client 0 of the demo runs; the
-   held-out set is clients 1 and 2 of the same runs (disjoint partitions of images) and every
+   held-out set is clients 1 to 3 of the same runs (disjoint partitions of images) and every
    quickstart update (other images, model and training). The threshold in force
    (:data:`fl_sim.settings.DSNR_THRESHOLD`) against both, by batch size and by training phase
    (the first tenth of the rounds, the last tenth).
@@ -37,7 +37,7 @@ from attacks import ACTIVE
 from fl_sim.data import load_dataset, to_float
 from fl_sim.models import build_model
 from fl_sim.mods.dsnr import dsnr
-from fl_sim.settings import DSNR_THRESHOLD
+from fl_sim.settings import DSNR_MIN_BATCH, DSNR_THRESHOLD
 
 from ..run import main as run_main
 
@@ -78,7 +78,7 @@ def honest(out: Path, rounds: int, cifar: Path) -> pd.DataFrame:
     for b in BATCHES:
         args = ["--attack", "none", "--mode", "fedsgd", "--batch-size", str(b), "--clients", "10"]
         args += ["--rounds", str(rounds), "--server-lr", "0.1", "--model", "cnn6", "--init", "kaiming"]
-        audit = _run(args + ["--audit", "log:probe=false,clients=0+1+2"], out / f"demo-b{b}")
+        audit = _run(args + ["--audit", "log:probe=false,clients=0+1+2+3"], out / f"demo-b{b}")
         frames.append(audit.assign(config="demo", batch=b, rounds=rounds))
     if cifar.exists():
         qr = max(2, rounds // 4)
@@ -101,24 +101,35 @@ def _phase(d: pd.DataFrame) -> pd.Series:
 
 
 def false_alarms(d: pd.DataFrame) -> None:
-    d = d.assign(phase=_phase(d), alarm=d["dsnr"] > DSNR_THRESHOLD)
+    judged = d["batch"] >= DSNR_MIN_BATCH
+    above = d["dsnr"] > DSNR_THRESHOLD
+    d = d.assign(phase=_phase(d), above=above, judged=judged, alarm=judged & above)
     calib = d[(d["config"] == "demo") & (d["client"] == 0)]
     held = d[~d.index.isin(calib.index)]
-    print(f"\n3. D-SNR on honest updates; threshold in force {DSNR_THRESHOLD:g}")
+    print(
+        f"\n3. D-SNR on honest updates; threshold in force {DSNR_THRESHOLD:g}, judged from batches of "
+        f"{DSNR_MIN_BATCH} (smaller: recorded only)"
+    )
     print("   calibration set (demo federation, client 0): D-SNR quantiles by batch size")
     print(f"   {'batch':>5s} {'n':>5s} {'median':>8s} {'99%':>8s} {'max':>8s}")
     for b, g in calib.groupby("batch"):
         q = g["dsnr"]
         print(f"   {b:5d} {len(q):5d} {q.median():8.3f} {q.quantile(0.99):8.3f} {q.max():8.3f}")
-    print("   held-out set: false alarms (D-SNR above the threshold)")
-    print(f"   {'config':10s} {'batch':>5s} {'phase':>6s} {'updates':>8s} {'alarms':>7s} {'max D-SNR':>10s}")
-    for (c, b, ph), g in held.groupby(["config", "batch", "phase"]):
-        print(f"   {c:10s} {b:5d} {ph:>6s} {len(g):8d} {int(g['alarm'].sum()):7d} {g['dsnr'].max():10.3f}")
-    n, k = len(held), int(held["alarm"].sum())
+    print("   held-out set: false alarms (judged and above the threshold; 'above': were every batch judged)")
     print(
-        f"   held-out total: {k}/{n} = {k / max(n, 1):.2%} false alarms; calibration set: "
-        f"{int(calib['alarm'].sum())}/{len(calib)}"
+        f"   {'config':10s} {'batch':>5s} {'phase':>6s} {'updates':>8s} {'alarms':>7s} {'above':>6s} {'max D-SNR':>10s}"
     )
+    for (c, b, ph), g in held.groupby(["config", "batch", "phase"]):
+        alarms = int(g["alarm"].sum()) if b >= DSNR_MIN_BATCH else "-"
+        print(f"   {c:10s} {b:5d} {ph:>6s} {len(g):8d} {alarms:>7} {int(g['above'].sum()):6d} {g['dsnr'].max():10.3f}")
+    for name, part in (("held-out", held), ("calibration", calib)):
+        j = part[part["judged"]]
+        k = int(j["alarm"].sum())
+        print(
+            f"   {name}: {k}/{len(j)} = {k / max(len(j), 1):.2%} false alarms over the judged updates "
+            f"(batches {', '.join(map(str, sorted(j['batch'].unique())))}; up to round {int(j['rounds'].max())}); "
+            f"{len(part) - len(j)} smaller-batch updates recorded only"
+        )
 
 
 def detection(batches: int = 8) -> None:
@@ -149,7 +160,7 @@ def detection(batches: int = 8) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.bench.dsnr", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/bench-dsnr")
-    p.add_argument("--rounds", type=int, default=150, help="rounds of each demo federation")
+    p.add_argument("--rounds", type=int, default=60, help="rounds of each demo federation")
     p.add_argument("--quick", action="store_true", help="10 rounds")
     p.add_argument("--cifar", default="data/cifar10_train400.npz", help="CIFAR-10's 400 training images (2.)")
     p.add_argument("--parts", default="1,2,4", help="which measurements: 1 cost, 2 honest runs and 3, 4 detection")

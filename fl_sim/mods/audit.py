@@ -39,8 +39,12 @@ batch; FedAvg: its first local step's), whether one sample's gradient dominates 
 layer's, from per-sample gradients, before any training. A D-SNR above the policy's ``dsnr``
 is a model built to single samples out; like a tampered model it is refused under ``block``
 and ``protect`` whatever the probe says (no defence of the update changes what the model does
-to the batch), and it sets the analytic ``flagged`` verdict. A batch of one is not judged by
-it: its D-SNR is infinite for every model. What needs the attack library (iDLG's label
+to the batch), and it sets the analytic ``flagged`` verdict. Batches of fewer than
+:data:`~fl_sim.settings.DSNR_MIN_BATCH` images are not judged by it (their D-SNR is recorded):
+a batch of one has an infinite D-SNR under every model, and honest batches of two to a few
+images reach values in the thousands late in training (one sample fitted, the other not),
+while the analytic checks flag every one-step update of so few images anyway. What needs the
+attack library (iDLG's label
 rule, the batch-size estimate, R-GAP's rank analysis, the probe, which is a real attack
 scored against the client's own batch) comes through one narrow interface,
 :class:`Auditor`, which the composing application supplies (``experiments.apps.probe`` does,
@@ -68,7 +72,7 @@ from ..config import RunConfig
 from ..data import load_dataset, to_float
 from ..device import resolve_device
 from ..models import build_model
-from ..settings import AUDIT_DEFENCES, AuditPolicy, GaussianNoise, Prune
+from ..settings import AUDIT_DEFENCES, DSNR_MIN_BATCH, AuditPolicy, GaussianNoise, Prune
 from ..task import client_batch, local_schedule, node_partition, parameter_names
 from .defences import defend_update
 from .dsnr import dsnr
@@ -408,8 +412,11 @@ class Audit:
         if len(labels) < 2:
             return ""  # one sample always dominates: no verdict on the model (module docstring)
         got = dsnr(self.own, images, labels)
+        self.row.update(dsnr=round(got.value, 5), dsnr_layer=got.layer)
+        if len(labels) < DSNR_MIN_BATCH:
+            return ""  # recorded, not judged: honest small batches reach any value (module docstring)
         flagged = got.value > self.policy.dsnr
-        self.row.update(dsnr=round(got.value, 5), dsnr_layer=got.layer, dsnr_flagged=flagged)
+        self.row["dsnr_flagged"] = flagged
         if not flagged:
             return ""
         return (
