@@ -11,7 +11,7 @@
      batch sizes 2, 4, 8, 16, 32 and 64 for ``--rounds`` rounds, clients 0 to 3 auditing;
    - Flower's quickstart configuration (LeNet, FedAvg, 3 local epochs, batches of 32, lr 0.01,
      10 clients, CIFAR-10's 400 training images, ``--cifar``), every client auditing (first local
-     batch: 32), a quarter of ``--rounds``.
+     batch: 32), for ``--rounds`` rounds.
 3. **calibration and false alarms**: the calibration set is client 0 of the demo runs; the
    held-out set is clients 1 to 3 of the same runs (disjoint partitions of images) and every
    quickstart update (other images, model and training). The threshold in force
@@ -65,7 +65,7 @@ def cost() -> None:
 
 
 def _run(args: list[str], out: Path) -> pd.DataFrame:
-    if not (out / "audit.csv").exists():
+    if not (out / "summary.json").exists():  # a finished run (one killed mid-way runs again)
         code = run_main(args + ["--out", str(out), "--overwrite"])
         if code != 0:
             raise SystemExit(f"bench_dsnr: the run in {out} failed (exit {code})")
@@ -81,7 +81,7 @@ def honest(out: Path, rounds: int, cifar: Path) -> pd.DataFrame:
         audit = _run(args + ["--audit", "log:probe=false,clients=0+1+2+3"], out / f"demo-b{b}")
         frames.append(audit.assign(config="demo", batch=b, rounds=rounds))
     if cifar.exists():
-        qr = max(2, rounds // 4)
+        qr = rounds
         args = ["--attack", "none", "--dataset", f"npz:{cifar}", "--mode", "fedavg", "--lr", "0.01"]
         args += ["--clients", "10", "--local-epochs", "3", "--batch-size", "32", "--rounds", str(qr)]
         args += ["--model", "lenet", "--init", "paper", "--audit", "log:probe=false"]
