@@ -73,9 +73,9 @@ def _run(args: list[str], out: Path) -> pd.DataFrame:
     return audit[audit["dsnr"].notna()]
 
 
-def honest(out: Path, rounds: int, cifar: Path) -> pd.DataFrame:
+def honest(out: Path, rounds: int, cifar: Path, batches: tuple[int, ...] = BATCHES) -> pd.DataFrame:
     frames = []
-    for b in BATCHES:
+    for b in batches:
         args = ["--attack", "none", "--mode", "fedsgd", "--batch-size", str(b), "--clients", "10"]
         args += ["--rounds", str(rounds), "--server-lr", "0.1", "--model", "cnn6", "--init", "kaiming"]
         audit = _run(args + ["--audit", "log:probe=false,clients=0+1+2+3"], out / f"demo-b{b}")
@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=60, help="rounds of each demo federation")
     p.add_argument("--quick", action="store_true", help="10 rounds")
     p.add_argument("--cifar", default="data/cifar10_train400.npz", help="CIFAR-10's 400 training images (2.)")
+    p.add_argument("--batches", default=",".join(map(str, BATCHES)), help="the demo runs' batch sizes (2.)")
     p.add_argument("--parts", default="1,2,4", help="which measurements: 1 cost, 2 honest runs and 3, 4 detection")
     args = p.parse_args(argv)
     parts = {s.strip() for s in args.parts.split(",")}
@@ -170,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     if "1" in parts:
         cost()
     if "2" in parts:
-        d = honest(Path(args.out), 10 if args.quick else args.rounds, Path(args.cifar))
+        batches = tuple(int(b) for b in args.batches.split(","))
+        d = honest(Path(args.out), 10 if args.quick else args.rounds, Path(args.cifar), batches)
         false_alarms(d)
     if "4" in parts:
         detection()
