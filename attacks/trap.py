@@ -37,8 +37,11 @@ itself when ``x`` is the only image that fired the unit, and a weighted mean of 
 did otherwise. Each candidate ``dW_i / db_i`` is kept only when it is consistent: its pixels lie
 in [0, 1], the unit fires on it, and its pixels sit on 8-bit levels (a mean of two images does
 not, except where they agree). Candidates that agree (several units trapped the same image) are
-one image. :class:`Trap` (registered as ``"trap"``) is the attack: ``construct`` builds the
-model the server sends, and calling the attack inverts an update of it.
+one image. The tolerances widen with the update's own noise (SecAgg+'s rounding), estimated
+from the weight gradient's median entry (mostly pixels no image lit; for images without
+blank pixels this overestimates the noise and only loosens the checks). :class:`Trap`
+(registered as ``"trap"``) is the attack: ``construct`` builds the model the server sends, and
+calling the attack inverts an update of it.
 
 Not built: the paper's adaptation to convolutional models (the trap in the first fully
 connected layer after the convolutions reads back that layer's input, a feature map, which
@@ -69,6 +72,7 @@ __all__ = [
     "NEGATIVE_SHARE",
     "LONE_UNITS",
     "INK_MIX",
+    "NOISE_SIGMAS",
 ]
 
 NEGATIVE_SHARE = 0.5  # the share of each row's entries made negative (and scaled)
@@ -85,6 +89,9 @@ LONE_UNITS = 1.0
 # tuned to 64, 64, 128, 256): 0.90, 0.89, 0.65, 0.43 with the factor alone; 0.98, 0.90, 0.74,
 # 0.58 ink-neutral; 1.00, 0.97-0.99, 0.86-0.88, 0.62-0.66 at 0.3-0.5; 0.98, 0.95, 0.78, 0.54 at 0.7.
 INK_MIX = 0.4
+# How many standard deviations of the update's own noise (SecAgg+'s rounding) a unit's bias
+# gradient must exceed to count as fired, and a candidate's pixels may stray.
+NOISE_SIGMAS = 4.0
 
 
 def trap_rate(images: int) -> float:
@@ -256,22 +263,30 @@ def _read_traps(model: nn.Module, update: Update | Sequence[Tensor], input_shape
             f"{tuple(layer.weight.shape)}"
         )
     w, b = layer.weight.detach().double().cpu(), layer.bias.detach().double().cpu()
+    # the update's own noise per entry (SecAgg+'s rounding; 0 for a plain gradient): most entries
+    # of the weight gradient are pixels that no image of a unit lit, which carry only noise
+    noise = 1.4826 * float(dw.abs().median()) if dw.numel() else 0.0
     top = float(db.abs().max()) if db.numel() else 0.0
-    fired = torch.nonzero(db.abs() > opts.rel_tol * top).flatten() if top > 0 else torch.zeros(0, dtype=torch.long)
+    floor = max(opts.rel_tol * top, NOISE_SIGMAS * noise)
+    fired = torch.nonzero(db.abs() > floor).flatten() if top > 0 else torch.zeros(0, dtype=torch.long)
     fired = fired[torch.argsort(-db[fired].abs())]  # the most precise candidates first
     cand = dw[fired] / db[fired, None]
-    ok = (cand >= -opts.range_tol).all(1) & (cand <= 1 + opts.range_tol).all(1)
+    # a candidate's pixel error: the noise of both gradients over its bias gradient
+    spread = NOISE_SIGMAS * 2 * noise / db[fired].abs()
+    slack = spread.clamp_min(opts.range_tol)[:, None]
+    ok = (cand >= -slack).all(1) & (cand <= 1 + slack).all(1)
     ok &= (cand * w[fired]).sum(1) + b[fired] > 0  # the unit fires on its own candidate
-    if opts.levels:
+    if opts.levels:  # as tight as the noise allows (none left beyond half a level)
         scaled = cand * opts.levels
-        ok &= (scaled - scaled.round()).abs().amax(1) <= opts.level_tol
-    cand = cand[ok]
-    # one image per group of agreeing candidates, represented by its most precise one
+        ok &= (scaled - scaled.round()).abs().amax(1) <= (spread * opts.levels).clamp_min(opts.level_tol)
+    cand, spread = cand[ok], spread[ok]
+    # one image per group of agreeing candidates (within the noise), represented by its most precise one
     same = 10.0 ** (-opts.same_psnr / 10.0)
     reps: list[int] = []
     votes: list[int] = []
     if len(cand):
-        close = torch.cdist(cand, cand).pow(2) / cand.shape[1] <= same
+        bound = (spread[:, None] ** 2 + spread[None, :] ** 2).clamp_min(same)
+        close = torch.cdist(cand, cand).pow(2) / cand.shape[1] <= bound
         taken = torch.zeros(len(cand), dtype=torch.bool)
         for i in range(len(cand)):
             if taken[i]:
