@@ -38,8 +38,8 @@ did otherwise. Each candidate ``dW_i / db_i`` is kept only when it is consistent
 in [0, 1], the unit fires on it, and its pixels sit on 8-bit levels (a mean of two images does
 not, except where they agree). Candidates that agree (several units trapped the same image) are
 one image. The tolerances widen with the update's own noise (SecAgg+'s rounding), estimated
-from the weight gradient's median entry (mostly pixels no image lit; for images without
-blank pixels this overestimates the noise and only loosens the checks). :class:`Trap`
+from the weight gradients of the units with the smallest bias gradients (units no image fired,
+whose gradients are that noise alone). :class:`Trap`
 (registered as ``"trap"``) is the attack: ``construct`` builds the model the server sends, and
 calling the attack inverts an update of it.
 
@@ -263,9 +263,11 @@ def _read_traps(model: nn.Module, update: Update | Sequence[Tensor], input_shape
             f"{tuple(layer.weight.shape)}"
         )
     w, b = layer.weight.detach().double().cpu(), layer.bias.detach().double().cpu()
-    # the update's own noise per entry (SecAgg+'s rounding; 0 for a plain gradient): most entries
-    # of the weight gradient are pixels that no image of a unit lit, which carry only noise
-    noise = 1.4826 * float(dw.abs().median()) if dw.numel() else 0.0
+    # the update's own noise per entry (SecAgg+'s rounding; 0 for a plain gradient), from the
+    # weight gradient of the quarter of units with the smallest bias gradient: units no image
+    # fired (a trap tuned to the aggregate leaves about a third of them unfired)
+    quiet = torch.argsort(db.abs())[: max(1, db.numel() // 4)]
+    noise = 1.4826 * float(dw[quiet].abs().median()) if db.numel() else 0.0
     top = float(db.abs().max()) if db.numel() else 0.0
     floor = max(opts.rel_tol * top, NOISE_SIGMAS * noise)
     fired = torch.nonzero(db.abs() > floor).flatten() if top > 0 else torch.zeros(0, dtype=torch.long)
