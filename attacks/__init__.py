@@ -11,6 +11,8 @@ made with its options, then called on an observation::
 
 from typing import Any
 
+from torch import Tensor, nn
+
 from .base import (
     Attack,
     AttackOptions,
@@ -30,11 +32,13 @@ from .imprint import BlockImprint, Imprint
 from .inverting import InvertingGradients
 from .metrics import SUCCESS_PSNR, label_accuracy, match_batch, mse, psnr, score_batch, ssim
 from .rgap import RGAP
+from .trap import Trap
 
 __all__ = [
     "ATTACKS",
     "ACTIVE",
     "get_attack",
+    "construct",
     "Attack",
     "AttackOptions",
     "DLG",
@@ -45,6 +49,7 @@ __all__ = [
     "GradInversion",
     "Imprint",
     "BlockImprint",
+    "Trap",
     "AttackResult",
     "ThreatModel",
     "Update",
@@ -68,8 +73,21 @@ ATTACKS: dict[str, type[Attack]] = {
 }
 
 # The active server's inversions: each reads an update of a model the server built for it
-# (``ACTIVE[name].construct``, :func:`attacks.imprint.construct`), so none of them is in ATTACKS.
-ACTIVE: dict[str, type[Attack]] = {cls.name: cls for cls in (Imprint, BlockImprint)}
+# (``ACTIVE[name].construct``, :func:`construct`), so none of them is in ATTACKS.
+ACTIVE: dict[str, type[Attack]] = {cls.name: cls for cls in (Imprint, BlockImprint, Trap)}
+
+
+def construct(
+    name: str, model: nn.Module, input_shape, public: Tensor, bins: int, *, seed: int = 0, images: int | None = None
+) -> nn.Module:
+    """The model the active server sends instead of ``model`` (the honest global one): the
+    construction of the attack ``name`` of :data:`ACTIVE`, placed with ``public`` images of the
+    same kind. ``bins``: the imprint's number of bins; ``images``: the images the server
+    expects in one gradient, which the trap tunes its firing rate to (None: 64)."""
+    cls = ACTIVE.get(name)
+    if cls is None:
+        raise ValueError(f"unknown active attack {name!r}: choose one of {', '.join(ACTIVE)}")
+    return cls.construct(model, input_shape, public, bins, seed=seed, images=images)
 
 
 def get_attack(name: str, **options: Any) -> Attack:

@@ -71,7 +71,6 @@ __all__ = [
     "imprint",
     "expected_recovery",
     "trap_layer",
-    "construct",
     "load_model",
     "BLOCK_KEYS",
 ]
@@ -219,16 +218,6 @@ def imprint_block_model(model: nn.Module, input_shape, plan: ImprintPlan) -> nn.
     return nn.Sequential(ImprintBlock(input_shape, plan.bins).arm(plan), copy.deepcopy(model))
 
 
-def construct(name: str, model: nn.Module, input_shape, public: Tensor, bins: int, *, seed: int = 0) -> nn.Module:
-    """The model the active server sends instead of ``model`` (the honest global one): the
-    construction of the attack ``name`` of :data:`attacks.ACTIVE` with ``bins`` bins placed on
-    ``public`` images (:meth:`Imprint.construct`, :meth:`BlockImprint.construct`)."""
-    for form in (Imprint, BlockImprint):
-        if form.name == name:
-            return form.construct(model, input_shape, public, bins, seed=seed)
-    raise ValueError(f"unknown active attack {name!r}")
-
-
 BLOCK_KEYS = ("0.enc.weight", "0.enc.bias", "0.dec.weight")  # an imprint block's entries in front of a model
 
 
@@ -288,9 +277,12 @@ class Imprint(Attack):
     Options = ImprintOptions
 
     @classmethod
-    def construct(cls, model: nn.Module, input_shape, public: Tensor, bins: int, *, seed: int = 0) -> nn.Module:
+    def construct(
+        cls, model: nn.Module, input_shape, public: Tensor, bins: int, *, seed: int = 0, images: int | None = None
+    ) -> nn.Module:
         """The model the server sends instead of ``model``: :func:`plant_imprint` with
-        ``bins`` bins placed on ``public`` images (:func:`plan_imprint`)."""
+        ``bins`` bins placed on ``public`` images (:func:`plan_imprint`). ``images`` (the
+        images expected per gradient) is unused: the bins need no count."""
         return plant_imprint(model, input_shape, plan_imprint(public, bins, seed=seed))
 
     def _reconstruct(
@@ -314,9 +306,12 @@ class BlockImprint(Imprint):
     name = "imprint-block"
 
     @classmethod
-    def construct(cls, model: nn.Module, input_shape, public: Tensor, bins: int, *, seed: int = 0) -> nn.Module:
+    def construct(
+        cls, model: nn.Module, input_shape, public: Tensor, bins: int, *, seed: int = 0, images: int | None = None
+    ) -> nn.Module:
         """The model the server sends instead of ``model``: :func:`imprint_block_model`, the
-        block with ``bins`` bins placed on ``public`` images in front of a copy of ``model``."""
+        block with ``bins`` bins placed on ``public`` images in front of a copy of ``model``
+        (``images`` unused, as for :class:`Imprint`)."""
         return imprint_block_model(model, input_shape, plan_imprint(public, bins, seed=seed))
 
 

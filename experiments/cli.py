@@ -62,7 +62,7 @@ HELP_NAMES: dict[str, tuple[str, ...]] = {
     "defences": ("prune", "noise", "ldp", "central-dp", "dpsgd"),
     "faulty-clients": ("nan", "inf", "shape", "silent", "error"),
     "attack": ("dlg", "idlg", "rgap", "ig", "gradinversion", "fedavg-sim"),
-    "active-attack": ("imprint", "imprint-block"),
+    "active-attack": ("imprint", "imprint-block", "trap"),
     "device": ("auto", "cpu", "cuda"),
     "engine": ("ray", "inprocess"),
 }
@@ -177,9 +177,11 @@ PLAN_FLAGS: list[Flag] = [
         "active-attack",
         f"the active server's construction: {', '.join(HELP_NAMES['active-attack'])} (imprint: the rows of the "
         "model's first linear layer set to one measurement, biases at its quantiles, Robbing the Fed with weights "
-        "only, needs --model mlp; imprint-block: the paper's block in front of any model, with the server's ClientApp)",
+        "only, needs --model mlp; imprint-block: the paper's block in front of any model, with the server's ClientApp; "
+        "trap: Boenisch et al.'s trap weights, the first linear layer's rows rescaled to fire for few images, needs "
+        "--model mlp)",
     ),
-    Flag(("--active-bins",), "active-bins", "the active server's number of bins"),
+    Flag(("--active-bins",), "active-bins", "the active server's number of bins (imprint, imprint-block)"),
     Flag(
         ("--attack-rounds",), "attack-rounds", "rounds to attack, e.g. 1,2, all, or spread (the first, middle and last)"
     ),

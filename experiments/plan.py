@@ -32,7 +32,9 @@ from a command line into a deployment's run config and back. Every rule lives he
   what comes back (with ``secagg`` also in the SecAgg+ run), with or without passive attacks;
   ``observers = "all"`` means the passive ones; the weights-only imprint needs a model whose
   first layer is linear on the image (``mlp``) with at least ``active-bins`` units, the
-  imprint block the simulation engine (the clients run the server's ClientApp);
+  imprint block the simulation engine (the clients run the server's ClientApp), trap weights
+  a model whose first layer is linear on the image, and no ``active-bins`` (they use every
+  unit of that layer);
 - what the data allows (``check_data``): the dataset loads and the partition is feasible
   (every client holds an image, and at least ``samples-per-client`` when it is set), and an
   attacked FedAvg update holds at most :data:`MAX_UPDATE_IMAGES` images (a client with
@@ -57,8 +59,7 @@ from typing import Any, Literal, Mapping
 
 import torch
 
-from attacks import ACTIVE, ATTACKS
-from attacks.imprint import construct
+from attacks import ACTIVE, ATTACKS, construct
 from fl_sim.config import ConfigError, RunConfig
 from fl_sim.data import load_dataset, partition
 from fl_sim.device import DeviceError, resolve_device
@@ -99,7 +100,7 @@ __all__ = [
 # one client's local training), and the passive observer that sees one: the server.
 ONE_CLIENT_ATTACKS = frozenset({"fedavg-sim"})
 ONE_CLIENT_OBSERVERS = ("server",)
-# The active server's constructions (attacks.ACTIVE, built by attacks.imprint.construct).
+# The active server's constructions (attacks.ACTIVE, built by attacks.construct).
 ACTIVE_ATTACKS = tuple(ACTIVE)
 # config.json's record of the device the run resolved ``device`` to on the machine that wrote it
 # (a record, not a setting: from_mapping accepts it back and ignores it).
@@ -356,6 +357,8 @@ class ExperimentPlan:
                     "the server's ClientApp (experiments.apps.client_app:imprint_app), which "
                     "python -m experiments.run ships; a deployment runs pyproject's clientapp",
                 )
+        if a.is_active and a.active == "trap" and a.active_bins != ATTACK_DEFAULTS["active-bins"]:
+            raise ConfigError("active-bins", "trap weights use every unit of the layer: --active-bins is the imprint's")
         if not a.is_active and (a.active, a.active_bins) != (
             ATTACK_DEFAULTS["active-attack"],
             ATTACK_DEFAULTS["active-bins"],
@@ -473,7 +476,7 @@ class ExperimentPlan:
                 )
             except ValueError as exc:
                 key = "active-bins" if "bins do not fit" in str(exc) else "model"
-                raise ConfigError(key, f"the active server's imprint: {exc}") from None
+                raise ConfigError(key, f"the active server's {self.attack.active}: {exc}") from None
         if self.attack is not None and self.attack.passive and c.mode == "fedavg":
             held = max(len(p) for p in parts)
             held = min(held, c.samples_per_client) if c.samples_per_client else held

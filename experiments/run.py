@@ -214,7 +214,7 @@ def _run(plan, data, verbose: bool, engine: str, *, quiet: bool = False, log_lev
         + f", {c.partition} partition, {c.num_server_rounds} rounds on {resolve_device(c.device)}"
         + (f"; attacks {', '.join(a.attacks)} for observers {', '.join(a.passive)}" if a and a.attacks else "")
         + (
-            f"; an active server ({a.active}, {a.active_bins} bins) in rounds "
+            f"; an active server ({a.active}{'' if a.active == 'trap' else f', {a.active_bins} bins'}) in rounds "
             f"{'all' if a.rounds is None else ','.join(map(str, sorted(a.rounds)))}"
             if a and a.is_active
             else ""

@@ -27,8 +27,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from attacks import ATTACKS, get_attack
-from attacks.imprint import construct
+from attacks import ATTACKS, construct, get_attack
 from attacks.metrics import lpips_unavailable
 from fl_sim.config import RunConfig
 from fl_sim.data import load_dataset, to_float
@@ -233,8 +232,10 @@ class AttackRunner:
     def swap(self, server_round: int, honest: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         """The model the active server sends in ``server_round`` instead of the honest one
         (:data:`fl_sim.strategy.ModelSwap`): in an attacked round, the construction
-        ``attack.active`` with ``attack.active_bins`` bins placed on the server's own held-out
-        images; None otherwise."""
+        ``attack.active`` placed on the server's own held-out images (the imprint with
+        ``attack.active_bins`` bins; trap weights tuned to the images of a round's aggregate,
+        the batch size times the clients sampled, the most the server reads in one gradient);
+        None otherwise."""
         if not self.attack.is_active or not self.attack.attacked(server_round):
             return None
         data = load_dataset(self.cfg.dataset, self.cfg.data_root)
@@ -247,6 +248,7 @@ class AttackRunner:
             to_float(data.test_x),
             self.attack.active_bins,
             seed=self.cfg.seed,
+            images=self.cfg.batch_size * self.cfg.clients_per_round(),
         )
         return built.state_dict()
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from attacks import SUCCESS_PSNR, Update, score_batch
-from attacks.imprint import construct, expected_recovery, imprint, imprint_block_model, plan_imprint, plant_imprint
+from attacks import SUCCESS_PSNR, Update, construct, score_batch
+from attacks.imprint import expected_recovery, imprint, imprint_block_model, plan_imprint, plant_imprint
 from fl_sim.data import load_dataset, to_float
 from fl_sim.models import build_model
 

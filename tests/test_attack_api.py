@@ -18,6 +18,7 @@ from attacks.idlg import idlg
 from attacks.imprint import imprint
 from attacks.inverting import inverting_gradients
 from attacks.rgap import rgap
+from attacks.trap import trap
 
 SHAPE = (1, 6, 6)
 # a few iterations each: the interface is under test here, not the attacks' quality
@@ -30,8 +31,9 @@ QUICK = {
     "rgap": dict(rank=False),
     "imprint": {},
     "imprint-block": {},
+    "trap": dict(levels=0),  # these random images are not on 8-bit levels
 }
-FUNCTIONS = {"dlg": dlg, "idlg": idlg, "ig": inverting_gradients, "rgap": rgap, "imprint": imprint}
+FUNCTIONS = {"dlg": dlg, "idlg": idlg, "ig": inverting_gradients, "rgap": rgap, "imprint": imprint, "trap": trap}
 REGISTERED = {**ATTACKS, **ACTIVE}
 
 
@@ -53,7 +55,7 @@ def _observation(name: str) -> tuple[nn.Module, list[torch.Tensor], int]:
     if name in ACTIVE:  # an update of the model the active server built
         torch.manual_seed(0)
         base = nn.Sequential(nn.Flatten(), nn.Linear(36, 16), nn.ReLU(), nn.Linear(16, 3))
-        model = ACTIVE[name].construct(base, SHAPE, _images(50, seed=7), 8, seed=0)
+        model = ACTIVE[name].construct(base, SHAPE, _images(50, seed=7), 8, seed=0, images=2)
         x = _images(2)
         return model, _gradient(model, x, torch.tensor([0, 2])), 0
     model = _tiny_model()
@@ -99,7 +101,7 @@ def test_reconstructs_a_tiny_update_the_same_way_through_every_door(name):
     res = get_attack(name)(model, grads, SHAPE, threat, seed=3, **QUICK[name])
     assert isinstance(res, AttackResult)
     assert res.images.dtype == torch.float32 and tuple(res.images.shape[1:]) == SHAPE
-    assert res.images.shape[0] == (batch or 2)  # the imprint: both images, each alone in its bin
+    assert res.images.shape[0] == (batch or 2)  # the imprint and the trap: both images, each alone in a unit
     assert 0.0 <= float(res.images.min()) and float(res.images.max()) <= 1.0
     others = [
         REGISTERED[name](**QUICK[name])(model, grads, SHAPE, threat, seed=3),
@@ -133,7 +135,7 @@ def test_unknown_attack_is_a_one_line_value_error_listing_the_names():
 
 def test_registries_hold_the_classes():
     assert list(ATTACKS) == ["dlg", "idlg", "rgap", "ig", "gradinversion", "fedavg-sim"]
-    assert list(ACTIVE) == ["imprint", "imprint-block"]
+    assert list(ACTIVE) == ["imprint", "imprint-block", "trap"]
     assert ATTACKS["dlg"].Options is DLGOptions and ATTACKS["idlg"].Options is DLGOptions
     assert ATTACKS["dlg"].Options.names()[:2] == ["max_steps", "max_iter"]
 

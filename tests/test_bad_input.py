@@ -96,7 +96,15 @@ CASES = [
     (["--attack", "none", "--attack-time-limit", "10"], "--attack-time-limit: has no effect without an attack"),
     (["--audit", "protect:defence=blur"], "--audit: protect: unknown defence 'blur'"),
     # the active server
-    (["--observers", "active", "--active-attack", "trap"], "--active-attack: unknown active attack 'trap'"),
+    (["--observers", "active", "--active-attack", "fishing"], "--active-attack: unknown active attack 'fishing'"),
+    (
+        ["--observers", "active", "--active-attack", "trap", "--model", "lenet"],
+        "--model: the active server's trap: trap weights need a model whose first layer is linear on the image",
+    ),
+    (
+        ["--observers", "active", "--active-attack", "trap", "--active-bins", "100"],
+        "--active-bins: trap weights use every unit of the layer",
+    ),
     (
         ["--observers", "active", "--model", "lenet"],
         "--model: the active server's imprint: the weights-only imprint needs",

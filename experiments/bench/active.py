@@ -1,9 +1,9 @@
 """What the active server recovers, against the number of bins and the images in an update
 (figures for the README).
 
-    python -m experiments.bench.active [--out runs/bench-active] [--parts 1,2,3,4] [--trials 5]
+    python -m experiments.bench.active [--out runs/bench-active] [--parts 1,2,3,4,5,6] [--trials 5]
 
-Four measurements on the offline default (mnist5k; the server places the bins on its own
+Six measurements on the offline default (mnist5k; the server places the bins on its own
 1,000 held-out digits):
 
 1. **bins x images** (the attack alone, no federation): the imprinted ``mlp`` (weights only,
@@ -21,6 +21,13 @@ Four measurements on the offline default (mnist5k; the server places the bins on
 4. **what the clients see**: the target run with ``--audit log:probe=false`` (the tampering
    check on every model received: alarms in the active round and in the honest one) and with
    ``--audit block:probe=false`` (what the server then recovers).
+5. **trap weights in federations** (``--active-attack trap``): one run per (clients, batch) in
+   {4, 10} x {8, 16, 32, 64, 128} with ``--observers active,secagg`` on the in-process engine:
+   recovered out of the images, per observer, beside :func:`attacks.trap.expected_recovery`
+   (the trap tuned to the round's aggregate, batch x clients images).
+6. **trap weights alone** (no federation): one gradient of N random training digits on the trap
+   tuned to N, for firing rates of 1/N and 2/N (:data:`attacks.trap.LONE_UNITS`), ``--trials``
+   batches per cell: the fraction at >= 30 dB beside the expectation.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import torch  # noqa: E402
 from torch.nn import functional as F
 
 from attacks import SUCCESS_PSNR, Update, score_batch
+from attacks import trap as traps
 from attacks.imprint import expected_recovery, imprint, imprint_block_model, plan_imprint, plant_imprint
 from fl_sim.data import load_dataset, to_float
 from fl_sim.device import DEVICES
@@ -211,10 +219,71 @@ def clients_see(out: Path, device: str = "auto") -> None:
     )
 
 
+def trap_table(out: Path, device: str = "auto") -> None:
+    units = 1024  # mlp's first layer: every unit is a trap
+    rows = []
+    for clients in (4, 10):
+        for batch in (8, 16, 32, 64, 128):
+            args = ["--attack", "none", "--observers", "active,secagg", "--active-attack", "trap"]
+            args += ["--batch-size", str(batch), "--clients", str(clients), "--engine", "inprocess"]
+            folder = _run(args, out / f"trap-c{clients}-b{batch}", device)
+            rate = traps.trap_rate(batch * clients)
+            for observer, (rec, images, psnr, _) in _by_observer(folder).items():
+                n = batch if observer == "active" else batch * clients
+                rows.append(
+                    {
+                        "clients": clients,
+                        "batch": batch,
+                        "observer": observer,
+                        "recovered": rec,
+                        "images": images,
+                        "expected": traps.expected_recovery(units, n, rate),
+                        "psnr": psnr,
+                    }
+                )
+                print(
+                    f"   {clients:2d} clients x batch {batch:3d} {observer:13s}: {rec}/{images} "
+                    f"({rec / max(images, 1):.3f}; expected {rows[-1]['expected']:.3f}), median {psnr:.1f} dB"
+                )
+    pd.DataFrame(rows).to_csv(out / "trap.csv", index=False)
+
+
+def trap_alone(out: Path, trials: int) -> None:
+    data = load_dataset("mnist5k", "")
+    public, shape = to_float(data.test_x), data.input_shape
+    honest = build_model("mlp", shape, data.num_classes, seed=0)
+    rows = []
+    for lone in (1.0, 2.0):
+        for images in (8, 16, 32, 64, 128, 256):
+            rate = min(0.5, lone / images)
+            model = traps.plant_trap(honest, shape, public, rate=rate)
+            got = []
+            for t in range(trials):
+                idx = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(100 * t + images))
+                x, y = to_float(data.train_x[idx[:images]]), data.train_y[idx[:images]]
+                grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+                res = traps.trap(model, Update(tuple(grads)), shape)
+                psnr = torch.tensor([s["psnr"] for s in score_batch(res.images, x)])
+                got.append(float((psnr >= SUCCESS_PSNR).float().mean()))
+            rows.append(
+                {
+                    "rate": f"{lone:g}/N",
+                    "images": images,
+                    "recovered": statistics.mean(got),
+                    "expected": traps.expected_recovery(1024, images, rate),
+                }
+            )
+            print(
+                f"   rate {lone:g}/N images {images:4d}: recovered {rows[-1]['recovered']:.3f} "
+                f"(expected {rows[-1]['expected']:.3f})"
+            )
+    pd.DataFrame(rows).to_csv(out / "trap-alone.csv", index=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.bench.active", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/bench-active")
-    p.add_argument("--parts", default="1,2,3,4")
+    p.add_argument("--parts", default="1,2,3,4,5,6")
     p.add_argument("--trials", type=int, default=5)
     p.add_argument("--device", default="auto", choices=DEVICES, help="each run's --device (default: auto)")
     args = p.parse_args(argv)
@@ -233,6 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     if 4 in parts:
         print("4. what the clients' audit sees")
         clients_see(out, args.device)
+    if 5 in parts:
+        print("5. trap weights in federations: each update and through SecAgg+")
+        trap_table(out, args.device)
+    if 6 in parts:
+        print("6. trap weights alone: recovered against images, two firing rates")
+        trap_alone(out, args.trials)
     return 0
 
 
