@@ -136,8 +136,8 @@ def _probe(address: str) -> None:
     """Raise ClusterError unless something listens at HOST:PORT (Ray's own connect retries for
     minutes on an address where nothing answers)."""
     host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        return  # "auto", ray://..., or a form Ray parses itself
+    if "://" in address or not host or not port.isdigit():
+        return  # "auto", ray://... (Ray Client), or a form Ray parses itself
     try:
         socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT).close()
     except OSError as exc:
