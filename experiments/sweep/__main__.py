@@ -36,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="ADDRESS",
         help="run each run as a Ray task on the existing Ray cluster at ADDRESS (HOST:PORT of its head, "
-        "or auto: the cluster this machine belongs to); its federation on the in-process engine, its folder "
-        "sent back to this machine (docs/sweeps.md)",
+        "ray://HOST:10001 through Ray Client, or auto: the cluster this machine belongs to); its federation "
+        "on the in-process engine, its folder sent back to this machine (docs/sweeps.md)",
     )
     p.add_argument(
         "--overwrite",

@@ -1,6 +1,7 @@
 """Running a sweep: each run of its cells as ``python -m experiments.run`` in a process of its
-own (``--jobs`` at once), each run's record kept in the sweep folder as it ends, and the tables,
-figures, summary.md and report.html written from what finished."""
+own, on this machine (``--jobs`` at once) or as a Ray task on a cluster (:mod:`.cluster`), each
+run's record kept in the sweep folder as it ends, and the tables, figures, summary.md and
+report.html written from what finished."""
 
 from __future__ import annotations
 
