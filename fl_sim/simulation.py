@@ -15,6 +15,7 @@ from .client_app import app as default_client_app
 from .config import RunConfig
 from .device import gpu_share
 from .engine import run_inprocess
+from .fate import fate_shared
 from .server_app import make_server_app
 
 __all__ = ["ENGINES", "backend_config", "resolve_engine", "run_apps", "simulate"]
@@ -70,13 +71,14 @@ def run_apps(
         return
     from flwr.simulation import run_simulation  # imports Ray (seconds): only runs on Ray's engine pay it
 
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=num_supernodes,
-        backend_config=backend_config(verbose, device, num_supernodes),
-        verbose_logging=verbose,
-    )
+    with fate_shared():  # Ray's agents outlive a SIGKILLed run unless a watchdog ends them
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=num_supernodes,
+            backend_config=backend_config(verbose, device, num_supernodes),
+            verbose_logging=verbose,
+        )
 
 
 def simulate(

@@ -38,7 +38,7 @@ def test_every_preset_parses_and_each_cell_is_a_valid_plan():
             ExperimentPlan.from_mapping(cell.attack)  # raises on a rule the preset breaks
             if cell.train is not None:
                 assert ExperimentPlan.from_mapping(cell.train).attack is None
-    assert counts == {"dlg-defences": 11, "dp": 22, "fedavg": 22, "pooling": 5, "quickstart": 5}
+    assert counts == {"dlg-defences": 11, "dp": 22, "fedavg": 22, "pooling": 5, "quickstart": 5, "smoke": 2}
 
 
 def test_cells_share_a_training_run_when_only_the_attack_setting_differs(tmp_path):
@@ -97,7 +97,7 @@ def test_an_unknown_preset_names_the_presets(capsys):
     assert sweep_main(["dlg-defense"]) == 2
     err = capsys.readouterr().err
     assert (
-        "unknown preset 'dlg-defense': choose one of dlg-defences, dp, fedavg, pooling, quickstart" in err
+        "unknown preset 'dlg-defense': choose one of dlg-defences, dp, fedavg, pooling, quickstart, smoke" in err
         and err.count("\n") == 1
     )
 

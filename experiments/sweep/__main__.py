@@ -25,7 +25,20 @@ def build_parser() -> argparse.ArgumentParser:
     names = ", ".join(sorted(p.stem for p in PRESETS.glob("*.toml")))
     p.add_argument("spec", help=f"a preset ({names}) or a TOML file")
     p.add_argument("--out", default=None, help="sweep folder (default: sweeps/<name>); the same folder again resumes")
-    p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (default: 1)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="runs at once (default: 1; with --ray-address, every run, as the cluster's CPUs allow)",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDRESS",
+        help="run each run as a Ray task on the existing Ray cluster at ADDRESS (HOST:PORT of its head, "
+        "ray://HOST:10001 through Ray Client, or auto: the cluster this machine belongs to); its federation "
+        "on the in-process engine, its folder sent back to this machine (docs/sweeps.md)",
+    )
     p.add_argument(
         "--overwrite",
         action="store_true",
@@ -51,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.jobs < 1:
+    if args.jobs is not None and args.jobs < 1:
         parser.error(f"--jobs: must be >= 1, got {args.jobs}")
     # the sweep's modules (the plan, torch, pandas) load after parsing, so that --help answers at once
     from fl_sim.device import DeviceError, resolve_device
@@ -71,7 +84,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(c.id, json.dumps(c.params))
             return 0
         out = Path(args.out) if args.out else Path("sweeps") / spec.name
-        return run_sweep(spec, out, jobs=args.jobs, overwrite=args.overwrite, engine=args.engine, device=args.device)
+        return run_sweep(
+            spec,
+            out,
+            jobs=args.jobs,
+            overwrite=args.overwrite,
+            engine=args.engine,
+            device=args.device,
+            ray_address=args.ray_address,
+        )
     except SweepError as exc:
         print(f"{parser.prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2

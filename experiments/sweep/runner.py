@@ -1,19 +1,15 @@
 """Running a sweep: each run of its cells as ``python -m experiments.run`` in a process of its
-own (``--jobs`` at once), each run's record kept in the sweep folder as it ends, and the tables,
-figures, summary.md and report.html written from what finished."""
+own, on this machine (``--jobs`` at once) or as a Ray task on a cluster (:mod:`.cluster`), each
+run's record kept in the sweep folder as it ends, and the tables, figures, summary.md and
+report.html written from what finished."""
 
 from __future__ import annotations
 
 import dataclasses
 import fcntl
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import threading
-import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -27,6 +23,7 @@ from fl_sim.config import ConfigError
 from ..cli import argv_for
 from ..plan import ExperimentPlan
 from ..stopping import StopOnSignal
+from .cluster import ClusterError, LocalRuns, RayRuns
 from .page import write_sweep_page
 from .spec import RunRecord, SweepError, SweepSpec, read_record
 from .tables import leakage_table, stops_at, tables, write_figures, write_summary
@@ -38,15 +35,21 @@ class Sweep:
     """A sweep folder and the runs in it (state on the instance; the folder is the record)."""
 
     def __init__(
-        self, spec: SweepSpec, out: Path, jobs: int, console, engine: str | None = None, device: str | None = None
+        self,
+        spec: SweepSpec,
+        out: Path,
+        jobs: int,
+        console,
+        engine: str | None = None,
+        device: str | None = None,
+        where: LocalRuns | RayRuns | None = None,
     ) -> None:
         self.spec, self.out, self.jobs, self.console = spec, out, jobs, console
-        self.engine = engine  # each run's engine (None: the run's default); not part of a run's digest
         self.device = device  # each run's --device (None: the cell's, default auto); not part of a run's digest
+        # where the runs run: local processes on ``engine`` (None: the run's default), or Ray tasks
+        self.where = where or LocalRuns(engine, device)
         self.cells = spec.cells()
         self.stop = threading.Event()
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.lock = threading.Lock()
 
     # the folder
     def claim(self, overwrite: bool) -> None:
@@ -96,39 +99,22 @@ class Sweep:
             return self._save(RunRecord(name, "refused", " ".join(text.split()), 0.0))
         folder = self.out / "runs" / name
         # the attack always named (none for a training run): experiments.run's own default is the demo
-        argv = [
-            sys.executable,
-            "-m",
-            "experiments.run",
-            *argv_for({"attack": "none", **config}),
-            "--out",
-            str(folder),
-            "--overwrite",
-            *(["--engine", self.engine] if self.engine else []),
-            *(["--device", self.device] if self.device else []),
-        ]
-        log = self.out / "runs" / f"{name}.log"
-        start = time.monotonic()
-        with open(log, "w") as f:
-            # the user's working directory: relative data paths mean the same to the run as to the spec
-            proc = subprocess.Popen(
-                argv, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "COLUMNS": "120"}
-            )
-            with self.lock:
-                self.procs[name] = proc
-            if self.stop.is_set():
-                proc.send_signal(signal.SIGTERM)
-            code = proc.wait()
-            with self.lock:
-                self.procs.pop(name, None)
-        seconds = time.monotonic() - start
-        if self.stop.is_set() and code != 0:
+        args = argv_for({"attack": "none", **config})
+        # the processes the run keeps busy: its own, and its attack workers
+        cpus = 1 + (plan.attack.workers if plan.attack is not None else 0)
+        outcome = self.where.run(name, args, folder, self.out / "runs" / f"{name}.log", cpus)
+        if self.stop.is_set() and outcome.code != 0:
             return None  # we stopped it (however it died: 143, or Ray aborting on SIGTERM): run it next time
-        if code == 0:
-            return self._save(RunRecord(name, "done", "", seconds))
-        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-        reason = lines[-1] if lines else f"exit code {code}"
-        return self._save(RunRecord(name, "failed", f"exit {code}: {reason}"[:300], seconds))
+        if outcome.code == 0:
+            return self._save(RunRecord(name, "done", "", outcome.seconds))
+        if outcome.code is None:  # it never exited: Ray's reason
+            return self._save(RunRecord(name, "failed", outcome.reason[:300], outcome.seconds))
+        log = self.out / "runs" / f"{name}.log"
+        lines = (
+            [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()] if log.exists() else []
+        )
+        reason = lines[-1] if lines else f"exit code {outcome.code}"
+        return self._save(RunRecord(name, "failed", f"exit {outcome.code}: {reason}"[:300], outcome.seconds))
 
     def _save(self, rec: RunRecord) -> RunRecord:
         tmp = self.out / "done" / f".{rec.name}.tmp"
@@ -138,22 +124,10 @@ class Sweep:
 
     def interrupt(self, signum: int) -> None:
         self.stop.set()
-        with self.lock:
-            procs = list(self.procs.values())
-        for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)  # the run stops its own Ray and attack workers
-            except OSError:
-                pass
+        self.where.stop()  # local runs get SIGTERM; Ray tasks are cancelled
 
     def kill_all(self) -> None:
-        with self.lock:
-            procs = list(self.procs.values())
-        for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except OSError:
-                pass
+        self.where.kill()
 
     def run(self) -> None:
         runs: dict[str, dict[str, Any]] = {}
@@ -248,33 +222,48 @@ def run_sweep(
     spec: SweepSpec,
     out: Path,
     *,
-    jobs: int = 1,
+    jobs: int | None = None,
     overwrite: bool = False,
     console=None,
     engine: str | None = None,
     device: str | None = None,
+    ray_address: str | None = None,
 ) -> int:
     """Run ``spec`` into the sweep folder ``out`` (resuming what it holds) with each run on
-    ``engine`` (``experiments.run --engine``) and ``device`` (``experiments.run --device``);
-    the exit code."""
+    ``engine`` (``experiments.run --engine``) and ``device`` (``experiments.run --device``),
+    ``jobs`` at once (default 1); or, with ``ray_address``, each run a Ray task on that cluster
+    (:mod:`.cluster`; ``jobs`` at once, default all). The exit code."""
     console = console or Console(stderr=True)
-    sweep = Sweep(spec, out, jobs, console, engine, device)
-    sweep.claim(overwrite)
-    console.print(f"sweep [bold]{spec.name}[/]: {len(sweep.cells)} cells -> {out}")
-    stopper = StopOnSignal(
-        on_signal=lambda s: (
-            console.print(
-                "[yellow]stopping[/]: the runs in flight are stopped; what finished stays (again to kill at once)"
-            ),
-            sweep.interrupt(s),
+    if ray_address is not None and engine == "ray":
+        raise SweepError(
+            "--engine ray with --ray-address: a cell on the cluster runs its federation on the in-process "
+            "engine (a Ray simulation inside a Ray task would start a Ray of its own)"
         )
-    )
-    with stopper:
-        try:
-            sweep.run()
-        finally:
-            if stopper.event.is_set():
-                sweep.kill_all()
+    try:
+        where = RayRuns(ray_address, device) if ray_address is not None else LocalRuns(engine, device)
+    except ClusterError as exc:
+        raise SweepError(str(exc)) from None
+    try:
+        sweep = Sweep(spec, out, jobs or (len(spec.cells()) * 2 if ray_address else 1), console, engine, device, where)
+        sweep.claim(overwrite)
+        on = f" on the Ray cluster at {ray_address}" if ray_address is not None else ""
+        console.print(f"sweep [bold]{spec.name}[/]: {len(sweep.cells)} cells -> {out}{on}")
+        stopper = StopOnSignal(
+            on_signal=lambda s: (
+                console.print(
+                    "[yellow]stopping[/]: the runs in flight are stopped; what finished stays (again to kill at once)"
+                ),
+                sweep.interrupt(s),
+            )
+        )
+        with stopper:
+            try:
+                sweep.run()
+            finally:
+                if stopper.event.is_set():
+                    sweep.kill_all()
+    finally:
+        where.close()
     cells, _ = write_outputs(sweep)
     done = int((cells["status"] == "done").sum()) if not cells.empty else 0
     console.print(
