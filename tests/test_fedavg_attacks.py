@@ -43,6 +43,10 @@ def test_one_local_step_leaks_like_fedsgd(tmp_path):
             "1",
             "--attack-workers",
             "0",
+            # the server's iDLG converges in about 1 s; the curious client's never does and
+            # would spend its every restart (14 s): 5 s bounds it, and it fails either way
+            "--attack-time-limit",
+            "5",
             "--out",
             str(out),
         ]

@@ -174,8 +174,15 @@ def test_dlg_defences_small_grid_is_killed_and_resumes_with_only_what_was_left(t
         "dlg-defences",
         tmp_path,
         # DLG recovers an undefended image in about 5 s; on the 90%-pruned gradient it spends
-        # its every restart (about 40 s of CPU a job) and fails all the same: 20 s bound that
-        attack={"attack": "rgap,dlg", "num-clients": 2, "attack-time-limit": 20.0},
+        # its every restart (about 40 s of CPU a job) and fails all the same: 20 s bound that.
+        # One attacked client a cell, attacks in the cell's process (as in dp's below)
+        attack={
+            "attack": "rgap,dlg",
+            "num-clients": 2,
+            "attack-clients": "0",
+            "attack-workers": 0,
+            "attack-time-limit": 20.0,
+        },
         train={"num-clients": 4, "num-server-rounds": 2},
         grid=[{"defences": ["", "prune:ratio=0.9"]}],
     )
