@@ -255,7 +255,7 @@ AUDIT_DEFENCES: dict[str, tuple[float, ...]] = {
 # model sent (fl_sim.mods.dsnr): 1.5 x the largest over the calibration set of honest updates
 # (the demo federation's client 0, batches 16-64, rounds 1-60), rounded up; 0 false alarms on
 # 1,140 held-out updates (docs/results/audit.md, python -m experiments.bench.dsnr)
-DSNR_THRESHOLD = 4.0
+DSNR_THRESHOLD = 0.15
 # The smallest batch the D-SNR check judges (smaller ones: recorded, not judged; see fl_sim.mods.audit)
 DSNR_MIN_BATCH = 9
 

@@ -42,6 +42,7 @@ from fl_sim.settings import DSNR_MIN_BATCH, DSNR_THRESHOLD
 from ..run import main as run_main
 
 BATCHES = (2, 4, 8, 16, 32, 64)
+MLP_BATCHES = (4, 16)  # the honest mlp's runs: reported beside the calibration, not part of it
 
 
 def cost() -> None:
@@ -73,13 +74,20 @@ def _run(args: list[str], out: Path) -> pd.DataFrame:
     return audit[audit["dsnr"].notna()]
 
 
-def honest(out: Path, rounds: int, cifar: Path, batches: tuple[int, ...] = BATCHES) -> pd.DataFrame:
+def honest(
+    out: Path, rounds: int, cifar: Path, batches: tuple[int, ...] = BATCHES, mlp_batches: tuple[int, ...] = MLP_BATCHES
+) -> pd.DataFrame:
     frames = []
     for b in batches:
         args = ["--attack", "none", "--mode", "fedsgd", "--batch-size", str(b), "--clients", "10"]
         args += ["--rounds", str(rounds), "--server-lr", "0.1", "--model", "cnn6", "--init", "kaiming"]
         audit = _run(args + ["--audit", "log:probe=false,clients=0+1+2+3"], out / f"demo-b{b}")
         frames.append(audit.assign(config="demo", batch=b, rounds=rounds))
+    for b in mlp_batches:  # the honest mlp: a fully connected first layer, whose single-fired units leak
+        args = ["--attack", "none", "--mode", "fedsgd", "--batch-size", str(b), "--clients", "10"]
+        args += ["--rounds", str(rounds), "--server-lr", "0.1", "--model", "mlp", "--init", "torch"]
+        audit = _run(args + ["--audit", "log:probe=false,clients=0+1+2+3"], out / f"mlp-b{b}")
+        frames.append(audit.assign(config="mlp", batch=b, rounds=rounds))
     if cifar.exists():
         qr = rounds
         args = ["--attack", "none", "--dataset", f"npz:{cifar}", "--mode", "fedavg", "--lr", "0.01"]
@@ -164,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="10 rounds")
     p.add_argument("--cifar", default="data/cifar10_train400.npz", help="CIFAR-10's 400 training images (2.)")
     p.add_argument("--batches", default=",".join(map(str, BATCHES)), help="the demo runs' batch sizes (2.)")
+    p.add_argument("--mlp-batches", default=",".join(map(str, MLP_BATCHES)), help="the honest mlp runs' (2.)")
     p.add_argument("--parts", default="1,2,4", help="which measurements: 1 cost, 2 honest runs and 3, 4 detection")
     args = p.parse_args(argv)
     parts = {s.strip() for s in args.parts.split(",")}
@@ -172,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         cost()
     if "2" in parts:
         batches = tuple(int(b) for b in args.batches.split(","))
-        d = honest(Path(args.out), 10 if args.quick else args.rounds, Path(args.cifar), batches)
+        mlp = tuple(int(b) for b in args.mlp_batches.split(",") if b.strip())
+        d = honest(Path(args.out), 10 if args.quick else args.rounds, Path(args.cifar), batches, mlp)
         false_alarms(d)
     if "4" in parts:
         detection()

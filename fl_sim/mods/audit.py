@@ -120,6 +120,8 @@ AUDIT_FIELDS = [
     "tamper_reason",
     "dsnr",
     "dsnr_layer",
+    "dsnr_unit",
+    "dsnr_unit_layer",
     "dsnr_flagged",
     "probe_attack",
     "probe_psnr",
@@ -412,16 +414,18 @@ class Audit:
         if len(labels) < 2:
             return ""  # one sample always dominates: no verdict on the model (module docstring)
         got = dsnr(self.own, images, labels)
-        self.row.update(dsnr=round(got.value, 5), dsnr_layer=got.layer)
+        self.row.update(
+            dsnr=round(got.value, 5), dsnr_layer=got.layer, dsnr_unit=round(got.unit, 5), dsnr_unit_layer=got.unit_layer
+        )
         if len(labels) < DSNR_MIN_BATCH:
             return ""  # recorded, not judged: honest small batches reach any value (module docstring)
-        flagged = got.value > self.policy.dsnr
+        flagged = got.unit > self.policy.dsnr
         self.row["dsnr_flagged"] = flagged
         if not flagged:
             return ""
         return (
-            f"D-SNR {got.value:.3g} in {got.layer} is above {self.policy.dsnr:g}: one of the "
-            f"{len(labels)} samples dominates the layer's gradient on the model sent"
+            f"per-unit D-SNR {got.unit:.3g} in {got.unit_layer} is above {self.policy.dsnr:g}: on the model sent, "
+            f"{got.unit:.0%} of each of the {len(labels)} samples' gradient sits in units it alone drives"
         )
 
     def check_update(self, update: Mapping[str, Tensor], train_seconds: float) -> AuditOutcome:
