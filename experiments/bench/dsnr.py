@@ -110,26 +110,35 @@ def _phase(d: pd.DataFrame) -> pd.Series:
 
 def false_alarms(d: pd.DataFrame) -> None:
     judged = d["batch"] >= DSNR_MIN_BATCH
-    above = d["dsnr"] > DSNR_THRESHOLD
+    above = d["dsnr_unit"] > DSNR_THRESHOLD
     d = d.assign(phase=_phase(d), above=above, judged=judged, alarm=judged & above)
     calib = d[(d["config"] == "demo") & (d["client"] == 0)]
-    held = d[~d.index.isin(calib.index)]
+    held = d[(d["config"] != "mlp") & ~d.index.isin(calib.index)]
     print(
-        f"\n3. D-SNR on honest updates; threshold in force {DSNR_THRESHOLD:g}, judged from batches of "
-        f"{DSNR_MIN_BATCH} (smaller: recorded only)"
+        f"\n3. per-unit D-SNR on honest updates; threshold in force {DSNR_THRESHOLD:g}, judged from batches of "
+        f"{DSNR_MIN_BATCH} (smaller: recorded only); SEER's layer-level D-SNR beside it"
     )
-    print("   calibration set (demo federation, client 0): D-SNR quantiles by batch size")
-    print(f"   {'batch':>5s} {'n':>5s} {'median':>8s} {'99%':>8s} {'max':>8s}")
+    print("   calibration set (demo federation, client 0): quantiles by batch size, per-unit | layer-level")
+    print(f"   {'batch':>5s} {'n':>5s} {'median':>8s} {'99%':>8s} {'max':>8s} | {'median':>8s} {'99%':>8s} {'max':>9s}")
     for b, g in calib.groupby("batch"):
-        q = g["dsnr"]
-        print(f"   {b:5d} {len(q):5d} {q.median():8.3f} {q.quantile(0.99):8.3f} {q.max():8.3f}")
+        q, r = g["dsnr_unit"], g["dsnr"]
+        print(
+            f"   {b:5d} {len(q):5d} {q.median():8.4f} {q.quantile(0.99):8.4f} {q.max():8.4f} | "
+            f"{r.median():8.3f} {r.quantile(0.99):8.3f} {r.max():9.3f}"
+        )
+    top = calib[calib["judged"]]["dsnr_unit"].max()
+    print(f"   the rule (1.5 x the calibration set's largest judged value): {1.5 * top:.4f}")
     print("   held-out set: false alarms (judged and above the threshold; 'above': were every batch judged)")
     print(
-        f"   {'config':10s} {'batch':>5s} {'phase':>6s} {'updates':>8s} {'alarms':>7s} {'above':>6s} {'max D-SNR':>10s}"
+        f"   {'config':10s} {'batch':>5s} {'phase':>6s} {'updates':>8s} {'alarms':>7s} {'above':>6s} "
+        f"{'max unit':>9s} {'max layer':>10s}"
     )
     for (c, b, ph), g in held.groupby(["config", "batch", "phase"]):
         alarms = int(g["alarm"].sum()) if b >= DSNR_MIN_BATCH else "-"
-        print(f"   {c:10s} {b:5d} {ph:>6s} {len(g):8d} {alarms:>7} {int(g['above'].sum()):6d} {g['dsnr'].max():10.3f}")
+        print(
+            f"   {c:10s} {b:5d} {ph:>6s} {len(g):8d} {alarms:>7} {int(g['above'].sum()):6d} "
+            f"{g['dsnr_unit'].max():9.4f} {g['dsnr'].max():10.3f}"
+        )
     for name, part in (("held-out", held), ("calibration", calib)):
         j = part[part["judged"]]
         k = int(j["alarm"].sum())
@@ -137,6 +146,13 @@ def false_alarms(d: pd.DataFrame) -> None:
             f"   {name}: {k}/{len(j)} = {k / max(len(j), 1):.2%} false alarms over the judged updates "
             f"(batches {', '.join(map(str, sorted(j['batch'].unique())))}; up to round {int(j['rounds'].max())}); "
             f"{len(part) - len(j)} smaller-batch updates recorded only"
+        )
+    mlp = d[d["config"] == "mlp"]
+    for b, g in mlp.groupby("batch"):
+        print(
+            f"   honest mlp, batch {b}: {int(g['above'].sum())}/{len(g)} above the threshold "
+            f"(per-unit median {g['dsnr_unit'].median():.4f}, max {g['dsnr_unit'].max():.4f}; "
+            f"round 1 {g[g['round'] == 1]['dsnr_unit'].max():.4f})"
         )
 
 
@@ -146,22 +162,28 @@ def detection(batches: int = 8) -> None:
     gen = torch.Generator().manual_seed(0)
     print(
         f"\n4. each active construction against the honest model on the same {batches} batches of 16 "
-        f"(threshold {DSNR_THRESHOLD:g})"
+        f"(built for 64 images; per-unit threshold {DSNR_THRESHOLD:g}, layer-level 4)"
     )
-    print(f"   {'construction':14s} {'model':5s} {'honest D-SNR':>18s} {'constructed D-SNR':>18s} {'flagged':>8s}")
+    print(
+        f"   {'construction':14s} {'model':5s} {'honest unit':>16s} {'built unit':>16s} {'flagged':>7s} "
+        f"{'honest layer':>14s} {'built layer':>14s} {'at 4':>5s}"
+    )
     for name, cls in ACTIVE.items():
-        base = "mlp" if name == "imprint" else "cnn6"
+        base = "cnn6" if name == "imprint-block" else "mlp"
         model = build_model(base, data.input_shape, data.num_classes, init="torch" if base == "mlp" else "kaiming")
-        built = cls.construct(model, data.input_shape, public, 500, seed=0)
+        built = cls.construct(model, data.input_shape, public, 500, seed=0, images=64)
         h, m = [], []
         for _ in range(batches):
             idx = torch.randperm(len(data.train_y), generator=gen)[:16]
             x, y = to_float(data.train_x[idx]), data.train_y[idx]
-            h.append(dsnr(model, x, y).value)
-            m.append(dsnr(built, x, y).value)
+            h.append(dsnr(model, x, y))
+            m.append(dsnr(built, x, y))
+        hu, mu = [v.unit for v in h], [v.unit for v in m]
+        hl, ml = [v.value for v in h], [v.value for v in m]
         print(
-            f"   {name:14s} {base:5s} {min(h):8.3f}..{max(h):<8.3f} {min(m):8.3f}..{max(m):<8.3f} "
-            f"{sum(v > DSNR_THRESHOLD for v in m):4d}/{batches}"
+            f"   {name:14s} {base:5s} {min(hu):7.4f}..{max(hu):<7.4f} {min(mu):7.4f}..{max(mu):<7.4f} "
+            f"{sum(v > DSNR_THRESHOLD for v in mu):3d}/{batches} {min(hl):6.3f}..{max(hl):<6.3f} "
+            f"{min(ml):6.3f}..{max(ml):<6.3f} {sum(v > 4 for v in ml):2d}/{batches}"
         )
 
 

@@ -4,22 +4,36 @@ Garov et al., "Hiding in Plain Sight: Disguising Data Stealing Attacks in Federa
 Learning" (SEER, ICLR 2024), propose it as a principled client-side check against a malicious
 server: a model built to read single images back from a batch's gradient (an imprint, trap
 weights, fishing) must let one sample's gradient stand out of the batch's, in some layer,
-where an honest model spreads the batch's gradient over its samples. For a batch
-``x_1..x_B`` and the set of linear layers' weights ``W`` (fully connected and convolutional;
-their biases are left out)::
+where an honest model spreads the batch's gradient over its samples. Two forms are computed
+here, on a batch ``x_1..x_B`` and the linear layers (fully connected and convolutional).
+
+**SEER's layer-level ratio** (``DSNR.value``; biases left out)::
 
     D-SNR = max over W of   max_i ||dL(x_i)/dW||  /  (sum_i ||dL(x_i)/dW|| - max_i ||dL(x_i)/dW||)
 
 the largest per-sample gradient norm of the layer over the sum of the others', the largest
-over the layers. It is scale-free (a mean or a sum over the batch gives the same value). With
-``B = 1`` the denominator is zero: one sample always dominates, honest or not, and the measure
-says nothing about the model (:func:`dsnr` returns ``inf``; the audit does not judge a batch of
-one by it, see :mod:`fl_sim.mods.audit`).
+over the layers. It does not see trap weights (each sample's gradient over the whole layer has
+a similar norm; what the attacker reads is single units) and it is high on honest models late
+in training, where one misclassified sample dominates every unit (docs/results/audit.md).
+
+**The per-unit statistic** (``DSNR.unit``, the one the audit judges): per layer, each sample's
+gradient norm in each unit ``n[i, r]`` (a row of a linear layer with its bias entry, since the
+attacker divides the row's weight gradient by its bias gradient; an output channel of a
+convolution), divided by the sample's whole gradient norm in the layer, so that a sample with a
+large loss does not count as dominant. Unit ``r`` is *isolated* when one sample holds more than
+:data:`KAPPA` times the others' sum in it; each sample's share of its (squared, normalised)
+gradient that sits in units it isolates, averaged over the samples, is the layer's value, and
+the largest over the layers is the statistic (0 to 1: what an attacker reading single units
+gets of a sample alone). A trap unit fires for one image of the batch; an honest unit for many.
+
+With ``B = 1`` both say nothing about the model: the layer-level denominator is zero
+(:func:`dsnr` returns ``inf``) and every unit is the one sample's (the per-unit value is 1);
+the audit does not judge a batch of one by them, see :mod:`fl_sim.mods.audit`.
 
 The per-sample gradients come from ``torch.func`` (``vmap`` over ``grad`` of a
 ``functional_call``): it works on any model built of standard modules with no hooks and no
 wrapping of the model (Opacus's ``GradSampleModule`` would add hooks to the client's model and
-knows a fixed list of layer types), and only each sample's norms are kept, never its
+knows a fixed list of layer types), and only each sample's per-unit norms are kept, never its
 gradient, in chunks of samples. A model with BatchNorm is evaluated with its running
 statistics (a per-sample gradient through batch statistics is not defined).
 
