@@ -187,6 +187,45 @@ def detection(batches: int = 8) -> None:
         )
 
 
+def evasion(rates: tuple[float, ...] = (1 / 64, 0.05, 0.1, 0.15, 0.2, 0.3)) -> None:
+    """A trap tuned against the check: each unit firing for more images (``rate``) leaves fewer
+    units to one image of a client's batch; what the check says and what the trap still reads,
+    on 4 clients' round-1 batches of 16, each update and their sum (SecAgg+'s aggregate, unrounded)."""
+    import torch.nn.functional as F
+
+    from attacks import SUCCESS_PSNR, score_batch
+    from attacks.trap import plant_trap, trap
+    from fl_sim.config import RunConfig
+    from fl_sim.task import client_batch
+
+    data = load_dataset("mnist5k", "data")
+    public = to_float(data.test_x[:1000])
+    honest = build_model("mlp", data.input_shape, data.num_classes, init="torch", seed=0)
+    cfg = RunConfig(mode="fedsgd", batch_size=16, num_clients=4, model="mlp")
+    batches = [client_batch(cfg, pid, 4, 1) for pid in range(4)]
+
+    def read(model, grads, x) -> int:
+        got = trap(model, grads, data.input_shape)
+        return sum(s["psnr"] >= SUCCESS_PSNR for s in score_batch(got.images, x))
+
+    print(f"\n5. trap weights tuned against the per-unit threshold {DSNR_THRESHOLD:g} (4 clients x 16, round 1)")
+    print(f"   {'model':16s} {'per-unit D-SNR':>16s} {'flagged':>8s} {'each update':>12s} {'their sum':>10s}")
+    models = [("honest", honest)] + [
+        (f"trap 1 in {1 / r:.3g}", plant_trap(honest, data.input_shape, public, rate=r, seed=0)) for r in rates
+    ]
+    for tag, model in models:
+        units, each, grads = [], 0, []
+        for x, y in batches:
+            units.append(dsnr(model, x, y).unit)
+            g = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+            grads.append(g)
+            each += read(model, g, x)
+        total = [sum(gs) / len(gs) for gs in zip(*grads)]
+        summed = read(model, total, torch.cat([x for x, _ in batches]))
+        flagged = sum(u > DSNR_THRESHOLD for u in units)
+        print(f"   {tag:16s} {min(units):7.4f}..{max(units):<7.4f} {flagged:6d}/4 {each:9d}/64 {summed:7d}/64")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.bench.dsnr", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/bench-dsnr")
@@ -195,7 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cifar", default="data/cifar10_train400.npz", help="CIFAR-10's 400 training images (2.)")
     p.add_argument("--batches", default=",".join(map(str, BATCHES)), help="the demo runs' batch sizes (2.)")
     p.add_argument("--mlp-batches", default=",".join(map(str, MLP_BATCHES)), help="the honest mlp runs' (2.)")
-    p.add_argument("--parts", default="1,2,4", help="which measurements: 1 cost, 2 honest runs and 3, 4 detection")
+    p.add_argument(
+        "--parts",
+        default="1,2,4",
+        help="which: 1 cost, 2 honest runs and 3, 4 detection, 5 a trap tuned against the check",
+    )
     args = p.parse_args(argv)
     parts = {s.strip() for s in args.parts.split(",")}
     torch.set_num_threads(1)
@@ -208,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         false_alarms(d)
     if "4" in parts:
         detection()
+    if "5" in parts:
+        evasion()
     return 0
 
 
