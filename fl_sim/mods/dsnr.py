@@ -91,7 +91,7 @@ def per_sample_unit_norms(
 
     def norms(x: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         g = grad(loss)(watched, x, y)
-        rows = [g[n].reshape(g[n].shape[0], -1).pow(2).sum(1) for n in names]
+        rows = [torch.linalg.vector_norm(g[n].reshape(g[n].shape[0], -1), dim=1).square() for n in names]
         bias = [g[biases[n]].pow(2) if n in biases else torch.zeros_like(r) for n, r in zip(names, rows)]
         return rows, bias
 
