@@ -1,8 +1,9 @@
 """The audit's D-SNR check (fl_sim.mods.dsnr, SEER's disaggregation signal-to-noise ratio).
 
-The measure against autograd, one sample at a time; each active construction of the registry
-against the honest model on the same client batches; the policy's options; and a real
-in-process active federation where ``block`` on D-SNR alone refuses the swapped round.
+Both forms against autograd, one sample at a time; the per-unit D-SNR on the trap and on the
+imprints against the honest model on the same client batches (and the tampering check that
+catches the imprints); the policy's options; and a real in-process federation where ``block``
+at the default threshold refuses the trap's round.
 """
 
 from __future__ import annotations

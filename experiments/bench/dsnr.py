@@ -2,24 +2,27 @@
 
     python -m experiments.bench.dsnr [--out runs/bench-dsnr] [--rounds 60] [--quick]
 
-1. **cost**: milliseconds per check (:func:`fl_sim.mods.dsnr.dsnr`, median of 10 after one
-   warm-up) on batches of 16 and 64, for ``mlp`` and ``cnn6``, and the first call of a process.
+1. **cost**: milliseconds per check (:func:`fl_sim.mods.dsnr.dsnr`, both forms, median of 10
+   after one warm-up) on batches of 16 and 64, for ``mlp`` and ``cnn6``, and the first call.
 2. **honest runs**, each a real ``python -m experiments.run`` with ``--audit
-   log:probe=false``, the D-SNR read from its audit.csv (the value the mod computed on the
+   log:probe=false``, both D-SNRs read from its audit.csv (the values the mod computed on the
    model each client received and its own first batch):
    - the demo federation (CNN6, FedSGD, 10 clients, server learning rate 0.1, mnist5k) at
      batch sizes 2, 4, 8, 16, 32 and 64 for ``--rounds`` rounds, clients 0 to 3 auditing;
+   - the same with the honest ``mlp`` (``--mlp-batches``, default 4 and 16), reported apart;
    - Flower's quickstart configuration (LeNet, FedAvg, 3 local epochs, batches of 32, lr 0.01,
      10 clients, CIFAR-10's 400 training images, ``--cifar``), every client auditing (first local
      batch: 32), for ``--rounds`` rounds.
 3. **calibration and false alarms**: the calibration set is client 0 of the demo runs; the
    held-out set is clients 1 to 3 of the same runs (disjoint partitions of images) and every
-   quickstart update (other images, model and training). The threshold in force
+   quickstart update (other images, model and training). The per-unit threshold in force
    (:data:`fl_sim.settings.DSNR_THRESHOLD`) against both, by batch size and by training phase
-   (the first tenth of the rounds, the last tenth).
-4. **detection**: D-SNR of each active construction (:data:`attacks.ACTIVE`, on the honest model
-   of the active preset, ``mlp``, and of ``cnn6`` for a block) against the honest model on the
-   same batches, and whether the threshold flags it.
+   (the first tenth of the rounds, the last tenth), and the value its rule gives.
+4. **detection**: both D-SNRs of each active construction (:data:`attacks.ACTIVE`, on the
+   honest model of the active preset, ``mlp``, and of ``cnn6`` for a block) against the honest
+   model on the same batches, and whether the thresholds flag it.
+5. **a trap tuned against the check** (the issue's stretch): trap weights firing for more
+   images, what the check says and what the trap still reads, each update and their sum.
 """
 
 from __future__ import annotations
@@ -32,12 +35,16 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
-from attacks import ACTIVE
+from attacks import ACTIVE, SUCCESS_PSNR, score_batch
+from attacks.trap import plant_trap, trap
+from fl_sim.config import RunConfig
 from fl_sim.data import load_dataset, to_float
 from fl_sim.models import build_model
 from fl_sim.mods.dsnr import dsnr
 from fl_sim.settings import DSNR_MIN_BATCH, DSNR_THRESHOLD
+from fl_sim.task import client_batch
 
 from ..run import main as run_main
 
@@ -191,13 +198,6 @@ def evasion(rates: tuple[float, ...] = (1 / 64, 0.05, 0.1, 0.15, 0.2, 0.3)) -> N
     """A trap tuned against the check: each unit firing for more images (``rate``) leaves fewer
     units to one image of a client's batch; what the check says and what the trap still reads,
     on 4 clients' round-1 batches of 16, each update and their sum (SecAgg+'s aggregate, unrounded)."""
-    import torch.nn.functional as F
-
-    from attacks import SUCCESS_PSNR, score_batch
-    from attacks.trap import plant_trap, trap
-    from fl_sim.config import RunConfig
-    from fl_sim.task import client_batch
-
     data = load_dataset("mnist5k", "data")
     public = to_float(data.test_x[:1000])
     honest = build_model("mlp", data.input_shape, data.num_classes, init="torch", seed=0)
