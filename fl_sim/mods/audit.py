@@ -25,7 +25,7 @@ cap in seconds per probe attack, which otherwise runs as the server's does (a pr
 by a loaded machine underrates the leak: measured, a 2 s cap passed an update the server then
 recovered at 40 dB); ``probe=false``: the analytic checks alone decide, by their ``flagged``
 verdict; ``clients``: the partition ids that run the audit, joined by ``+``, default all: a
-federation where only some clients installed it; ``dsnr``: the D-SNR threshold, or ``off``;
+federation where only some clients installed it; ``dsnr``: the per-unit D-SNR threshold, or ``off``;
 ``rows=false``: leave out the copied-rows statistic of the tampering checks, e.g. to see what
 the D-SNR check alone catches).
 
@@ -35,15 +35,17 @@ against the ClientApp's own model, non-finite weights, and weight statistics of 
 malicious-server constructions: many identical rows in a layer, most telling with distinct
 biases, the bins of an imprint or trap layer), and the **D-SNR check** (Garov et al., SEER,
 ICLR 2024; :mod:`fl_sim.mods.dsnr`): on the model sent and the client's own batch (FedSGD: its
-batch; FedAvg: its first local step's), whether one sample's gradient dominates a linear
-layer's, from per-sample gradients, before any training. A D-SNR above the policy's ``dsnr``
-is a model built to single samples out; like a tampered model it is refused under ``block``
-and ``protect`` whatever the probe says (no defence of the update changes what the model does
-to the batch), and it sets the analytic ``flagged`` verdict. Batches of fewer than
-:data:`~fl_sim.settings.DSNR_MIN_BATCH` images are not judged by it (their D-SNR is recorded):
-a batch of one has an infinite D-SNR under every model, and honest batches of two to a few
-images reach values in the thousands late in training (one sample fitted, the other not),
-while the analytic checks flag every one-step update of so few images anyway. What needs the
+batch; FedAvg: its first local step's), from per-sample gradients, before any training, SEER's
+layer-level D-SNR (recorded, ``dsnr``) and the per-unit statistic (judged, ``dsnr_unit``: the
+share of a sample's gradient in units it alone drives, as a trap's units are). A per-unit
+D-SNR above the policy's ``dsnr`` is a model built to single samples out; like a tampered
+model it is refused under ``block`` and ``protect`` whatever the probe says (no defence of the
+update changes what the model does to the batch), and it sets the analytic ``flagged``
+verdict. Batches of fewer than :data:`~fl_sim.settings.DSNR_MIN_BATCH` images are not judged
+by it (their values are recorded): a batch of one is one sample's under every model, and in
+honest batches of two to eight images the head's unit of a class held by one sample is that
+sample's alone (per-unit values up to 1.0 at two images, 0.23 at eight), while the analytic
+checks flag every one-step update of so few images anyway. What needs the
 attack library (iDLG's label
 rule, the batch-size estimate, R-GAP's rank analysis, the probe, which is a real attack
 scored against the client's own batch) comes through one narrow interface,
@@ -120,6 +122,8 @@ AUDIT_FIELDS = [
     "tamper_reason",
     "dsnr",
     "dsnr_layer",
+    "dsnr_unit",
+    "dsnr_unit_layer",
     "dsnr_flagged",
     "probe_attack",
     "probe_psnr",
@@ -412,16 +416,18 @@ class Audit:
         if len(labels) < 2:
             return ""  # one sample always dominates: no verdict on the model (module docstring)
         got = dsnr(self.own, images, labels)
-        self.row.update(dsnr=round(got.value, 5), dsnr_layer=got.layer)
+        self.row.update(
+            dsnr=round(got.value, 5), dsnr_layer=got.layer, dsnr_unit=round(got.unit, 5), dsnr_unit_layer=got.unit_layer
+        )
         if len(labels) < DSNR_MIN_BATCH:
             return ""  # recorded, not judged: honest small batches reach any value (module docstring)
-        flagged = got.value > self.policy.dsnr
+        flagged = got.unit > self.policy.dsnr
         self.row["dsnr_flagged"] = flagged
         if not flagged:
             return ""
         return (
-            f"D-SNR {got.value:.3g} in {got.layer} is above {self.policy.dsnr:g}: one of the "
-            f"{len(labels)} samples dominates the layer's gradient on the model sent"
+            f"per-unit D-SNR {got.unit:.3g} in {got.unit_layer} is above {self.policy.dsnr:g}: on the model sent, "
+            f"a sample's gradient sits {got.unit:.0%} in units it alone drives (mean of {len(labels)} samples)"
         )
 
     def check_update(self, update: Mapping[str, Tensor], train_seconds: float) -> AuditOutcome:
