@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 JOBS   ?= auto
+DIST   ?= loadfile
 
 .PHONY: setup demo lint test clean
 
@@ -22,7 +23,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 
 test: lint
-	$(PY) -m pytest -q -n $(JOBS) $(ARGS)
+	$(PY) -m pytest -q -n $(JOBS) --dist $(DIST) $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

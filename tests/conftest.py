@@ -22,6 +22,35 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
+# `make test` hands whole modules to its workers (pytest-xdist's --dist loadfile: a module's
+# fixtures, e.g. the Ray head of test_sweep_ray.py, are set up once) and the longest modules go
+# first, so that no long one starts last while the other workers sit idle (longest processing
+# time first). The order: wall-clock seconds per module in a suite run (docs/development.md);
+# the modules not named follow in their usual order.
+LONGEST_FIRST = (
+    "test_audit.py",
+    "test_deploy.py",
+    "test_sweep_ray.py",
+    "test_interrupt.py",
+    "test_sweep.py",
+    "test_demo.py",
+    "test_flwr_run.py",
+    "test_compose.py",
+    "test_fedavg_attacks.py",
+    "test_defences.py",
+    "test_rgap.py",
+    "test_engine.py",
+    "test_active.py",
+    "test_faults.py",
+    "test_attack_hooks.py",
+    "test_api.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module's order kept
+
 
 @pytest.fixture
 def shared_data() -> Path:
