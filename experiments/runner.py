@@ -17,6 +17,7 @@ import itertools
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -198,6 +199,18 @@ def _watch_parent(parent: int) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Raise ConnectionError unless a ``HOST:PORT`` address accepts a TCP connection within
+    ``timeout`` seconds: ``ray.init`` waits minutes on an address where nothing listens."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return  # "", auto, ray://: Ray's own rules
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConnectionError(f"nothing answers at {address} ({exc.strerror or exc})") from None
+
+
 def _ray_dispatch(address: str, jobs, results, parent: int) -> None:
     """The dispatcher process of :class:`RayPool`: connects to Ray (or starts a local one),
     submits each ``(key, job, cfg)`` from ``jobs`` as a Ray task of :func:`_ray_task`, and puts
@@ -216,6 +229,7 @@ def _ray_dispatch(address: str, jobs, results, parent: int) -> None:
     path = os.pathsep.join(p or os.getcwd() for p in sys.path)
     try:
         try:
+            _check_reachable(address)
             ray.init(
                 address=address or None,
                 include_dashboard=False,

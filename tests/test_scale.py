@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from experiments.plan import ConfigError, ExperimentPlan
 from experiments.run import main as run_main
 from fl_sim.config import RunConfig
 from fl_sim.data import load_dataset
@@ -84,3 +85,15 @@ def test_attack_workers_ray_gives_the_rows_of_the_local_pool(tmp_path):
         rows[name] = sorted(({k: v for k, v in r.items() if k != "seconds"} for r in got), key=lambda r: r["client"])
     assert len(rows["pool"]) == 2 and all(r["status"] == "ok" and float(r["psnr"]) > 60 for r in rows["pool"])
     assert rows["ray"] == rows["pool"]
+
+
+def test_attack_workers_take_ray_and_a_ray_address_implies_it():
+    base = {"attack": "rgap", "num-clients": 3}
+    assert ExperimentPlan.from_mapping({**base, "attack-workers": "ray"}).attack.workers == "ray"
+    plan = ExperimentPlan.from_mapping({**base, "ray-address": "127.0.0.1:6379"})
+    assert (plan.attack.workers, plan.attack.ray_address) == ("ray", "127.0.0.1:6379")
+    assert plan.to_mapping()["ray-address"] == "127.0.0.1:6379"
+    with pytest.raises(ConfigError, match="set --attack-workers ray or leave it out"):
+        ExperimentPlan.from_mapping({**base, "attack-workers": 2, "ray-address": "auto"})
+    with pytest.raises(ConfigError, match="number of worker processes .* or ray"):
+        ExperimentPlan.from_mapping({**base, "attack-workers": "many"})
