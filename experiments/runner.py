@@ -344,7 +344,7 @@ class RayPool:
                 except BaseException:  # noqa: BLE001 - cancelled: nothing to wait for
                     pass
             self._jobs.put(None)
-            self._proc.join()
+            self._proc.join(timeout=60)  # Ray's shutdown; _close_pool ends a dispatcher that hangs in it
         elif self._proc.is_alive():
             self._proc.terminate()  # its SIGTERM handler shuts Ray down
             self._proc.join(timeout=15)
