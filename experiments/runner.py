@@ -2,8 +2,8 @@
 
 It receives what the server's hooks intercept, turns it into observations with the pure
 functions of :mod:`experiments.observe` (which decide what each observer has and is
-granted), runs one attack job per (observation, attack) inline or in worker processes (so a
-slow attack does not stall the rounds), has the referee (:mod:`experiments.scoring`) score
+granted), runs one attack job per (observation, attack) inline, in worker processes or as Ray
+tasks (so a slow attack does not stall the rounds), has the referee (:mod:`experiments.scoring`) score
 each reconstruction, and writes the rows with the one writer of results.csv and images.csv
 (:mod:`experiments.results`) and the images under ``reconstructions/`` as each job finishes.
 A reply the server dropped becomes a row too (status ``missing`` or ``invalid``), and so does
@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import traceback
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -321,10 +321,13 @@ class RayPool:
             fut = self._futures.pop(key, None)
             if fut is None or fut.cancelled():
                 continue
-            if ok:
-                fut.set_result(value)
-            else:
-                fut.set_exception(RuntimeError(f"ray task failed: {value}"))
+            try:
+                if ok:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(RuntimeError(f"ray task failed: {value}"))
+            except InvalidStateError:  # cancelled meanwhile (the run stopped)
+                pass
         for fut in list(self._futures.values()):  # the dispatcher is gone: nothing more will come
             if fut.cancel():
                 continue

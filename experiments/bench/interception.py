@@ -2,7 +2,7 @@
 versus the intercepting strategy with attacks in worker processes, in one invocation.
 
     python -m experiments.bench.interception [--clients 10] [--rounds 8] [--batch-size 256] [--model cnn6]
-        [--attack rgap] [--workers 1|ray] [--defer] [--repeats 1]
+        [--attack rgap] [--workers 1|ray] [--defer] [--repeats 1] [--attack-rounds all]
 
 Both runs use the same FedSGD setting and seed. ``--workers ray`` places the attack jobs on
 Ray (``--attack-workers ray``: a local Ray of the run's own here, or ``--ray-address``'s
@@ -43,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ray-address", default="", help="with --workers ray: the Ray cluster (default: a local Ray)")
     p.add_argument("--repeats", type=int, default=1, help="alternating honest and intercepting runs of each")
     p.add_argument(
+        "--attack-rounds",
+        default="all",
+        help="rounds whose updates are attacked (every reply is intercepted all the same); with --defer, fewer "
+        "attacks shorten the run, not the rounds",
+    )
+    p.add_argument(
         "--batch-size",
         type=int,
         default=256,
@@ -74,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         "--observer",
         "server",
         "--attack-rounds",
-        "all",
+        args.attack_rounds,
         "--attack-workers",
         str(args.workers),
         *(["--ray-address", args.ray_address] if args.ray_address else []),
