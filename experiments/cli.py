@@ -192,7 +192,17 @@ PLAN_FLAGS: list[Flag] = [
         "cap on attacked updates per round and observer (0: none)",
     ),
     Flag(("--curious-client",), "curious-client", "partition id of the curious client"),
-    Flag(("--attack-workers",), "attack-workers", "worker processes for the attacks (0: inline, the round waits)"),
+    Flag(
+        ("--attack-workers",),
+        "attack-workers",
+        "worker processes for the attacks (0: inline, the round waits), or ray: each attack a Ray task",
+    ),
+    Flag(
+        ("--ray-address",),
+        "ray-address",
+        "the Ray cluster that runs the attack tasks (HOST:PORT, or auto: the one `ray start` started; "
+        "implies --attack-workers ray; default: a local Ray of the run's own)",
+    ),
     Flag(("--defer-attacks",), "defer-attacks", "hold the attacks until training ends", "store_true"),
     Flag(
         ("--attack-time-limit",),

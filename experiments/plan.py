@@ -155,6 +155,21 @@ def _int(key: str, value: Any, least: int) -> int:
     return number
 
 
+def _workers(value: Any, ray_address: str, given: Mapping[str, Any]) -> int | str:
+    """``attack-workers``: a number of local processes, or ``ray`` (Ray tasks); a
+    ``ray-address`` sends the attacks to Ray, so it needs ``ray`` or the key left out."""
+    ray = str(value).strip().lower() == "ray"
+    if ray_address and not ray:
+        if "attack-workers" in given:
+            raise ConfigError("ray-address", "sends the attacks to Ray: set --attack-workers ray or leave it out")
+        return "ray"
+    if ray:
+        return "ray"
+    if isinstance(value, str) and not value.strip().lstrip("-").isdigit():
+        raise ConfigError("attack-workers", f"must be a number of worker processes (>= 0) or ray, got {value!r}")
+    return _int("attack-workers", value, 0)
+
+
 def _seconds(key: str, value: Any) -> float:
     try:
         number = float(value)
@@ -187,7 +202,8 @@ class AttackPlan:
     clients: frozenset[int] | None = None
     max_per_round: int = 0
     curious_client: int = 0
-    workers: int = 1
+    workers: int | str = 1
+    ray_address: str = ""
     defer: bool = False
     grant_batch_size: str = "observed"
     grant_labels: bool = False
@@ -284,7 +300,8 @@ class ExperimentPlan:
                 clients=_ints("attack-clients", resolved["attack-clients"]),
                 max_per_round=_int("max-attacks-per-round", resolved["max-attacks-per-round"], 0),
                 curious_client=_int("curious-client", resolved["curious-client"], 0),
-                workers=_int("attack-workers", resolved["attack-workers"], 0),
+                workers=_workers(resolved["attack-workers"], str(resolved["ray-address"]).strip(), given),
+                ray_address=str(resolved["ray-address"]).strip(),
                 defer=_bool("defer-attacks", resolved["defer-attacks"]),
                 grant_batch_size=str(resolved["grant-batch-size"]),
                 grant_labels=_bool("grant-labels", resolved["grant-labels"]),
@@ -313,6 +330,7 @@ class ExperimentPlan:
                     "max-attacks-per-round": a.max_per_round,
                     "curious-client": a.curious_client,
                     "attack-workers": a.workers,
+                    "ray-address": a.ray_address,
                     "defer-attacks": a.defer,
                     "grant-batch-size": a.grant_batch_size,
                     "grant-labels": a.grant_labels,

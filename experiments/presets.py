@@ -85,6 +85,7 @@ ATTACK_DEFAULTS: dict[str, Any] = {
     "max-attacks-per-round": 0,
     "curious-client": 0,
     "attack-workers": 1,
+    "ray-address": "",
     "defer-attacks": False,
     "grant-batch-size": "observed",
     "grant-labels": False,

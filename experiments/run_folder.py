@@ -59,6 +59,7 @@ RUNTIME_KEYS = frozenset(
     {
         "num-server-rounds",
         "attack-workers",
+        "ray-address",
         "defer-attacks",
         "out-dir",
         "round-timeout",

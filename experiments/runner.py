@@ -2,8 +2,8 @@
 
 It receives what the server's hooks intercept, turns it into observations with the pure
 functions of :mod:`experiments.observe` (which decide what each observer has and is
-granted), runs one attack job per (observation, attack) inline or in worker processes (so a
-slow attack does not stall the rounds), has the referee (:mod:`experiments.scoring`) score
+granted), runs one attack job per (observation, attack) inline, in worker processes or as Ray
+tasks (so a slow attack does not stall the rounds), has the referee (:mod:`experiments.scoring`) score
 each reconstruction, and writes the rows with the one writer of results.csv and images.csv
 (:mod:`experiments.results`) and the images under ``reconstructions/`` as each job finishes.
 A reply the server dropped becomes a row too (status ``missing`` or ``invalid``), and so does
@@ -13,13 +13,16 @@ what did not says so.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import signal
+import socket
+import sys
 import threading
 import time
 import traceback
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -50,7 +53,7 @@ from .plan import ExperimentPlan
 from .results import ResultsWriter, blank_row, image_rows
 from .scoring import score, true_batch
 
-__all__ = ["AttackJob", "AttackRunner", "run_job", "RECONSTRUCTIONS"]
+__all__ = ["AttackJob", "AttackRunner", "RayPool", "run_job", "RECONSTRUCTIONS"]
 
 log = logging.getLogger(__name__)
 
@@ -154,20 +157,199 @@ def _worker_init() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _start_pool(workers: int) -> ProcessPoolExecutor:
-    """Attack workers, spawned now. From the main thread they are spawned with SIGINT ignored:
-    a spawned Python keeps an ignored SIGINT, so a Ctrl-C to the process group cannot kill a
-    worker while it is still importing, before its initializer runs (the pool would break and
-    every job in it fail)."""
-    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init)
+def _without_sigint(start: Callable[[], Any]) -> None:
+    """``start()`` (which spawns processes) with SIGINT ignored when called from the main
+    thread: a spawned Python keeps an ignored SIGINT, so a Ctrl-C to the process group cannot
+    kill a worker while it is still importing, before it sets its own handling."""
+    if threading.current_thread() is not threading.main_thread():
+        start()
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        start()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _start_pool(workers: int | str, ray_address: str = "") -> ProcessPoolExecutor | RayPool:
+    """Attack workers, started now: ``workers`` spawned processes (see
+    :func:`_without_sigint`), or for ``"ray"`` a :class:`RayPool`."""
+    if workers == "ray":
+        return RayPool(ray_address)
+    pool = ProcessPoolExecutor(int(workers), mp_context=get_context("spawn"), initializer=_worker_init)
     launch = getattr(pool, "_launch_processes", None)  # CPython's own, used for fork pools
-    if launch is not None and threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            launch()
-        finally:
-            signal.signal(signal.SIGINT, previous)
+    if launch is not None:
+        _without_sigint(launch)
     return pool
+
+
+def _ray_task(job: AttackJob, cfg: RunConfig):
+    """:func:`run_job` in a Ray worker, at the lowest CPU priority (as the local pool's
+    workers): on a machine that also trains, the rounds keep the cores."""
+    os.nice(max(0, 19 - os.nice(0)))
+    return run_job(job, cfg)
+
+
+def _watch_parent(parent: int) -> None:
+    """Exit this process (Ray shut down first, by the SIGTERM handler) when ``parent`` dies:
+    a killed run leaves no Ray behind."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Raise ConnectionError unless a ``HOST:PORT`` address accepts a TCP connection within
+    ``timeout`` seconds: ``ray.init`` waits minutes on an address where nothing listens."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return  # "", auto, ray://: Ray's own rules
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConnectionError(f"nothing answers at {address} ({exc.strerror or exc})") from None
+
+
+def _ray_dispatch(address: str, jobs, results, parent: int) -> None:
+    """The dispatcher process of :class:`RayPool`: connects to Ray (or starts a local one),
+    submits each ``(key, job, cfg)`` from ``jobs`` as a Ray task of :func:`_ray_task`, and puts
+    ``(key, True, result)`` or ``(key, False, reason)`` on ``results`` as each finishes; a
+    ``None`` job ends it. Ray is shut down on the way out, SIGTERM included."""
+    import ray  # lazy: only the dispatcher process loads Ray
+
+    def _term(signum, frame):
+        raise SystemExit(143)
+
+    signal.signal(signal.SIGTERM, _term)
+    os.nice(19)  # this process and a local Ray it starts (Ray's daemons, its workers): lowest priority
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    # Ray's workers import this project: the driver's import path (a checkout, not only the
+    # installed package), as Flower's Ray backend passes it
+    path = os.pathsep.join(p or os.getcwd() for p in sys.path)
+    try:
+        try:
+            _check_reachable(address)
+            ray.init(
+                address=address or None,
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=logging.ERROR,
+                runtime_env={"env_vars": {"PYTHONPATH": path}},
+            )
+        except Exception as exc:  # noqa: BLE001 - a bad address, a cluster that is down: every job says so
+            results.put((None, False, " ".join(f"Ray did not start: {type(exc).__name__}: {exc}".split())[:300]))
+            return
+        task = ray.remote(num_cpus=1, max_retries=0)(_ray_task)
+        pending: dict[Any, int] = {}
+        lock = threading.Lock()
+        done = threading.Event()
+
+        def take() -> None:
+            while (item := jobs.get()) is not None:
+                key, job, cfg = item
+                gpus = 1 if cfg.device == "cuda" else 0  # Ray hides the GPUs from a task that asks for none
+                ref = task.options(num_gpus=gpus).remote(job, cfg)
+                with lock:
+                    pending[ref] = key
+            done.set()
+
+        threading.Thread(target=take, daemon=True).start()
+        while not (done.is_set() and not pending):
+            with lock:
+                refs = list(pending)
+            if not refs:
+                time.sleep(0.05)
+                continue
+            ready, _ = ray.wait(refs, num_returns=1, timeout=0.2)
+            for ref in ready:
+                with lock:
+                    key = pending.pop(ref)
+                try:
+                    results.put((key, True, ray.get(ref)))
+                except Exception as exc:  # noqa: BLE001 - a task that failed on its node is a row
+                    results.put((key, False, " ".join(f"{type(exc).__name__}: {exc}".split())[:300]))
+    finally:
+        ray.shutdown()
+        results.put(None)
+
+
+class RayPool:
+    """Attack jobs as Ray tasks, behind the part of ``ProcessPoolExecutor``'s interface that
+    :class:`AttackRunner` uses (``submit``, ``shutdown``, ``_processes``).
+
+    A dispatcher process (:func:`_ray_dispatch`) is Ray's driver, not the run's process: the
+    federation may run on Flower's simulation engine, which starts and shuts down a Ray of its
+    own in the run's process, and a process has one Ray. ``address`` is Ray's: ``""`` starts a
+    local Ray for the attacks (same machine, lowest priority), ``auto`` or ``HOST:PORT`` joins
+    a cluster. Each task asks for one CPU (and one GPU with ``device = "cuda"``); its result is
+    :func:`run_job`'s, the rows a local pool gives.
+    """
+
+    def __init__(self, address: str = "") -> None:
+        ctx = get_context("spawn")
+        self._jobs, self._results = ctx.Queue(), ctx.Queue()
+        self._futures: dict[int, Future] = {}
+        self._keys = itertools.count()
+        self._failure = "the Ray dispatcher stopped"
+        proc = ctx.Process(
+            target=_ray_dispatch, args=(address, self._jobs, self._results, os.getpid()), name="ray-attacks"
+        )
+        _without_sigint(proc.start)
+        self._processes = {proc.pid: proc}
+        self._proc = proc
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def submit(self, fn: Callable, job: AttackJob, cfg: RunConfig) -> Future:
+        if fn is not run_job:
+            raise ValueError("a RayPool runs run_job only")
+        fut: Future = Future()
+        if self._proc.exitcode is not None:
+            fut.set_exception(RuntimeError(self._failure))
+            return fut
+        key = next(self._keys)
+        self._futures[key] = fut
+        self._jobs.put((key, job, cfg))
+        return fut
+
+    def _read(self) -> None:
+        while (item := self._results.get()) is not None:
+            key, ok, value = item
+            if key is None:
+                self._failure = value
+                continue
+            fut = self._futures.pop(key, None)
+            if fut is None or fut.cancelled():
+                continue
+            try:
+                if ok:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(RuntimeError(f"ray task failed: {value}"))
+            except InvalidStateError:  # cancelled meanwhile (the run stopped)
+                pass
+        for fut in list(self._futures.values()):  # the dispatcher is gone: nothing more will come
+            if fut.cancel():
+                continue
+            if not fut.done():
+                fut.set_exception(RuntimeError(self._failure))
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        """``wait``: let the tasks in flight finish, then shut Ray down; else cancel what has
+        not finished (``cancel_futures``) and shut Ray down now (cancelling its tasks)."""
+        if cancel_futures or not wait:
+            for fut in list(self._futures.values()):
+                fut.cancel()
+        if wait:
+            for fut in list(self._futures.values()):
+                try:
+                    fut.exception()
+                except BaseException:  # noqa: BLE001 - cancelled: nothing to wait for
+                    pass
+            self._jobs.put(None)
+            self._proc.join(timeout=60)  # Ray's shutdown; _close_pool ends a dispatcher that hangs in it
+        elif self._proc.is_alive():
+            self._proc.terminate()  # its SIGTERM handler shuts Ray down
+            self._proc.join(timeout=15)
 
 
 class AttackRunner:
@@ -209,10 +391,13 @@ class AttackRunner:
         self._own: dict[int, InterceptedUpdate] = {}  # the curious client's own updates, by round
         self._stopping = False
         self._stop = stop or threading.Event()  # the run's: a job lost after it is set was interrupted, not failed
-        self._pool = _start_pool(self.attack.workers) if self.attack.workers > 0 else None
         # Deferred: jobs wait in memory until training ends (close), so no attack shares the
-        # cores with a round; if the run stops first they become "interrupted" rows.
+        # cores with a round (nor do the workers' start, which comes then); if the run stops
+        # first they become "interrupted" rows.
         self._deferred: list[AttackJob] | None = [] if self.attack.defer else None
+        self._pool: ProcessPoolExecutor | RayPool | None = None
+        if self.attack.workers != 0 and not self.attack.defer:
+            self._pool = _start_pool(self.attack.workers, self.attack.ray_address)
         self.submitted = 0  # jobs
         self.completed = 0
 
@@ -445,6 +630,8 @@ class AttackRunner:
         :meth:`stop` instead."""
         stop = self._stop
         if self._deferred:
+            if self.attack.workers != 0 and self._pool is None and not stop.is_set():
+                self._pool = _start_pool(self.attack.workers, self.attack.ray_address)
             jobs, self._deferred = self._deferred, []
             for i, job in enumerate(jobs):
                 if stop.is_set():
