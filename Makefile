@@ -23,7 +23,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 
 test: lint
-	$(PY) -m pytest -q -n $(JOBS) --dist $(DIST) $(ARGS)
+	$(PY) -m pytest -q -n $(JOBS) --dist $(DIST) --no-loadscope-reorder $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
