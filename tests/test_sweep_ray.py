@@ -154,7 +154,7 @@ def test_a_failing_run_is_a_failed_row_and_ctrl_c_cancels_the_run_in_flight(ray_
     spec.write_text(
         'name = "stop"\n[attack]\nattack = "rgap"\nobservers = "server"\nnum-clients = 3\nattack-workers = 0\n'
         '[[grid]]\nfaulty-clients = ["0:error,1:error,2:error"]\nnum-server-rounds = [1]\n'  # fails: no reply
-        "[[grid]]\nnum-server-rounds = [500]\n"  # long enough to be interrupted
+        "[[grid]]\nnum-server-rounds = [20000]\n"  # long enough to be interrupted (500 ended in 95 s)
     )
     failing, long = load_spec(str(spec)).cells()
     out = tmp_path / "sweep"
@@ -168,10 +168,9 @@ def test_a_failing_run_is_a_failed_row_and_ctrl_c_cancels_the_run_in_flight(ray_
         on_node = _runs_of(long.attack_run)
         start = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)  # the driver's group only: the run is the head's
-        text, _ = proc.communicate(timeout=180)
-        # about 10 s alone; in the whole suite (the other workers' federations beside it) the driver
-        # has taken 80 s to exit, for a reason not found yet (docs/development.md)
-        assert proc.returncode == 130 and time.monotonic() - start < 150, text[-3000:]
+        text, _ = proc.communicate(timeout=120)
+        # about 10 s alone; a cancel that does not land is forced after 10 s (cluster.FORCE_AFTER)
+        assert proc.returncode == 130 and time.monotonic() - start < 60, text[-3000:]
         _, alive = psutil.wait_procs(on_node, timeout=10)
         assert not alive, f"the cancelled run is still running: {alive}"
     finally:

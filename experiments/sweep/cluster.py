@@ -50,6 +50,7 @@ from pathlib import Path
 
 __all__ = ["Outcome", "LocalRuns", "RayRuns", "ClusterError", "run_on_node"]
 
+FORCE_AFTER = 10.0  # seconds after a Ctrl-C's cancel until the tasks still running are killed
 STOP_GRACE = 10.0  # seconds a stopped run has to end before SIGKILL
 LOG_LIMIT = 1_000_000  # the last characters of a run's output that a task returns
 CONNECT_TIMEOUT = 10.0  # seconds to reach the cluster's address before giving up
@@ -214,6 +215,11 @@ class RayRuns:
         with self.lock:
             self.stopped = True
         self._cancel(force=False)
+        # A cancel that does not land (seen in a loaded test suite: the run went on to its end)
+        # is made a forced one: Ray kills the task's worker, and the run gets SIGTERM from the kernel
+        timer = threading.Timer(FORCE_AFTER, self._cancel, kwargs={"force": True})
+        timer.daemon = True
+        timer.start()
 
     def kill(self) -> None:
         self._cancel(force=True)
