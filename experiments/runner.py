@@ -150,10 +150,26 @@ def run_job(
         torch.set_num_threads(threads)  # run in-process (no workers, tests): the caller's count back
 
 
+def attack_nice() -> int:
+    """The attack workers' CPU priority (a nice level, 0-19): ``FL_SIM_ATTACK_NICE``, else 19,
+    the lowest, so that training keeps the cores it needs. The test suite sets 0: its parallel
+    workers keep the cores busy, and attacks at 19 waited behind them (the demo's test 33 s at
+    one pytest worker per core, 253 s at two)."""
+    text = os.environ.get("FL_SIM_ATTACK_NICE", "19")
+    try:
+        level = int(text)
+    except ValueError:
+        level = -1
+    if not 0 <= level <= 19:
+        log.warning("FL_SIM_ATTACK_NICE=%r is not a nice level 0-19: 19 it is", text)
+        return 19
+    return level
+
+
 def _worker_init() -> None:
-    # Lowest CPU priority, so that training keeps the cores it needs; Ctrl-C is the main
-    # process's to handle (it stops the workers itself).
-    os.nice(19)
+    # Low CPU priority (attack_nice), so that training keeps the cores it needs; Ctrl-C is the
+    # main process's to handle (it stops the workers itself).
+    os.nice(max(0, attack_nice() - os.nice(0)))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
@@ -186,7 +202,7 @@ def _start_pool(workers: int | str, ray_address: str = "") -> ProcessPoolExecuto
 def _ray_task(job: AttackJob, cfg: RunConfig):
     """:func:`run_job` in a Ray worker, at the lowest CPU priority (as the local pool's
     workers): on a machine that also trains, the rounds keep the cores."""
-    os.nice(max(0, 19 - os.nice(0)))
+    os.nice(max(0, attack_nice() - os.nice(0)))
     return run_job(job, cfg)
 
 
@@ -221,7 +237,7 @@ def _ray_dispatch(address: str, jobs, results, parent: int) -> None:
         raise SystemExit(143)
 
     signal.signal(signal.SIGTERM, _term)
-    os.nice(19)  # this process and a local Ray it starts (Ray's daemons, its workers): lowest priority
+    os.nice(max(0, attack_nice() - os.nice(0)))  # and a local Ray it starts (its daemons, its workers)
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
     # Ray's workers import this project: the driver's import path (a checkout, not only the
     # installed package), as Flower's Ray backend passes it

@@ -19,6 +19,9 @@ os.environ.setdefault("FL_SIM_ENGINE", "inprocess")
 # tests start (experiments.run, the deployment, the sweeps' cells).
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The runs' attack workers at the tests' own priority, not the lowest (experiments.runner.attack_nice):
+# with two pytest workers per core the cores are never idle, and niced attacks waited behind them.
+os.environ.setdefault("FL_SIM_ATTACK_NICE", "0")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
