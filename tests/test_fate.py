@@ -58,8 +58,9 @@ def _names(processes: list[psutil.Process]) -> list[str]:
 @pytest.mark.timeout(180)
 def test_sigkill_of_a_ray_runs_main_process_leaves_no_process_of_the_run(tmp_path):
     env = {**os.environ, "FL_SIM_ENGINE": "ray"}
+    # 5,000 rounds: it is killed long before; 50 ended before the loaded suite saw Ray's agents
     proc = subprocess.Popen(
-        [sys.executable, "-m", "experiments.run", "--attack", "none", "--clients", "2", "--rounds", "50"]
+        [sys.executable, "-m", "experiments.run", "--attack", "none", "--clients", "2", "--rounds", "5000"]
         + ["--quiet", "--out", str(tmp_path / "run")],
         cwd=ROOT,
         env=env,
