@@ -158,3 +158,14 @@ def test_block_on_dsnr_at_the_default_threshold_refuses_exactly_the_trap_round_a
         )
     rows = _rows(out / "results.csv")
     assert len(rows) == 2 and all(r["status"] == "invalid" and "D-SNR" in r["reason"] for r in rows)
+
+
+def test_the_benchmark_prints_each_checks_cost_and_flags_the_trap_not_the_imprint(tmp_path, capsys):
+    from experiments.bench.dsnr import main as bench_main
+
+    assert bench_main(["--parts", "1,4", "--out", str(tmp_path / "bench")]) == 0
+    out = capsys.readouterr().out
+    assert "mlp   batch 16:" in out and "cnn6  batch 16:" in out  # part 1: the cost per check
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["trap"], ["imprint"])}
+    assert rows["trap"][4] == "8/8" and rows["imprint"][4] == "0/8", out  # per-unit: flagged of 8 batches
+    assert rows["trap"][7] == "0/8" and rows["imprint"][7] == "0/8", out  # layer-level at 4: neither

@@ -97,3 +97,14 @@ def test_attack_workers_take_ray_and_a_ray_address_implies_it():
         ExperimentPlan.from_mapping({**base, "attack-workers": 2, "ray-address": "auto"})
     with pytest.raises(ConfigError, match="number of worker processes .* or ray"):
         ExperimentPlan.from_mapping({**base, "attack-workers": "many"})
+
+
+def test_the_scale_benchmark_writes_time_cpu_and_peak_memory_of_a_run(tmp_path):
+    from experiments.bench.scale import main as bench_main
+
+    table = tmp_path / "scale.csv"
+    assert bench_main(["--clients", "20", "--fractions", "0.1", "--engine", "inprocess", "--csv", str(table)]) == 0
+    (row,) = list(csv.DictReader(open(table)))
+    assert int(row["clients"]) == 20 and float(row["fraction"]) == 0.1, row
+    assert float(row["wall_s"]) > 0 and float(row["cpu_s"]) > 0 and float(row["peak_rss_gib"]) > 0.1, row
+    assert int(row["attacks"]) == 2 and float(row["median_psnr_db"]) > 60, row  # the 2 sampled, by R-GAP
