@@ -196,3 +196,25 @@ def test_no_cluster_at_the_address_is_one_line_and_exit_2(capsys, tmp_path):
     err = capsys.readouterr().err
     assert f"no Ray cluster answers at 127.0.0.1:{port}" in err and err.count("\n") == 1
     assert not (tmp_path / "s").exists()
+
+
+def test_a_task_on_a_node_returns_the_runs_folder_its_exit_code_and_log_and_leaves_no_temporary_folder():
+    """What a Ray task runs (experiments.sweep.cluster.run_on_node), called here directly: the
+    run in a temporary folder, returned as a tar.gz with its exit code and output."""
+    import io
+    import tarfile
+
+    from experiments.sweep.cluster import run_on_node
+
+    args = ["--attack", "rgap", "--observers", "server", "--clients", "2", "--rounds", "1", "--mode", "fedsgd"]
+    args += ["--samples-per-client", "10", "--attack-workers", "0"]
+    before = set(Path(tempfile.gettempdir()).glob("fl-sweep-node-test-*"))
+    result = run_on_node("node-test", args, str(ROOT), {"OMP_NUM_THREADS": "1"}, None)
+    assert result["code"] == 0, result["log"][-2000:]
+    assert result["seconds"] > 0 and result["node"] == socket.gethostname()
+    with tarfile.open(fileobj=io.BytesIO(result["files"]), mode="r:gz") as tar:
+        names = set(tar.getnames())
+        rows = tar.extractfile("node-test/results.csv").read().decode().splitlines()
+    assert {"node-test/config.json", "node-test/results.csv", "node-test/rounds.csv"} <= names
+    assert len(rows) == 3  # a header and the server's R-GAP on each of the 2 clients
+    assert set(Path(tempfile.gettempdir()).glob("fl-sweep-node-test-*")) == before  # its folder removed
