@@ -44,11 +44,11 @@ def _tree(pid: int) -> list[psutil.Process]:
     return list(found.values())
 
 
-def _names(processes: list[psutil.Process]) -> list[str]:
+def _names(processes: list[psutil.Process], width: int | None = 100) -> list[str]:
     out = []
     for p in processes:
         try:
-            out.append(" ".join(p.cmdline())[:100])
+            out.append(" ".join(p.cmdline())[:width])
         except psutil.Error:
             pass
     return out
@@ -74,8 +74,12 @@ def test_sigkill_of_a_ray_runs_main_process_leaves_no_process_of_the_run(tmp_pat
         while True:  # Ray's node with its agents, and a client actor: the run is on Ray
             assert proc.poll() is None, (tmp_path / "run.log").read_text()[-2000:]
             assert time.monotonic() < deadline, f"Ray's processes never appeared: {_names(_tree(proc.pid))}"
-            names = " ".join(_names(_tree(proc.pid)))
-            if all(n in names for n in ("raylet", "DashboardAgent", "RuntimeEnvAgent", "ClientAppActor")):
+            names = " ".join(_names(_tree(proc.pid), width=None))
+            # each agent by its title (ray::DashboardAgent), or its script until it has set one
+            agents = (("DashboardAgent", "dashboard/agent.py"), ("RuntimeEnvAgent", "runtime_env/agent/main.py"))
+            if all(n in names for n in ("raylet", "ClientAppActor")) and all(
+                any(form in names for form in agent) for agent in agents
+            ):
                 break
             time.sleep(0.3)
         tree = _tree(proc.pid)  # recorded before the kill: afterwards the orphans belong to PID 1
