@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # two pytest workers per core: a third of the suite's wall time is tests waiting on the processes
 # they start (deployment, Ray, sweeps), which the second worker per core fills (8 min 27 s at one
 # worker per core, 7 min 0 s at two, 2 cores, December 7)
-JOBS   ?= $(shell echo $$(( 2 * $$(nproc) )))
+JOBS   ?= $(shell $(PYTHON) -c "import os; print(2 * (os.cpu_count() or 1))")
 DIST   ?= loadfile
 
 .PHONY: setup demo lint test clean
