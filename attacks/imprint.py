@@ -71,6 +71,7 @@ __all__ = [
     "imprint",
     "expected_recovery",
     "trap_layer",
+    "layer_gradients",
     "load_model",
     "BLOCK_KEYS",
 ]
@@ -247,6 +248,23 @@ def trap_layer(model: nn.Module, input_shape) -> tuple[int, nn.Linear]:
     return ids.index(id(layer.weight)), layer
 
 
+def layer_gradients(update: Update, at: int, layer: nn.Linear, what: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The update's weight and bias gradients of ``layer`` (its weight at position ``at`` of the
+    model's parameters, its bias next) and the layer's own weight and bias, in float64 on the
+    CPU whatever the model's device (the read-backs are divisions); ``what`` names the
+    construction in the errors."""
+    if len(update.tensors) <= at + 1:
+        raise ValueError(f"the update has no gradient for the {what}'s layer")
+    grads = update.as_gradients() if update.kind == "weight_delta" else list(update.tensors)
+    dw, db = grads[at].double().cpu(), grads[at + 1].double().cpu()
+    if dw.shape != layer.weight.shape or db.shape != layer.bias.shape:
+        raise ValueError(
+            f"the update's {what} gradients {tuple(dw.shape)}, {tuple(db.shape)} do not match the layer "
+            f"{tuple(layer.weight.shape)}"
+        )
+    return dw, db, layer.weight.detach().double().cpu(), layer.bias.detach().double().cpu()
+
+
 @dataclass(frozen=True)
 class ImprintOptions(AttackOptions):
     """The settings of :class:`Imprint` and :class:`BlockImprint`. ``rel_tol``: a bin whose
@@ -342,17 +360,7 @@ def _read_back(model: nn.Module, update: Update | Sequence[Tensor], input_shape,
     shape = check_input_shape(input_shape)
     update = as_update(update)
     at, layer = trap_layer(model, shape)
-    if len(update.tensors) <= at + 1:
-        raise ValueError("the update has no gradient for the imprint's layer")
-    grads = update.as_gradients() if update.kind == "weight_delta" else list(update.tensors)
-    # the read-back is a few divisions: on the CPU, whatever the model's device
-    dw, db = grads[at].double().cpu(), grads[at + 1].double().cpu()
-    if dw.shape != layer.weight.shape or db.shape != layer.bias.shape:
-        raise ValueError(
-            f"the update's imprint gradients {tuple(dw.shape)}, {tuple(db.shape)} do not match the layer "
-            f"{tuple(layer.weight.shape)}"
-        )
-    w, b = layer.weight.detach().double().cpu(), layer.bias.detach().double().cpu()
+    dw, db, w, b = layer_gradients(update, at, layer, "imprint")
     live = torch.nonzero(w.abs().sum(1) > 0).flatten()
     if len(live) == 0:
         raise ValueError("the layer carries no imprint (every row is zero)")

@@ -60,7 +60,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Attack, AttackOptions, AttackResult, ThreatModel, Update, as_update, check_input_shape
-from .imprint import trap_layer
+from .imprint import layer_gradients, trap_layer
 
 __all__ = [
     "Trap",
@@ -252,17 +252,7 @@ def _read_traps(model: nn.Module, update: Update | Sequence[Tensor], input_shape
     shape = check_input_shape(input_shape)
     update = as_update(update)
     at, layer = _trap_layer(model, shape)
-    if len(update.tensors) <= at + 1:
-        raise ValueError("the update has no gradient for the trap's layer")
-    grads = update.as_gradients() if update.kind == "weight_delta" else list(update.tensors)
-    # the read-back is a division per unit: on the CPU, whatever the model's device
-    dw, db = grads[at].double().cpu(), grads[at + 1].double().cpu()
-    if dw.shape != layer.weight.shape or db.shape != layer.bias.shape:
-        raise ValueError(
-            f"the update's trap gradients {tuple(dw.shape)}, {tuple(db.shape)} do not match the layer "
-            f"{tuple(layer.weight.shape)}"
-        )
-    w, b = layer.weight.detach().double().cpu(), layer.bias.detach().double().cpu()
+    dw, db, w, b = layer_gradients(update, at, layer, "trap")
     # the update's own noise per entry (SecAgg+'s rounding; 0 for a plain gradient), from the
     # weight gradient of the quarter of units with the smallest bias gradient: units no image
     # fired (a trap tuned to the aggregate leaves about a third of them unfired)
